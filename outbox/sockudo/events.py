@@ -1,0 +1,273 @@
+"""Publish payloads: validation and the exact bytes of ``/events`` and ``/batch_events`` bodies.
+
+Pure code shared by the sync and async clients and by the outbox worker. The body of an event is a
+function of its fields only (no clock, no randomness once a nonce is fixed), so the same event gives
+the same bytes on every attempt.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from . import crypto
+from .errors import InvalidEvent
+
+#: Characters Sockudo accepts in a channel name (``:`` opens a namespace, ``#`` a user-limited channel).
+CHANNEL_NAME_RE = re.compile(r"^[A-Za-z0-9\-_=@,;.:#]+$")
+SERVER_TO_USER_PREFIX = "#server-to-user-"
+MAX_IDEMPOTENCY_KEY_BYTES = 128
+
+
+@dataclass(frozen=True)
+class Limits:
+    """An app's publish limits; the defaults are Sockudo's for an app defined by environment."""
+
+    max_channels_per_event: int = 100
+    max_batch_size: int = 100
+    max_payload_bytes: int = 100 * 1024
+    max_event_name_bytes: int = 100
+    max_channel_name_bytes: int = 100
+    max_idempotency_key_bytes: int = MAX_IDEMPOTENCY_KEY_BYTES
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True)
+class Event:
+    """One event for :meth:`Sockudo.trigger_batch` (the seed SDK's ``Event``, plus ``message_id``).
+
+    ``channel`` is one channel name; ``channels`` (when given) wins, as on the server.
+    ``encryption_nonce`` fixes the nonce of an encrypted channel's payload (see :mod:`.crypto`).
+    """
+
+    channel: str | None
+    name: str
+    data: Any
+    channels: Sequence[str] | None = None
+    socket_id: str | None = None
+    info: str | Sequence[str] | None = None
+    idempotency_key: str | None = None
+    message_id: str | None = None
+    tags: Mapping[str, str] | None = None
+    extras: Mapping[str, Any] | None = None
+    encryption_nonce: bytes | None = None
+
+    @property
+    def channel_list(self) -> list[str]:
+        if self.channels:
+            return list(self.channels)
+        return [self.channel] if self.channel is not None else []
+
+
+def encode_data(data: Any) -> str:
+    """``data`` as sent: a ``str`` as is, anything else JSON-encoded once, compactly."""
+    if isinstance(data, str):
+        return data
+    try:
+        return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidEvent(f"data is not JSON-serializable: {exc}", field="data") from exc
+
+
+def check_text(value: object, field: str) -> str:
+    """A non-empty ``str`` that is valid Unicode without NUL bytes, or :class:`InvalidEvent`."""
+    if not isinstance(value, str):
+        raise InvalidEvent(f"{field} must be a string, got {type(value).__name__}", field=field)
+    if not value:
+        raise InvalidEvent(f"{field} must not be empty", field=field)
+    if "\x00" in value:
+        raise InvalidEvent(f"{field} must not contain NUL characters", field=field)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidEvent(f"{field} is not valid Unicode (lone surrogate)", field=field) from exc
+    return value
+
+
+def utf8_len(value: str) -> int:
+    return len(value.encode("utf-8", "surrogatepass"))
+
+
+def validate_channels(channels: Sequence[str], limits: Limits = DEFAULT_LIMITS) -> list[str]:
+    """Check channel names and the encrypted-channel rule; return them as a list."""
+    if isinstance(channels, str) or not isinstance(channels, Sequence):
+        raise InvalidEvent("channels must be a channel name or a list of them", field="channel")
+    result = list(channels)
+    if not result:
+        raise InvalidEvent("at least one channel is required", field="channel")
+    if len(result) > limits.max_channels_per_event:
+        raise InvalidEvent(
+            f"{len(result)} channels is over the limit of {limits.max_channels_per_event}",
+            field="channel",
+        )
+    for channel in result:
+        check_text(channel, "channel")
+        if utf8_len(channel) > limits.max_channel_name_bytes:
+            raise InvalidEvent(
+                f"channel name is {utf8_len(channel)} bytes, over the limit of "
+                f"{limits.max_channel_name_bytes}: {channel[:40]!r}...",
+                field="channel",
+            )
+        if not CHANNEL_NAME_RE.match(channel):
+            raise InvalidEvent(
+                f"invalid channel name {channel!r}: allowed are A-Z a-z 0-9 and - _ = @ , ; . : #",
+                field="channel",
+            )
+    if len(result) > 1 and any(crypto.is_encrypted_channel(c) for c in result):
+        raise InvalidEvent(
+            "an event for a private-encrypted- channel must target exactly that one channel",
+            field="channel",
+        )
+    return result
+
+
+def validate_event_fields(
+    name: str,
+    data: str,
+    *,
+    idempotency_key: str | None = None,
+    message_id: str | None = None,
+    socket_id: str | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> None:
+    """Check everything Sockudo would refuse about one event besides its channels."""
+    check_text(name, "event")
+    if utf8_len(name) > limits.max_event_name_bytes:
+        raise InvalidEvent(
+            f"event name is {utf8_len(name)} bytes, over the limit of "
+            f"{limits.max_event_name_bytes}",
+            field="event",
+        )
+    if not isinstance(data, str):
+        raise InvalidEvent("data must be encoded to a string first", field="data")
+    try:
+        size = len(data.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise InvalidEvent("data is not valid Unicode (lone surrogate)", field="data") from exc
+    if size > limits.max_payload_bytes:
+        raise InvalidEvent(
+            f"data is {size} bytes, over the limit of {limits.max_payload_bytes}", field="data"
+        )
+    for field, value in (("idempotency_key", idempotency_key), ("message_id", message_id)):
+        if value is None:
+            continue
+        check_text(value, field)
+        if utf8_len(value) > limits.max_idempotency_key_bytes:
+            raise InvalidEvent(
+                f"{field} is {utf8_len(value)} bytes, over the limit of "
+                f"{limits.max_idempotency_key_bytes}",
+                field=field,
+            )
+    if socket_id is not None:
+        check_text(socket_id, "socket_id")
+
+
+def event_item(
+    channels: Sequence[str],
+    name: str,
+    data: str,
+    *,
+    socket_id: str | None = None,
+    info: str | Sequence[str] | None = None,
+    idempotency_key: str | None = None,
+    message_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    extras: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One event as a JSON object, fields in a fixed order so its bytes never vary.
+
+    ``data`` is the final string (already sealed for an encrypted channel). One channel goes as
+    ``channel``, several as ``channels``.
+    """
+    item: dict[str, Any] = {"name": name, "data": data}
+    if len(channels) == 1:
+        item["channel"] = channels[0]
+    else:
+        item["channels"] = list(channels)
+    if socket_id is not None:
+        item["socket_id"] = socket_id
+    if info is not None:
+        item["info"] = info if isinstance(info, str) else ",".join(info)
+    if idempotency_key is not None:
+        item["idempotency_key"] = idempotency_key
+    if message_id is not None:
+        item["message_id"] = message_id
+    if tags is not None:
+        item["tags"] = dict(tags)
+    if extras is not None:
+        item["extras"] = dict(extras)
+    return item
+
+
+def prepare_event(
+    event: Event, master_key: bytes | None, limits: Limits = DEFAULT_LIMITS
+) -> dict[str, Any]:
+    """Validate an :class:`Event` and return its JSON object, sealing an encrypted channel's data."""
+    channels = validate_channels(event.channel_list, limits)
+    data = encode_data(event.data)
+    validate_event_fields(
+        event.name,
+        data,
+        idempotency_key=event.idempotency_key,
+        message_id=event.message_id,
+        socket_id=event.socket_id,
+        limits=limits,
+    )
+    if crypto.is_encrypted_channel(channels[0]):
+        data = seal_for_channel(
+            channels[0], data, master_key, event.idempotency_key, event.encryption_nonce
+        )
+    return event_item(
+        channels,
+        event.name,
+        data,
+        socket_id=event.socket_id,
+        info=event.info,
+        idempotency_key=event.idempotency_key,
+        message_id=event.message_id,
+        tags=event.tags,
+        extras=event.extras,
+    )
+
+
+def seal_for_channel(
+    channel: str,
+    plaintext: str,
+    master_key: bytes | None,
+    idempotency_key: str | None,
+    nonce: bytes | None,
+) -> str:
+    """Seal ``plaintext`` for an encrypted channel with the nonce rule of :mod:`.crypto`."""
+    if master_key is None:
+        raise InvalidEvent(
+            f"{channel!r} is an encrypted channel but no encryption master key is configured",
+            field="channel",
+        )
+    if nonce is None:
+        nonce = (
+            crypto.derive_nonce(master_key, channel, idempotency_key, plaintext)
+            if idempotency_key is not None
+            else crypto.random_nonce()
+        )
+    return crypto.seal(channel, plaintext, master_key, nonce)
+
+
+def dump_body(payload: Mapping[str, Any]) -> bytes:
+    """Compact UTF-8 JSON: the one serializer of request bodies."""
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def batch_body(items: Sequence[Mapping[str, Any]], limits: Limits = DEFAULT_LIMITS) -> bytes:
+    if not items:
+        raise InvalidEvent("a batch needs at least one event", field="batch")
+    if len(items) > limits.max_batch_size:
+        raise InvalidEvent(
+            f"a batch of {len(items)} events is over the limit of {limits.max_batch_size}",
+            field="batch",
+        )
+    return dump_body({"batch": list(items)})
