@@ -19,7 +19,7 @@ from .errors import InvalidEvent, SockudoError, WebhookInvalid
 from .events import CHANNEL_NAME_RE
 from .signing import hmac_sha256_hex
 
-_SOCKET_ID_RE = re.compile(r"^\d+\.\d+$")
+_SOCKET_ID_RE = re.compile(r"^[0-9]+\.[0-9]+\Z")
 
 
 @dataclass(frozen=True)

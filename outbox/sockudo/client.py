@@ -16,13 +16,16 @@ from typing import Any, Self, TypedDict, Unpack
 import httpx
 
 from . import auth, events
-from .config import Config
+from .config import Config, ConfigError
 from .errors import InvalidEvent
 from .events import DEFAULT_LIMITS, Event, Limits
 from .responses import Result, interpret, translate_transport_error
 from .signing import Signer, quote_path_segment
 
 USER_AGENT = "sockudo-outbox/0.1"
+#: Sent with every request, so a caller-supplied ``httpx`` client still sends JSON as JSON
+#: (Sockudo answers 415 to a body without ``Content-Type: application/json``).
+_HEADERS = {"Content-Type": "application/json", "User-Agent": USER_AGENT}
 Clock = Callable[[], float]
 
 
@@ -103,6 +106,9 @@ class _Core:
         extras: Mapping[str, Any] | None = None,
         encryption_nonce: bytes | None = None,
     ) -> PreparedRequest:
+        if not isinstance(channels, str | Sequence):
+            # None, a number, a set (no stable order, so no stable body bytes)...
+            raise InvalidEvent("channels must be a channel name or a list of them", field="channel")
         one = Event(
             channel=channels if isinstance(channels, str) else None,
             channels=None if isinstance(channels, str) else list(channels),
@@ -180,13 +186,11 @@ class _Core:
         config = self.config
         use_h2 = config.http2_prior_knowledge or (config.http2 and config.use_tls)
         if config.http2_prior_knowledge and config.use_tls:
-            raise InvalidEvent(
-                "http2_prior_knowledge is for plain http:// endpoints", field="http2"
-            )
+            raise ConfigError("http2_prior_knowledge is for plain http:// endpoints")
         options: dict[str, Any] = {
             "timeout": httpx.Timeout(config.timeout),
             "verify": config.verify_tls,
-            "headers": {"Content-Type": "application/json", "User-Agent": USER_AGENT},
+            "headers": dict(_HEADERS),
             "follow_redirects": False,
             "trust_env": False,
         }
@@ -228,7 +232,9 @@ class Sockudo(_Core):
     def send(self, request: PreparedRequest) -> Result:
         """Sign ``request`` now, send it once, and return its :class:`Result` or raise."""
         try:
-            response = self._http.request(request.method, self._url(request), content=request.body)
+            response = self._http.request(
+                request.method, self._url(request), content=request.body, headers=_HEADERS
+            )
         except httpx.HTTPError as exc:
             raise translate_transport_error(exc) from exc
         return interpret(response.status_code, response.headers, response.content)
@@ -292,7 +298,7 @@ class AsyncSockudo(_Core):
         """Sign ``request`` now, send it once, and return its :class:`Result` or raise."""
         try:
             response = await self._http.request(
-                request.method, self._url(request), content=request.body
+                request.method, self._url(request), content=request.body, headers=_HEADERS
             )
         except httpx.HTTPError as exc:
             raise translate_transport_error(exc) from exc

@@ -8,7 +8,7 @@ Retries must send the same bytes (Sockudo fingerprints the payload of a ``messag
 is never drawn at send time for an event that has an identity. Our choice, in order:
 
 1. a nonce the caller fixes (the outbox stores one per row at enqueue time);
-2. else, when the event has an idempotency key, a *derived* nonce:
+2. else, when the event has an idempotency key (or else a message_id), a *derived* nonce:
    HMAC-SHA256(nonce key, channel || 0 || idempotency key || 0 || plaintext)[:24], where the nonce key
    is HMAC-SHA256(master key, "sockudo-outbox/nonce/v1"). The same event always seals to the same
    bytes; a different plaintext (or channel, or key) gets a different nonce, so a nonce is never

@@ -17,7 +17,7 @@ from . import crypto
 from .errors import InvalidEvent
 
 #: Characters Sockudo accepts in a channel name (``:`` opens a namespace, ``#`` a user-limited channel).
-CHANNEL_NAME_RE = re.compile(r"^[A-Za-z0-9\-_=@,;.:#]+$")
+CHANNEL_NAME_RE = re.compile(r"^[A-Za-z0-9\-_=@,;.:#]+\Z")
 SERVER_TO_USER_PREFIX = "#server-to-user-"
 MAX_IDEMPOTENCY_KEY_BYTES = 128
 
@@ -219,9 +219,18 @@ def prepare_event(
         limits=limits,
     )
     if crypto.is_encrypted_channel(channels[0]):
-        data = seal_for_channel(
-            channels[0], data, master_key, event.idempotency_key, event.encryption_nonce
-        )
+        # The nonce follows the event's identity: its idempotency key, else its message_id
+        # (Sockudo fingerprints a message_id's payload, so a retry must seal to the same bytes).
+        identity = event.idempotency_key if event.idempotency_key is not None else event.message_id
+        data = seal_for_channel(channels[0], data, master_key, identity, event.encryption_nonce)
+        # The server measures the sealed string, which is about 4/3 of the plaintext.
+        sealed_size = len(data.encode("utf-8"))
+        if sealed_size > limits.max_payload_bytes:
+            raise InvalidEvent(
+                f"encrypted data is {sealed_size} bytes, over the limit of "
+                f"{limits.max_payload_bytes}",
+                field="data",
+            )
     return event_item(
         channels,
         event.name,
@@ -259,7 +268,11 @@ def seal_for_channel(
 
 def dump_body(payload: Mapping[str, Any]) -> bytes:
     """Compact UTF-8 JSON: the one serializer of request bodies."""
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    try:
+        text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        return text.encode("utf-8")
+    except (TypeError, ValueError) as exc:  # tags/extras not JSON, NaN, lone surrogates
+        raise InvalidEvent(f"request body is not valid JSON: {exc}", field="body") from exc
 
 
 def batch_body(items: Sequence[Mapping[str, Any]], limits: Limits = DEFAULT_LIMITS) -> bytes:

@@ -6,6 +6,7 @@ sync and async clients cannot disagree about what a 503 means.
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import json
 import time
@@ -92,6 +93,8 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
             return None
         if when is None:
             return None
+        if when.tzinfo is None:  # asctime / "-0000" dates: HTTP dates are always GMT
+            when = when.replace(tzinfo=datetime.UTC)
         seconds = when.timestamp() - (time.time() if now is None else now)
     if seconds != seconds:  # NaN
         return None
