@@ -77,6 +77,8 @@ def authenticate(
     result: dict[str, str] = {}
     to_sign = f"{socket_id}:{channel}"
     if presence_user is not None:
+        if not isinstance(presence_user, PresenceUser) and not presence_user.get("user_id"):
+            raise InvalidEvent("presence_user needs a 'user_id'", field="presence_user")
         user = (
             presence_user
             if isinstance(presence_user, PresenceUser)

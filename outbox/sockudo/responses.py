@@ -118,8 +118,14 @@ def interpret(status: int, headers: Mapping[str, str], raw: bytes) -> Result:
     if status in _MISCONFIGURED:
         raise ClientMisconfigured(_misconfigured_hint(status, message), status=status, code=code)
     if status == 429 or status == 408 or status >= 500:
+        # 429 and 503 are answered before the publish path runs; other 5xx may come after it.
         raise EndpointUnavailable(
-            message, status=status, code=code, body=raw, retry_after=retry_after
+            message,
+            status=status,
+            code=code,
+            body=raw,
+            retry_after=retry_after,
+            maybe_delivered=status not in (429, 503),
         )
     if status in _REFUSED or 400 <= status < 500:
         raise EventRefused(message, status=status, code=code, body=raw)

@@ -1,0 +1,399 @@
+"""The ``outbox`` command: migrate, worker, status, replay, enqueue.
+
+Exit codes: 0 success; 1 the operation failed (database unreachable, ...); 2 bad usage, settings or
+input; 3 ``status --check`` found dead events. Errors are one line on stderr, never a traceback,
+and never show a secret.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import logging
+import os
+import signal
+import sys
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+
+from . import admin, migrate
+from .database import DatabaseURLError, create_engine, display_url
+from .enqueue import enqueue
+from .schema import outbox_table
+from .settings import ENVIRONMENT, Settings, SettingsError
+from .sockudo.errors import InvalidEvent
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DEAD = 0, 1, 2, 3
+
+REPLAY_HELP = """\
+Move dead events (or, with --published, published ones) back to pending with a fresh attempt
+budget. Show what would be replayed with --dry-run first.
+
+Keys: by default every replayed event gets a NEW idempotency key (and message_id). Sockudo
+remembers keys for its idempotency window (IDEMPOTENCY_TTL_SECONDS, 120 s by default): an event
+replayed with its old key inside that window is answered from the server's cache and NOT
+delivered if it was published before, and gets "503 backpressure" until the window ends if its
+last publish failed. A replay is an operator asking for a delivery, so it must not be silently
+deduplicated away. --keep-key keeps the old key, for a replay that should be deduplicated
+against an earlier delivery that may have happened.
+"""
+
+
+class CommandError(Exception):
+    """A failure to report as one line, with an exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.command != "migrate":
+        # Alembic announces every schema check at INFO; only `outbox migrate` should say so.
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+    try:
+        return int(args.handler(args) or EXIT_OK)
+    except CommandError as exc:
+        _fail(str(exc))
+        return exc.code
+    except (SettingsError, DatabaseURLError, InvalidEvent, ValueError) as exc:
+        _fail(str(exc))
+        return EXIT_USAGE
+    except sa.exc.SQLAlchemyError as exc:
+        _fail(f"database error: {_first_line(exc)}")
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # one line for the operator; the traceback for --log-level DEBUG
+        logging.getLogger("outbox").debug("unexpected error", exc_info=True)
+        _fail(f"unexpected {type(exc).__name__}: {_first_line(exc)}")
+        return EXIT_FAILED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="outbox", description="Transactional outbox publisher for Sockudo."
+    )
+    parser.add_argument("--log-level", default=os.environ.get("OUTBOX_LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--database-url",
+        help="database URL (env OUTBOX_DATABASE_URL, default sqlite:///outbox.db)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("migrate", help="create or upgrade the outbox schema")
+    p.add_argument("--revision", default="heads")
+    p.set_defaults(handler=cmd_migrate)
+
+    p = commands.add_parser("worker", help="run the worker (publishes pending events)")
+    p.add_argument("--once", action="store_true", help="drain what is due, then exit")
+    p.add_argument(
+        "--sockudo-url", help="http://KEY:SECRET@HOST:PORT/apps/APP_ID (env SOCKUDO_URL)"
+    )
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--server-batch-limit", type=int)
+    p.add_argument("--in-flight", type=int)
+    p.add_argument("--lease-seconds", type=float)
+    p.add_argument("--request-timeout", type=float)
+    p.add_argument("--max-attempts", type=int)
+    p.add_argument("--max-age-seconds", type=float)
+    p.add_argument("--backoff-min", dest="backoff_min_seconds", type=float)
+    p.add_argument("--backoff-max", dest="backoff_max_seconds", type=float)
+    p.add_argument("--poll-interval", type=float)
+    p.epilog = "Environment: " + ", ".join(variable for variable, _ in ENVIRONMENT.values())
+    p.set_defaults(handler=cmd_worker)
+
+    p = commands.add_parser("status", help="counts per status, oldest pending, last errors")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--errors", type=int, default=5, help="how many recent errors to show")
+    p.add_argument("--check", action="store_true", help=f"exit {EXIT_DEAD} if any event is dead")
+    p.set_defaults(handler=cmd_status)
+
+    p = commands.add_parser(
+        "replay",
+        help="put dead (or published) events back in line",
+        description=REPLAY_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("ids", nargs="*", help="row ids or event ids (UUIDs)")
+    p.add_argument("--published", action="store_true", help="replay published events instead")
+    p.add_argument("--channel")
+    p.add_argument("--event", help="event name")
+    p.add_argument("--error-code", help="last error code or HTTP status, e.g. 413")
+    p.add_argument("--since", type=_timestamp, help="created at or after (ISO 8601)")
+    p.add_argument("--until", type=_timestamp, help="created before (ISO 8601)")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--all", action="store_true", help="allow a replay without any filter")
+    p.add_argument("--keep-key", action="store_true", help="keep each event's idempotency key")
+    p.add_argument("--dry-run", action="store_true", help="show the count and a sample only")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_replay)
+
+    p = commands.add_parser("enqueue", help="write one event (operators, smoke tests)")
+    p.add_argument("channel")
+    p.add_argument("event")
+    p.add_argument("data", help="sent as is (use JSON text for structured data)")
+    p.add_argument("--idempotency-key")
+    p.add_argument("--socket-id")
+    p.set_defaults(handler=cmd_enqueue)
+    return parser
+
+
+# -- commands -------------------------------------------------------------------------------
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    engine = create_engine(settings.database_url)
+    try:
+        before = migrate.current_revision(engine)
+        migrate.upgrade(engine, args.revision, settings.table_name)
+        after = migrate.current_revision(engine)
+    finally:
+        engine.dispose()
+    where = display_url(settings.database_url)
+    if before == after:
+        print(f"{where}: schema already at {after}")
+    else:
+        print(f"{where}: schema upgraded {before or 'empty'} -> {after}")
+    return EXIT_OK
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from .worker import Worker
+
+    overrides = {
+        name: getattr(args, name, None)
+        for name in (
+            "sockudo_url",
+            "batch_size",
+            "server_batch_limit",
+            "in_flight",
+            "lease_seconds",
+            "request_timeout",
+            "max_attempts",
+            "max_age_seconds",
+            "backoff_min_seconds",
+            "backoff_max_seconds",
+            "poll_interval",
+        )
+    }
+    settings = _settings(args, **overrides)
+    engine = create_engine(settings.database_url)
+    _require_schema(engine, settings)
+    worker = Worker(settings, engine=engine)
+    try:
+        asyncio.run(_run_with_signals(worker, once=args.once))
+    finally:
+        engine.dispose()
+    return EXIT_OK
+
+
+async def _run_with_signals(worker: Any, once: bool) -> None:
+    loop = asyncio.get_running_loop()
+    signals_seen = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen == 1:
+            logging.getLogger("outbox.worker").info(
+                "%s: finishing in-flight batches (send it again to exit at once)",
+                signal.Signals(signum).name,
+            )
+            worker.stop()
+        else:
+            # Leases left behind expire and another worker takes the rows over.
+            os._exit(128 + signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    await worker.run(once=once)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    engine = create_engine(settings.database_url)
+    _require_schema(engine, settings)
+    try:
+        with engine.connect() as conn:
+            report = admin.status(conn, outbox_table(settings.table_name), errors=args.errors)
+    finally:
+        engine.dispose()
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        print(_render_status(report))
+    return EXIT_DEAD if args.check and report.dead else EXIT_OK
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    row_ids, event_ids = _split_ids(args.ids)
+    selection = admin.ReplayFilter(
+        statuses=("published",) if args.published else ("dead",),
+        ids=row_ids,
+        event_ids=event_ids,
+        channel=args.channel,
+        event=args.event,
+        error_code=args.error_code,
+        since=args.since,
+        until=args.until,
+        limit=args.limit,
+    )
+    filtered = any(
+        (args.ids, args.channel, args.event, args.error_code, args.since, args.until, args.limit)
+    )
+    if not filtered and not args.all and not args.dry_run:
+        raise CommandError(
+            "refusing to replay every event without a filter: add ids or --channel/--event/"
+            "--error-code/--since/--until/--limit, or --all (try --dry-run first)",
+            EXIT_USAGE,
+        )
+    settings = _settings(args)
+    engine = create_engine(settings.database_url)
+    _require_schema(engine, settings)
+    table = outbox_table(settings.table_name)
+    key = admin.KEY_KEEP if args.keep_key else admin.KEY_FRESH
+    try:
+        if args.dry_run:
+            with engine.connect() as conn:
+                rows = admin.select_for_replay(conn, table, selection)
+            _print_replay(rows, args.json, dry_run=True)
+            return EXIT_OK
+        with engine.begin() as conn:
+            rows = admin.select_for_replay(conn, table, selection)
+            count = admin.replay(conn, table, selection, key=key)
+    finally:
+        engine.dispose()
+    _print_replay(rows, args.json, dry_run=False, replayed=count, key=key)
+    return EXIT_OK
+
+
+def cmd_enqueue(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    engine = create_engine(settings.database_url)
+    _require_schema(engine, settings)
+    try:
+        with engine.begin() as conn:
+            event_id = enqueue(
+                conn,
+                args.channel,
+                args.event,
+                args.data,
+                idempotency_key=args.idempotency_key,
+                socket_id=args.socket_id,
+                table=outbox_table(settings.table_name),
+            )
+    except sa.exc.IntegrityError as exc:
+        raise CommandError(f"not enqueued: {_first_line(exc)}", EXIT_USAGE) from None
+    finally:
+        engine.dispose()
+    print(event_id)
+    return EXIT_OK
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
+    return Settings.from_env(database_url=args.database_url, **overrides)
+
+
+def _require_schema(engine: sa.Engine, settings: Settings) -> None:
+    current = migrate.current_revision(engine)
+    head = migrate.head_revision()
+    if current != head:
+        state = "has no outbox schema" if current is None else f"is at schema {current}"
+        raise CommandError(
+            f"{display_url(settings.database_url)} {state}, expected {head}: run `outbox migrate`",
+            EXIT_USAGE,
+        )
+
+
+def _split_ids(values: Sequence[str]) -> tuple[list[int], list[uuid.UUID]]:
+    row_ids: list[int] = []
+    event_ids: list[uuid.UUID] = []
+    for value in values:
+        if value.isdigit():
+            row_ids.append(int(value))
+            continue
+        try:
+            event_ids.append(uuid.UUID(value))
+        except ValueError:
+            raise CommandError(f"not a row id or event id: {value!r}", EXIT_USAGE) from None
+    return row_ids, event_ids
+
+
+def _timestamp(value: str) -> dt.datetime:
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {value!r}") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+def _render_status(report: admin.StatusReport) -> str:
+    lines = ["status       count"]
+    lines += [f"{state:<12} {count:>5}" for state, count in report.counts.items()]
+    age = report.oldest_pending_age_seconds
+    lines.append(f"oldest pending: {'none' if age is None else f'{age:.1f} s'}")
+    if report.last_errors:
+        lines.append("last errors:")
+        for e in report.last_errors:
+            code = " ".join(str(x) for x in (e["last_error_status"], e["last_error_code"]) if x)
+            lines.append(
+                f"  row {e['id']} {e['status']} {e['channel']} {e['event']} "
+                f"(attempts {e['attempts']}) [{code}] {e['last_error_message']}"
+            )
+    return "\n".join(lines)
+
+
+def _print_replay(
+    rows: list[dict[str, Any]],
+    as_json: bool,
+    dry_run: bool,
+    replayed: int = 0,
+    key: str = admin.KEY_FRESH,
+) -> None:
+    sample = rows[:10]
+    if as_json:
+        payload = {"matched": len(rows), "sample": sample, "dry_run": dry_run}
+        if not dry_run:
+            payload |= {"replayed": replayed, "keys": key}
+        print(json.dumps(payload, indent=2))
+        return
+    verb = "would replay" if dry_run else f"replayed {replayed} of"
+    print(f"{verb} {len(rows)} event(s)")
+    for row in sample:
+        print(
+            f"  row {row['id']} {row['channel']} {row['event']} {row['status']} "
+            f"[{row['last_error_status'] or ''} {row['last_error_code'] or ''}] "
+            f"{row['last_error_message'] or ''}"
+        )
+    if len(rows) > len(sample):
+        print(f"  ... and {len(rows) - len(sample)} more")
+
+
+def _fail(message: str) -> None:
+    print(f"outbox: error: {message}", file=sys.stderr)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

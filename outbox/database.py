@@ -1,0 +1,83 @@
+"""Engines from the URLs users type: ``postgresql://user@host/db`` and ``sqlite:///path``.
+
+A bare ``postgresql://`` (or ``postgres://``) URL gets the driver this package depends on
+(psycopg 3). SQLite connections get WAL and a busy timeout, so a worker waits for another writer
+instead of failing at once.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, make_url
+
+from .sockudo.config import mask_url
+
+DEFAULT_DATABASE_URL = "sqlite:///outbox.db"
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+class DatabaseURLError(ValueError):
+    """The database URL cannot be used (unparsable, or a database we do not support)."""
+
+
+def normalize_url(url: str | URL, *, asyncio: bool = False) -> URL:
+    """Pick our driver for bare PostgreSQL URLs (sync or async); leave explicit drivers alone."""
+    try:
+        parsed = make_url(url) if isinstance(url, str) else url
+    except sa.exc.ArgumentError as exc:
+        raise DatabaseURLError(f"cannot parse database URL {mask_url(str(url))!r}") from exc
+    backend = parsed.get_backend_name()
+    if backend in ("postgresql", "postgres"):
+        if parsed.drivername in ("postgresql", "postgres", "postgres+psycopg"):
+            parsed = parsed.set(drivername="postgresql+psycopg")
+    elif backend == "sqlite":
+        if asyncio and parsed.drivername == "sqlite":
+            parsed = parsed.set(drivername="sqlite+aiosqlite")
+    else:
+        raise DatabaseURLError(
+            f"unsupported database {backend!r} in {parsed.render_as_string(hide_password=True)}: "
+            "use postgresql:// or sqlite:///"
+        )
+    return parsed
+
+
+def create_engine(url: str | URL, **kwargs: Any) -> sa.Engine:
+    """A sync engine for ``url`` with the settings the worker relies on."""
+    parsed = normalize_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        engine = sa.create_engine(parsed, **kwargs)
+        sa.event.listen(engine, "connect", _configure_sqlite)
+        return engine
+    kwargs.setdefault("pool_pre_ping", True)
+    return sa.create_engine(parsed, **kwargs)
+
+
+def _configure_sqlite(dbapi_connection: sqlite3.Connection, _record: object) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        # WAL lets the app read while the worker writes; the busy timeout makes writers queue.
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+    finally:
+        cursor.close()
+
+
+def display_url(url: str | URL) -> str:
+    """The URL with its password hidden, for logs and errors."""
+    try:
+        return (
+            make_url(url).render_as_string(hide_password=True)
+            if isinstance(url, str)
+            else url.render_as_string(hide_password=True)
+        )
+    except sa.exc.ArgumentError:
+        return mask_url(str(url))
+
+
+def libpq_conninfo(url: URL) -> str:
+    """A libpq URI for psycopg's own connections (LISTEN runs outside SQLAlchemy's pool)."""
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)

@@ -1,0 +1,202 @@
+"""The delivery strategy: how one claimed set of rows goes out, and what each answer means.
+
+Rules (from Sockudo's idempotency behaviour, see docs):
+
+* A row on its **first attempt** goes in one ``/batch_events`` request with the others.
+* A batch is **never sent twice**: Sockudo skips an item whose key it has seen (even a key left
+  "processing" by a failed publish) and still answers 200, so a re-sent batch can lose events.
+  Every later attempt of a row goes **alone** through ``/events``, where a repeat is answered from
+  the server's cache (already published) or with ``503 backpressure`` (try later), never dropped.
+* A refused batch does not say which item was bad: its rows are re-sent alone at once, so the bad
+  one is dead-lettered with its own reason and the others are delivered.
+
+This module decides and sends; it does not touch the database. The worker applies the outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .dialects import Ack, ClaimedRow, Failure
+from .sockudo import AsyncSockudo
+from .sockudo.errors import (
+    ClientMisconfigured,
+    EndpointUnavailable,
+    EventRefused,
+    InvalidEvent,
+    PublishFailed,
+)
+from .sockudo.events import batch_body, dump_body, event_item, seal_for_channel
+from .sockudo.responses import ChannelAck
+
+BACKPRESSURE = "backpressure"
+
+
+@dataclass
+class Outcome:
+    """What happened to each row of one claim. Every row lands in exactly one list."""
+
+    published: list[Ack] = field(default_factory=list)
+    #: Endpoint trouble: try again later (the worker picks the delay and applies the budget).
+    retry: list[tuple[ClaimedRow, PublishFailed]] = field(default_factory=list)
+    #: The server refused the event itself: dead-letter with its reason.
+    refused: list[tuple[ClaimedRow, PublishFailed]] = field(default_factory=list)
+    #: The server refused our credentials: no event is at fault; keep the rows pending.
+    misconfigured: list[tuple[ClaimedRow, PublishFailed]] = field(default_factory=list)
+    #: Never sent (the worker is stopping): give the rows back untouched.
+    unsent: list[ClaimedRow] = field(default_factory=list)
+    #: The endpoint-level errors seen, for the worker-wide breaker (backpressure excluded).
+    endpoint_errors: list[EndpointUnavailable] = field(default_factory=list)
+    requests: int = 0
+    sent_as_batch: int = 0
+    sent_alone: int = 0
+
+
+def row_item(row: ClaimedRow, master_key: bytes | None) -> dict[str, Any]:
+    """The JSON object of one row: identical on every attempt (stored data, stored nonce)."""
+    data = row.data
+    if row.encryption_nonce is not None:
+        data = seal_for_channel(
+            row.channel, data, master_key, row.idempotency_key, row.encryption_nonce
+        )
+    return event_item(
+        [row.channel],
+        row.event,
+        data,
+        socket_id=row.socket_id,
+        info=row.info,
+        idempotency_key=row.idempotency_key,
+        message_id=row.idempotency_key,
+        tags=json.loads(row.tags) if row.tags else None,
+        extras=json.loads(row.extras) if row.extras else None,
+    )
+
+
+class Deliverer:
+    """Sends claimed rows with the batch-once rule; one instance per worker."""
+
+    def __init__(
+        self,
+        client: AsyncSockudo,
+        *,
+        master_key: bytes | None,
+        alone_concurrency: int = 8,
+        stopping: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self._client = client
+        self._master_key = master_key
+        self._alone = asyncio.Semaphore(alone_concurrency)
+        self._stopping = stopping
+
+    async def deliver(self, rows: Sequence[ClaimedRow]) -> Outcome:
+        outcome = Outcome()
+        items: dict[int, dict[str, Any]] = {}
+        for row in rows:
+            try:
+                items[row.id] = row_item(row, self._master_key)
+            except InvalidEvent as exc:
+                # Only an encrypted row without a configured master key gets here: the
+                # worker's settings are at fault, not the event.
+                outcome.misconfigured.append(
+                    (row, ClientMisconfigured(str(exc), code="no_master_key"))
+                )
+        first = [r for r in rows if r.id in items and r.first_attempt]
+        again = [r for r in rows if r.id in items and not r.first_attempt]
+        alone_now: list[ClaimedRow] = []
+        batch_sent = False
+        if first:
+            alone_now, batch_sent = await self._publish_batch(first, items, outcome)
+        await asyncio.gather(
+            *(self._publish_alone(r, items[r.id], outcome, may_skip=False) for r in again),
+            *(self._publish_alone(r, items[r.id], outcome, not batch_sent) for r in alone_now),
+        )
+        return outcome
+
+    async def _publish_batch(
+        self, rows: list[ClaimedRow], items: dict[int, dict[str, Any]], outcome: Outcome
+    ) -> tuple[list[ClaimedRow], bool]:
+        """Send first attempts as one batch.
+
+        Returns the rows to send alone right away, and whether a batch request carried them.
+        """
+        if self._stopping():
+            outcome.unsent.extend(rows)
+            return [], False
+        if len(rows) == 1:  # a batch of one buys nothing; /events answers with its ack id
+            return rows, False
+        body = batch_body([items[r.id] for r in rows], self._client.limits)
+        outcome.requests += 1
+        outcome.sent_as_batch += len(rows)
+        try:
+            result = await self._client.send(self._client.prepare_batch_body(body))
+        except EventRefused:
+            # Which item was bad is not said, and the items before it were published: re-send
+            # each alone (their repeats are answered from the server's cache).
+            return rows, True
+        except ClientMisconfigured as exc:
+            outcome.misconfigured.extend((r, exc) for r in rows)
+            return [], True
+        except EndpointUnavailable as exc:
+            outcome.retry.extend((r, exc) for r in rows)
+            outcome.endpoint_errors.append(exc)
+            return [], True
+        acks = result.batch
+        for index, row in enumerate(rows):
+            ack = acks[index] if index < len(acks) else ChannelAck()
+            outcome.published.append(_ack(row, ack))
+        return [], True
+
+    async def _publish_alone(
+        self, row: ClaimedRow, item: dict[str, Any], outcome: Outcome, may_skip: bool
+    ) -> None:
+        """Send one row through ``/events``. ``may_skip``: no request ever carried this row, so a
+        stopping worker may give it back instead of sending it."""
+        async with self._alone:
+            if may_skip and self._stopping():
+                outcome.unsent.append(row)
+                return
+            outcome.requests += 1
+            outcome.sent_alone += 1
+            try:
+                result = await self._client.send(self._client.prepare_events_body(dump_body(item)))
+            except EventRefused as exc:
+                outcome.refused.append((row, exc))
+                return
+            except ClientMisconfigured as exc:
+                outcome.misconfigured.append((row, exc))
+                return
+            except EndpointUnavailable as exc:
+                outcome.retry.append((row, exc))
+                if exc.code != BACKPRESSURE:
+                    outcome.endpoint_errors.append(exc)
+                return
+        outcome.published.append(_ack(row, result.channels.get(row.channel, ChannelAck())))
+
+
+def _ack(row: ClaimedRow, ack: ChannelAck) -> Ack:
+    return Ack(
+        id=row.id,
+        acknowledgement_id=ack.acknowledgement_id,
+        message_serial=_text(ack.message_serial),
+        history_serial=_text(ack.history_serial),
+    )
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)[:64]
+
+
+def failure_of(
+    row: ClaimedRow, exc: PublishFailed, delay: float = 0.0, prefix: str = ""
+) -> Failure:
+    return Failure(
+        id=row.id,
+        status=exc.status,
+        code=exc.code,
+        message=f"{prefix}{exc.message}",
+        delay=delay,
+    )

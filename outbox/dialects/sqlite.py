@@ -1,0 +1,169 @@
+"""SQLite statements: one ``UPDATE ... RETURNING`` claim, JSON-driven batch updates.
+
+SQLite has a single writer: a write transaction excludes every other, so the claim needs no
+``SKIP LOCKED`` to keep two workers off the same rows. Being embedded, its clock is this host's
+clock; times are computed in SQL all the same, in the fixed-width text form the table stores.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+
+from ..schema import UTCDateTime
+from . import CLAIM_COLUMNS, Ack, ClaimedRow, Failure, quoted
+
+_TOKEN = sa.bindparam("token", type_=sa.Uuid(as_uuid=True))
+_NOW = "strftime('%Y-%m-%d %H:%M:%f000', 'now')"
+
+
+def _now_plus(seconds_sql: str) -> str:
+    return f"strftime('%Y-%m-%d %H:%M:%f000', 'now', printf('%+.6f seconds', {seconds_sql}))"
+
+
+class SQLiteDialect:
+    name = "sqlite"
+
+    def claim_batch(
+        self,
+        conn: sa.Connection,
+        table: sa.Table,
+        limit: int,
+        lease_seconds: float,
+        token: uuid.UUID,
+    ) -> list[ClaimedRow]:
+        t = quoted(conn, table)
+        stmt = sa.text(
+            f"""
+            UPDATE {t}
+            SET status = 'in_flight',
+                lease_token = :token,
+                lease_expires_at = {_now_plus(":lease")},
+                attempts = attempts + 1
+            WHERE id IN (
+                SELECT id FROM {t}
+                WHERE status = 'pending' AND next_attempt_at <= {_NOW}
+                ORDER BY next_attempt_at, id
+                LIMIT :limit
+            )
+            RETURNING {CLAIM_COLUMNS}
+            """
+        ).bindparams(_TOKEN)
+        stmt = stmt.columns(created_at=UTCDateTime())
+        rows = conn.execute(stmt, {"limit": limit, "token": token, "lease": float(lease_seconds)})
+        return sorted((ClaimedRow(*r) for r in rows), key=lambda r: r.id)
+
+    def ack_published(
+        self, conn: sa.Connection, table: sa.Table, token: uuid.UUID, acks: Sequence[Ack]
+    ) -> int:
+        if not acks:
+            return 0
+        # The batch travels as one JSON array parameter and is joined with json_each: one
+        # statement whatever the batch size. The token guard ignores a stale worker's ack.
+        t = quoted(conn, table)
+        payload = json.dumps(
+            [[a.id, a.acknowledgement_id, a.message_serial, a.history_serial] for a in acks]
+        )
+        stmt = sa.text(
+            f"""
+            UPDATE {t}
+            SET status = 'published',
+                published_at = {_NOW},
+                acknowledgement_id = json_extract(a.value, '$[1]'),
+                message_serial = json_extract(a.value, '$[2]'),
+                history_serial = json_extract(a.value, '$[3]'),
+                lease_token = NULL,
+                lease_expires_at = NULL
+            FROM json_each(:payload) AS a
+            WHERE {t}.id = json_extract(a.value, '$[0]')
+              AND {t}.lease_token = :token AND {t}.status = 'in_flight'
+            """
+        ).bindparams(_TOKEN)
+        return conn.execute(stmt, {"payload": payload, "token": token}).rowcount
+
+    def reschedule(
+        self,
+        conn: sa.Connection,
+        table: sa.Table,
+        token: uuid.UUID,
+        failures: Sequence[Failure],
+        refund_attempt: bool = False,
+    ) -> int:
+        return self._finish_failed(conn, table, token, failures, "pending", refund_attempt)
+
+    def mark_dead(
+        self, conn: sa.Connection, table: sa.Table, token: uuid.UUID, failures: Sequence[Failure]
+    ) -> int:
+        return self._finish_failed(conn, table, token, failures, "dead", False)
+
+    def _finish_failed(
+        self,
+        conn: sa.Connection,
+        table: sa.Table,
+        token: uuid.UUID,
+        failures: Sequence[Failure],
+        status: str,
+        refund_attempt: bool,
+    ) -> int:
+        if not failures:
+            return 0
+        t = quoted(conn, table)
+        payload = json.dumps(
+            [[f.id, float(f.delay), f.status, f.code, f.bounded_message()] for f in failures]
+        )
+        stmt = sa.text(
+            f"""
+            UPDATE {t}
+            SET status = :status,
+                next_attempt_at = {_now_plus("json_extract(f.value, '$[1]')")},
+                attempts = attempts - :refund,
+                lease_token = NULL,
+                lease_expires_at = NULL,
+                last_error_status = json_extract(f.value, '$[2]'),
+                last_error_code = json_extract(f.value, '$[3]'),
+                last_error_message = json_extract(f.value, '$[4]'),
+                last_error_at = {_NOW}
+            FROM json_each(:payload) AS f
+            WHERE {t}.id = json_extract(f.value, '$[0]')
+              AND {t}.lease_token = :token AND {t}.status = 'in_flight'
+            """
+        ).bindparams(_TOKEN)
+        params = {
+            "status": status,
+            "refund": 1 if refund_attempt else 0,
+            "payload": payload,
+            "token": token,
+        }
+        return conn.execute(stmt, params).rowcount
+
+    def release(
+        self, conn: sa.Connection, table: sa.Table, token: uuid.UUID, ids: Sequence[int]
+    ) -> int:
+        if not ids:
+            return 0
+        t = quoted(conn, table)
+        stmt = sa.text(
+            f"""
+            UPDATE {t}
+            SET status = 'pending', attempts = attempts - 1, next_attempt_at = {_NOW},
+                lease_token = NULL, lease_expires_at = NULL
+            WHERE id IN (SELECT value FROM json_each(:ids))
+              AND lease_token = :token AND status = 'in_flight'
+            """
+        ).bindparams(_TOKEN)
+        return conn.execute(stmt, {"ids": json.dumps(list(ids)), "token": token}).rowcount
+
+    def reclaim_expired(self, conn: sa.Connection, table: sa.Table) -> int:
+        t = quoted(conn, table)
+        stmt = sa.text(
+            f"""
+            UPDATE {t}
+            SET status = 'pending', next_attempt_at = {_NOW},
+                lease_token = NULL, lease_expires_at = NULL
+            WHERE status = 'in_flight' AND lease_expires_at <= {_NOW}
+            """
+        )
+        return conn.execute(stmt).rowcount

@@ -1,0 +1,214 @@
+"""``enqueue``: write events into the outbox inside the caller's own transaction.
+
+Nothing here commits, flushes other objects or opens a transaction: the row becomes visible to the
+worker exactly when the caller's transaction commits, and vanishes with it on rollback. Every rule
+Sockudo would enforce on the event itself is checked before any SQL runs, so a refused event leaves
+the caller's transaction as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, overload
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.orm import Session
+
+from .dialects import dialect_name_of, notify_statement
+from .schema import outbox_table
+from .sockudo import crypto
+from .sockudo.errors import InvalidEvent
+from .sockudo.events import (
+    DEFAULT_LIMITS,
+    Limits,
+    check_text,
+    encode_data,
+    validate_channels,
+    validate_event_fields,
+)
+
+SyncTarget = Session | sa.Connection
+AsyncTarget = AsyncSession | AsyncConnection
+Target = SyncTarget | AsyncTarget
+
+#: Namespace of per-channel keys derived from an event's key (uuid5 of key + channel).
+_CHANNEL_KEY_NAMESPACE = uuid.UUID("5b0c1a3e-8f7d-4e52-9a61-0f2d7c9b4e10")
+#: Rows per INSERT statement: stays under SQLite's and PostgreSQL's bound-parameter limits.
+_ROWS_PER_STATEMENT = 1000
+
+
+@dataclass(frozen=True)
+class OutboxEvent:
+    """One event for :func:`enqueue_many` (the same fields as :func:`enqueue`)."""
+
+    channel: str | Sequence[str]
+    event: str
+    data: Any
+    idempotency_key: str | None = None
+    socket_id: str | None = None
+    info: str | Sequence[str] | None = None
+    tags: Mapping[str, str] | None = None
+    extras: Mapping[str, Any] | None = None
+
+
+@overload
+def enqueue(
+    target: SyncTarget, channel: str | Sequence[str], event: str, data: Any, **options: Any
+) -> uuid.UUID: ...
+@overload
+def enqueue(
+    target: AsyncTarget, channel: str | Sequence[str], event: str, data: Any, **options: Any
+) -> Awaitable[uuid.UUID]: ...
+def enqueue(
+    target: Target,
+    channel: str | Sequence[str],
+    event: str,
+    data: Any,
+    *,
+    idempotency_key: str | None = None,
+    socket_id: str | None = None,
+    info: str | Sequence[str] | None = None,
+    tags: Mapping[str, str] | None = None,
+    extras: Mapping[str, Any] | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+    table: sa.Table | None = None,
+) -> uuid.UUID | Awaitable[uuid.UUID]:
+    """Add an event to the caller's transaction and return its event id.
+
+    ``target`` is a ``Session``, ``Connection``, ``AsyncSession`` or ``AsyncConnection``; with an
+    async one, await the result. ``data`` that is a ``str`` is sent as is, anything else is
+    JSON-encoded once. Several channels become one row per channel, each with its own key derived
+    from the event's, so each channel is delivered exactly once. ``idempotency_key`` defaults to the
+    event id; it is also sent as ``message_id``.
+
+    Raises :class:`~outbox.sockudo.InvalidEvent` (naming the field) for anything Sockudo would refuse.
+    """
+    one = OutboxEvent(channel, event, data, idempotency_key, socket_id, info, tags, extras)
+    event_id, rows = build_rows(one, limits)
+    return _insert(target, table if table is not None else outbox_table(), rows, event_id)
+
+
+@overload
+def enqueue_many(
+    target: SyncTarget, events: Iterable[OutboxEvent], **options: Any
+) -> list[uuid.UUID]: ...
+@overload
+def enqueue_many(
+    target: AsyncTarget, events: Iterable[OutboxEvent], **options: Any
+) -> Awaitable[list[uuid.UUID]]: ...
+def enqueue_many(
+    target: Target,
+    events: Iterable[OutboxEvent],
+    *,
+    limits: Limits = DEFAULT_LIMITS,
+    table: sa.Table | None = None,
+) -> list[uuid.UUID] | Awaitable[list[uuid.UUID]]:
+    """Enqueue many events in one multi-row INSERT (chunked); all are validated before any SQL."""
+    ids: list[uuid.UUID] = []
+    rows: list[dict[str, Any]] = []
+    for index, item in enumerate(events):
+        try:
+            event_id, item_rows = build_rows(item, limits)
+        except InvalidEvent as exc:
+            raise InvalidEvent(f"event #{index}: {exc}", field=exc.field) from exc
+        ids.append(event_id)
+        rows.extend(item_rows)
+    return _insert(target, table if table is not None else outbox_table(), rows, ids)
+
+
+def build_rows(
+    item: OutboxEvent, limits: Limits = DEFAULT_LIMITS
+) -> tuple[uuid.UUID, list[dict[str, Any]]]:
+    """Validate one event and return its id and the row values, one row per channel (pure)."""
+    channels = validate_channels(
+        [item.channel] if isinstance(item.channel, str) else item.channel, limits
+    )
+    data = encode_data(item.data)
+    validate_event_fields(
+        item.event,
+        data,
+        idempotency_key=item.idempotency_key,
+        socket_id=item.socket_id,
+        limits=limits,
+    )
+    info = _info_text(item.info)
+    tags = _json_text(item.tags, "tags", require_str_values=True)
+    extras = _json_text(item.extras, "extras")
+    event_id = uuid.uuid4()
+    base_key = item.idempotency_key if item.idempotency_key is not None else str(event_id)
+    rows = []
+    for channel in channels:
+        key = base_key if len(channels) == 1 else derive_channel_key(base_key, channel)
+        nonce = crypto.random_nonce() if crypto.is_encrypted_channel(channel) else None
+        rows.append(
+            {
+                "event_id": event_id,
+                "idempotency_key": key,
+                "channel": channel,
+                "event": item.event,
+                "data": data,
+                "socket_id": item.socket_id,
+                "info": info,
+                "tags": tags,
+                "extras": extras,
+                "encryption_nonce": nonce,
+            }
+        )
+    return event_id, rows
+
+
+def derive_channel_key(key: str, channel: str) -> str:
+    """The key of one channel's row of a multi-channel event: stable, distinct per channel."""
+    return str(uuid.uuid5(_CHANNEL_KEY_NAMESPACE, f"{key}\n{channel}"))
+
+
+def _insert(target: Target, table: sa.Table, rows: list[dict[str, Any]], result: Any) -> Any:
+    statements: list[sa.Executable] = [
+        table.insert().values(rows[i : i + _ROWS_PER_STATEMENT])
+        for i in range(0, len(rows), _ROWS_PER_STATEMENT)
+    ]
+    wake = notify_statement(dialect_name_of(target), table)
+    if wake is not None and statements:
+        statements.append(wake)
+    if isinstance(target, AsyncSession | AsyncConnection):
+        return _run_async(target, statements, result)
+    for statement in statements:
+        target.execute(statement)
+    return result
+
+
+async def _run_async(target: AsyncTarget, statements: list[sa.Executable], result: Any) -> Any:
+    for statement in statements:
+        await target.execute(statement)
+    return result
+
+
+def _info_text(info: str | Sequence[str] | None) -> str | None:
+    if info is None:
+        return None
+    if isinstance(info, str):
+        return check_text(info, "info")
+    if not isinstance(info, Sequence) or not all(isinstance(i, str) for i in info):
+        raise InvalidEvent("info must be a string or a list of strings", field="info")
+    return ",".join(info)
+
+
+def _json_text(
+    value: Mapping[str, Any] | None, field: str, require_str_values: bool = False
+) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise InvalidEvent(f"{field} must be a mapping", field=field)
+    if require_str_values and not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise InvalidEvent(f"{field} must map strings to strings", field=field)
+    try:
+        return json.dumps(dict(value), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidEvent(f"{field} is not JSON-serializable: {exc}", field=field) from exc

@@ -1,0 +1,152 @@
+"""The outbox table: everything needed to publish an event exactly as written and to explain its fate.
+
+One row per (event, channel). A row moves ``pending -> in_flight -> published`` (or ``dead``); an
+``in_flight`` row whose lease expired is taken back by any worker. The pending set sits behind a
+partial index, so a claim reads O(batch) index entries however much published history is kept.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from functools import cache
+
+import sqlalchemy as sa
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.expression import FunctionElement
+
+DEFAULT_TABLE_NAME = "outbox_events"
+ERROR_MESSAGE_MAX = 500
+
+
+class Status(enum.StrEnum):
+    PENDING = "pending"
+    IN_FLIGHT = "in_flight"
+    PUBLISHED = "published"
+    DEAD = "dead"
+
+
+class UTCDateTime(sa.TypeDecorator[dt.datetime]):
+    """Timestamps in UTC on every backend: ``timestamptz`` on PostgreSQL, fixed-width text on SQLite.
+
+    SQLite's text form (``YYYY-MM-DD HH:MM:SS.ffffff``) sorts like time, which the claim relies on.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(
+        self, value: dt.datetime | None, dialect: sa.Dialect
+    ) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given for a UTC column")
+        value = value.astimezone(dt.UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(
+        self, value: dt.datetime | None, dialect: sa.Dialect
+    ) -> dt.datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=dt.UTC)
+        return value
+
+
+class utc_now(FunctionElement[dt.datetime]):
+    """The database clock, in the column format of :class:`UTCDateTime`."""
+
+    type = UTCDateTime()
+    inherit_cache = True
+
+
+@compiles(utc_now)
+def _utc_now_default(element: utc_now, compiler: sa.sql.compiler.SQLCompiler, **kw: object) -> str:
+    return "CURRENT_TIMESTAMP"
+
+
+@compiles(utc_now, "postgresql")
+def _utc_now_postgresql(
+    element: utc_now, compiler: sa.sql.compiler.SQLCompiler, **kw: object
+) -> str:
+    # statement time, not transaction start: a long-running worker transaction must not
+    # see a frozen clock when it computes lease expiries.
+    return "statement_timestamp()"
+
+
+@compiles(utc_now, "sqlite")
+def _utc_now_sqlite(element: utc_now, compiler: sa.sql.compiler.SQLCompiler, **kw: object) -> str:
+    # %f is "SS.SSS": padding with 000 gives the microsecond width UTCDateTime stores.
+    return "(strftime('%Y-%m-%d %H:%M:%f000', 'now'))"
+
+
+def _id_type() -> sa.types.TypeEngine[int]:
+    # SQLite only autoincrements an INTEGER PRIMARY KEY (the rowid).
+    return sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+@cache
+def outbox_table(name: str = DEFAULT_TABLE_NAME, schema: str | None = None) -> sa.Table:
+    """The outbox :class:`~sqlalchemy.Table` (one per name; cached so every caller shares it)."""
+    metadata = sa.MetaData(schema=schema)
+    return sa.Table(
+        name,
+        metadata,
+        sa.Column("id", _id_type(), primary_key=True, autoincrement=True),
+        # The event's stable identity; rows of one multi-channel enqueue share it.
+        sa.Column("event_id", sa.Uuid(as_uuid=True), nullable=False),
+        # Sent as idempotency_key and message_id on every attempt of this row.
+        sa.Column("idempotency_key", sa.String(128), nullable=False),
+        sa.Column("channel", sa.String(200), nullable=False),
+        sa.Column("event", sa.String(200), nullable=False),
+        # The exact data string to send (plaintext for encrypted channels, sealed at send time).
+        sa.Column("data", sa.Text(), nullable=False),
+        sa.Column("socket_id", sa.String(64), nullable=True),
+        sa.Column("info", sa.String(200), nullable=True),
+        # Compact JSON text, kept as text so the bytes sent never depend on a JSON column's rendering.
+        sa.Column("tags", sa.Text(), nullable=True),
+        sa.Column("extras", sa.Text(), nullable=True),
+        # Fixed at enqueue for private-encrypted- channels: every attempt seals to the same bytes.
+        sa.Column("encryption_nonce", sa.LargeBinary(24), nullable=True),
+        sa.Column("status", sa.String(16), nullable=False, server_default=Status.PENDING.value),
+        sa.Column("attempts", sa.Integer(), nullable=False, server_default="0"),
+        sa.Column("next_attempt_at", UTCDateTime(), nullable=False, server_default=utc_now()),
+        sa.Column("lease_token", sa.Uuid(as_uuid=True), nullable=True),
+        sa.Column("lease_expires_at", UTCDateTime(), nullable=True),
+        sa.Column("created_at", UTCDateTime(), nullable=False, server_default=utc_now()),
+        sa.Column("published_at", UTCDateTime(), nullable=True),
+        sa.Column("acknowledgement_id", sa.String(200), nullable=True),
+        sa.Column("message_serial", sa.String(64), nullable=True),
+        sa.Column("history_serial", sa.String(64), nullable=True),
+        sa.Column("last_error_status", sa.Integer(), nullable=True),
+        sa.Column("last_error_code", sa.String(64), nullable=True),
+        sa.Column("last_error_message", sa.String(ERROR_MESSAGE_MAX), nullable=True),
+        sa.Column("last_error_at", UTCDateTime(), nullable=True),
+        sa.UniqueConstraint("idempotency_key", name=f"uq_{name}_idempotency_key"),
+        sa.CheckConstraint(
+            "status IN ('pending', 'in_flight', 'published', 'dead')", name=f"ck_{name}_status"
+        ),
+        # The claim reads this index in order and stops after one batch.
+        sa.Index(
+            f"ix_{name}_pending",
+            "next_attempt_at",
+            "id",
+            postgresql_where=sa.text("status = 'pending'"),
+            sqlite_where=sa.text("status = 'pending'"),
+        ),
+        # Reclaiming expired leases looks only at rows in flight.
+        sa.Index(
+            f"ix_{name}_in_flight",
+            "lease_expires_at",
+            postgresql_where=sa.text("status = 'in_flight'"),
+            sqlite_where=sa.text("status = 'in_flight'"),
+        ),
+        # Operators list and replay dead rows; retention deletes old published ones.
+        sa.Index(f"ix_{name}_status_created", "status", "created_at"),
+        sa.Index(f"ix_{name}_event_id", "event_id"),
+    )
+
+
+def metadata_for(name: str = DEFAULT_TABLE_NAME, schema: str | None = None) -> sa.MetaData:
+    """The MetaData holding the outbox table, for ``target_metadata`` in an app's Alembic env."""
+    return outbox_table(name, schema).metadata

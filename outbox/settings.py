@@ -1,0 +1,149 @@
+"""Worker settings from the environment (CLI flags override them), validated in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from .database import DEFAULT_DATABASE_URL
+from .schema import DEFAULT_TABLE_NAME
+from .sockudo.config import Config, ConfigError, mask_url
+
+DEFAULT_SOCKUDO_URL = "http://app-key:app-secret@127.0.0.1:6001/apps/app-id"
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed; the message names it (and never shows a secret)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str = DEFAULT_DATABASE_URL
+    sockudo_url: str = field(default=DEFAULT_SOCKUDO_URL, repr=False)
+    encryption_master_key_base64: str | None = field(default=None, repr=False)
+    table_name: str = DEFAULT_TABLE_NAME
+    #: Events per /batch_events request; never above the server's batch limit.
+    batch_size: int = 100
+    #: The server's batch limit (Sockudo's default app: 100; soketi and Pusher: 10).
+    server_batch_limit: int = 100
+    #: Claimed batches being published at once.
+    in_flight: int = 4
+    #: Requests at once for rows that go alone through /events.
+    alone_concurrency: int = 8
+    lease_seconds: float = 60.0
+    request_timeout: float = 10.0
+    max_attempts: int = 25
+    max_age_seconds: float = 24 * 3600.0
+    backoff_min_seconds: float = 1.0
+    backoff_max_seconds: float = 300.0
+    #: Consecutive endpoint failures that pause the whole worker.
+    breaker_threshold: int = 3
+    #: How often to retry after a 401/404 (bad secret, clock or app).
+    misconfigured_retry_seconds: float = 30.0
+    #: Fallback poll when no notification arrives (SQLite always polls).
+    poll_interval: float = 1.0
+    #: Published rows older than this are deleted by the worker; 0 keeps them forever.
+    retention_seconds: float = 7 * 24 * 3600.0
+    shutdown_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.batch_size <= self.server_batch_limit:
+            raise SettingsError(
+                f"batch size must be between 1 and the server's batch limit "
+                f"({self.server_batch_limit}), got {self.batch_size}"
+            )
+        for name in ("in_flight", "alone_concurrency", "max_attempts", "breaker_threshold"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{name} must be at least 1")
+        for name in (
+            "lease_seconds",
+            "request_timeout",
+            "max_age_seconds",
+            "backoff_min_seconds",
+            "backoff_max_seconds",
+            "misconfigured_retry_seconds",
+            "poll_interval",
+            "shutdown_timeout",
+        ):
+            if not getattr(self, name) > 0:
+                raise SettingsError(f"{name} must be positive")
+        if self.backoff_min_seconds > self.backoff_max_seconds:
+            raise SettingsError("backoff min must not exceed backoff max")
+        if self.lease_seconds < 2 * self.request_timeout:
+            # A lease must outlive the request it covers, or a slow answer would let another
+            # worker take the row while it is still being published.
+            raise SettingsError(
+                f"lease ({self.lease_seconds} s) must be at least twice the request timeout "
+                f"({self.request_timeout} s)"
+            )
+        self.sockudo_config()  # fail early, with a masked URL, on a malformed SOCKUDO_URL
+
+    def sockudo_config(self) -> Config:
+        try:
+            return Config.from_url(
+                self.sockudo_url,
+                timeout=self.request_timeout,
+                encryption_master_key_base64=self.encryption_master_key_base64,
+            )
+        except ConfigError as exc:
+            raise SettingsError(f"SOCKUDO_URL: {exc}") from None
+
+    @property
+    def masked_sockudo_url(self) -> str:
+        return mask_url(self.sockudo_url)
+
+    def replace(self, **changes: object) -> Settings:
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})  # type: ignore[arg-type]
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Read ``OUTBOX_*`` and ``SOCKUDO_*`` variables; keyword overrides (CLI flags) win."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for name, (variable, kind) in ENVIRONMENT.items():
+            raw = env.get(variable)
+            if raw is None or raw == "":
+                continue
+            values[name] = _parse(variable, raw, kind)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls(**values)  # type: ignore[arg-type]
+        except TypeError as exc:
+            raise SettingsError(str(exc)) from None
+
+
+#: Setting name -> (environment variable, type).
+ENVIRONMENT: dict[str, tuple[str, type]] = {
+    "database_url": ("OUTBOX_DATABASE_URL", str),
+    "sockudo_url": ("SOCKUDO_URL", str),
+    "encryption_master_key_base64": ("SOCKUDO_ENCRYPTION_MASTER_KEY_BASE64", str),
+    "table_name": ("OUTBOX_TABLE", str),
+    "batch_size": ("OUTBOX_BATCH_SIZE", int),
+    "server_batch_limit": ("OUTBOX_SERVER_BATCH_LIMIT", int),
+    "in_flight": ("OUTBOX_IN_FLIGHT", int),
+    "alone_concurrency": ("OUTBOX_ALONE_CONCURRENCY", int),
+    "lease_seconds": ("OUTBOX_LEASE_SECONDS", float),
+    "request_timeout": ("OUTBOX_REQUEST_TIMEOUT", float),
+    "max_attempts": ("OUTBOX_MAX_ATTEMPTS", int),
+    "max_age_seconds": ("OUTBOX_MAX_AGE_SECONDS", float),
+    "backoff_min_seconds": ("OUTBOX_BACKOFF_MIN", float),
+    "backoff_max_seconds": ("OUTBOX_BACKOFF_MAX", float),
+    "breaker_threshold": ("OUTBOX_BREAKER_THRESHOLD", int),
+    "misconfigured_retry_seconds": ("OUTBOX_MISCONFIGURED_RETRY", float),
+    "poll_interval": ("OUTBOX_POLL_INTERVAL", float),
+    "retention_seconds": ("OUTBOX_RETENTION_SECONDS", float),
+    "shutdown_timeout": ("OUTBOX_SHUTDOWN_TIMEOUT", float),
+}
+
+
+def _parse(variable: str, raw: str, kind: type) -> object:
+    if kind is str:
+        return raw
+    try:
+        return kind(raw)
+    except ValueError:
+        raise SettingsError(
+            f"{variable} must be a{'n integer' if kind is int else ' number'}, got {raw!r}"
+        ) from None

@@ -1,0 +1,391 @@
+"""The worker loop: claim -> publish -> ack, with several batches in flight.
+
+Database statements run in short transactions on a thread (the SQL seam is synchronous); HTTP runs
+on the event loop. No transaction is open while a request is in flight: a claim commits before the
+publish starts, and the outcome is written in a new transaction after it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import sqlalchemy as sa
+
+from .database import create_engine, display_url, libpq_conninfo
+from .delivery import Deliverer, Outcome, failure_of
+from .dialects import ClaimedRow, Dialect, Failure, dialect_for
+from .retry import EndpointBreaker, RetryPolicy
+from .schema import outbox_table
+from .settings import Settings
+from .sockudo import AsyncSockudo
+from .sockudo.events import Limits
+
+log = logging.getLogger("outbox.worker")
+T = TypeVar("T")
+
+#: How many times a finished publish tries to record its outcome before leaving it to the lease.
+_RECORD_TRIES = 5
+
+
+@dataclass
+class WorkerStats:
+    claimed: int = 0
+    published: int = 0
+    retried: int = 0
+    dead: int = 0
+    requests: int = 0
+    database_errors: int = 0
+
+
+class Worker:
+    """Drains the outbox table into Sockudo until stopped (or, with ``once``, until nothing is due)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        engine: sa.Engine | None = None,
+        client: AsyncSockudo | None = None,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine or create_engine(settings.database_url)
+        self.table = outbox_table(settings.table_name)
+        self.dialect: Dialect = dialect_for(self.engine)
+        self.policy = RetryPolicy(
+            min_delay=settings.backoff_min_seconds,
+            max_delay=settings.backoff_max_seconds,
+            max_attempts=settings.max_attempts,
+            max_age=settings.max_age_seconds,
+        )
+        self.breaker = EndpointBreaker(self.policy, threshold=settings.breaker_threshold)
+        self._client = client
+        self.stats = WorkerStats()
+        self._stopping = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- control ------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop claiming; in-flight publishes finish and record their outcome."""
+        self._stopping.set()
+        self._wake.set()
+
+    def wake(self) -> None:
+        """Claim now instead of at the next poll (called on NOTIFY)."""
+        self._wake.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    async def run(self, *, once: bool = False) -> None:
+        config = self.settings.sockudo_config()
+        limits = Limits(max_batch_size=self.settings.server_batch_limit)
+        client = self._client or AsyncSockudo(config, limits=limits)
+        deliverer = Deliverer(
+            client,
+            master_key=config.master_key,
+            alone_concurrency=self.settings.alone_concurrency,
+            stopping=self._stopping.is_set,
+        )
+        slots = asyncio.Semaphore(self.settings.in_flight)
+        listener = self._start_listener()
+        upkeep = asyncio.create_task(self._upkeep())
+        log.info(
+            "worker started: database %s, sockudo %s, batch %d, %d in flight",
+            display_url(self.engine.url),
+            config.masked_url,
+            self.settings.batch_size,
+            self.settings.in_flight,
+        )
+        try:
+            await self._claim_loop(deliverer, slots, once)
+            await self._drain_in_flight()
+        finally:
+            upkeep.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await upkeep
+            if listener is not None:
+                listener.set()
+            if self._client is None:
+                await client.aclose()
+            log.info(
+                "worker stopped: %d published, %d retried, %d dead",
+                self.stats.published,
+                self.stats.retried,
+                self.stats.dead,
+            )
+
+    async def _claim_loop(self, deliverer: Deliverer, slots: asyncio.Semaphore, once: bool) -> None:
+        while not self.stopping:
+            await self.breaker.wait_closed(self._stopping)
+            if self.stopping:
+                break
+            probing = self.breaker.tripped
+            await slots.acquire()
+            if self.stopping:
+                slots.release()
+                break
+            limit = 1 if probing else self.settings.batch_size
+            token = uuid.uuid4()
+            try:
+                rows = await self._db(
+                    self.dialect.claim_batch,
+                    self.table,
+                    limit,
+                    self.settings.lease_seconds,
+                    token,
+                )
+            except sa.exc.DBAPIError as exc:
+                slots.release()
+                await self._database_trouble("claim", exc)
+                continue
+            if not rows:
+                slots.release()
+                if once and not self._tasks:
+                    return
+                await self._idle(once)
+                continue
+            self.stats.claimed += len(rows)
+            task = asyncio.create_task(self._deliver(deliverer, token, rows))
+            self._tasks.add(task)
+            task.add_done_callback(lambda t: (self._tasks.discard(t), slots.release()))
+            if probing:
+                # One probe at a time: wait for its verdict before claiming more.
+                await asyncio.wait({task})
+
+    async def _idle(self, once: bool) -> None:
+        self._wake.clear()
+        if once:
+            # Something is still in flight and may reschedule rows due now: wait for it.
+            await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=self.settings.poll_interval)
+
+    async def _drain_in_flight(self) -> None:
+        if not self._tasks:
+            return
+        log.info("waiting for %d batch(es) in flight", len(self._tasks))
+        _done, pending = await asyncio.wait(
+            set(self._tasks), timeout=self.settings.shutdown_timeout
+        )
+        if pending:
+            log.warning(
+                "%d batch(es) still in flight after %.0f s; their leases will expire and "
+                "another worker will take them over",
+                len(pending),
+                self.settings.shutdown_timeout,
+            )
+            for task in pending:
+                task.cancel()
+
+    # -- one claimed batch --------------------------------------------------------------------
+
+    async def _deliver(
+        self, deliverer: Deliverer, token: uuid.UUID, rows: list[ClaimedRow]
+    ) -> None:
+        started = time.perf_counter()
+        outcome = await deliverer.deliver(rows)
+        self.stats.requests += outcome.requests
+        self._update_breaker(outcome)
+        retry, dead = self._plan_failures(outcome)
+        await self._record(token, outcome, retry, dead)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        log.info(
+            "batch of %d: %d published (%d in a batch, %d alone), %d to retry, %d dead, "
+            "%d given back, in %.1f ms",
+            len(rows),
+            len(outcome.published),
+            outcome.sent_as_batch,
+            outcome.sent_alone,
+            len(retry),
+            len(dead),
+            len(outcome.unsent),
+            elapsed_ms,
+        )
+
+    def _update_breaker(self, outcome: Outcome) -> None:
+        if outcome.misconfigured:
+            _row, exc = outcome.misconfigured[0]
+            reason = (
+                f"the server refused this worker's credentials ({exc}); check SOCKUDO_URL "
+                f"({self.settings.masked_sockudo_url}): app id, key, secret and this host's clock. "
+                f"Rows stay pending; retrying in {self.settings.misconfigured_retry_seconds:.0f} s"
+            )
+            log.error(reason)
+            self.breaker.pause_for(self.settings.misconfigured_retry_seconds, reason)
+            return
+        if outcome.endpoint_errors:
+            last = outcome.endpoint_errors[-1]
+            pause = self.breaker.record_failure(str(last), last.retry_after)
+            if pause is not None:
+                log.warning("endpoint unavailable (%s): pausing publishing for %.1f s", last, pause)
+        elif outcome.published or outcome.refused:
+            if self.breaker.tripped:
+                log.info("endpoint is back: resuming publishing")
+            self.breaker.record_success()
+
+    def _plan_failures(self, outcome: Outcome) -> tuple[list[Failure], list[Failure]]:
+        """Decide retry-or-dead for each failed row (the budget is not charged during an outage)."""
+        now = dt.datetime.now(dt.UTC)
+        outage = self.breaker.tripped
+        retry: list[Failure] = []
+        dead: list[Failure] = []
+        for row, exc in outcome.refused:
+            log.warning(
+                "event %s (row %d, channel %s) refused, dead-lettered: %s",
+                row.idempotency_key,
+                row.id,
+                row.channel,
+                exc,
+            )
+            dead.append(failure_of(row, exc))
+        for row, exc in outcome.retry:
+            age = (now - row.created_at).total_seconds()
+            backpressure = exc.code == "backpressure"
+            reason = (
+                None if (outage or backpressure) else self.policy.give_up_reason(row.attempts, age)
+            )
+            if reason is None and age >= self.policy.max_age:
+                reason = self.policy.give_up_reason(0, age)
+            if reason is not None:
+                log.warning(
+                    "event %s (row %d) dead-lettered, %s: %s",
+                    row.idempotency_key,
+                    row.id,
+                    reason,
+                    exc,
+                )
+                dead.append(failure_of(row, exc, prefix=f"{reason}; last error: "))
+                continue
+            delay = self.policy.delay(row.attempts, exc.retry_after)
+            log.warning(
+                "event %s (row %d) will be retried alone in %.1f s: %s",
+                row.idempotency_key,
+                row.id,
+                delay,
+                exc,
+            )
+            retry.append(failure_of(row, exc, delay=delay))
+        return retry, dead
+
+    async def _record(
+        self, token: uuid.UUID, outcome: Outcome, retry: list[Failure], dead: list[Failure]
+    ) -> None:
+        """Write the outcome in one short transaction, retrying while the database is away."""
+        misconfigured = [
+            failure_of(row, exc, delay=self.settings.misconfigured_retry_seconds)
+            for row, exc in outcome.misconfigured
+        ]
+        unsent = [row.id for row in outcome.unsent]
+
+        def write(conn: sa.Connection) -> None:
+            d, t = self.dialect, self.table
+            d.ack_published(conn, t, token, outcome.published)
+            d.reschedule(conn, t, token, retry)
+            d.reschedule(conn, t, token, misconfigured, refund_attempt=True)
+            d.mark_dead(conn, t, token, dead)
+            d.release(conn, t, token, unsent)
+
+        for attempt in range(1, _RECORD_TRIES + 1):
+            try:
+                await asyncio.to_thread(self._in_transaction, write)
+                break
+            except sa.exc.DBAPIError as exc:
+                if attempt == _RECORD_TRIES:
+                    log.error(
+                        "could not record a batch outcome (%s); its rows stay leased and will be "
+                        "published again alone after the lease expires",
+                        _short(exc),
+                    )
+                    return
+                await self._database_trouble("record", exc)
+        self.stats.published += len(outcome.published)
+        self.stats.retried += len(retry) + len(misconfigured)
+        self.stats.dead += len(dead)
+
+    # -- housekeeping -------------------------------------------------------------------------
+
+    async def _upkeep(self) -> None:
+        """Reclaim expired leases and trim published history, forever."""
+        interval = max(0.5, min(self.settings.lease_seconds / 4, 15.0))
+        last_trim = 0.0
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                reclaimed = await self._db(self.dialect.reclaim_expired, self.table)
+                if reclaimed:
+                    log.warning("reclaimed %d row(s) whose lease expired", reclaimed)
+                    self.wake()
+                if self.settings.retention_seconds and time.monotonic() - last_trim > 60:
+                    last_trim = time.monotonic()
+                    await asyncio.to_thread(self._trim_published)
+            except sa.exc.DBAPIError as exc:
+                log.warning("upkeep skipped: %s", _short(exc))
+
+    def _trim_published(self) -> None:
+        cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=self.settings.retention_seconds)
+        t = self.table
+        doomed = (
+            sa.select(t.c.id)
+            .where(t.c.status == "published", t.c.published_at < cutoff)
+            .limit(10_000)
+            .scalar_subquery()
+        )
+        with self.engine.begin() as conn:
+            conn.execute(sa.delete(t).where(t.c.id.in_(doomed)))
+
+    def _start_listener(self) -> threading.Event | None:
+        if self.engine.dialect.name != "postgresql":
+            return None
+        from .dialects.postgresql import listen_forever, notify_channel
+
+        loop = asyncio.get_running_loop()
+        stop = threading.Event()
+        thread = threading.Thread(
+            target=listen_forever,
+            args=(
+                libpq_conninfo(self.engine.url),
+                notify_channel(self.table),
+                lambda: loop.call_soon_threadsafe(self._wake.set),
+                stop,
+            ),
+            name="outbox-listen",
+            daemon=True,
+        )
+        thread.start()
+        return stop
+
+    # -- database helpers ---------------------------------------------------------------------
+
+    def _in_transaction(self, fn: Callable[[sa.Connection], T]) -> T:
+        with self.engine.begin() as conn:
+            return fn(conn)
+
+    async def _db(self, statement: Callable[..., T], *args: object) -> T:
+        return await asyncio.to_thread(self._in_transaction, lambda conn: statement(conn, *args))
+
+    async def _database_trouble(self, what: str, exc: BaseException) -> None:
+        self.stats.database_errors += 1
+        pause = min(self.settings.poll_interval * 2 ** min(self.stats.database_errors, 5), 30.0)
+        log.warning("database error during %s (%s); retrying in %.1f s", what, _short(exc), pause)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), timeout=pause)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
