@@ -60,9 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    if args.command != "migrate":
-        # Alembic announces every schema check at INFO; only `outbox migrate` should say so.
-        logging.getLogger("alembic").setLevel(logging.WARNING)
+    # Alembic announces every schema check and httpx every request at INFO: the worker's own
+    # lines say what matters (one per batch, one per failure).
+    for noisy in ("alembic", "httpx"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         return int(args.handler(args) or EXIT_OK)
     except CommandError as exc:
