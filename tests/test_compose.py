@@ -1,0 +1,92 @@
+"""The production stack (docker-compose.yml) agrees with the worker's defaults and is valid Compose.
+
+No Docker engine runs here: the file is checked by reading it, and by ``docker-compose config -q``
+(Debian's Compose v1), which .ci/run installs; set OUTBOX_REQUIRE_COMPOSE=1 to make its absence
+a failure rather than a skip.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from outbox.settings import DEFAULT_SOCKUDO_URL, Settings
+from outbox.sockudo import Config
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = ROOT / "docker-compose.yml"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def test_compose_v1_compatible(compose):
+    assert "name" not in compose, "a top-level name: breaks Compose v1"
+    assert str(compose["version"]).startswith("2.")
+    assert set(compose["services"]) == {"postgres", "redis", "sockudo", "migrate", "worker"}
+
+
+def test_sockudo_app_matches_the_worker_default(compose):
+    default = Config.from_url(DEFAULT_SOCKUDO_URL)
+    env = compose["services"]["sockudo"]["environment"]
+    assert env["SOCKUDO_DEFAULT_APP_ID"] == default.app_id
+    assert env["SOCKUDO_DEFAULT_APP_KEY"] == default.key
+    assert env["SOCKUDO_DEFAULT_APP_SECRET"] == default.secret
+    assert f"{default.port}:6001" in compose["services"]["sockudo"]["ports"]
+    assert compose["services"]["sockudo"]["image"] == "ghcr.io/sockudo/sockudo:5.0.1"
+
+
+def test_worker_publishes_to_that_app_inside_the_stack(compose):
+    default = Config.from_url(DEFAULT_SOCKUDO_URL)
+    for service in ("worker", "migrate"):
+        env = compose["services"][service]["environment"]
+        assert env["OUTBOX_DATABASE_URL"].startswith("postgresql://")
+        assert "@postgres:5432/" in env["OUTBOX_DATABASE_URL"]
+    url = Config.from_url(compose["services"]["worker"]["environment"]["SOCKUDO_URL"])
+    assert (url.app_id, url.key, url.secret) == (default.app_id, default.key, default.secret)
+    assert (url.host, url.port) == ("sockudo", 6001)
+
+
+def test_idempotency_window_outlives_the_retry_horizon(compose):
+    env = compose["services"]["sockudo"]["environment"]
+    assert env["CACHE_DRIVER"] == "redis"
+    assert env["REDIS_URL"] == "redis://redis:6379"
+    defaults = Settings()
+    horizon = defaults.lease_seconds + defaults.backoff_max_seconds
+    assert int(env["IDEMPOTENCY_TTL_SECONDS"]) >= horizon
+    # Server-to-server traffic from one IP must not hit the default per-IP API limit.
+    assert env["RATE_LIMITER_ENABLED"] == "false"
+
+
+def test_start_order_and_healthchecks(compose):
+    services = compose["services"]
+    for name in ("postgres", "redis", "sockudo"):
+        assert "healthcheck" in services[name], name
+    assert "/up/app-id" in " ".join(services["sockudo"]["healthcheck"]["test"])
+    worker_deps = services["worker"]["depends_on"]
+    assert worker_deps["postgres"]["condition"] == "service_healthy"
+    assert worker_deps["sockudo"]["condition"] == "service_healthy"
+    assert worker_deps["migrate"]["condition"] == "service_completed_successfully"
+    assert services["migrate"]["command"] == ["outbox", "migrate"]
+    assert services["worker"]["build"] == "."
+    assert (ROOT / "Dockerfile").is_file()
+
+
+def test_docker_compose_config_validates():
+    tool = shutil.which("docker-compose")
+    if tool is None:
+        if os.environ.get("OUTBOX_REQUIRE_COMPOSE") == "1":
+            pytest.fail("docker-compose is required (OUTBOX_REQUIRE_COMPOSE=1) but not installed")
+        pytest.skip("docker-compose (Compose v1) is not installed; .ci/run installs it")
+    result = subprocess.run(
+        [tool, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
