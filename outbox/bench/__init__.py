@@ -1,0 +1,241 @@
+"""The benchmark harness: ``python -m outbox.bench`` (also ``outbox bench``).
+
+One run measures, against one real server (soketi by default, started on loopback with a batch
+limit of 100; or the bundled test server): the ceiling (pre-signed batches from a bare async
+client), the per-event baseline (our client and the sockudo-http-python SDK), the cost enqueue adds
+to a transaction, outbox drains on SQLite and PostgreSQL with one and two workers, commit-to-ack
+latency under a steady load, worker memory, and the drain with a large published history. It prints
+a table and writes the same figures as JSON. See docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+from .. import migrate
+from ..database import create_engine
+from . import scenarios
+from .report import evaluate_targets, render_table
+from .scenarios import Measurement
+
+DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+#: name -> (events, baseline events, single-commit transactions, latency rate, latency seconds, history rows)
+SIZES = {
+    "smoke": dict(
+        events=2_000, baseline=200, transactions=200, rate=200, latency_s=3, history=5_000
+    ),
+    "default": dict(
+        events=20_000, baseline=1_000, transactions=1_000, rate=1_000, latency_s=10, history=200_000
+    ),
+    "long": dict(
+        events=1_000_000,
+        baseline=2_000,
+        transactions=2_000,
+        rate=1_000,
+        latency_s=30,
+        history=1_000_000,
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="outbox bench", description=__doc__.split("\n\n")[1])
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--smoke", action="store_true", help="smallest size (CI smoke test)")
+    size.add_argument("--long", action="store_true", help="1,000,000-event drain and history")
+    p.add_argument("--events", type=int, help="events per drain (overrides the size)")
+    p.add_argument("--batch", type=int, default=100, help="events per batch (default 100)")
+    p.add_argument("--in-flight", type=int, default=4, help="batches in flight (default 4)")
+    p.add_argument("--server", choices=("soketi", "test-server"), default="soketi")
+    p.add_argument("--backends", default="sqlite,postgresql")
+    p.add_argument(
+        "--postgres-url",
+        default=os.environ.get("OUTBOX_BENCH_POSTGRES_URL", DEFAULT_POSTGRES_URL),
+        help="a PostgreSQL database to create a scratch schema in",
+    )
+    p.add_argument("--latency-rate", type=float, help="events/s for the latency run")
+    p.add_argument("--history", type=int, help="published rows kept for the history run (0: skip)")
+    p.add_argument("--json", type=Path, help="also write the results as JSON to this path")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    size = dict(SIZES["smoke" if args.smoke else "long" if args.long else "default"])
+    if args.events:
+        size["events"] = args.events
+    if args.latency_rate:
+        size["rate"] = args.latency_rate
+    if args.history is not None:
+        size["history"] = args.history
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    results: list[Measurement] = []
+    started = time.time()
+    settings = {
+        "OUTBOX_BATCH_SIZE": args.batch,
+        "OUTBOX_SERVER_BATCH_LIMIT": max(args.batch, 100),
+        "OUTBOX_IN_FLIGHT": args.in_flight,
+        "OUTBOX_POLL_INTERVAL": 0.5,
+    }
+    with (
+        tempfile.TemporaryDirectory(prefix="outbox-bench-") as tmp,
+        server(args.server, args.batch) as url,
+    ):
+        workdir = Path(tmp)
+        say = lambda text: print(f"[bench] {text}", file=sys.stderr, flush=True)  # noqa: E731
+        say(f"server: {args.server}; sizes: {size}")
+        results.append(scenarios.ceiling(url, size["events"], args.batch, args.in_flight))
+        say(f"ceiling: {results[-1].rate:,.0f} events/s")
+        results.append(scenarios.baseline_ours(url, size["baseline"]))
+        say(f"baseline (ours): {results[-1].rate:,.0f} events/s")
+        sdk = scenarios.baseline_sdk(url, size["baseline"])
+        if sdk is not None:
+            results.append(sdk)
+            say(f"baseline (SDK): {sdk.rate:,.0f} events/s")
+        for backend in backends:
+            for per_commit in (1, 10):
+                with database(backend, args.postgres_url, workdir) as db:
+                    results.append(
+                        scenarios.enqueue_cost(db, backend, size["transactions"], per_commit)
+                    )
+                    say(
+                        f"{backend}: {results[-1].scenario}: +{results[-1].extra['added_ms_per_commit']:.3f} ms"
+                    )
+            with database(backend, args.postgres_url, workdir) as db:
+                results.append(scenarios.bulk_enqueue(db, backend, size["events"]))
+                say(f"{backend}: bulk enqueue {results[-1].rate:,.0f} events/s")
+            for count in (1, 2):
+                with database(backend, args.postgres_url, workdir) as db:
+                    results.append(
+                        scenarios.drain(
+                            db, url, backend, size["events"], count, workdir, **settings
+                        )
+                    )
+                    say(
+                        f"{backend}: drain with {count} worker(s): {results[-1].rate:,.0f} events/s"
+                    )
+            with database(backend, args.postgres_url, workdir) as db:
+                results.append(
+                    scenarios.latency(
+                        db, url, backend, size["rate"], size["latency_s"], workdir, **settings
+                    )
+                )
+                say(f"{backend}: latency p99 {results[-1].extra['p99_ms']:.1f} ms")
+            if size["history"]:
+                with database(backend, args.postgres_url, workdir) as db:
+                    took = scenarios.add_history(db, size["history"])
+                    say(f"{backend}: {size['history']:,} published rows added in {took:.1f} s")
+                    results.append(
+                        scenarios.drain(
+                            db,
+                            url,
+                            backend,
+                            size["events"],
+                            1,
+                            workdir,
+                            label=f"outbox drain, 1 worker, {size['history']:,} published rows kept",
+                            **settings,
+                        )
+                    )
+                    say(f"{backend}: drain with history: {results[-1].rate:,.0f} events/s")
+    targets = evaluate_targets(results)
+    print(render_table(results, targets))
+    if args.json:
+        report = {
+            "started": started,
+            "duration_s": time.time() - started,
+            "machine": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "platform": platform.platform(),
+            },
+            "server": args.server,
+            "sizes": size,
+            "settings": settings,
+            "results": [
+                {
+                    "scenario": r.scenario,
+                    "backend": r.backend,
+                    "events": r.events,
+                    "seconds": r.seconds,
+                    "events_per_s": r.rate,
+                    **r.extra,
+                }
+                for r in results
+            ],
+            "targets": targets,
+        }
+        args.json.write_text(json.dumps(report, indent=2))
+        print(f"JSON written to {args.json}", file=sys.stderr)
+    return 0
+
+
+@contextlib.contextmanager
+def server(kind: str, batch: int) -> Iterator[str]:
+    """Start the server to publish to; yields its SOCKUDO_URL."""
+    if kind == "soketi":
+        from ..testing.soketi import SoketiServer
+
+        with SoketiServer(max_batch_size=max(batch, 100)) as soketi:
+            yield soketi.url
+        return
+    from ..testing.server import TestServerProcess
+
+    # Idempotency stays on (as on Sockudo); the key cache is bounded by the TTL.
+    with TestServerProcess(max_batch_size=max(batch, 100), idempotency_ttl=120) as remote:
+        yield remote.url
+
+
+@contextlib.contextmanager
+def database(backend: str, postgres_url: str, workdir: Path) -> Iterator[str]:
+    """A fresh, migrated database for one scenario; removed afterwards."""
+    if backend == "sqlite":
+        path = workdir / f"bench-{uuid.uuid4().hex[:8]}.db"
+        url = f"sqlite:///{path}"
+        _migrate(url)
+        try:
+            yield url
+        finally:
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{path}{suffix}").unlink(missing_ok=True)
+        return
+    if backend != "postgresql":
+        raise SystemExit(f"unknown backend {backend!r}: use sqlite and/or postgresql")
+    schema = f"bench_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(postgres_url)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    url = make_url(postgres_url).update_query_dict({"options": f"-csearch_path={schema}"})
+    rendered = url.render_as_string(hide_password=False)
+    try:
+        _migrate(rendered)
+        yield rendered
+    finally:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        admin.dispose()
+
+
+def _migrate(url: str) -> None:
+    engine = create_engine(url)
+    try:
+        migrate.upgrade(engine)
+    finally:
+        engine.dispose()
+
+
+__all__ = ["main"]

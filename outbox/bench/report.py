@@ -1,0 +1,128 @@
+"""The benchmark's table and its verdict on the targets of docs/performance.md."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .scenarios import Measurement
+
+CEILING = "ceiling (pre-signed batches)"
+BASELINE = "per-event trigger (outbox.sockudo)"
+
+
+def _find(results: list[Measurement], scenario: str, backend: str = "") -> Measurement | None:
+    for r in results:
+        if r.scenario == scenario and r.backend == backend:
+            return r
+    return None
+
+
+def _find_prefix(results: list[Measurement], prefix: str, backend: str) -> Measurement | None:
+    for r in results:
+        if r.scenario.startswith(prefix) and r.backend == backend:
+            return r
+    return None
+
+
+def render_table(results: list[Measurement], targets: list[dict[str, Any]]) -> str:
+    ceiling = _find(results, CEILING)
+    baseline = _find(results, BASELINE)
+    header = (
+        f"{'scenario':<58} {'db':<10} {'events':>9} {'events/s':>10} {'x ceil':>7} "
+        f"{'x base':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'RSS MB':>7} {'+ms/txn':>8}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in results:
+        x_ceiling = r.rate / ceiling.rate if ceiling and ceiling.rate else 0.0
+        x_base = r.rate / baseline.rate if baseline and baseline.rate else 0.0
+        e = r.extra
+        rss = e.get("worker_peak_rss_mb")
+        added = e.get("added_ms_per_commit")
+        lines.append(
+            f"{r.scenario:<58} {r.backend:<10} {r.events:>9,} {r.rate:>10,.0f} {x_ceiling:>7.2f} "
+            f"{x_base:>7.1f} {_ms(e.get('p50_ms'))} {_ms(e.get('p95_ms'))} {_ms(e.get('p99_ms'))} "
+            f"{(f'{rss:.0f}' if rss else '-'):>7} {(f'{added:.3f}' if added is not None else '-'):>8}"
+        )
+    lines.append("")
+    lines.append("targets:")
+    for t in targets:
+        mark = "met" if t["met"] else "MISSED"
+        lines.append(f"  [{mark:>6}] {t['target']}: {t['measured']}")
+    return "\n".join(lines)
+
+
+def _ms(value: float | None) -> str:
+    return f"{value:>8.1f}" if value is not None else f"{'-':>8}"
+
+
+def evaluate_targets(results: list[Measurement]) -> list[dict[str, Any]]:
+    """The targets of the performance issue, judged on this run's figures."""
+    out: list[dict[str, Any]] = []
+    ceiling = _find(results, CEILING)
+    baseline = _find(results, BASELINE)
+
+    def add(target: str, measured: str, met: bool) -> None:
+        out.append({"target": target, "measured": measured, "met": bool(met)})
+
+    pg = _find(results, "outbox drain, 1 worker(s)", "postgresql")
+    if pg and ceiling and baseline:
+        add(
+            "PostgreSQL drain, 1 worker >= 50% of the ceiling",
+            f"{pg.rate / ceiling.rate:.0%} ({pg.rate:,.0f} of {ceiling.rate:,.0f} events/s)",
+            pg.rate >= 0.5 * ceiling.rate,
+        )
+        add(
+            "PostgreSQL drain, 1 worker >= 25,000 events/s",
+            f"{pg.rate:,.0f} events/s",
+            pg.rate >= 25_000,
+        )
+        add(
+            "PostgreSQL drain >= 30x the per-event baseline",
+            f"{pg.rate / baseline.rate:.1f}x",
+            pg.rate >= 30 * baseline.rate,
+        )
+    lite = _find(results, "outbox drain, 1 worker(s)", "sqlite")
+    if lite:
+        add("SQLite drain >= 10,000 events/s", f"{lite.rate:,.0f} events/s", lite.rate >= 10_000)
+    one = _find(results, "enqueue, 1 event(s) per commit", "postgresql")
+    if one:
+        added = one.extra["added_ms_per_commit"]
+        add(
+            "PostgreSQL enqueue adds < 0.5 ms per one-event commit (median)",
+            f"{added:.3f} ms",
+            added < 0.5,
+        )
+    for backend in ("postgresql", "sqlite"):
+        bulk = _find(results, "bulk enqueue (enqueue_many)", backend)
+        if bulk:
+            add(
+                f"{backend} bulk enqueue >= 50,000 events/s",
+                f"{bulk.rate:,.0f} events/s",
+                bulk.rate >= 50_000,
+            )
+    lat = _find_prefix(results, "latency at", "postgresql")
+    if lat:
+        add(
+            f"PostgreSQL p99 commit-to-ack at {lat.scenario[11:]} <= 50 ms",
+            f"p99 {lat.extra['p99_ms']:.1f} ms",
+            lat.extra["p99_ms"] <= 50,
+        )
+    for backend in ("postgresql", "sqlite"):
+        hist = _find_prefix(results, "outbox drain, 1 worker, ", backend)
+        plain = _find(results, "outbox drain, 1 worker(s)", backend)
+        if hist and plain and plain.rate:
+            drop = 1 - hist.rate / plain.rate
+            add(
+                f"{backend} drain with published history drops < 10%",
+                f"{drop:+.0%} ({hist.rate:,.0f} vs {plain.rate:,.0f} events/s)",
+                drop < 0.10,
+            )
+    growth = [
+        r.extra["rss_growth_mb"]
+        for r in results
+        if r.extra.get("rss_growth_mb") is not None and r.extra.get("workers") == 1
+    ]
+    if growth:
+        worst = max(growth)
+        add("worker RSS growth over a drain < 50 MB", f"{worst:.1f} MB (worst drain)", worst < 50)
+    return out

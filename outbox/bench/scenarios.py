@@ -1,0 +1,439 @@
+"""What the benchmark measures, one function per scenario.
+
+Every number is taken in the same run against the same server, so ratios (to the ceiling, to the
+per-event baseline) hold on a noisy machine even when absolute figures move.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import sqlalchemy as sa
+
+from ..database import create_engine
+from ..enqueue import OutboxEvent, enqueue, enqueue_many
+from ..schema import outbox_table
+from ..sockudo import Config, Sockudo
+from ..sockudo.events import batch_body, event_item
+from ..sockudo.signing import Signer
+
+CHANNEL = "bench"
+EVENT = "tick"
+
+
+@dataclass
+class Measurement:
+    """One row of the report."""
+
+    scenario: str
+    backend: str = ""
+    events: int = 0
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.events / self.seconds if self.seconds > 0 else 0.0
+
+
+def payload(i: int) -> dict[str, Any]:
+    return {"n": i, "kind": "benchmark", "text": "x" * 64}
+
+
+# -- 1. the ceiling: pre-built, pre-signed batches, no database --------------------------------
+
+
+def ceiling(url: str, events: int, batch: int, in_flight: int) -> Measurement:
+    """The most this server takes from one Python process: bare async POSTs of ready bodies."""
+    config = Config.from_url(url)
+    signer = Signer(config.key, config.secret)
+    path = f"/apps/{config.app_id}/batch_events"
+    now = int(time.time())
+    requests: list[tuple[str, bytes]] = []
+    for start in range(0, events, batch):
+        items = [
+            event_item(
+                [CHANNEL],
+                EVENT,
+                f'{{"n":{i}}}',
+                idempotency_key=f"ceiling-{i}-{uuid.uuid4().hex[:8]}",
+                message_id=f"ceiling-{i}",
+            )
+            for i in range(start, min(start + batch, events))
+        ]
+        body = batch_body(items)
+        query = signer.signed_query("POST", path, body, now)
+        requests.append((f"{config.base_url}{path}?{query}", body))
+
+    async def run() -> float:
+        limit = asyncio.Semaphore(in_flight)
+        async with httpx.AsyncClient(timeout=30.0) as http:
+
+            async def post(url_: str, body: bytes) -> None:
+                async with limit:
+                    response = await http.post(
+                        url_, content=body, headers={"Content-Type": "application/json"}
+                    )
+                    if response.status_code != 200 or b'"error"' in response.content:
+                        raise RuntimeError(f"ceiling request failed: {response.text[:200]}")
+
+            started = time.perf_counter()
+            await asyncio.gather(*(post(u, b) for u, b in requests))
+            return time.perf_counter() - started
+
+    seconds = asyncio.run(run())
+    return Measurement(
+        "ceiling (pre-signed batches)",
+        events=events,
+        seconds=seconds,
+        extra={"batch": batch, "in_flight": in_flight},
+    )
+
+
+# -- 2. the baseline without an outbox: one request per event ----------------------------------
+
+
+def baseline_ours(url: str, events: int) -> Measurement:
+    with Sockudo.from_url(url) as client:
+        started = time.perf_counter()
+        for i in range(events):
+            client.trigger(CHANNEL, EVENT, payload(i))
+        seconds = time.perf_counter() - started
+    return Measurement("per-event trigger (outbox.sockudo)", events=events, seconds=seconds)
+
+
+def baseline_sdk(url: str, events: int) -> Measurement | None:
+    """The PyPI sockudo-http-python SDK's trigger, for comparison (None when not installed)."""
+    try:
+        import sockudo_http_python as sdk
+    except ImportError:
+        return None
+    client = sdk.Sockudo.from_url(url)
+    client.options.http2 = False
+    try:
+        started = time.perf_counter()
+        for i in range(events):
+            result = client.trigger(CHANNEL, EVENT, payload(i))
+            if not result.ok:
+                raise RuntimeError(f"SDK trigger failed: {result.message[:200]}")
+        seconds = time.perf_counter() - started
+    finally:
+        client.close()
+    return Measurement("per-event trigger (sockudo-http-python)", events=events, seconds=seconds)
+
+
+# -- 3. the outbox: enqueue cost and drains ----------------------------------------------------
+
+
+APP_TABLE = sa.Table(
+    "bench_orders",
+    sa.MetaData(),
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("note", sa.String(50)),
+)
+
+
+def enqueue_cost(url: str, backend: str, transactions: int, per_commit: int) -> Measurement:
+    """Median cost an outbox write adds to an application transaction (its own insert + commit)."""
+    engine = create_engine(url)
+    APP_TABLE.create(engine, checkfirst=True)
+    try:
+        plain = _time_transactions(engine, transactions, lambda conn, i: None)
+        with_outbox = _time_transactions(
+            engine,
+            transactions,
+            lambda conn, i: [
+                enqueue(conn, CHANNEL, EVENT, payload(i * per_commit + k))
+                for k in range(per_commit)
+            ],
+        )
+    finally:
+        engine.dispose()
+    added = statistics.median(with_outbox) - statistics.median(plain)
+    return Measurement(
+        f"enqueue, {per_commit} event(s) per commit",
+        backend,
+        events=transactions * per_commit,
+        seconds=sum(with_outbox),
+        extra={
+            "median_txn_ms": statistics.median(with_outbox) * 1000,
+            "median_plain_txn_ms": statistics.median(plain) * 1000,
+            "added_ms_per_commit": added * 1000,
+        },
+    )
+
+
+def _time_transactions(
+    engine: sa.Engine, count: int, work: Callable[[sa.Connection, int], object]
+) -> list[float]:
+    timings = []
+    for i in range(count):
+        started = time.perf_counter()
+        with engine.begin() as conn:
+            conn.execute(APP_TABLE.insert().values(note=f"order {i}"))
+            work(conn, i)
+        timings.append(time.perf_counter() - started)
+    return timings
+
+
+def bulk_enqueue(url: str, backend: str, events: int, chunk: int = 10_000) -> Measurement:
+    engine = create_engine(url)
+    try:
+        started = time.perf_counter()
+        for start in range(0, events, chunk):
+            batch = [
+                OutboxEvent(CHANNEL, EVENT, payload(i))
+                for i in range(start, min(events, start + chunk))
+            ]
+            with engine.begin() as conn:
+                enqueue_many(conn, batch)
+        seconds = time.perf_counter() - started
+    finally:
+        engine.dispose()
+    return Measurement("bulk enqueue (enqueue_many)", backend, events=events, seconds=seconds)
+
+
+def add_history(url: str, rows: int) -> float:
+    """Insert ``rows`` already-published rows straight in SQL; returns seconds taken."""
+    engine = create_engine(url)
+    t = outbox_table()
+    started = time.perf_counter()
+    try:
+        with engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(
+                    sa.text(
+                        f"""
+                        INSERT INTO {t.name} (event_id, idempotency_key, channel, event, data,
+                                              status, attempts, published_at)
+                        SELECT gen_random_uuid(), 'history-' || g, 'bench', 'old', '{{}}',
+                               'published', 1, now()
+                        FROM generate_series(1, :rows) AS g
+                        """
+                    ),
+                    {"rows": rows},
+                )
+            else:
+                conn.execute(
+                    sa.text(
+                        f"""
+                        WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < :rows)
+                        INSERT INTO {t.name} (event_id, idempotency_key, channel, event, data,
+                                              status, attempts, published_at)
+                        SELECT lower(hex(randomblob(16))), 'history-' || n, 'bench', 'old', '{{}}',
+                               'published', 1, strftime('%Y-%m-%d %H:%M:%f000', 'now')
+                        FROM g
+                        """
+                    ),
+                    {"rows": rows},
+                )
+            if conn.dialect.name == "postgresql":
+                conn.execute(sa.text(f"ANALYZE {t.name}"))
+    finally:
+        engine.dispose()
+    return time.perf_counter() - started
+
+
+@dataclass
+class WorkerProcess:
+    process: subprocess.Popen[bytes]
+    log: Path
+    rss_samples: list[int] = field(default_factory=list)
+
+    def rss_kb(self) -> int:
+        try:
+            for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+        return 0
+
+
+@contextmanager
+def workers(
+    count: int, database_url: str, sockudo_url: str, workdir: Path, **settings: Any
+) -> Iterator[list[WorkerProcess]]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "OUTBOX_DATABASE_URL": database_url,
+            "SOCKUDO_URL": sockudo_url,
+            "OUTBOX_LOG_LEVEL": "WARNING",
+            "OUTBOX_RETENTION_SECONDS": "0",
+        }
+    )
+    env.update({k: str(v) for k, v in settings.items()})
+    procs = []
+    try:
+        for n in range(count):
+            log = workdir / f"worker-{n}-{uuid.uuid4().hex[:6]}.log"
+            with log.open("wb") as out:
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "outbox.cli", "worker"], env=env, stdout=out, stderr=out
+                )
+            procs.append(WorkerProcess(process, log))
+        yield procs
+    finally:
+        for p in procs:
+            if p.process.poll() is None:
+                p.process.terminate()
+        for p in procs:
+            try:
+                p.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.process.kill()
+
+
+def drain(
+    database_url: str,
+    sockudo_url: str,
+    backend: str,
+    events: int,
+    worker_count: int,
+    workdir: Path,
+    label: str = "",
+    timeout: float = 600.0,
+    **settings: Any,
+) -> Measurement:
+    """Enqueue ``events`` (not timed), then time ``worker_count`` workers publishing them all."""
+    engine = create_engine(database_url)
+    t = outbox_table()
+    bulk_enqueue(database_url, backend, events)
+    with engine.connect() as conn:
+        already = conn.execute(
+            sa.select(sa.func.count()).where(t.c.status == "published")
+        ).scalar_one()
+    target = already + events
+    peak_rss = 0
+    rss_after_warmup = 0
+    with workers(worker_count, database_url, sockudo_url, workdir, **settings) as procs:
+        first = None
+        deadline = time.monotonic() + timeout
+        while True:
+            with engine.connect() as conn:
+                published = conn.execute(
+                    sa.select(sa.func.count()).where(t.c.status == "published")
+                ).scalar_one()
+            now = time.perf_counter()
+            rss = sum(p.rss_kb() for p in procs)
+            peak_rss = max(peak_rss, rss)
+            if first is None and published > already:
+                first = now
+                first_count = published - already
+            if not rss_after_warmup and published - already >= events // 10:
+                rss_after_warmup = rss
+            if published >= target:
+                finished = now
+                break
+            for p in procs:
+                if p.process.poll() is not None:
+                    raise RuntimeError(f"worker exited early; see {p.log}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"drain did not finish in {timeout:.0f} s ({published - already}/{events})"
+                )
+            time.sleep(0.02)
+        end_rss = sum(p.rss_kb() for p in procs)
+    engine.dispose()
+    assert first is not None
+    # Rows published before the first sample are counted out of the timed span.
+    timed_events = events - first_count
+    seconds = max(finished - first, 1e-6)
+    return Measurement(
+        label or f"outbox drain, {worker_count} worker(s)",
+        backend,
+        events=timed_events,
+        seconds=seconds,
+        extra={
+            "worker_peak_rss_mb": peak_rss / 1024,
+            "rss_growth_mb": (end_rss - rss_after_warmup) / 1024 if rss_after_warmup else None,
+            "workers": worker_count,
+        },
+    )
+
+
+# -- 4. latency: steady load, commit to acknowledgement ----------------------------------------
+
+
+def latency(
+    database_url: str,
+    sockudo_url: str,
+    backend: str,
+    rate: float,
+    seconds: float,
+    workdir: Path,
+    **settings: Any,
+) -> Measurement:
+    """A producer commits ``rate`` events/s (one per transaction) while one worker runs."""
+    engine = create_engine(database_url)
+    t = outbox_table()
+    committed: dict[uuid.UUID, float] = {}
+    with workers(1, database_url, sockudo_url, workdir, **settings):
+        time.sleep(1.5)  # let the worker start and LISTEN before the first commit
+        total = int(rate * seconds)
+        started = time.perf_counter()
+        for i in range(total):
+            due = started + i / rate
+            pause = due - time.perf_counter()
+            if pause > 0:
+                time.sleep(pause)
+            with engine.begin() as conn:
+                event_id = enqueue(conn, CHANNEL, EVENT, payload(i))
+            committed[event_id] = time.time()
+        produced = time.perf_counter() - started
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with engine.connect() as conn:
+                left = conn.execute(
+                    sa.select(sa.func.count()).where(
+                        t.c.status != "published", t.c.event_id.in_(list(committed))
+                    )
+                ).scalar_one()
+            if not left:
+                break
+            time.sleep(0.05)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(t.c.event_id, t.c.published_at).where(t.c.event_id.in_(list(committed)))
+        ).all()
+    engine.dispose()
+    waits = sorted(
+        max(0.0, r.published_at.timestamp() - committed[r.event_id]) * 1000
+        for r in rows
+        if r.published_at is not None
+    )
+    if len(waits) != len(committed):
+        raise RuntimeError(f"latency run: {len(committed) - len(waits)} events were not published")
+    return Measurement(
+        f"latency at {rate:.0f} events/s",
+        backend,
+        events=len(waits),
+        seconds=produced,
+        extra={
+            "p50_ms": _percentile(waits, 50),
+            "p95_ms": _percentile(waits, 95),
+            "p99_ms": _percentile(waits, 99),
+            "max_ms": waits[-1],
+        },
+    )
+
+
+def _percentile(sorted_values: list[float], p: float) -> float:
+    if not sorted_values:
+        return 0.0
+    k = (len(sorted_values) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
