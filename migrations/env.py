@@ -7,6 +7,7 @@ whose application runs its own Alembic history without either touching the other
 from __future__ import annotations
 
 import os
+from logging.config import fileConfig
 
 from alembic import context
 
@@ -15,6 +16,10 @@ from outbox.migrate import VERSION_TABLE
 from outbox.schema import DEFAULT_TABLE_NAME, metadata_for
 
 config = context.config
+if config.config_file_name is not None:
+    # `alembic upgrade head` from the repository root: alembic.ini's logging (reports each
+    # migration it runs). `outbox migrate` has no ini file and configures logging itself.
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
 table_name = (
     config.attributes.get("table_name") or os.environ.get("OUTBOX_TABLE") or DEFAULT_TABLE_NAME
 )

@@ -156,7 +156,11 @@ def replay(
         "last_error_message": None,
         "last_error_at": None,
     }
-    guard = sa.and_(t.c.id == sa.bindparam("row_id"), t.c.status.in_(statuses))
+    # Plain comparisons, not IN: an IN list is an "expanding" parameter, which executemany
+    # refuses (every replay failed with "'expanding' parameters can't be used with executemany").
+    guard = sa.and_(
+        t.c.id == sa.bindparam("row_id"), sa.or_(*(t.c.status == state for state in statuses))
+    )
     if key == KEY_KEEP:
         stmt = sa.update(t).where(guard).values(**values)
         params = [{"row_id": i} for i in ids]

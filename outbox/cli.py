@@ -191,7 +191,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             "poll_interval",
         )
     }
-    settings = _settings(args, **overrides)
+    settings = _settings(args, worker=True, **overrides)
     engine = create_engine(settings.database_url)
     _require_schema(engine, settings)
     worker = Worker(settings, engine=engine)
@@ -308,8 +308,17 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 # -- helpers --------------------------------------------------------------------------------
 
 
-def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
-    return Settings.from_env(database_url=args.database_url, **overrides)
+#: What the commands that never publish read from the environment.
+_DATABASE_VARIABLES = ("OUTBOX_DATABASE_URL", "OUTBOX_TABLE")
+
+
+def _settings(args: argparse.Namespace, *, worker: bool = False, **overrides: object) -> Settings:
+    if worker:
+        return Settings.from_env(database_url=args.database_url, **overrides)
+    # migrate/status/replay/enqueue only need the database: a malformed SOCKUDO_URL or worker
+    # tuning variable must not stop an operator from looking at (or fixing) the outbox.
+    environ = {k: v for k, v in os.environ.items() if k in _DATABASE_VARIABLES}
+    return Settings.from_env(environ, database_url=args.database_url, **overrides)
 
 
 def _require_schema(engine: sa.Engine, settings: Settings) -> None:

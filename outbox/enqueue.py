@@ -127,6 +127,10 @@ def build_rows(
     channels = validate_channels(
         [item.channel] if isinstance(item.channel, str) else item.channel, limits
     )
+    if len(set(channels)) != len(channels):
+        # Two rows of one event on one channel would share a derived key (a unique violation
+        # that aborts the caller's PostgreSQL transaction) and publish the event twice.
+        raise InvalidEvent("the same channel is listed twice", field="channel")
     data = encode_data(item.data)
     validate_event_fields(
         item.event,
@@ -135,6 +139,31 @@ def build_rows(
         socket_id=item.socket_id,
         limits=limits,
     )
+    if "\x00" in data:
+        # PostgreSQL text cannot hold NUL; a str is stored as given (JSON-encoded data escapes it).
+        raise InvalidEvent("data must not contain NUL characters", field="data")
+    if crypto.is_encrypted_channel(channels[0]):
+        # The server measures the sealed envelope, about 4/3 of the plaintext: refuse here what
+        # it would refuse (413) at every attempt.
+        sealed = _sealed_size(len(data.encode("utf-8")))
+        if sealed > limits.max_payload_bytes:
+            raise InvalidEvent(
+                f"data is {sealed} bytes once encrypted, over the limit of "
+                f"{limits.max_payload_bytes}",
+                field="data",
+            )
+    for field, value, width in (
+        ("socket_id", item.socket_id, _column_width("socket_id")),
+        ("event", item.event, _column_width("event")),
+    ):
+        if value is not None and len(value) > width:
+            raise InvalidEvent(f"{field} is longer than {width} characters", field=field)
+    for channel in channels:
+        if len(channel) > _column_width("channel"):
+            raise InvalidEvent(
+                f"channel name is longer than {_column_width('channel')} characters",
+                field="channel",
+            )
     info = _info_text(item.info)
     tags = _json_text(item.tags, "tags", require_str_values=True)
     extras = _json_text(item.extras, "extras")
@@ -159,6 +188,17 @@ def build_rows(
             }
         )
     return event_id, rows
+
+
+def _sealed_size(plaintext_bytes: int) -> int:
+    """Length of :func:`outbox.sockudo.crypto.seal`'s envelope for a plaintext of this size."""
+    # {"nonce":"<32 chars: base64 of 24 bytes>","ciphertext":"<base64 of plaintext + 16 MAC>"}
+    return 60 + 4 * ((plaintext_bytes + 16 + 2) // 3)
+
+
+def _column_width(name: str) -> int:
+    length = outbox_table().c[name].type.length  # type: ignore[attr-defined]
+    return int(length)
 
 
 def derive_channel_key(key: str, channel: str) -> str:
@@ -191,10 +231,15 @@ def _info_text(info: str | Sequence[str] | None) -> str | None:
     if info is None:
         return None
     if isinstance(info, str):
-        return check_text(info, "info")
-    if not isinstance(info, Sequence) or not all(isinstance(i, str) for i in info):
+        text = check_text(info, "info")
+    elif not isinstance(info, Sequence) or not all(isinstance(i, str) for i in info):
         raise InvalidEvent("info must be a string or a list of strings", field="info")
-    return ",".join(info)
+    else:
+        text = check_text(",".join(check_text(i, "info") for i in info), "info")
+    width = _column_width("info")
+    if len(text) > width:
+        raise InvalidEvent(f"info is longer than {width} characters", field="info")
+    return text
 
 
 def _json_text(
@@ -209,6 +254,12 @@ def _json_text(
     ):
         raise InvalidEvent(f"{field} must map strings to strings", field=field)
     try:
-        return json.dumps(dict(value), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text = json.dumps(dict(value), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise InvalidEvent(f"{field} is not JSON-serializable: {exc}", field=field) from exc
+    try:
+        # ensure_ascii=False keeps a lone surrogate, which no database driver can encode.
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidEvent(f"{field} is not valid Unicode (lone surrogate)", field=field) from exc
+    return text

@@ -1,0 +1,520 @@
+"""The `outbox` command: enqueue, status, replay, worker; exit codes 0/1/2/3; one-line errors."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from outbox import enqueue, outbox_table
+from outbox.cli import main
+from outbox.database import create_engine
+from outbox.settings import ENVIRONMENT
+
+T = outbox_table()
+OUTBOX = Path(sys.executable).with_name("outbox")
+NOW = dt.datetime.now(dt.UTC)
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for variable, _ in ENVIRONMENT.values():
+        monkeypatch.delenv(variable, raising=False)
+
+
+@pytest.fixture
+def env(database_url: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    monkeypatch.setenv("OUTBOX_DATABASE_URL", database_url)
+    return {**os.environ}
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([OUTBOX, *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+def rows(engine: sa.Engine) -> dict[int, Any]:
+    with engine.connect() as conn:
+        return {r.id: r for r in conn.execute(sa.select(T).order_by(T.c.id))}
+
+
+def set_row(engine: sa.Engine, row_id: int, **values: Any) -> None:
+    with engine.begin() as conn:
+        conn.execute(sa.update(T).where(T.c.id == row_id).values(**values))
+
+
+def add(engine: sa.Engine, channel: str = "orders", event: str = "created", **row: Any) -> int:
+    """One row, enqueued normally, then put in the state given (status, errors, times...)."""
+    with engine.begin() as conn:
+        event_id = enqueue(conn, channel, event, {"c": channel, "e": event})
+        row_id = conn.execute(sa.select(T.c.id).where(T.c.event_id == event_id)).scalar_one()
+    if row:
+        set_row(engine, row_id, **row)
+    return row_id
+
+
+def dead(engine: sa.Engine, channel: str = "orders", event: str = "created", **row: Any) -> int:
+    values = {
+        "status": "dead",
+        "attempts": 3,
+        "last_error_status": 413,
+        "last_error_code": "payload_too_large",
+        "last_error_message": "payload too large",
+        "last_error_at": NOW,
+    }
+    return add(engine, channel, event, **{**values, **row})
+
+
+# -- enqueue --------------------------------------------------------------------------------
+
+
+def test_enqueue_prints_the_event_id_and_writes_the_row(env, engine, capsys):
+    code, out, err = cli(capsys, "enqueue", "orders", "created", '{"id": 1}')
+    assert code == 0, err
+    event_id = uuid.UUID(out.strip())
+    (row,) = rows(engine).values()
+    assert (row.event_id, row.channel, row.event, row.data) == (
+        event_id,
+        "orders",
+        "created",
+        '{"id": 1}',
+    )
+    assert row.idempotency_key == str(event_id)
+
+    code, out, err = cli(capsys, "enqueue", "orders", "created", "x", "--idempotency-key", "k-1")
+    assert code == 0, err
+    assert rows(engine)[2].idempotency_key == "k-1"
+    # the same key again: refused as bad input, in one line
+    code, out, err = cli(capsys, "enqueue", "orders", "created", "x", "--idempotency-key", "k-1")
+    assert code == 2
+    assert out == "" and err.startswith("outbox: error: not enqueued:") and err.count("\n") == 1
+    assert len(rows(engine)) == 2
+
+
+def test_enqueue_bad_channel_is_exit_2_with_one_line(env, engine, capsys):
+    code, out, err = cli(capsys, "enqueue", "bad channel", "created", "x")
+    assert code == 2
+    assert out == ""
+    assert err.startswith("outbox: error: invalid channel name 'bad channel'")
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert rows(engine) == {}
+
+
+def test_enqueue_subprocess_exit_codes(env, engine, backend):
+    ok = run(env, "enqueue", "orders", "created", "hello")
+    assert ok.returncode == 0, ok.stderr
+    assert rows(engine)[1].event_id == uuid.UUID(ok.stdout.strip())
+    bad = run(env, "enqueue", "bad channel", "created", "hello")
+    assert bad.returncode == 2
+    assert bad.stdout == ""
+    assert bad.stderr.startswith("outbox: error: invalid channel name")
+    assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+# -- status ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def populated(engine: sa.Engine) -> dict[str, int]:
+    """One row in each status (two dead), with known ages and errors."""
+    return {
+        "pending": add(engine, created_at=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)),
+        "in_flight": add(
+            engine,
+            status="in_flight",
+            attempts=1,
+            lease_token=uuid.uuid4(),
+            lease_expires_at=NOW + dt.timedelta(minutes=1),
+        ),
+        "published": add(engine, status="published", attempts=1, published_at=NOW),
+        "dead_old": dead(
+            engine,
+            last_error_status=400,
+            last_error_code="invalid_input",
+            last_error_message="bad name",
+            last_error_at=NOW - dt.timedelta(minutes=5),
+        ),
+        "dead_new": dead(engine, last_error_message="too big", last_error_at=NOW),
+    }
+
+
+def test_status_json_reports_counts_age_dead_and_errors(env, populated, capsys):
+    code, out, err = cli(capsys, "status", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["counts"] == {"pending": 1, "in_flight": 1, "published": 1, "dead": 2}
+    assert report["dead"] == 2
+    assert 3600 <= report["oldest_pending_age_seconds"] < 3600 + 120
+    errors = report["last_errors"]
+    assert [e["id"] for e in errors] == [populated["dead_new"], populated["dead_old"]]
+    assert errors[0]["last_error_status"] == 413
+    assert errors[0]["last_error_code"] == "payload_too_large"
+    assert errors[0]["last_error_message"] == "too big"
+    assert errors[1]["last_error_message"] == "bad name"
+
+    code, out, _ = cli(capsys, "status", "--json", "--errors", "1")
+    assert [e["id"] for e in json.loads(out)["last_errors"]] == [populated["dead_new"]]
+
+
+def test_status_text(env, populated, capsys):
+    code, out, err = cli(capsys, "status")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert "pending          1" in lines
+    assert "in_flight        1" in lines
+    assert "published        1" in lines
+    assert "dead             2" in lines
+    assert any(line.startswith("oldest pending: 36") and line.endswith(" s") for line in lines)
+    assert "last errors:" in lines
+    assert any("413 payload_too_large] too big" in line for line in lines)
+    assert any("400 invalid_input] bad name" in line for line in lines)
+
+
+def test_status_of_an_empty_outbox(env, capsys):
+    code, out, _ = cli(capsys, "status", "--json", "--check")
+    assert code == 0
+    assert json.loads(out) == {
+        "counts": {"pending": 0, "in_flight": 0, "published": 0, "dead": 0},
+        "oldest_pending_age_seconds": None,
+        "dead": 0,
+        "last_errors": [],
+    }
+
+
+def test_status_check_exits_3_when_dead_rows_exist(env, engine, capsys):
+    add(engine)
+    assert cli(capsys, "status", "--check")[0] == 0
+    row_id = dead(engine)
+    assert cli(capsys, "status", "--check")[0] == 3
+    assert cli(capsys, "status")[0] == 0  # without --check, dead rows are no failure
+    set_row(engine, row_id, status="published")
+    assert cli(capsys, "status", "--check")[0] == 0
+
+
+def test_status_check_subprocess(env, engine, backend):
+    dead(engine)
+    done = run(env, "status", "--check")
+    assert done.returncode == 3, done.stderr
+    assert "dead             1" in done.stdout
+
+
+# -- unmigrated database --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["status"],
+        ["enqueue", "orders", "created", "x"],
+        ["replay", "--all"],
+        ["replay", "--dry-run"],
+        ["worker", "--once"],
+    ],
+    ids=lambda a: " ".join(a),
+)
+def test_commands_on_an_unmigrated_database_say_run_migrate(
+    empty_database_url, monkeypatch, capsys, args
+):
+    monkeypatch.setenv("OUTBOX_DATABASE_URL", empty_database_url)
+    code, out, err = cli(capsys, *args)
+    assert code == 2 and out == ""
+    assert "has no outbox schema" in err and "run `outbox migrate`" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    engine = create_engine(empty_database_url)
+    try:
+        assert sa.inspect(engine).get_table_names() == []  # nothing was created on the way
+    finally:
+        engine.dispose()
+
+
+def test_unmigrated_database_subprocess(empty_database_url):
+    env = {**os.environ, "OUTBOX_DATABASE_URL": empty_database_url}
+    done = run(env, "status")
+    assert done.returncode == 2
+    assert "run `outbox migrate`" in done.stderr and "Traceback" not in done.stderr
+
+
+# -- replay ---------------------------------------------------------------------------------
+
+
+def assert_replayed(before: Any, after: Any, keep_key: bool = False) -> None:
+    assert after.status == "pending"
+    assert after.attempts == 0
+    assert after.last_error_status is None and after.last_error_message is None
+    assert after.lease_token is None and after.published_at is None
+    assert after.event_id == before.event_id and after.data == before.data
+    if keep_key:
+        assert after.idempotency_key == before.idempotency_key
+    else:
+        assert after.idempotency_key != before.idempotency_key
+        uuid.UUID(after.idempotency_key)
+
+
+def assert_untouched(before: Any, after: Any) -> None:
+    assert after == before
+
+
+def test_replay_dry_run_shows_count_and_sample_and_changes_nothing(env, engine, capsys):
+    ids = [dead(engine, event=f"e{i}") for i in range(12)]
+    add(engine)
+    before = rows(engine)
+    code, out, err = cli(capsys, "replay", "--dry-run")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "would replay 12 event(s)"
+    assert lines[1].startswith(f"  row {ids[0]} orders e0 dead [413 payload_too_large]")
+    assert len([line for line in lines if line.startswith("  row ")]) == 10
+    assert lines[-1] == "  ... and 2 more"
+
+    code, out, _ = cli(capsys, "replay", "--dry-run", "--json", "--event", "e3")
+    report = json.loads(out)
+    assert (report["matched"], report["dry_run"]) == (1, True)
+    assert [r["id"] for r in report["sample"]] == [ids[3]]
+    assert rows(engine) == before
+
+
+def test_replay_by_ids_moves_dead_rows_back_with_a_new_key(env, engine, capsys):
+    a, b, c = dead(engine), dead(engine), dead(engine)
+    published = add(engine, status="published")
+    before = rows(engine)
+    code, out, err = cli(capsys, "replay", str(a), str(before[c].event_id), str(published))
+    assert code == 0, err
+    assert out.splitlines()[0] == "replayed 2 of 2 event(s)"
+    after = rows(engine)
+    assert_replayed(before[a], after[a])
+    assert_replayed(before[c], after[c])
+    assert_untouched(before[b], after[b])
+    assert_untouched(before[published], after[published])  # not dead: not selected
+    assert after[a].idempotency_key != after[c].idempotency_key
+
+
+def test_replay_bad_id_is_exit_2(env, engine, capsys):
+    dead(engine)
+    code, _, err = cli(capsys, "replay", "not-an-id")
+    assert code == 2 and "not a row id or event id: 'not-an-id'" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "selected"),
+    [
+        (["--channel", "billing"], {"billing"}),
+        (["--event", "refunded"], {"refund"}),
+        (["--error-code", "invalid_input"], {"invalid"}),
+        (["--error-code", "400"], {"invalid"}),
+        (["--error-code", "413"], {"orders", "billing", "refund", "old"}),
+        (
+            ["--since", (NOW - dt.timedelta(days=2)).isoformat()],
+            {"orders", "billing", "refund", "invalid"},
+        ),
+        (["--until", (NOW - dt.timedelta(days=2)).isoformat()], {"old"}),
+        (
+            [
+                "--since",
+                (NOW - dt.timedelta(days=11)).strftime("%Y-%m-%dT%H:%M:%S"),
+                "--until",
+                (NOW - dt.timedelta(days=9)).isoformat(),
+            ],
+            {"old"},
+        ),
+        (["--channel", "orders", "--event", "created"], {"orders"}),
+        (["--channel", "nope"], set()),
+        (["--all"], {"orders", "billing", "refund", "invalid", "old"}),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else None,
+)
+def test_replay_filters_select_the_right_dead_rows(env, engine, capsys, args, selected):
+    named = {
+        "orders": dead(engine, "orders", "created"),
+        "billing": dead(engine, "billing", "created"),
+        "refund": dead(engine, "orders", "refunded"),
+        "invalid": dead(
+            engine,
+            "audit",
+            "created",
+            last_error_status=400,
+            last_error_code="invalid_input",
+            last_error_message="x",
+        ),
+        "old": dead(engine, "archive", "created", created_at=NOW - dt.timedelta(days=10)),
+        "pending": add(engine, "billing", "refunded"),
+    }
+    before = rows(engine)
+    code, out, err = cli(capsys, "replay", *args)
+    assert code == 0, err
+    assert out.splitlines()[0] == f"replayed {len(selected)} of {len(selected)} event(s)"
+    after = rows(engine)
+    for name, row_id in named.items():
+        if name in selected:
+            assert_replayed(before[row_id], after[row_id])
+        else:
+            assert_untouched(before[row_id], after[row_id])
+
+
+def test_replay_keep_key_keeps_the_idempotency_key(env, engine, capsys):
+    row_id = dead(engine)
+    before = rows(engine)
+    code, out, err = cli(capsys, "replay", "--keep-key", "--json", str(row_id))
+    assert code == 0, err
+    report = json.loads(out)
+    assert (report["replayed"], report["keys"], report["dry_run"]) == (1, "keep", False)
+    assert_replayed(before[row_id], rows(engine)[row_id], keep_key=True)
+
+
+def test_replay_published_selects_published_rows(env, engine, capsys):
+    published = add(engine, status="published", attempts=1, published_at=NOW)
+    other = add(engine, "billing", status="published", attempts=1, published_at=NOW)
+    dead_row = dead(engine)
+    before = rows(engine)
+    code, out, err = cli(capsys, "replay", "--published", "--channel", "orders")
+    assert code == 0, err
+    assert out.splitlines()[0] == "replayed 1 of 1 event(s)"
+    after = rows(engine)
+    assert_replayed(before[published], after[published])
+    assert_untouched(before[other], after[other])
+    assert_untouched(before[dead_row], after[dead_row])
+
+
+def test_replay_without_a_filter_is_refused(env, engine, capsys):
+    dead(engine)
+    before = rows(engine)
+    code, out, err = cli(capsys, "replay")
+    assert code == 2
+    assert out == ""
+    assert "refusing to replay every event without a filter" in err and "--all" in err
+    assert err.count("\n") == 1
+    assert rows(engine) == before
+    code, out, err = cli(capsys, "replay", "--published")
+    assert code == 2 and rows(engine) == before
+
+
+def test_replay_refusal_subprocess(env, engine, backend):
+    dead(engine)
+    done = run(env, "replay")
+    assert done.returncode == 2
+    assert "refusing to replay" in done.stderr and "Traceback" not in done.stderr
+    assert rows(engine)[1].status == "dead"
+    done = run(env, "replay", "--all")
+    assert done.returncode == 0, done.stderr
+    assert rows(engine)[1].status == "pending"
+
+
+def test_replay_help_explains_the_key_decision(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["replay", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "gets a NEW idempotency key" in text
+    assert "answered from the server's cache and NOT delivered" in text
+    assert "503 backpressure" in text
+    assert "--keep-key keeps the old key" in text
+    assert "--dry-run" in text
+
+
+# -- worker ---------------------------------------------------------------------------------
+
+
+def test_a_replayed_dead_event_is_delivered_by_the_worker(
+    env, engine, capsys, sockudo_server, monkeypatch
+):
+    code, out, err = cli(capsys, "enqueue", "orders", "created", '{"id":42}')
+    assert code == 0, err
+    event_id = uuid.UUID(out.strip())
+    (row_id,) = rows(engine)
+    set_row(
+        engine,
+        row_id,
+        status="dead",
+        attempts=25,
+        last_error_status=503,
+        last_error_code="backpressure",
+        last_error_message="gave up",
+        last_error_at=NOW,
+    )
+    monkeypatch.setenv("SOCKUDO_URL", sockudo_server.url)
+    monkeypatch.setenv("OUTBOX_POLL_INTERVAL", "0.05")
+
+    # dead: the worker has nothing to do
+    assert cli(capsys, "worker", "--once")[0] == 0
+    assert sockudo_server.deliveries("orders") == []
+
+    code, out, err = cli(capsys, "replay", str(event_id))
+    assert code == 0, err
+    code, out, err = cli(capsys, "worker", "--once")
+    assert code == 0, err
+
+    (delivery,) = sockudo_server.deliveries("orders")
+    assert (delivery.name, delivery.data) == ("created", '{"id":42}')
+    row = rows(engine)[row_id]
+    assert row.status == "published"
+    assert row.attempts == 1
+    assert row.published_at is not None
+
+
+def test_worker_with_a_malformed_sockudo_url_exits_2_without_the_secret(env, capsys):
+    secret = "s3cr3t-do-not-print"
+    for url in (
+        f"http://app-key:{secret}@127.0.0.1:6001/wrong/app-id",
+        f"http://app-key:{secret}@127.0.0.1:6001/apps/app-id/extra",
+        f"http://app-key:{secret}@127.0.0.1:notaport/apps/app-id",
+        f"ftp://app-key:{secret}@127.0.0.1:6001/apps/app-id",
+    ):
+        code, out, err = cli(capsys, "worker", "--once", "--sockudo-url", url)
+        assert code == 2, url
+        assert err.startswith("outbox: error: SOCKUDO_URL:"), err
+        assert err.count("\n") == 1
+        assert secret not in err and secret not in out
+
+
+def test_worker_malformed_sockudo_url_subprocess(env):
+    secret = "s3cr3t-do-not-print"
+    env = {**env, "SOCKUDO_URL": f"http://app-key:{secret}@127.0.0.1:6001/not-apps/app-id"}
+    done = run(env, "worker", "--once")
+    assert done.returncode == 2
+    assert "SOCKUDO_URL" in done.stderr and "/apps/APP_ID" in done.stderr
+    assert secret not in done.stderr and secret not in done.stdout
+    assert "Traceback" not in done.stderr
+
+
+# -- database URLs --------------------------------------------------------------------------
+
+
+def test_bare_postgresql_urls_work(postgres_url, capsys):
+    """`postgresql://` and `postgres://` (no driver) are given psycopg."""
+    assert postgres_url.startswith("postgresql://")
+    env = {**os.environ, "OUTBOX_DATABASE_URL": postgres_url}
+    done = run(env, "enqueue", "orders", "created", "bare")
+    assert done.returncode == 0, done.stderr
+    heroku_style = "postgres://" + postgres_url.removeprefix("postgresql://")
+    code, out, err = cli(capsys, "--database-url", heroku_style, "status", "--json")
+    assert code == 0, err
+    assert json.loads(out)["counts"]["pending"] == 1
+
+
+def test_unsupported_database_url_is_exit_2(capsys):
+    code, out, err = cli(capsys, "--database-url", "mysql://root:hunter2@localhost/db", "status")
+    assert code == 2 and out == ""
+    assert "unsupported database 'mysql'" in err and "hunter2" not in err
+
+
+def test_commands_that_never_publish_ignore_a_bad_sockudo_url(env, engine, capsys, monkeypatch):
+    monkeypatch.setenv("SOCKUDO_URL", "http://app-key:secret@127.0.0.1:6001/nope")
+    monkeypatch.setenv("OUTBOX_BATCH_SIZE", "lots")
+    assert cli(capsys, "migrate")[0] == 0
+    assert cli(capsys, "enqueue", "orders", "created", "x")[0] == 0
+    assert cli(capsys, "status")[0] == 0
+    assert cli(capsys, "replay", "--all")[0] == 0
+    code, _, err = cli(capsys, "worker", "--once")
+    assert code == 2 and "OUTBOX_BATCH_SIZE must be an integer" in err
