@@ -9,6 +9,7 @@ the caller's transaction as it was.
 from __future__ import annotations
 
 import json
+from functools import cache
 import uuid
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,8 +38,6 @@ Target = SyncTarget | AsyncTarget
 
 #: Namespace of per-channel keys derived from an event's key (uuid5 of key + channel).
 _CHANNEL_KEY_NAMESPACE = uuid.UUID("5b0c1a3e-8f7d-4e52-9a61-0f2d7c9b4e10")
-#: Rows per INSERT statement: stays under SQLite's and PostgreSQL's bound-parameter limits.
-_ROWS_PER_STATEMENT = 1000
 
 
 @dataclass(frozen=True)
@@ -107,7 +106,7 @@ def enqueue_many(
     limits: Limits = DEFAULT_LIMITS,
     table: sa.Table | None = None,
 ) -> list[uuid.UUID] | Awaitable[list[uuid.UUID]]:
-    """Enqueue many events in one multi-row INSERT (chunked); all are validated before any SQL."""
+    """Enqueue many events with one INSERT statement (executemany); all are validated before any SQL."""
     ids: list[uuid.UUID] = []
     rows: list[dict[str, Any]] = []
     for index, item in enumerate(events):
@@ -196,6 +195,7 @@ def _sealed_size(plaintext_bytes: int) -> int:
     return 60 + 4 * ((plaintext_bytes + 16 + 2) // 3)
 
 
+@cache
 def _column_width(name: str) -> int:
     length = outbox_table().c[name].type.length  # type: ignore[attr-defined]
     return int(length)
@@ -207,23 +207,25 @@ def derive_channel_key(key: str, channel: str) -> str:
 
 
 def _insert(target: Target, table: sa.Table, rows: list[dict[str, Any]], result: Any) -> Any:
-    statements: list[sa.Executable] = [
-        table.insert().values(rows[i : i + _ROWS_PER_STATEMENT])
-        for i in range(0, len(rows), _ROWS_PER_STATEMENT)
-    ]
+    # One INSERT statement with every row as a parameter set: the driver sends them as one
+    # executemany (pipelined by psycopg, stepped in C by sqlite3), and SQLAlchemy compiles the
+    # statement once per table instead of once per call.
+    statements: list[tuple[sa.Executable, Any]] = [(table.insert(), rows)] if rows else []
     wake = notify_statement(dialect_name_of(target), table)
     if wake is not None and statements:
-        statements.append(wake)
+        statements.append((wake, None))
     if isinstance(target, AsyncSession | AsyncConnection):
         return _run_async(target, statements, result)
-    for statement in statements:
-        target.execute(statement)
+    for statement, params in statements:
+        target.execute(statement, params)
     return result
 
 
-async def _run_async(target: AsyncTarget, statements: list[sa.Executable], result: Any) -> Any:
-    for statement in statements:
-        await target.execute(statement)
+async def _run_async(
+    target: AsyncTarget, statements: list[tuple[sa.Executable, Any]], result: Any
+) -> Any:
+    for statement, params in statements:
+        await target.execute(statement, params)
     return result
 
 
