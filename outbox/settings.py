@@ -24,8 +24,8 @@ class Settings:
     sockudo_url: str = field(default=DEFAULT_SOCKUDO_URL, repr=False)
     encryption_master_key_base64: str | None = field(default=None, repr=False)
     table_name: str = DEFAULT_TABLE_NAME
-    #: Events per /batch_events request; never above the server's batch limit.
-    batch_size: int = 100
+    #: Events per /batch_events request; never above the server's batch limit (None: that limit).
+    batch_size: int | None = None
     #: The server's batch limit (Sockudo's default app: 100; soketi and Pusher: 10).
     server_batch_limit: int = 100
     #: Claimed batches being published at once.
@@ -49,9 +49,13 @@ class Settings:
     shutdown_timeout: float = 30.0
 
     def __post_init__(self) -> None:
-        if not 1 <= self.batch_size <= self.server_batch_limit:
+        if self.server_batch_limit < 1:
+            raise SettingsError("OUTBOX_SERVER_BATCH_LIMIT must be at least 1")
+        if self.batch_size is None:
+            object.__setattr__(self, "batch_size", self.server_batch_limit)
+        elif not 1 <= self.batch_size <= self.server_batch_limit:
             raise SettingsError(
-                f"batch size must be between 1 and the server's batch limit "
+                f"OUTBOX_BATCH_SIZE must be between 1 and OUTBOX_SERVER_BATCH_LIMIT "
                 f"({self.server_batch_limit}), got {self.batch_size}"
             )
         for name in ("in_flight", "alone_concurrency", "max_attempts", "breaker_threshold"):
