@@ -51,6 +51,8 @@ class Outcome:
     unsent: list[ClaimedRow] = field(default_factory=list)
     #: The endpoint-level errors seen, for the worker-wide breaker (backpressure excluded).
     endpoint_errors: list[EndpointUnavailable] = field(default_factory=list)
+    #: The refusal of this claim's batch request, if it was refused (see ``_publish_alone``).
+    batch_refusal: EventRefused | None = None
     requests: int = 0
     sent_as_batch: int = 0
     sent_alone: int = 0
@@ -112,7 +114,12 @@ class Deliverer:
             alone_now, batch_sent = await self._publish_batch(first, items, outcome)
         await asyncio.gather(
             *(self._publish_alone(r, items[r.id], outcome, may_skip=False) for r in again),
-            *(self._publish_alone(r, items[r.id], outcome, not batch_sent) for r in alone_now),
+            *(
+                self._publish_alone(
+                    r, items[r.id], outcome, not batch_sent, after_refusal=outcome.batch_refusal
+                )
+                for r in alone_now
+            ),
         )
         return outcome
 
@@ -133,9 +140,10 @@ class Deliverer:
         outcome.sent_as_batch += len(rows)
         try:
             result = await self._client.send(self._client.prepare_batch_body(body))
-        except EventRefused:
+        except EventRefused as exc:
             # Which item was bad is not said, and the items before it were published: re-send
             # each alone (their repeats are answered from the server's cache).
+            outcome.batch_refusal = exc
             return rows, True
         except ClientMisconfigured as exc:
             outcome.misconfigured.extend((r, exc) for r in rows)
@@ -151,10 +159,16 @@ class Deliverer:
         return [], True
 
     async def _publish_alone(
-        self, row: ClaimedRow, item: dict[str, Any], outcome: Outcome, may_skip: bool
+        self,
+        row: ClaimedRow,
+        item: dict[str, Any],
+        outcome: Outcome,
+        may_skip: bool,
+        after_refusal: EventRefused | None = None,
     ) -> None:
         """Send one row through ``/events``. ``may_skip``: no request ever carried this row, so a
-        stopping worker may give it back instead of sending it."""
+        stopping worker may give it back instead of sending it. ``after_refusal``: the refusal
+        of the batch this row (on its first attempt) was just sent in."""
         async with self._alone:
             if may_skip and self._stopping():
                 outcome.unsent.append(row)
@@ -170,6 +184,18 @@ class Deliverer:
                 outcome.misconfigured.append((row, exc))
                 return
             except EndpointUnavailable as exc:
+                if exc.code == BACKPRESSURE and after_refusal is not None:
+                    # Fix: Sockudo validates a batch item after claiming its key and stops at the
+                    # first bad item, so after a refused batch exactly one of its first-attempt
+                    # keys is left "processing": the refused item's. Items before it answer from
+                    # the cache, items after it were never touched and publish now; only the bad
+                    # one meets backpressure. Dead-letter it now with the server's own reason,
+                    # instead of retrying it (at ~1 req/s, outside the attempt budget) for the
+                    # whole idempotency TTL and then burying it under "backpressure".
+                    # Relies on first-attempt keys being new to the server (true for enqueued
+                    # rows and fresh-key replays; see the report on `replay --keep-key`).
+                    outcome.refused.append((row, after_refusal))
+                    return
                 outcome.retry.append((row, exc))
                 if exc.code != BACKPRESSURE:
                     outcome.endpoint_errors.append(exc)

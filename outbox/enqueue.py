@@ -9,10 +9,10 @@ the caller's transaction as it was.
 from __future__ import annotations
 
 import json
-from functools import cache
 import uuid
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cache
 from typing import Any, overload
 
 import sqlalchemy as sa

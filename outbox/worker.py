@@ -229,8 +229,15 @@ class Worker:
             self.breaker.pause_for(self.settings.misconfigured_retry_seconds, reason)
             return
         if outcome.endpoint_errors:
-            last = outcome.endpoint_errors[-1]
-            pause = self.breaker.record_failure(str(last), last.retry_after)
+            # Fix: count every failed request, not one per claimed batch. A batch that failed
+            # comes back as many rows sent alone; counted once per claim, an outage took three
+            # whole waves of requests (three attempts of every row) before the breaker opened.
+            # Counting stops at the opening, so one bad wave does not stretch the pause.
+            pause = None
+            for last in outcome.endpoint_errors:
+                pause = self.breaker.record_failure(str(last), last.retry_after)
+                if pause is not None:
+                    break
             if pause is not None:
                 log.warning("endpoint unavailable (%s): pausing publishing for %.1f s", last, pause)
         elif outcome.published or outcome.refused:
@@ -291,10 +298,14 @@ class Worker:
             for row, exc in outcome.misconfigured
         ]
         unsent = [row.id for row in outcome.unsent]
+        acked = 0
 
         def write(conn: sa.Connection) -> None:
+            nonlocal acked
             d, t = self.dialect, self.table
-            d.ack_published(conn, t, token, outcome.published)
+            # Rows whose lease expired and were taken over are not acked (token guard): count
+            # only the rows this ack really changed.
+            acked = d.ack_published(conn, t, token, outcome.published)
             d.reschedule(conn, t, token, retry)
             d.reschedule(conn, t, token, misconfigured, refund_attempt=True)
             d.mark_dead(conn, t, token, dead)
@@ -313,7 +324,14 @@ class Worker:
                     )
                     return
                 await self._database_trouble("record", exc)
-        self.stats.published += len(outcome.published)
+        # Fix: was len(outcome.published), which counted a stale worker's no-op ack as published.
+        if acked < len(outcome.published):
+            log.warning(
+                "%d published row(s) were no longer leased by this worker (lease expired); "
+                "their new holder records them",
+                len(outcome.published) - acked,
+            )
+        self.stats.published += acked
         self.stats.retried += len(retry) + len(misconfigured)
         self.stats.dead += len(dead)
 
@@ -355,12 +373,20 @@ class Worker:
 
         loop = asyncio.get_running_loop()
         stop = threading.Event()
+
+        def notify() -> None:
+            # Fix: the thread may still be connecting (or get one last NOTIFY) after run()
+            # returned and its loop closed; call_soon_threadsafe then raises RuntimeError and
+            # kills the thread with a traceback. Nothing is left to wake by then.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._wake.set)
+
         thread = threading.Thread(
             target=listen_forever,
             args=(
                 libpq_conninfo(self.engine.url),
                 notify_channel(self.table),
-                lambda: loop.call_soon_threadsafe(self._wake.set),
+                notify,
                 stop,
             ),
             name="outbox-listen",
