@@ -143,7 +143,10 @@ def replay(
     statuses = list(selection.statuses)
     values: dict[str, Any] = {
         "status": Status.PENDING.value,
-        "attempts": 0,
+        # A kept key may still be known to the server: such a row must go alone through
+        # /events (a batch would skip it and answer 200 without delivering it), and a row
+        # with one attempt on record is sent alone. A fresh key is new to the server: batchable.
+        "attempts": 1 if key == KEY_KEEP else 0,
         "next_attempt_at": utc_now(),
         "lease_token": None,
         "lease_expires_at": None,

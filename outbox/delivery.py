@@ -43,6 +43,9 @@ class Outcome:
     published: list[Ack] = field(default_factory=list)
     #: Endpoint trouble: try again later (the worker picks the delay and applies the budget).
     retry: list[tuple[ClaimedRow, PublishFailed]] = field(default_factory=list)
+    #: Endpoint trouble before a byte left (connection refused): try again later, and take the
+    #: attempt back, so a first attempt stays batchable after an outage.
+    retry_unsent: list[tuple[ClaimedRow, PublishFailed]] = field(default_factory=list)
     #: The server refused the event itself: dead-letter with its reason.
     refused: list[tuple[ClaimedRow, PublishFailed]] = field(default_factory=list)
     #: The server refused our credentials: no event is at fault; keep the rows pending.
@@ -149,7 +152,8 @@ class Deliverer:
             outcome.misconfigured.extend((r, exc) for r in rows)
             return [], True
         except EndpointUnavailable as exc:
-            outcome.retry.extend((r, exc) for r in rows)
+            retry = outcome.retry_unsent if never_sent(exc) else outcome.retry
+            retry.extend((r, exc) for r in rows)
             outcome.endpoint_errors.append(exc)
             return [], True
         acks = result.batch
@@ -196,11 +200,19 @@ class Deliverer:
                     # rows and fresh-key replays; see the report on `replay --keep-key`).
                     outcome.refused.append((row, after_refusal))
                     return
-                outcome.retry.append((row, exc))
+                # A refund is safe only if no request ever carried the row: a first attempt
+                # whose batch went out must never become batchable again.
+                refund = never_sent(exc) and (may_skip or not row.first_attempt)
+                (outcome.retry_unsent if refund else outcome.retry).append((row, exc))
                 if exc.code != BACKPRESSURE:
                     outcome.endpoint_errors.append(exc)
                 return
         outcome.published.append(_ack(row, result.channels.get(row.channel, ChannelAck())))
+
+
+def never_sent(exc: EndpointUnavailable) -> bool:
+    """True when the request provably did not reach the server (the connection never opened)."""
+    return exc.status is None and not exc.maybe_delivered
 
 
 def _ack(row: ClaimedRow, ack: ChannelAck) -> Ack:

@@ -36,9 +36,11 @@ class RetryPolicy:
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         """Seconds before attempt ``attempt + 1``, given that ``attempt`` (1-based) just failed."""
-        wait = tenacity.wait_exponential_jitter(
-            initial=self.min_delay, max=self.max_delay, exp_base=2, jitter=self.min_delay
-        )
+        # Exponential from min_delay, capped at max_delay, plus up to min_delay of jitter so
+        # rows that failed together do not come back together.
+        wait = tenacity.wait_exponential(
+            multiplier=self.min_delay, max=self.max_delay
+        ) + tenacity.wait_random(0, self.min_delay)
         state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
         state.attempt_number = max(1, attempt)
         delay = float(wait(state))

@@ -198,11 +198,17 @@ class Worker:
         self, deliverer: Deliverer, token: uuid.UUID, rows: list[ClaimedRow]
     ) -> None:
         started = time.perf_counter()
-        outcome = await deliverer.deliver(rows)
+        # Rows sent alone go a few at a time: a claim can take longer than one request, so its
+        # lease is renewed while it is being published (a killed worker stops renewing).
+        renewal = asyncio.create_task(self._keep_leased(token))
+        try:
+            outcome = await deliverer.deliver(rows)
+        finally:
+            renewal.cancel()
         self.stats.requests += outcome.requests
         self._update_breaker(outcome)
-        retry, dead = self._plan_failures(outcome)
-        await self._record(token, outcome, retry, dead)
+        retry, refunded, dead = self._plan_failures(outcome)
+        await self._record(token, outcome, retry, refunded, dead)
         elapsed_ms = (time.perf_counter() - started) * 1000
         log.info(
             "batch of %d: %d published (%d in a batch, %d alone), %d to retry, %d dead, "
@@ -217,13 +223,22 @@ class Worker:
             elapsed_ms,
         )
 
+    async def _keep_leased(self, token: uuid.UUID) -> None:
+        lease = self.settings.lease_seconds
+        while True:
+            await asyncio.sleep(lease / 3)
+            try:
+                await self._db(self.dialect.extend_lease, self.table, token, lease)
+            except sa.exc.DBAPIError as exc:
+                log.warning("could not renew a lease (%s); it may expire", _short(exc))
+
     def _update_breaker(self, outcome: Outcome) -> None:
         if outcome.misconfigured:
             _row, exc = outcome.misconfigured[0]
             reason = (
                 f"the server refused this worker's credentials ({exc}); check SOCKUDO_URL "
                 f"({self.settings.masked_sockudo_url}): app id, key, secret and this host's clock. "
-                f"Rows stay pending; retrying in {self.settings.misconfigured_retry_seconds:.0f} s"
+                f"Rows stay pending; retrying in {self.settings.misconfigured_retry_seconds:g} s"
             )
             log.error(reason)
             self.breaker.pause_for(self.settings.misconfigured_retry_seconds, reason)
@@ -245,11 +260,18 @@ class Worker:
                 log.info("endpoint is back: resuming publishing")
             self.breaker.record_success()
 
-    def _plan_failures(self, outcome: Outcome) -> tuple[list[Failure], list[Failure]]:
-        """Decide retry-or-dead for each failed row (the budget is not charged during an outage)."""
+    def _plan_failures(
+        self, outcome: Outcome
+    ) -> tuple[list[Failure], list[Failure], list[Failure]]:
+        """Decide retry-or-dead for each failed row: (retry, retry with refund, dead).
+
+        The attempt budget is not charged during an outage, on backpressure (the server is
+        busy with this very key), or for a request that never left (its attempt is refunded).
+        """
         now = dt.datetime.now(dt.UTC)
         outage = self.breaker.tripped
         retry: list[Failure] = []
+        refunded: list[Failure] = []
         dead: list[Failure] = []
         for row, exc in outcome.refused:
             log.warning(
@@ -260,14 +282,12 @@ class Worker:
                 exc,
             )
             dead.append(failure_of(row, exc))
-        for row, exc in outcome.retry:
+        failed = [(row, exc, False) for row, exc in outcome.retry]
+        failed += [(row, exc, True) for row, exc in outcome.retry_unsent]
+        for row, exc, refund in failed:
             age = (now - row.created_at).total_seconds()
-            backpressure = exc.code == "backpressure"
-            reason = (
-                None if (outage or backpressure) else self.policy.give_up_reason(row.attempts, age)
-            )
-            if reason is None and age >= self.policy.max_age:
-                reason = self.policy.give_up_reason(0, age)
+            free = outage or refund or exc.code == "backpressure"
+            reason = self.policy.give_up_reason(0 if free else row.attempts, age)
             if reason is not None:
                 log.warning(
                     "event %s (row %d) dead-lettered, %s: %s",
@@ -280,23 +300,28 @@ class Worker:
                 continue
             delay = self.policy.delay(row.attempts, exc.retry_after)
             log.warning(
-                "event %s (row %d) will be retried alone in %.1f s: %s",
+                "event %s (row %d) will be retried %sin %.1f s: %s",
                 row.idempotency_key,
                 row.id,
+                "" if refund and row.first_attempt else "alone ",
                 delay,
                 exc,
             )
-            retry.append(failure_of(row, exc, delay=delay))
-        return retry, dead
+            (refunded if refund else retry).append(failure_of(row, exc, delay=delay))
+        return retry, refunded, dead
 
     async def _record(
-        self, token: uuid.UUID, outcome: Outcome, retry: list[Failure], dead: list[Failure]
+        self,
+        token: uuid.UUID,
+        outcome: Outcome,
+        retry: list[Failure],
+        refunded: list[Failure],
+        dead: list[Failure],
     ) -> None:
         """Write the outcome in one short transaction, retrying while the database is away."""
-        misconfigured = [
-            failure_of(row, exc, delay=self.settings.misconfigured_retry_seconds)
-            for row, exc in outcome.misconfigured
-        ]
+        # Due at once: this worker's breaker keeps it from retrying before its pause ends, and
+        # a correctly configured worker (or this one, restarted with the fix) should not wait.
+        refunded = refunded + [failure_of(row, exc) for row, exc in outcome.misconfigured]
         unsent = [row.id for row in outcome.unsent]
         acked = 0
 
@@ -307,7 +332,7 @@ class Worker:
             # only the rows this ack really changed.
             acked = d.ack_published(conn, t, token, outcome.published)
             d.reschedule(conn, t, token, retry)
-            d.reschedule(conn, t, token, misconfigured, refund_attempt=True)
+            d.reschedule(conn, t, token, refunded, refund_attempt=True)
             d.mark_dead(conn, t, token, dead)
             d.release(conn, t, token, unsent)
 
@@ -332,7 +357,7 @@ class Worker:
                 len(outcome.published) - acked,
             )
         self.stats.published += acked
-        self.stats.retried += len(retry) + len(misconfigured)
+        self.stats.retried += len(retry) + len(refunded)
         self.stats.dead += len(dead)
 
     # -- housekeeping -------------------------------------------------------------------------

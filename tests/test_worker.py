@@ -557,3 +557,87 @@ async def test_encrypted_channel_same_bytes_on_retry(engine, database_url, socku
     assert {d.idempotency_key: d.data for d in delivered} == retry
     # And the plaintext never travelled.
     assert not any(p.encode() in body for _, body in bodies for p in plaintexts)
+
+
+# -- refunds, lease renewal, keep-key replays ---------------------------------------------------
+
+
+async def test_connection_refused_keeps_first_attempts_batchable(
+    engine, database_url, sockudo_server
+):
+    n = 12
+    keys = enqueue_n(engine, n)
+    sockudo_server.go_down()
+    worker = Worker(fast_settings(database_url, sockudo_server.url), engine=engine)
+    await run_until(worker, lambda: worker.stats.requests >= 2, what="a refused request")
+    rows = table_rows(engine)
+    # Nothing left the machine, so the attempt was taken back: still first attempts.
+    assert {r.status for r in rows} == {"pending"}
+    assert {r.attempts for r in rows} == {0}
+    assert {r.last_error_status for r in rows} == {None}
+    assert all("ConnectError" in (r.last_error_message or "") for r in rows)
+
+    sockudo_server.come_up()
+    worker = Worker(fast_settings(database_url, sockudo_server.url), engine=engine)
+    await run_until(worker, all_published(engine, n), what="delivery after recovery")
+    assert sorted(delivered_keys(sockudo_server)) == sorted(keys)
+    # After the outage the rows still went out together, not one request each (only the
+    # breaker's probe, a claim of one row, goes alone).
+    assert sockudo_server.request_count("events") <= 1
+    assert sockudo_server.request_count("batch_events") >= 1
+
+
+async def test_lease_is_renewed_while_rows_go_alone(engine, database_url, sockudo_server, caplog):
+    n = 6
+    keys = enqueue_n(engine, n)
+    with engine.begin() as conn:  # tried before: each goes alone through /events
+        conn.execute(sa.update(T).values(attempts=1))
+    # One request at a time, 0.7 s each: the claim takes ~4 s against a 2 s lease.
+    sockudo_server.add_latency(0.7, stage="received")
+    settings = fast_settings(database_url, sockudo_server.url, alone_concurrency=1, in_flight=2)
+    caplog.set_level(logging.WARNING, logger="outbox.worker")
+    worker = Worker(settings, engine=engine)
+    await run_until(worker, all_published(engine, n), timeout=30, what="slow alone rows")
+    assert sorted(delivered_keys(sockudo_server)) == sorted(keys)
+    # Without renewal the lease expires mid-claim, the upkeep reclaims the rest and they are
+    # sent a second time by another slot.
+    assert sockudo_server.request_count("events") == n
+    assert "reclaimed" not in caplog.text
+    assert {r.attempts for r in table_rows(engine)} == {2}
+
+
+async def test_replay_keep_key_goes_alone_and_is_not_lost(engine, database_url, sockudo_server):
+    n = 3
+    keys = enqueue_n(engine, n)
+    with engine.begin() as conn:
+        conn.execute(sa.update(T).values(attempts=1))
+    # Each publish fails after its key was claimed: the keys stay "processing" on the server.
+    sockudo_server.fail_next(n, status=500, code="internal_error", stage="claimed")
+    settings = fast_settings(database_url, sockudo_server.url, max_attempts=1, breaker_threshold=10)
+    await Worker(settings, engine=engine).run(once=True)
+    assert by_status(engine) == {"dead": n}
+    assert {sockudo_server.idempotency_state(k) for k in keys} == {"processing"}
+
+    with engine.begin() as conn:
+        replayed = admin.replay(conn, T, admin.ReplayFilter(statuses=("dead",)), key=admin.KEY_KEEP)
+    assert replayed == n
+    assert {r.attempts for r in table_rows(engine)} == {1}
+    batches_before = sockudo_server.request_count("batch_events")
+
+    worker = Worker(fast_settings(database_url, sockudo_server.url), engine=engine)
+
+    window_ended = False
+
+    def released() -> bool:
+        # The kept keys meet backpressure until the server's window ends; then they publish.
+        nonlocal window_ended
+        if not window_ended and sockudo_server.request_count("events", 503) >= n:
+            sockudo_server.advance_clock(sockudo_server.config.idempotency_ttl + 1)
+            window_ended = True
+        return by_status(engine).get("published", 0) == n
+
+    await run_until(worker, released, timeout=30, what="kept-key replays")
+    assert sorted(delivered_keys(sockudo_server)) == sorted(keys)
+    assert not sockudo_server.duplicates()
+    # A batch would have skipped the still-known keys and answered 200 without delivering.
+    assert sockudo_server.request_count("batch_events") == batches_before

@@ -113,6 +113,11 @@ class Dialect(Protocol):
     ) -> int:
         """Give back leased rows that were never sent (shutdown): pending, due now, attempt refunded."""
 
+    def extend_lease(
+        self, conn: sa.Connection, table: sa.Table, token: uuid.UUID, lease_seconds: float
+    ) -> int:
+        """Push the expiry of every row still leased under ``token`` to now + ``lease_seconds``."""
+
     def reclaim_expired(self, conn: sa.Connection, table: sa.Table) -> int:
         """Return rows whose lease expired to pending; they keep their attempt count (sent alone)."""
 

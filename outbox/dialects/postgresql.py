@@ -179,6 +179,20 @@ class PostgresDialect:
         ).bindparams(_TOKEN)
         return conn.execute(stmt, {"ids": list(ids), "token": token}).rowcount
 
+    def extend_lease(
+        self, conn: sa.Connection, table: sa.Table, token: uuid.UUID, lease_seconds: float
+    ) -> int:
+        # Reads the small in-flight partial index; a lease already taken over is not touched.
+        t = quoted(conn, table)
+        stmt = sa.text(
+            f"""
+            UPDATE {t}
+            SET lease_expires_at = statement_timestamp() + make_interval(secs => :lease)
+            WHERE status = 'in_flight' AND lease_token = :token
+            """
+        ).bindparams(_TOKEN)
+        return conn.execute(stmt, {"token": token, "lease": float(lease_seconds)}).rowcount
+
     def reclaim_expired(self, conn: sa.Connection, table: sa.Table) -> int:
         # The row keeps its attempt count: it may have been sent, so it goes alone next time.
         t = quoted(conn, table)

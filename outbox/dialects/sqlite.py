@@ -156,6 +156,19 @@ class SQLiteDialect:
         ).bindparams(_TOKEN)
         return conn.execute(stmt, {"ids": json.dumps(list(ids)), "token": token}).rowcount
 
+    def extend_lease(
+        self, conn: sa.Connection, table: sa.Table, token: uuid.UUID, lease_seconds: float
+    ) -> int:
+        t = quoted(conn, table)
+        stmt = sa.text(
+            f"""
+            UPDATE {t}
+            SET lease_expires_at = {_now_plus(":lease")}
+            WHERE status = 'in_flight' AND lease_token = :token
+            """
+        ).bindparams(_TOKEN)
+        return conn.execute(stmt, {"token": token, "lease": float(lease_seconds)}).rowcount
+
     def reclaim_expired(self, conn: sa.Connection, table: sa.Table) -> int:
         t = quoted(conn, table)
         stmt = sa.text(
