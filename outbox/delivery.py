@@ -91,11 +91,13 @@ class Deliverer:
         master_key: bytes | None,
         alone_concurrency: int = 8,
         stopping: Callable[[], bool] = lambda: False,
+        paused: Callable[[], bool] = lambda: False,
     ) -> None:
         self._client = client
         self._master_key = master_key
         self._alone = asyncio.Semaphore(alone_concurrency)
         self._stopping = stopping
+        self._paused = paused
 
     async def deliver(self, rows: Sequence[ClaimedRow]) -> Outcome:
         outcome = Outcome()
@@ -177,6 +179,15 @@ class Deliverer:
             if may_skip and self._stopping():
                 outcome.unsent.append(row)
                 return
+            if outcome.endpoint_errors or self._paused():
+                # The endpoint just failed (in this claim, or the worker paused for another
+                # claim's failures): the rest of the rows would only fail too, or burst into a
+                # rate limit. They wait for the backoff without a request.
+                exc = outcome.endpoint_errors[-1] if outcome.endpoint_errors else _PAUSED
+                (
+                    outcome.retry_unsent if may_skip or not row.first_attempt else outcome.retry
+                ).append((row, exc))
+                return
             outcome.requests += 1
             outcome.sent_alone += 1
             try:
@@ -208,6 +219,11 @@ class Deliverer:
                     outcome.endpoint_errors.append(exc)
                 return
         outcome.published.append(_ack(row, result.channels.get(row.channel, ChannelAck())))
+
+
+_PAUSED = EndpointUnavailable(
+    "not sent: publishing is paused after endpoint failures", maybe_delivered=False
+)
 
 
 def never_sent(exc: EndpointUnavailable) -> bool:

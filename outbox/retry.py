@@ -96,7 +96,13 @@ class EndpointBreaker:
         self.reason = ""
 
     def record_failure(self, reason: str, retry_after: float | None = None) -> float | None:
-        """Count one endpoint failure; returns the pause in seconds when this opens the breaker."""
+        """Count one endpoint failure; returns the pause in seconds when this opens the breaker.
+
+        Failures of requests that were already in flight when the breaker opened do not open it
+        again: one burst of concurrent failures is one opening, not a stretched pause.
+        """
+        if self.is_open:
+            return None
         self._consecutive += 1
         self.reason = reason
         if self._consecutive < self._threshold:

@@ -99,6 +99,7 @@ class Worker:
             master_key=config.master_key,
             alone_concurrency=self.settings.alone_concurrency,
             stopping=self._stopping.is_set,
+            paused=lambda: self.breaker.is_open,
         )
         slots = asyncio.Semaphore(self.settings.in_flight)
         listener = self._start_listener()

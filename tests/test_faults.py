@@ -702,9 +702,10 @@ def test_endpoint_outage_then_503_then_429(
             assert line.delay >= 1.0 - 0.01, line
     assert stats["by_status"].get("429", 0) > 0, "the rate limit was never hit"
     # While rate-limited: a 429 carries Retry-After: 1, so the breaker allows at most one round
-    # of claims per second, and one round is at most in_flight claims of batch_size rows sent
-    # alone (the breaker only acts between claims, see the report) plus the alone pool.
-    round_bound = in_flight_n * batch_size + alone
+    # of claims per second. In a round, a claim stops sending the moment the endpoint fails (and
+    # while the breaker is open), so a round is at most the probe, one batch request per claim
+    # and the requests already in the worker's alone pool.
+    round_bound = 1 + in_flight_n + alone
     for (a, b), window in zip(limited, windows_429, strict=True):
         window_bound = (math.ceil(b - a) + 1) * round_bound
         assert window <= window_bound, (window, window_bound)
