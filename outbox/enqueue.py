@@ -19,7 +19,6 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
 
-from .dialects import dialect_name_of, notify_statement
 from .schema import outbox_table
 from .sockudo import crypto
 from .sockudo.errors import InvalidEvent
@@ -209,23 +208,20 @@ def derive_channel_key(key: str, channel: str) -> str:
 def _insert(target: Target, table: sa.Table, rows: list[dict[str, Any]], result: Any) -> Any:
     # One INSERT statement with every row as a parameter set: the driver sends them as one
     # executemany (pipelined by psycopg, stepped in C by sqlite3), and SQLAlchemy compiles the
-    # statement once per table instead of once per call.
-    statements: list[tuple[sa.Executable, Any]] = [(table.insert(), rows)] if rows else []
-    wake = notify_statement(dialect_name_of(target), table)
-    if wake is not None and statements:
-        statements.append((wake, None))
+    # statement once per table instead of once per call. On PostgreSQL a trigger on the table
+    # (migration 0002) wakes the workers when the caller commits.
     if isinstance(target, AsyncSession | AsyncConnection):
-        return _run_async(target, statements, result)
-    for statement, params in statements:
-        target.execute(statement, params)
+        return _run_async(target, table, rows, result)
+    if rows:
+        target.execute(table.insert(), rows)
     return result
 
 
 async def _run_async(
-    target: AsyncTarget, statements: list[tuple[sa.Executable, Any]], result: Any
+    target: AsyncTarget, table: sa.Table, rows: list[dict[str, Any]], result: Any
 ) -> Any:
-    for statement, params in statements:
-        await target.execute(statement, params)
+    if rows:
+        await target.execute(table.insert(), rows)
     return result
 
 

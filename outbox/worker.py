@@ -141,6 +141,9 @@ class Worker:
                 break
             limit = 1 if probing else self.settings.batch_size
             token = uuid.uuid4()
+            # Cleared before the claim, not after an empty one: a NOTIFY that lands while the
+            # claim runs must still wake the idle wait that follows it.
+            self._wake.clear()
             try:
                 rows = await self._db(
                     self.dialect.claim_batch,
@@ -168,7 +171,6 @@ class Worker:
                 await asyncio.wait({task})
 
     async def _idle(self, once: bool) -> None:
-        self._wake.clear()
         if once:
             # Something is still in flight and may reschedule rows due now: wait for it.
             await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)

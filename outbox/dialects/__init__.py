@@ -122,29 +122,6 @@ class Dialect(Protocol):
         """Return rows whose lease expired to pending; they keep their attempt count (sent alone)."""
 
 
-def notify_statement(dialect_name: str, table: sa.Table) -> sa.Executable | None:
-    """A statement that wakes listening workers when the caller's transaction commits, if any."""
-    if dialect_name == "postgresql":
-        from .postgresql import notify_statement as pg_notify_statement
-
-        return pg_notify_statement(table)
-    return None
-
-
-def dialect_name_of(target: object) -> str:
-    """The dialect name behind a Session, Connection, AsyncSession or AsyncConnection."""
-    dialect = getattr(target, "dialect", None)
-    if dialect is None:
-        get_bind = getattr(target, "get_bind", None)
-        if get_bind is None:
-            raise TypeError(
-                "expected a SQLAlchemy Session, Connection, AsyncSession or AsyncConnection, "
-                f"got {type(target).__name__}"
-            )
-        dialect = get_bind().dialect
-    return str(dialect.name)
-
-
 def dialect_for(bind: sa.Engine | sa.Connection) -> Dialect:
     name = bind.dialect.name
     if name == "postgresql":

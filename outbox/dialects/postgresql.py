@@ -19,14 +19,8 @@ _TOKEN = sa.bindparam("token", type_=sa.Uuid(as_uuid=True))
 
 
 def notify_channel(table: sa.Table) -> str:
-    """The LISTEN/NOTIFY channel of one outbox table."""
+    """The LISTEN/NOTIFY channel of one outbox table (its INSERT trigger, migration 0002)."""
     return f"{table.name}_enqueued"
-
-
-def notify_statement(table: sa.Table) -> sa.Executable:
-    # Delivered only if and when the caller's transaction commits; identical notifications
-    # within one transaction are folded into one by PostgreSQL.
-    return sa.select(sa.func.pg_notify(notify_channel(table), ""))
 
 
 class PostgresDialect:
