@@ -36,6 +36,11 @@ class SQLiteDialect:
         token: uuid.UUID,
     ) -> list[ClaimedRow]:
         t = quoted(conn, table)
+        # Without statistics SQLite prefers the (status, created_at) index and sorts every
+        # pending row on each claim (measured: 10 ms for 20,000 pending rows, growing with the
+        # backlog). INDEXED BY pins the partial index, which yields due rows already in order:
+        # one batch read per claim (1.4 ms), however long the backlog or the history.
+        pending_index = conn.dialect.identifier_preparer.quote(f"ix_{table.name}_pending")
         stmt = sa.text(
             f"""
             UPDATE {t}
@@ -44,7 +49,7 @@ class SQLiteDialect:
                 lease_expires_at = {_now_plus(":lease")},
                 attempts = attempts + 1
             WHERE id IN (
-                SELECT id FROM {t}
+                SELECT id FROM {t} INDEXED BY {pending_index}
                 WHERE status = 'pending' AND next_attempt_at <= {_NOW}
                 ORDER BY next_attempt_at, id
                 LIMIT :limit
@@ -63,13 +68,16 @@ class SQLiteDialect:
             return 0
         # The batch travels as one JSON array parameter and is joined with json_each: one
         # statement whatever the batch size. The token guard ignores a stale worker's ack.
+        # NOT INDEXED keeps SQLite from walking the (status, created_at) index and re-reading
+        # the JSON for every row in flight; rows are then found by primary key (6 ms -> 1.6 ms
+        # for 100 rows). The same holds for the other statements driven by a JSON list.
         t = quoted(conn, table)
         payload = json.dumps(
             [[a.id, a.acknowledgement_id, a.message_serial, a.history_serial] for a in acks]
         )
         stmt = sa.text(
             f"""
-            UPDATE {t}
+            UPDATE {t} NOT INDEXED
             SET status = 'published',
                 published_at = {_NOW},
                 acknowledgement_id = json_extract(a.value, '$[1]'),
@@ -116,7 +124,7 @@ class SQLiteDialect:
         )
         stmt = sa.text(
             f"""
-            UPDATE {t}
+            UPDATE {t} NOT INDEXED
             SET status = :status,
                 next_attempt_at = {_now_plus("json_extract(f.value, '$[1]')")},
                 attempts = attempts - :refund,
@@ -147,7 +155,7 @@ class SQLiteDialect:
         t = quoted(conn, table)
         stmt = sa.text(
             f"""
-            UPDATE {t}
+            UPDATE {t} NOT INDEXED
             SET status = 'pending', attempts = attempts - 1, next_attempt_at = {_NOW},
                 lease_token = NULL, lease_expires_at = NULL
             WHERE id IN (SELECT value FROM json_each(:ids))
