@@ -51,7 +51,9 @@ def create_engine(url: str | URL, **kwargs: Any) -> sa.Engine:
         engine = sa.create_engine(parsed, **kwargs)
         sa.event.listen(engine, "connect", _configure_sqlite)
         return engine
-    kwargs.setdefault("pool_pre_ping", True)
+    # No pre-ping: it costs a round trip per transaction, and the worker already retries a
+    # statement that meets a dropped connection (SQLAlchemy then replaces the connection).
+    kwargs.setdefault("pool_pre_ping", False)
     return sa.create_engine(parsed, **kwargs)
 
 
