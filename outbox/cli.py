@@ -53,8 +53,14 @@ class CommandError(Exception):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["bench"]:
+        # The harness has its own options (python -m outbox.bench --help).
+        from .bench import main as bench_main
+
+        return bench_main(arguments[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(arguments)
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -141,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="show the count and a sample only")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_replay)
+
+    commands.add_parser("bench", help="the benchmark harness (see `outbox bench --help`)")
 
     p = commands.add_parser("enqueue", help="write one event (operators, smoke tests)")
     p.add_argument("channel")
