@@ -15,7 +15,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -26,7 +25,6 @@ from typing import Any
 import sqlalchemy as sa
 
 from outbox import outbox_table
-from outbox.testing.server import RemoteTestServer, TestServerProcess
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER_SCRIPT = REPO / "worker.py"
@@ -349,47 +347,3 @@ class Results:
 
 def per_second(times: Iterable[float]) -> Counter[int]:
     return Counter(int(t) for t in times)
-
-
-class QuietTestServerProcess(TestServerProcess):
-    """``TestServerProcess`` whose stderr (tracebacks of clients that hung up) goes to a file.
-
-    A killed or timed-out worker leaves the server writing to a closed socket; the server's
-    request threads print that to stderr, which would bury the test output under tracebacks.
-    """
-
-    def __init__(self, stderr_path: Path, **options: Any) -> None:
-        super().__init__(**options)
-        self.stderr_path = stderr_path
-
-    def start(self) -> RemoteTestServer:
-        self._stderr = open(self.stderr_path, "ab")  # noqa: SIM115 (closed in stop())
-        self.process = subprocess.Popen(
-            self.command(),
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        assert self.process.stdout is not None
-        timer = threading.Timer(self.startup_timeout, self.process.kill)
-        timer.start()
-        try:
-            line = self.process.stdout.readline()
-        finally:
-            timer.cancel()
-        parts = line.split()
-        if len(parts) != 3 or parts[0] != "READY":
-            self.kill()
-            raise RuntimeError(f"test server did not start: {line!r}")
-        self.remote = RemoteTestServer(parts[2])
-        return self.remote
-
-    def stop(self) -> None:
-        try:
-            super().stop()
-        finally:
-            self.kill()
-            stderr = getattr(self, "_stderr", None)
-            if stderr is not None:
-                stderr.close()

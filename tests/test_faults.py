@@ -30,10 +30,9 @@ from sqlalchemy.engine import make_url
 import outbox
 from outbox import OutboxEvent, enqueue, enqueue_many, outbox_table
 from outbox.database import create_engine
-from outbox.testing.server import RemoteTestServer
+from outbox.testing.server import RemoteTestServer, TestServerProcess
 from tests.faultlib import (
     REPO,
-    QuietTestServerProcess,
     Results,
     WorkerProcess,
     all_rows,
@@ -212,8 +211,8 @@ def test_kill9_storm(
     kills = 0
     try:
         _enqueue(engine, _events(STORM_UPFRONT, "storm", "up-front"))
-        with QuietTestServerProcess(
-            tmp_path / "server.err", idempotency=idempotency, idempotency_ttl=IDEMPOTENCY_TTL
+        with TestServerProcess(
+            stderr=tmp_path / "server.err", idempotency=idempotency, idempotency_ttl=IDEMPOTENCY_TTL
         ) as server:
             # Batches are answered 80 ms after they are published: a kill in that window leaves
             # published rows unacknowledged (the case idempotency exists for).
@@ -316,8 +315,8 @@ def test_two_workers_one_killed(
     engine = create_engine(postgres_url)
     try:
         _enqueue(engine, _events(total, "pair", "shared"))
-        with QuietTestServerProcess(
-            tmp_path / "server.err", idempotency_ttl=IDEMPOTENCY_TTL
+        with TestServerProcess(
+            stderr=tmp_path / "server.err", idempotency_ttl=IDEMPOTENCY_TTL
         ) as server:
             # Requests are held 150 ms before publishing, so a worker always has claims in flight.
             server.add_latency(0.15, stage="claimed", endpoints=("batch_events",))
@@ -409,8 +408,8 @@ def test_postgres_connections_terminated(
     terminated: list[int] = []
     try:
         _enqueue(engine, _events(total, "pg", "reconnect"))
-        with QuietTestServerProcess(
-            tmp_path / "server.err", idempotency_ttl=IDEMPOTENCY_TTL
+        with TestServerProcess(
+            stderr=tmp_path / "server.err", idempotency_ttl=IDEMPOTENCY_TTL
         ) as server:
             server.add_latency(0.05, stage="claimed")
             env = worker_env(
@@ -498,8 +497,8 @@ def test_sqlite_write_lock_held(
     request_timeout = 1.0
     try:
         _enqueue(engine, _events(total, "lite", "locked"))
-        with QuietTestServerProcess(
-            tmp_path / "server.err", idempotency_ttl=IDEMPOTENCY_TTL
+        with TestServerProcess(
+            stderr=tmp_path / "server.err", idempotency_ttl=IDEMPOTENCY_TTL
         ) as server:
             server.add_latency(0.05, stage="claimed")
             env = worker_env(
@@ -586,8 +585,8 @@ def test_endpoint_outage_then_503_then_429(
     producer_rows = 0
     try:
         _enqueue(engine, _events(400, "outage", "before"))
-        with QuietTestServerProcess(
-            tmp_path / "server.err", idempotency_ttl=IDEMPOTENCY_TTL
+        with TestServerProcess(
+            stderr=tmp_path / "server.err", idempotency_ttl=IDEMPOTENCY_TTL
         ) as server:
             env = worker_env(
                 postgres_url,
@@ -733,8 +732,8 @@ def test_slow_server_answers_after_timeout(
     total = 300
     try:
         _enqueue(engine, _events(total, "slow", "late-answer"))
-        with QuietTestServerProcess(
-            tmp_path / "server.err", idempotency_ttl=IDEMPOTENCY_TTL
+        with TestServerProcess(
+            stderr=tmp_path / "server.err", idempotency_ttl=IDEMPOTENCY_TTL
         ) as server:
             server.add_latency(2.0, stage="published", count=3, endpoints=("batch_events",))
             env = worker_env(
@@ -918,8 +917,8 @@ def test_server_refusals_dead_lettered(
     engine = create_engine(database_url)
     try:
         _enqueue(engine, events)
-        with QuietTestServerProcess(
-            tmp_path / "server.err",
+        with TestServerProcess(
+            stderr=tmp_path / "server.err",
             idempotency_ttl=IDEMPOTENCY_TTL,
             max_payload_kb=1,
             max_event_name_bytes=20,

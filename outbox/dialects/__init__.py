@@ -122,6 +122,37 @@ class Dialect(Protocol):
         """Return rows whose lease expired to pending; they keep their attempt count (sent alone)."""
 
 
+class FailureStatements:
+    """``reschedule`` and ``mark_dead`` are one statement with two outcomes: each dialect writes
+    that statement once, as ``_finish_failed``."""
+
+    def reschedule(
+        self,
+        conn: sa.Connection,
+        table: sa.Table,
+        token: uuid.UUID,
+        failures: Sequence[Failure],
+        refund_attempt: bool = False,
+    ) -> int:
+        return self._finish_failed(conn, table, token, failures, "pending", refund_attempt)
+
+    def mark_dead(
+        self, conn: sa.Connection, table: sa.Table, token: uuid.UUID, failures: Sequence[Failure]
+    ) -> int:
+        return self._finish_failed(conn, table, token, failures, "dead", False)
+
+    def _finish_failed(
+        self,
+        conn: sa.Connection,
+        table: sa.Table,
+        token: uuid.UUID,
+        failures: Sequence[Failure],
+        status: str,
+        refund_attempt: bool,
+    ) -> int:
+        raise NotImplementedError
+
+
 def dialect_for(bind: sa.Engine | sa.Connection) -> Dialect:
     name = bind.dialect.name
     if name == "postgresql":

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import sqlalchemy as sa
 
 from ..schema import UTCDateTime
-from . import CLAIM_COLUMNS, Ack, ClaimedRow, Failure, quoted
+from . import CLAIM_COLUMNS, Ack, ClaimedRow, Failure, FailureStatements, quoted
 
 _TOKEN = sa.bindparam("token", type_=sa.Uuid(as_uuid=True))
 
@@ -23,7 +23,7 @@ def notify_channel(table: sa.Table) -> str:
     return f"{table.name}_enqueued"
 
 
-class PostgresDialect:
+class PostgresDialect(FailureStatements):
     name = "postgresql"
 
     def claim_batch(
@@ -95,21 +95,6 @@ class PostgresDialect:
             },
         )
         return result.rowcount
-
-    def reschedule(
-        self,
-        conn: sa.Connection,
-        table: sa.Table,
-        token: uuid.UUID,
-        failures: Sequence[Failure],
-        refund_attempt: bool = False,
-    ) -> int:
-        return self._finish_failed(conn, table, token, failures, "pending", refund_attempt)
-
-    def mark_dead(
-        self, conn: sa.Connection, table: sa.Table, token: uuid.UUID, failures: Sequence[Failure]
-    ) -> int:
-        return self._finish_failed(conn, table, token, failures, "dead", False)
 
     def _finish_failed(
         self,

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 
 from ..schema import UTCDateTime
-from . import CLAIM_COLUMNS, Ack, ClaimedRow, Failure, quoted
+from . import CLAIM_COLUMNS, Ack, ClaimedRow, Failure, FailureStatements, quoted
 
 _TOKEN = sa.bindparam("token", type_=sa.Uuid(as_uuid=True))
 _NOW = "strftime('%Y-%m-%d %H:%M:%f000', 'now')"
@@ -24,7 +24,7 @@ def _now_plus(seconds_sql: str) -> str:
     return f"strftime('%Y-%m-%d %H:%M:%f000', 'now', printf('%+.6f seconds', {seconds_sql}))"
 
 
-class SQLiteDialect:
+class SQLiteDialect(FailureStatements):
     name = "sqlite"
 
     def claim_batch(
@@ -91,21 +91,6 @@ class SQLiteDialect:
             """
         ).bindparams(_TOKEN)
         return conn.execute(stmt, {"payload": payload, "token": token}).rowcount
-
-    def reschedule(
-        self,
-        conn: sa.Connection,
-        table: sa.Table,
-        token: uuid.UUID,
-        failures: Sequence[Failure],
-        refund_attempt: bool = False,
-    ) -> int:
-        return self._finish_failed(conn, table, token, failures, "pending", refund_attempt)
-
-    def mark_dead(
-        self, conn: sa.Connection, table: sa.Table, token: uuid.UUID, failures: Sequence[Failure]
-    ) -> int:
-        return self._finish_failed(conn, table, token, failures, "dead", False)
 
     def _finish_failed(
         self,

@@ -193,9 +193,17 @@ class TestServerProcess:
 
     __test__ = False
 
-    def __init__(self, startup_timeout: float = 15.0, **options: Any) -> None:
+    def __init__(
+        self,
+        startup_timeout: float = 15.0,
+        stderr: str | os.PathLike[str] | None = None,
+        **options: Any,
+    ) -> None:
         self.options = options
         self.startup_timeout = startup_timeout
+        #: Where the server's stderr goes (appended); None: inherited from this process.
+        self.stderr = stderr
+        self._stderr_file: Any = None
         self.process: subprocess.Popen[str] | None = None
         self.remote: RemoteTestServer | None = None
 
@@ -212,9 +220,12 @@ class TestServerProcess:
         return argv
 
     def start(self) -> RemoteTestServer:
+        if self.stderr is not None:
+            self._stderr_file = open(self.stderr, "ab")  # noqa: SIM115 (closed in stop())
         self.process = subprocess.Popen(
             self.command(),
             stdout=subprocess.PIPE,
+            stderr=self._stderr_file,
             text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
@@ -245,6 +256,9 @@ class TestServerProcess:
                 self.kill()
         if self.process is not None and self.process.stdout is not None:
             self.process.stdout.close()
+        if self._stderr_file is not None:
+            self._stderr_file.close()
+            self._stderr_file = None
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
