@@ -206,6 +206,11 @@ def derive_channel_key(key: str, channel: str) -> str:
 
 
 def _insert(target: Target, table: sa.Table, rows: list[dict[str, Any]], result: Any) -> Any:
+    if not isinstance(target, Session | sa.Connection | AsyncSession | AsyncConnection):
+        raise TypeError(
+            "expected a SQLAlchemy Session, Connection, AsyncSession or AsyncConnection, "
+            f"got {type(target).__name__}"
+        )
     # One INSERT statement with every row as a parameter set: the driver sends them as one
     # executemany (pipelined by psycopg, stepped in C by sqlite3), and SQLAlchemy compiles the
     # statement once per table instead of once per call. On PostgreSQL a trigger on the table
