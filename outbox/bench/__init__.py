@@ -52,6 +52,9 @@ SIZES = {
 }
 
 
+SCENARIOS = ("ceiling", "baseline", "enqueue", "drain", "latency", "history")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="outbox bench", description=__doc__.split("\n\n")[1])
     size = p.add_mutually_exclusive_group()
@@ -69,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--latency-rate", type=float, help="events/s for the latency run")
     p.add_argument("--history", type=int, help="published rows kept for the history run (0: skip)")
+    p.add_argument(
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)",
+    )
     p.add_argument("--json", type=Path, help="also write the results as JSON to this path")
     return p
 
@@ -83,6 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.history is not None:
         size["history"] = args.history
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    chosen = {c.strip() for c in args.scenarios.split(",") if c.strip()}
+    unknown = chosen - set(SCENARIOS)
+    if unknown:
+        raise SystemExit(f"unknown scenario(s): {', '.join(sorted(unknown))}")
     results: list[Measurement] = []
     started = time.time()
     settings = {
@@ -98,44 +110,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         workdir = Path(tmp)
         say = lambda text: print(f"[bench] {text}", file=sys.stderr, flush=True)  # noqa: E731
         say(f"server: {args.server}; sizes: {size}")
-        results.append(scenarios.ceiling(url, size["events"], args.batch, args.in_flight))
-        say(f"ceiling: {results[-1].rate:,.0f} events/s")
-        results.append(scenarios.baseline_ours(url, size["baseline"]))
-        say(f"baseline (ours): {results[-1].rate:,.0f} events/s")
-        sdk = scenarios.baseline_sdk(url, size["baseline"])
-        if sdk is not None:
-            results.append(sdk)
-            say(f"baseline (SDK): {sdk.rate:,.0f} events/s")
+        if "ceiling" in chosen:
+            results.append(scenarios.ceiling(url, size["events"], args.batch, args.in_flight))
+            say(f"ceiling: {results[-1].rate:,.0f} events/s")
+        if "baseline" in chosen:
+            results.append(scenarios.baseline_ours(url, size["baseline"]))
+            say(f"baseline (ours): {results[-1].rate:,.0f} events/s")
+            sdk = scenarios.baseline_sdk(url, size["baseline"])
+            if sdk is not None:
+                results.append(sdk)
+                say(f"baseline (SDK): {sdk.rate:,.0f} events/s")
         for backend in backends:
-            for per_commit in (1, 10):
+            if "enqueue" in chosen:
+                for per_commit in (1, 10):
+                    with database(backend, args.postgres_url, workdir) as db:
+                        results.append(
+                            scenarios.enqueue_cost(db, backend, size["transactions"], per_commit)
+                        )
+                        added = results[-1].extra["added_ms_per_commit"]
+                        say(f"{backend}: {results[-1].scenario}: +{added:.3f} ms")
+                with database(backend, args.postgres_url, workdir) as db:
+                    results.append(scenarios.bulk_enqueue(db, backend, size["events"]))
+                    say(f"{backend}: bulk enqueue {results[-1].rate:,.0f} events/s")
+            if "drain" in chosen:
+                for count in (1, 2):
+                    with database(backend, args.postgres_url, workdir) as db:
+                        results.append(
+                            scenarios.drain(
+                                db, url, backend, size["events"], count, workdir, **settings
+                            )
+                        )
+                        say(
+                            f"{backend}: drain, {count} worker(s): {results[-1].rate:,.0f} events/s"
+                        )
+            if "latency" in chosen:
                 with database(backend, args.postgres_url, workdir) as db:
                     results.append(
-                        scenarios.enqueue_cost(db, backend, size["transactions"], per_commit)
-                    )
-                    say(
-                        f"{backend}: {results[-1].scenario}: +{results[-1].extra['added_ms_per_commit']:.3f} ms"
-                    )
-            with database(backend, args.postgres_url, workdir) as db:
-                results.append(scenarios.bulk_enqueue(db, backend, size["events"]))
-                say(f"{backend}: bulk enqueue {results[-1].rate:,.0f} events/s")
-            for count in (1, 2):
-                with database(backend, args.postgres_url, workdir) as db:
-                    results.append(
-                        scenarios.drain(
-                            db, url, backend, size["events"], count, workdir, **settings
+                        scenarios.latency(
+                            db, url, backend, size["rate"], size["latency_s"], workdir, **settings
                         )
                     )
-                    say(
-                        f"{backend}: drain with {count} worker(s): {results[-1].rate:,.0f} events/s"
-                    )
-            with database(backend, args.postgres_url, workdir) as db:
-                results.append(
-                    scenarios.latency(
-                        db, url, backend, size["rate"], size["latency_s"], workdir, **settings
-                    )
-                )
-                say(f"{backend}: latency p99 {results[-1].extra['p99_ms']:.1f} ms")
-            if size["history"]:
+                    say(f"{backend}: latency p99 {results[-1].extra['p99_ms']:.1f} ms")
+            if "history" in chosen and size["history"]:
                 with database(backend, args.postgres_url, workdir) as db:
                     took = scenarios.add_history(db, size["history"])
                     say(f"{backend}: {size['history']:,} published rows added in {took:.1f} s")
