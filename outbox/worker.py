@@ -200,6 +200,19 @@ class Worker:
     async def _deliver(
         self, deliverer: Deliverer, token: uuid.UUID, rows: list[ClaimedRow]
     ) -> None:
+        try:
+            await self._deliver_claim(deliverer, token, rows)
+        except Exception:
+            # A bug must not kill the worker silently; the rows stay leased, and return to the
+            # queue when the lease expires (then sent alone, so nothing is lost or skipped).
+            log.exception(
+                "unexpected error while publishing a batch of %d; its rows return after the lease",
+                len(rows),
+            )
+
+    async def _deliver_claim(
+        self, deliverer: Deliverer, token: uuid.UUID, rows: list[ClaimedRow]
+    ) -> None:
         started = time.perf_counter()
         # Rows sent alone go a few at a time: a claim can take longer than one request, so its
         # lease is renewed while it is being published (a killed worker stops renewing).

@@ -648,3 +648,28 @@ async def test_replay_keep_key_goes_alone_and_is_not_lost(engine, database_url, 
     assert not sockudo_server.duplicates()
     # A batch would have skipped the still-known keys and answered 200 without delivering.
     assert sockudo_server.request_count("batch_events") == batches_before
+
+
+async def test_an_unexpected_error_in_a_batch_is_logged_and_its_rows_come_back(
+    engine, database_url, sockudo_server, caplog, monkeypatch
+):
+    import outbox.delivery
+
+    keys = enqueue_n(engine, 3)
+    real_row_item = outbox.delivery.row_item
+    calls = {"n": 0}
+
+    def broken_once(row, master_key):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("a bug in the delivery path")
+        return real_row_item(row, master_key)
+
+    monkeypatch.setattr(outbox.delivery, "row_item", broken_once)
+    caplog.set_level(logging.WARNING, logger="outbox.worker")
+    worker = Worker(fast_settings(database_url, sockudo_server.url), engine=engine)
+    await run_until(worker, all_published(engine, 3), timeout=20, what="rows after the lease")
+    assert "unexpected error while publishing a batch of 3" in caplog.text
+    assert "a bug in the delivery path" in caplog.text
+    assert sorted(delivered_keys(sockudo_server)) == sorted(keys)
+    assert not sockudo_server.duplicates()
