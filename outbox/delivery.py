@@ -200,15 +200,16 @@ class Deliverer:
                 return
             except EndpointUnavailable as exc:
                 if exc.code == BACKPRESSURE and after_refusal is not None:
-                    # Fix: Sockudo validates a batch item after claiming its key and stops at the
+                    # Sockudo validates a batch item after claiming its key and stops at the
                     # first bad item, so after a refused batch exactly one of its first-attempt
                     # keys is left "processing": the refused item's. Items before it answer from
                     # the cache, items after it were never touched and publish now; only the bad
                     # one meets backpressure. Dead-letter it now with the server's own reason,
                     # instead of retrying it (at ~1 req/s, outside the attempt budget) for the
                     # whole idempotency TTL and then burying it under "backpressure".
-                    # Relies on first-attempt keys being new to the server (true for enqueued
-                    # rows and fresh-key replays; see the report on `replay --keep-key`).
+                    # Relies on first-attempt keys being new to the server: true for enqueued
+                    # rows and fresh-key replays (kept-key replays are put back as already
+                    # tried, so they never go in a batch).
                     outcome.refused.append((row, after_refusal))
                     return
                 # A refund is safe only if no request ever carried the row: a first attempt

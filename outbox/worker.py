@@ -260,7 +260,7 @@ class Worker:
             self.breaker.pause_for(self.settings.misconfigured_retry_seconds, reason)
             return
         if outcome.endpoint_errors:
-            # Fix: count every failed request, not one per claimed batch. A batch that failed
+            # Count every failed request, not one per claimed batch. A batch that failed
             # comes back as many rows sent alone; counted once per claim, an outage took three
             # whole waves of requests (three attempts of every row) before the breaker opened.
             # Counting stops at the opening, so one bad wave does not stretch the pause.
@@ -365,7 +365,7 @@ class Worker:
                     )
                     return
                 await self._database_trouble("record", exc)
-        # Fix: was len(outcome.published), which counted a stale worker's no-op ack as published.
+        # Only rows this ack really changed count: a stale worker's ack is a no-op.
         if acked < len(outcome.published):
             log.warning(
                 "%d published row(s) were no longer leased by this worker (lease expired); "
@@ -416,7 +416,7 @@ class Worker:
         stop = threading.Event()
 
         def notify() -> None:
-            # Fix: the thread may still be connecting (or get one last NOTIFY) after run()
+            # The thread may still be connecting (or get one last NOTIFY) after run()
             # returned and its loop closed; call_soon_threadsafe then raises RuntimeError and
             # kills the thread with a traceback. Nothing is left to wake by then.
             with contextlib.suppress(RuntimeError):
