@@ -6,7 +6,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1
 
 WORKDIR /app
-COPY pyproject.toml README.md alembic.ini worker.py ./
+COPY pyproject.toml README.md LICENSE alembic.ini worker.py ./
 COPY outbox ./outbox
 COPY migrations ./migrations
 RUN pip install . && useradd --system --uid 10001 outbox
