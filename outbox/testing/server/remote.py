@@ -197,18 +197,25 @@ class TestServerProcess:
         self,
         startup_timeout: float = 15.0,
         stderr: str | os.PathLike[str] | None = None,
+        *,
+        python: str | os.PathLike[str] = sys.executable,
+        cwd: str | os.PathLike[str] | None = None,
         **options: Any,
     ) -> None:
         self.options = options
         self.startup_timeout = startup_timeout
         #: Where the server's stderr goes (appended); None: inherited from this process.
         self.stderr = stderr
+        #: The interpreter that runs the server (another virtualenv's, to test an installed copy).
+        self.python = os.fspath(python)
+        #: Its working directory: ``-m`` puts it first on ``sys.path``.
+        self.cwd = cwd
         self._stderr_file: Any = None
         self.process: subprocess.Popen[str] | None = None
         self.remote: RemoteTestServer | None = None
 
     def command(self) -> list[str]:
-        argv = [sys.executable, "-u", "-m", "outbox.testing.server"]
+        argv = [self.python, "-u", "-m", "outbox.testing.server"]
         for name, value in self.options.items():
             flag = "--" + name.replace("_", "-")
             if isinstance(value, bool):
@@ -227,6 +234,7 @@ class TestServerProcess:
             stdout=subprocess.PIPE,
             stderr=self._stderr_file,
             text=True,
+            cwd=self.cwd,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         assert self.process.stdout is not None
