@@ -12,6 +12,9 @@ import asyncio
 import base64
 import json
 import os
+import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,6 +39,7 @@ from outbox.testing.soketi import (
     SoketiInstallError,
     SoketiServer,
     ensure_soketi,
+    free_port,
 )
 
 pytestmark = pytest.mark.soketi
@@ -168,6 +172,37 @@ def test_start_timeout_reports_soketi_output(soketi_install: Any) -> None:
     assert "Server is up and running" in str(failure.value)
     assert not server.running
     server.close()
+
+
+async def test_python_m_soketi_serves_until_sigterm(soketi_install: Any) -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "outbox.testing.soketi", "--port", str(port)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(process.stdout.readline), 60)
+        ready, url, ws_url = line.split()
+        assert (ready, url) == ("READY", f"http://app-key:app-secret@127.0.0.1:{port}/apps/app-id")
+        async with PusherSubscriber(ws_url) as sub:
+            await sub.subscribe("orders")
+            with Sockudo.from_url(url) as client:
+                await call(client.trigger, "orders", "order-created", {"id": 1})
+            [event] = await sub.wait_for("orders", 1)
+        assert (event.event, event.data) == ("order-created", '{"id":1}')
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, 20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    # soketi went with it.
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/ready", trust_env=False)
 
 
 # -- publishing reaches subscribers -------------------------------------------------------------

@@ -12,6 +12,10 @@ reach real subscribers.
         client = Sockudo.from_url(server.url)
         ...
 
+Or in a terminal, on the port of the worker's default ``SOCKUDO_URL``, until Ctrl-C::
+
+    python -m outbox.testing.soketi --port 6001
+
 soketi is installed once into a cache directory outside the repository (see :func:`ensure_soketi`).
 Its GitHub-hosted ``uWebSockets.js`` dependency cannot be fetched here, so package.json overrides it
 with an npm-published build that ships a Node 20 binary.
@@ -19,6 +23,7 @@ with an npm-published build that ships a Node 20 binary.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import json
@@ -28,11 +33,13 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -410,6 +417,49 @@ class SoketiServer:
         return f"<SoketiServer app {self.app_id!r} {where}>"
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m outbox.testing.soketi``: run one soketi in the foreground until SIGTERM/SIGINT.
+
+    Prints ``READY <sockudo_url> <ws_url>`` once soketi answers; exits 1 if it cannot start or dies.
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m outbox.testing.soketi",
+        description=f"Run soketi {SOKETI_VERSION} (installed from npm on first use) on 127.0.0.1.",
+    )
+    parser.add_argument("--port", type=int, default=6001, help="HTTP and WebSocket port")
+    parser.add_argument("--app-id", default="app-id")
+    parser.add_argument("--key", default="app-key")
+    parser.add_argument("--secret", default="app-secret")
+    parser.add_argument("--max-batch-size", type=int, default=100)
+    args = parser.parse_args(argv)
+    if not _server_js(default_cache_dir()).is_file():
+        print(
+            f"installing soketi {SOKETI_VERSION} from npm into {default_cache_dir()} (once)",
+            file=sys.stderr,
+            flush=True,
+        )
+    server = SoketiServer(
+        args.app_id, args.key, args.secret, args.port, max_batch_size=args.max_batch_size
+    )
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        server.start()
+    except SoketiError as exc:
+        print(f"soketi did not start: {exc}", file=sys.stderr)
+        return 1
+    try:
+        print(f"READY {server.url} {server.ws_url()}", flush=True)
+        while not stop.wait(0.5):
+            if not server.running:
+                print(f"soketi exited\n{server.output_tail()}", file=sys.stderr)
+                return 1
+    finally:
+        server.close()
+    return 0
+
+
 __all__ = [
     "CACHE_ENV",
     "SOKETI_VERSION",
@@ -421,3 +471,7 @@ __all__ = [
     "ensure_soketi",
     "free_port",
 ]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
