@@ -1,0 +1,155 @@
+"""Fixture: a real headless browser, Debian's ``chromium`` driven through its ``chromedriver``.
+
+Nothing is downloaded: both are the apt packages (``apt-get install chromium chromium-driver``,
+which .ci/run does), and because Selenium is given the driver's path it never starts Selenium
+Manager to look for one. A missing browser FAILS the test that asked for it, never skips it.
+
+Tests take ``browser`` (a Selenium ``WebDriver`` on a fresh profile, quit afterwards) and wait with
+:func:`wait_until`. When a test fails, the browser's console and the page's text are printed with
+the test's report.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+from selenium import webdriver
+from selenium.common.exceptions import TimeoutException, WebDriverException
+from selenium.webdriver.chrome.options import Options
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.wait import WebDriverWait
+
+T = TypeVar("T")
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+#: Headless, as root in a container, and silent: no first-run UI, no background requests (the
+#: machine reaches only package registries), no QUIC, no component updates or sync.
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    # /dev/shm is small in containers; a browser that runs out of it crashes.
+    "--disable-dev-shm-usage",
+    "--window-size=1280,900",
+)
+#: How long a wait may take before the test fails (never reached when things work).
+WAIT_SECONDS = 30.0
+
+_REPORT = pytest.StashKey[dict[str, pytest.TestReport]]()
+
+
+class BrowserMissing(RuntimeError):
+    """Debian's chromium or chromedriver is not installed."""
+
+
+def find_browser(chromium: Path = CHROMIUM, chromedriver: Path = CHROMEDRIVER) -> tuple[Path, Path]:
+    """The browser and its driver, or :class:`BrowserMissing` saying how to install them."""
+    missing = [str(path) for path in (chromium, chromedriver) if not os.access(path, os.X_OK)]
+    if missing:
+        raise BrowserMissing(
+            f"{' and '.join(missing)} not found: the browser tests need Debian's chromium and its "
+            "driver (apt-get install chromium chromium-driver; .ci/run installs them). "
+            "They never download a browser."
+        )
+    return chromium, chromedriver
+
+
+def chromium_options(chromium: Path, profile: Path) -> Options:
+    options = Options()
+    options.binary_location = str(chromium)
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={profile}")
+    # Keep the console (console.log, uncaught errors, failed loads) for failure reports.
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return options
+
+
+def wait_until(
+    driver: WebDriver,
+    condition: Callable[[WebDriver], T],
+    what: str,
+    timeout: float = WAIT_SECONDS,
+) -> T:
+    """Poll ``condition`` until it returns something truthy; fail naming ``what`` otherwise."""
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=0.05).until(condition)
+    except TimeoutException:
+        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}") from None
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    report = yield
+    item.stash.setdefault(_REPORT, {})[report.when] = report
+    return report
+
+
+@pytest.fixture
+def browser(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WebDriver]:
+    """Headless chromium on a fresh profile; quit after the test."""
+    try:
+        chromium, chromedriver = find_browser(CHROMIUM, CHROMEDRIVER)
+    except BrowserMissing as exc:
+        missing = str(exc)
+    else:
+        missing = ""
+    if missing:
+        pytest.fail(missing, pytrace=False)
+    workdir = tmp_path_factory.mktemp("chromium")
+    driver_log = workdir / "chromedriver.log"
+    service = Service(str(chromedriver), log_output=str(driver_log))
+    try:
+        driver = webdriver.Chrome(
+            service=service, options=chromium_options(chromium, workdir / "profile")
+        )
+    except WebDriverException as exc:
+        failure = (
+            f"chromium did not start: {exc.msg}\n--- chromedriver log ---\n{_tail(driver_log)}"
+        )
+    else:
+        failure = ""
+    if failure:
+        pytest.fail(failure, pytrace=False)
+    driver.set_page_load_timeout(WAIT_SECONDS)
+    try:
+        yield driver
+    finally:
+        call = request.node.stash.get(_REPORT, {}).get("call")
+        if call is not None and call.failed:
+            _print_post_mortem(driver)
+        driver.quit()
+
+
+def _print_post_mortem(driver: WebDriver) -> None:
+    """What the page showed and logged, for the report of a failed test."""
+    try:
+        console = driver.get_log("browser")
+        print(f"--- browser at {driver.current_url} ---")
+        for entry in console:
+            print(f"console {entry['level']}: {entry['message']}")
+        print("--- page text ---")
+        print(driver.find_element("tag name", "body").text)
+    except WebDriverException as exc:
+        print(f"(the browser could not be inspected: {exc.msg})")
+
+
+def _tail(path: Path, limit: int = 4000) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return text if len(text) <= limit else "..." + text[-limit:]
