@@ -10,7 +10,6 @@ test server, which must accept a signed publish.
 
 from __future__ import annotations
 
-import os
 import shutil
 import sqlite3
 import subprocess
@@ -27,6 +26,7 @@ from outbox import migrate
 from outbox.migrate import VERSION_TABLE
 from outbox.sockudo import Sockudo
 from outbox.testing.server import TestServerProcess
+from tests.plugins.processes import child_environment
 
 pytestmark = [pytest.mark.package]
 
@@ -41,15 +41,10 @@ def tail(text: str) -> str:
 
 
 def clean_environment(**extra: str) -> dict[str, str]:
-    """This process's environment without anything that would point Python at the repository."""
-    env = {
-        name: value
-        for name, value in os.environ.items()
-        if name not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP")
-        and not name.startswith("OUTBOX_")
-        and name != "SOCKUDO_URL"
-    }
-    env.update(extra)
+    """A child's environment without anything that would point Python at the repository."""
+    env = child_environment(**extra)
+    for name in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV"):
+        env.pop(name, None)
     return env
 
 
