@@ -48,8 +48,10 @@ def clean_environment(**extra: str) -> dict[str, str]:
     return env
 
 
-def run(command: list[str], cwd: Path, timeout: float = 120, **env: str) -> str:
-    """Run ``command``; fail the test with its output unless it exits 0. Returns stdout + stderr."""
+def run(
+    command: list[str], cwd: Path, timeout: float = 120, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """Run ``command``; fail the test with its output unless it exits 0."""
     done = subprocess.run(
         command,
         cwd=cwd,
@@ -66,16 +68,17 @@ def run(command: list[str], cwd: Path, timeout: float = 120, **env: str) -> str:
             f"\n--- stderr ---\n{tail(done.stderr)}",
             pytrace=False,
         )
-    return done.stdout + done.stderr
+    return done
 
 
 def build(source: Path, out: Path, *options: str) -> None:
     """``python -m build`` of ``source`` into ``out``; fails on an error or a setuptools warning."""
-    output = run(
+    done = run(
         [sys.executable, "-m", "build", *options, "--outdir", str(out), str(source)],
         cwd=out,
         timeout=INSTALL_TIMEOUT,
     )
+    output = done.stdout + done.stderr
     # setuptools frames its warnings in "!!" lines. One is a defect even when the build succeeds:
     # a package missing from pyproject.toml's list is shipped as "data" ("Package would be
     # ignored"), a missing license file is skipped; setuptools is turning both into errors.
@@ -171,7 +174,7 @@ def test_one_version_number(dist: Dist, installed: Installed) -> None:
             "print(outbox.__version__, m.version('sockudo-outbox'), outbox.__file__)",
         ],
         cwd=installed.workdir,
-    ).split()
+    ).stdout.split()
     assert shown[0] == shown[1] == outbox.__version__, shown
     assert dist.wheel.name.startswith(f"sockudo_outbox-{outbox.__version__}-")
     # The installed copy, not this repository's, answered.
@@ -179,7 +182,7 @@ def test_one_version_number(dist: Dist, installed: Installed) -> None:
 
 
 def test_outbox_help(installed: Installed) -> None:
-    shown = run([str(installed.bin / "outbox"), "--help"], cwd=installed.workdir)
+    shown = run([str(installed.bin / "outbox"), "--help"], cwd=installed.workdir).stdout
     for command in ("migrate", "worker", "status", "replay", "enqueue"):
         assert command in shown, shown
 
@@ -187,7 +190,7 @@ def test_outbox_help(installed: Installed) -> None:
 def test_outbox_migrate_uses_the_shipped_migrations(installed: Installed) -> None:
     database = installed.workdir / "outbox.db"
     url = f"sqlite:///{database}"
-    for _ in range(2):  # the second run finds the schema current and changes nothing
+    for _ in range(2):  # and again on a schema that is already current
         run(
             [str(installed.bin / "outbox"), "migrate"],
             cwd=installed.workdir,
@@ -207,7 +210,7 @@ def test_outbox_migrate_uses_the_shipped_migrations(installed: Installed) -> Non
             "from outbox.migrate import migrations_path; print(migrations_path())",
         ],
         cwd=installed.workdir,
-    )
+    ).stdout
     assert Path(shown.strip()).is_relative_to(installed.python.parent.parent), shown
 
 
