@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .database import DEFAULT_DATABASE_URL
 from .schema import DEFAULT_TABLE_NAME
@@ -18,11 +18,16 @@ class SettingsError(ValueError):
     """A setting is missing or malformed; the message names it (and never shows a secret)."""
 
 
-@dataclass(frozen=True)
+#: Longest OUTBOX_TABLE: the index and constraint names derived from it must fit PostgreSQL's
+#: 63-byte identifiers (``uq_<table>_idempotency_key``), or two of them would be truncated alike.
+MAX_TABLE_NAME = 40
+
+
+@dataclass(frozen=True, repr=False)
 class Settings:
     database_url: str = DEFAULT_DATABASE_URL
-    sockudo_url: str = field(default=DEFAULT_SOCKUDO_URL, repr=False)
-    encryption_master_key_base64: str | None = field(default=None, repr=False)
+    sockudo_url: str = DEFAULT_SOCKUDO_URL
+    encryption_master_key_base64: str | None = None
     table_name: str = DEFAULT_TABLE_NAME
     #: Events per /batch_events request; never above the server's batch limit (None: that limit).
     batch_size: int | None = None
@@ -48,7 +53,30 @@ class Settings:
     retention_seconds: float = 7 * 24 * 3600.0
     shutdown_timeout: float = 30.0
 
+    def __repr__(self) -> str:
+        # Built by hand so no secret can reach it: the database password and the Sockudo secret
+        # are masked, the master key is left out.
+        shown = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in ("database_url", "sockudo_url", "encryption_master_key_base64")
+        }
+        fields = ", ".join(f"{name}={value!r}" for name, value in shown.items())
+        return (
+            f"Settings(database_url={mask_url(self.database_url)!r}, "
+            f"sockudo_url={self.masked_sockudo_url!r}, {fields})"
+        )
+
     def __post_init__(self) -> None:
+        if (
+            not self.table_name
+            or len(self.table_name) > MAX_TABLE_NAME
+            or "\x00" in self.table_name
+        ):
+            raise SettingsError(
+                f"OUTBOX_TABLE must be 1 to {MAX_TABLE_NAME} characters without NUL, "
+                f"got {len(self.table_name)}"
+            )
         if self.server_batch_limit < 1:
             raise SettingsError("OUTBOX_SERVER_BATCH_LIMIT must be at least 1")
         if self.batch_size is None:

@@ -69,3 +69,69 @@ def test_repr_hides_the_url_and_master_key():
     assert "s3cr3t-value" not in repr(settings)
     assert "AAAA" not in repr(settings)
     assert settings.masked_sockudo_url == "http://key:***@host:6001/apps/1"
+
+
+#: Secrets as people paste them: base64 (``/``, ``+``, ``=``), URL-reserved characters, ``@``, ``%``.
+AWKWARD_SECRETS = ["ab/cd+ef==", "s?cret", "se#cret", "p@ss:word", "100%/?#@", "sp ace"]
+
+
+@pytest.mark.parametrize("secret", AWKWARD_SECRETS)
+def test_a_sockudo_secret_with_reserved_characters_is_parsed_and_masked(secret):
+    settings = Settings.from_env({"SOCKUDO_URL": f"http://key:{secret}@host:6001/apps/7"})
+    assert settings.sockudo_config().secret == secret
+    assert settings.sockudo_config().app_id == "7"
+    assert settings.masked_sockudo_url == "http://key:***@host:6001/apps/7"
+    assert secret not in repr(settings)
+
+
+@pytest.mark.parametrize("secret", AWKWARD_SECRETS)
+@pytest.mark.parametrize(
+    "template",
+    [
+        "http://key:{s}@host:6001/wrong/path",
+        "ftp://key:{s}@host/apps/1",
+        "http://key:{s}@host:notaport/apps/1",
+        "http://key:{s}@/apps/1",
+    ],
+)
+def test_malformed_sockudo_urls_never_show_an_awkward_secret(secret, template):
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({"SOCKUDO_URL": template.format(s=secret)})
+    assert secret not in str(info.value)
+    assert "***" in str(info.value)
+
+
+@pytest.mark.parametrize("password", ["dbpass", "db/pa?ss#", "p@ss"])
+def test_repr_of_settings_hides_the_database_password(password):
+    from urllib.parse import quote
+
+    url = f"postgresql://user:{quote(password, safe='')}@db.example/outbox"
+    settings = Settings.from_env({"OUTBOX_DATABASE_URL": url})
+    text = repr(settings)
+    assert password not in text and quote(password, safe="") not in text
+    assert "user:***@db.example" in text
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql//user:s3cr/et@host/db",
+        "postgres ql://user:s3cr/et@host/db",
+        "postgresql://user:s3cr/et@host:port/db",
+        "mongodb://user:s3cr/et@host/db",
+    ],
+)
+def test_a_mistyped_database_url_is_never_echoed_with_its_password(url, capsys, monkeypatch):
+    from outbox.cli import main
+
+    monkeypatch.delenv("OUTBOX_DATABASE_URL", raising=False)
+    code = main(["--database-url", url, "status"])
+    err = capsys.readouterr().err
+    assert code in (1, 2)
+    assert "s3cr" not in err, err
+    assert err.startswith("outbox: error: ")
+
+
+def test_an_overlong_table_name_is_refused():
+    with pytest.raises(SettingsError, match="OUTBOX_TABLE"):
+        Settings.from_env({"OUTBOX_TABLE": "t" * 41})

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from dataclasses import dataclass, field, replace
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 from .errors import InvalidEvent, SockudoError
 
@@ -50,25 +51,31 @@ class Config:
 
     @classmethod
     def from_url(cls, url: str, **overrides: object) -> Config:
-        """Parse ``http(s)://KEY:SECRET@HOST[:PORT]/apps/APP_ID``; keyword overrides win."""
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https"):
-            raise ConfigError(f"Sockudo URL must start with http:// or https://: {mask_url(url)}")
-        if not parts.username or not parts.password:
-            raise ConfigError(f"Sockudo URL must carry KEY:SECRET@ credentials: {mask_url(url)}")
-        segments = [s for s in parts.path.split("/") if s]
-        if len(segments) != 2 or segments[0] != "apps":
-            raise ConfigError(f"Sockudo URL path must be /apps/APP_ID: {mask_url(url)}")
+        """Parse ``http(s)://KEY:SECRET@HOST[:PORT]/apps/APP_ID``; keyword overrides win.
+
+        The secret may be written as is, even with characters a URL reserves (``/ ? # @ %``,
+        common in base64 secrets): everything between the key's ``:`` and the last ``@`` before
+        the host is the secret. Percent-escapes in it are decoded.
+        """
+        match = _SOCKUDO_URL.fullmatch(url) if isinstance(url, str) else None
+        if match is None:
+            raise ConfigError(
+                "Sockudo URL must look like http(s)://KEY:SECRET@HOST[:PORT]/apps/APP_ID: "
+                f"{mask_url(str(url))}"
+            )
+        scheme, key, secret, host, port_text, app_id = match.groups()
         try:
-            port = parts.port
-        except ValueError as exc:
-            raise ConfigError(f"Sockudo URL has a bad port: {mask_url(url)}") from exc
-        tls = parts.scheme == "https"
+            port = int(port_text) if port_text else None
+        except ValueError:
+            port = -1
+        if port is not None and not 0 < port < 65536:
+            raise ConfigError(f"Sockudo URL has a bad port: {mask_url(url)}")
+        tls = scheme.lower() == "https"
         values: dict[str, object] = {
-            "app_id": unquote(segments[1]),
-            "key": unquote(parts.username),
-            "secret": unquote(parts.password),
-            "host": parts.hostname or "127.0.0.1",
+            "app_id": unquote(app_id),
+            "key": unquote(key),
+            "secret": unquote(secret),
+            "host": host.strip("[]"),
             "port": port or (443 if tls else 80),
             "use_tls": tls,
         }
@@ -108,16 +115,29 @@ def decode_master_key(value: str) -> bytes:
     return raw
 
 
+#: scheme://KEY:SECRET@HOST[:PORT]/apps/APP_ID, the secret being anything up to the last "@".
+_SOCKUDO_URL = re.compile(
+    r"(https?)://([^:/?#@]+):(.+)@(\[[^\]/]+\]|[^:/?#@\[\]]+)(?::([^/?#@]*))?/apps/([^/?#@]+)/?",
+    re.IGNORECASE,
+)
+#: scheme://USER:PASSWORD@..., the password being anything up to the last "@" of the URL.
+_CREDENTIALS = re.compile(r"^([A-Za-z][A-Za-z0-9+.\- ]*:?//[^:/?#@]*):(.*)@([^@]*)$", re.DOTALL)
+
+
 def mask_url(url: str) -> str:
-    """Hide the password of a URL (``user:***@``); anything unparsable is hidden whole."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        netloc = parts.netloc.rsplit("@", 1)[1]
-        return parts._replace(netloc=f"{parts.username}:***@{netloc}").geturl()
-    except ValueError:
-        return "<unparsable URL>"
+    """The URL with its password replaced by ``***``, whatever characters the password holds.
+
+    Written for URLs people mistype: the password is everything between the user's ``:`` and the
+    last ``@``, so a secret holding ``/``, ``?``, ``#`` or ``@`` (which a URL parser would read
+    as the path, query, fragment or host) is still hidden. Without a recognisable user and
+    ``@``, a URL that still contains an ``@`` is hidden whole.
+    """
+    match = _CREDENTIALS.match(url)
+    if match is not None:
+        return f"{match.group(1)}:***@{match.group(3)}"
+    if "@" in url:
+        return "<URL hidden: it may contain a password>"
+    return url
 
 
 __all__ = ["Config", "ConfigError", "InvalidEvent", "decode_master_key", "mask_url"]
