@@ -5,9 +5,10 @@ Portable SQLAlchemy Core: nothing here is on the hot path, so no dialect-specifi
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -99,34 +100,58 @@ class ReplayFilter:
         return clauses
 
 
+#: Replay works through its selection in pages of this many rows, one short transaction each.
+REPLAY_PAGE = 1_000
+
+_REPLAY_COLUMNS = (
+    "id",
+    "event_id",
+    "idempotency_key",
+    "channel",
+    "event",
+    "status",
+    "attempts",
+    "last_error_status",
+    "last_error_code",
+    "last_error_message",
+    "created_at",
+)
+
+
+def count_for_replay(conn: sa.Connection, table: sa.Table, selection: ReplayFilter) -> int:
+    """How many rows ``selection`` matches (``limit`` included), without loading them."""
+    matching = sa.select(table.c.id).where(*selection.where(table))
+    if selection.limit is not None:
+        matching = matching.limit(selection.limit)
+    return conn.execute(sa.select(sa.func.count()).select_from(matching.subquery())).scalar_one()
+
+
 def select_for_replay(
-    conn: sa.Connection, table: sa.Table, selection: ReplayFilter
+    conn: sa.Connection,
+    table: sa.Table,
+    selection: ReplayFilter,
+    limit: int | None = None,
+    after_id: int = 0,
 ) -> list[dict[str, Any]]:
+    """The selected rows with an id above ``after_id``, oldest first, at most ``limit`` of them."""
     t = table
     query = (
-        sa.select(
-            t.c.id,
-            t.c.event_id,
-            t.c.idempotency_key,
-            t.c.channel,
-            t.c.event,
-            t.c.status,
-            t.c.attempts,
-            t.c.last_error_status,
-            t.c.last_error_code,
-            t.c.last_error_message,
-            t.c.created_at,
-        )
-        .where(*selection.where(t))
+        sa.select(*(t.c[name] for name in _REPLAY_COLUMNS))
+        .where(*selection.where(t), t.c.id > after_id)
         .order_by(t.c.id)
     )
-    if selection.limit is not None:
-        query = query.limit(selection.limit)
+    bound = [n for n in (limit, selection.limit) if n is not None]
+    if bound:
+        query = query.limit(min(bound))
     return [_jsonable(dict(r._mapping)) for r in conn.execute(query)]
 
 
 def replay(
-    conn: sa.Connection, table: sa.Table, selection: ReplayFilter, key: str = KEY_FRESH
+    conn: sa.Connection,
+    table: sa.Table,
+    selection: ReplayFilter,
+    key: str = KEY_FRESH,
+    page: int = REPLAY_PAGE,
 ) -> int:
     """Move the selected events back to pending with a fresh attempt budget; returns how many.
 
@@ -135,18 +160,75 @@ def replay(
     old key would be answered from the server's cache and not delivered, and a failed one would get
     ``503 backpressure`` until the window ends. ``key="keep"`` keeps the key, for replays meant to be
     deduplicated against an earlier delivery.
+
+    Rows are read and updated a page at a time, so memory stays flat however many match. All of
+    it happens in the caller's transaction; :func:`replay_in_pages` commits page by page.
     """
+    return sum(_replay_pages(lambda: contextlib.nullcontext(conn), table, selection, key, page))
+
+
+def replay_in_pages(
+    engine: sa.Engine,
+    table: sa.Table,
+    selection: ReplayFilter,
+    key: str = KEY_FRESH,
+    page: int = REPLAY_PAGE,
+) -> Iterator[int]:
+    """Replay in one short transaction per page; yields the count of each committed page.
+
+    For replays after a long outage (millions of rows): no lock is held for long, memory stays
+    flat, and an interrupted replay has committed what it reports (run it again to finish).
+    """
+    return _replay_pages(engine.begin, table, selection, key, page)
+
+
+def _replay_pages(
+    transaction: Callable[[], contextlib.AbstractContextManager[sa.Connection]],
+    table: sa.Table,
+    selection: ReplayFilter,
+    key: str,
+    page: int,
+) -> Iterator[int]:
+    after_id = 0
+    remaining = selection.limit
+    while remaining is None or remaining > 0:
+        size = page if remaining is None else min(page, remaining)
+        with transaction() as conn:
+            ids = _page_ids(conn, table, selection, size, after_id)
+            if not ids:
+                return
+            changed = _replay_ids(conn, table, selection, key, ids)
+        yield changed
+        after_id = ids[-1]
+        if remaining is not None:
+            remaining -= len(ids)
+        if len(ids) < size:
+            return
+
+
+def _page_ids(
+    conn: sa.Connection, table: sa.Table, selection: ReplayFilter, size: int, after_id: int
+) -> list[int]:
     t = table
-    ids = [row["id"] for row in select_for_replay(conn, table, selection)]
-    if not ids:
-        return 0
-    statuses = list(selection.statuses)
+    query = (
+        sa.select(t.c.id).where(*selection.where(t), t.c.id > after_id).order_by(t.c.id).limit(size)
+    )
+    return list(conn.execute(query).scalars())
+
+
+def _replay_ids(
+    conn: sa.Connection, table: sa.Table, selection: ReplayFilter, key: str, ids: list[int]
+) -> int:
+    t = table
     values: dict[str, Any] = {
         "status": Status.PENDING.value,
         # A kept key may still be known to the server: such a row must go alone through
         # /events (a batch would skip it and answer 200 without delivering it), and a row
         # with one attempt on record is sent alone. A fresh key is new to the server: batchable.
         "attempts": 1 if key == KEY_KEEP else 0,
+        # A replay is a new delivery: a fresh budget, and its age limit counts from now.
+        "failures": 0,
+        "queued_at": utc_now(),
         "next_attempt_at": utc_now(),
         "lease_token": None,
         "lease_expires_at": None,
@@ -160,9 +242,10 @@ def replay(
         "last_error_at": None,
     }
     # Plain comparisons, not IN: an IN list is an "expanding" parameter, which executemany
-    # refuses (every replay failed with "'expanding' parameters can't be used with executemany").
+    # refuses. The status is checked again: a row that changed since it was selected is left.
     guard = sa.and_(
-        t.c.id == sa.bindparam("row_id"), sa.or_(*(t.c.status == state for state in statuses))
+        t.c.id == sa.bindparam("row_id"),
+        sa.or_(*(t.c.status == state for state in selection.statuses)),
     )
     if key == KEY_KEEP:
         stmt = sa.update(t).where(guard).values(**values)
@@ -170,11 +253,75 @@ def replay(
     else:
         stmt = sa.update(t).where(guard).values(**values, idempotency_key=sa.bindparam("new_key"))
         params = [{"row_id": i, "new_key": str(uuid.uuid4())} for i in ids]
-    changed = 0
-    for start in range(0, len(params), 1000):
-        result = conn.execute(stmt, params[start : start + 1000])
-        changed += result.rowcount if result.rowcount >= 0 else len(params[start : start + 1000])
-    return changed
+    result = conn.execute(stmt, params)
+    return result.rowcount if result.rowcount >= 0 else len(params)
+
+
+# -- leases -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A row a worker holds: ``expired`` leases belong to a worker that stopped renewing them."""
+
+    id: int
+    channel: str
+    event: str
+    attempts: int
+    lease_expires_at: dt.datetime
+    expired: bool
+
+
+def leases(conn: sa.Connection, table: sa.Table, limit: int = 100) -> tuple[int, int, list[Lease]]:
+    """(rows leased, of which expired, the oldest ``limit`` leases) by expiry."""
+    t = table
+    now = utc_now()
+    in_flight = t.c.status == Status.IN_FLIGHT.value
+    total, expired = conn.execute(
+        sa.select(
+            sa.func.count(),
+            sa.func.coalesce(sa.func.sum(sa.case((t.c.lease_expires_at <= now, 1), else_=0)), 0),
+        ).where(in_flight)
+    ).one()
+    rows = conn.execute(
+        sa.select(
+            t.c.id,
+            t.c.channel,
+            t.c.event,
+            t.c.attempts,
+            t.c.lease_expires_at,
+            (t.c.lease_expires_at <= now).label("expired"),
+        )
+        .where(in_flight)
+        .order_by(t.c.lease_expires_at, t.c.id)
+        .limit(limit)
+    )
+    return int(total), int(expired), [Lease(**r._mapping) for r in rows]
+
+
+def release_leases(conn: sa.Connection, table: sa.Table, *, expired_only: bool = True) -> int:
+    """Put leased rows back to pending, due now; returns how many.
+
+    They keep their attempt count: a leased row may have been sent, so it goes alone next time
+    (a batch could skip its key and lose it). With ``expired_only=False`` live leases are
+    released too: only for a worker known to be gone, since a live one would send its rows
+    again (the server's idempotency window absorbs that, a late ack of theirs changes nothing).
+    """
+    t = table
+    where = [t.c.status == Status.IN_FLIGHT.value]
+    if expired_only:
+        where.append(t.c.lease_expires_at <= utc_now())
+    stmt = (
+        sa.update(t)
+        .where(*where)
+        .values(
+            status=Status.PENDING.value,
+            next_attempt_at=utc_now(),
+            lease_token=None,
+            lease_expires_at=None,
+        )
+    )
+    return conn.execute(stmt).rowcount
 
 
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from .database import DatabaseURLError, create_engine, display_url
 from .enqueue import enqueue
 from .schema import outbox_table
 from .settings import ENVIRONMENT, Settings, SettingsError
+from .sockudo.crypto import is_encrypted_channel
 from .sockudo.errors import InvalidEvent
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DEAD = 0, 1, 2, 3
@@ -141,12 +142,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--error-code", help="last error code or HTTP status, e.g. 413")
     p.add_argument("--since", type=_timestamp, help="created at or after (ISO 8601)")
     p.add_argument("--until", type=_timestamp, help="created before (ISO 8601)")
-    p.add_argument("--limit", type=int)
+    p.add_argument("--limit", type=_positive_int, help="replay at most this many (oldest first)")
     p.add_argument("--all", action="store_true", help="allow a replay without any filter")
     p.add_argument("--keep-key", action="store_true", help="keep each event's idempotency key")
     p.add_argument("--dry-run", action="store_true", help="show the count and a sample only")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_replay)
+
+    p = commands.add_parser(
+        "leases",
+        help="rows workers hold (in flight): list them, release expired ones",
+        description="List the rows workers hold. A lease that expired belongs to a worker that "
+        "died; the next worker run takes it back by itself, --release-expired does it now. "
+        "Released rows keep their attempt count: they may have been sent, so they go alone.",
+    )
+    release = p.add_mutually_exclusive_group()
+    release.add_argument(
+        "--release-expired", action="store_true", help="put rows whose lease expired back"
+    )
+    release.add_argument(
+        "--release-all",
+        action="store_true",
+        help="put every leased row back, live leases too (only when no worker is running)",
+    )
+    p.add_argument("--limit", type=_positive_int, default=20, help="leases to list (default 20)")
+    p.set_defaults(handler=cmd_leases)
 
     commands.add_parser("bench", help="the benchmark harness (see `outbox bench --help`)")
 
@@ -276,22 +296,59 @@ def cmd_replay(args: argparse.Namespace) -> int:
     table = outbox_table(settings.table_name)
     key = admin.KEY_KEEP if args.keep_key else admin.KEY_FRESH
     try:
-        if args.dry_run:
-            with engine.connect() as conn:
-                rows = admin.select_for_replay(conn, table, selection)
-            _print_replay(rows, args.json, dry_run=True)
-            return EXIT_OK
-        with engine.begin() as conn:
-            rows = admin.select_for_replay(conn, table, selection)
-            count = admin.replay(conn, table, selection, key=key)
+        with engine.connect() as conn:
+            matched = admin.count_for_replay(conn, table, selection)
+            sample = admin.select_for_replay(conn, table, selection, limit=_SAMPLE)
+        replayed = 0
+        if not args.dry_run:
+            # A page per transaction: flat memory and short locks, however many rows match.
+            replayed = sum(admin.replay_in_pages(engine, table, selection, key=key))
     finally:
         engine.dispose()
-    _print_replay(rows, args.json, dry_run=False, replayed=count, key=key)
+    _print_replay(matched, sample, args.json, dry_run=args.dry_run, replayed=replayed, key=key)
+    return EXIT_OK
+
+
+def cmd_leases(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    engine = create_engine(settings.database_url)
+    _require_schema(engine, settings)
+    table = outbox_table(settings.table_name)
+    try:
+        if args.release_expired or args.release_all:
+            with engine.begin() as conn:
+                released = admin.release_leases(conn, table, expired_only=not args.release_all)
+            what = "expired lease(s)" if args.release_expired else "lease(s)"
+            print(f"released {released} {what}")
+            return EXIT_OK
+        with engine.connect() as conn:
+            total, expired, listed = admin.leases(conn, table, limit=args.limit)
+    finally:
+        engine.dispose()
+    print(f"{total} leased row(s), {expired} expired")
+    for lease in listed:
+        state = "EXPIRED" if lease.expired else "live"
+        print(
+            f"  row {lease.id} {lease.channel} {lease.event} (attempts {lease.attempts}) "
+            f"lease until {lease.lease_expires_at.isoformat()} {state}"
+        )
+    if total > len(listed):
+        print(f"  ... and {total - len(listed)} more")
+    if expired:
+        print("release them with: outbox leases --release-expired")
     return EXIT_OK
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    if is_encrypted_channel(args.channel) and not os.environ.get(MASTER_KEY_VARIABLE):
+        # This shell is where a worker would read its settings: without the key there, no
+        # worker started from it could ever send the event.
+        raise CommandError(
+            f"{args.channel} is an encrypted channel and {MASTER_KEY_VARIABLE} is not set: "
+            "a worker needs it to send the event",
+            EXIT_USAGE,
+        )
     engine = create_engine(settings.database_url)
     _require_schema(engine, settings)
     try:
@@ -316,6 +373,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 # -- helpers --------------------------------------------------------------------------------
 
 
+MASTER_KEY_VARIABLE = ENVIRONMENT["encryption_master_key_base64"][0]
 #: What the commands that never publish read from the environment.
 _DATABASE_VARIABLES = ("OUTBOX_DATABASE_URL", "OUTBOX_TABLE")
 
@@ -354,6 +412,20 @@ def _split_ids(values: Sequence[str]) -> tuple[list[int], list[uuid.UUID]]:
     return row_ids, event_ids
 
 
+#: Rows shown by a replay (and its dry run) before "... and N more".
+_SAMPLE = 10
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
 def _timestamp(value: str) -> dt.datetime:
     try:
         parsed = dt.datetime.fromisoformat(value)
@@ -379,29 +451,29 @@ def _render_status(report: admin.StatusReport) -> str:
 
 
 def _print_replay(
-    rows: list[dict[str, Any]],
+    matched: int,
+    sample: list[dict[str, Any]],
     as_json: bool,
     dry_run: bool,
     replayed: int = 0,
     key: str = admin.KEY_FRESH,
 ) -> None:
-    sample = rows[:10]
     if as_json:
-        payload = {"matched": len(rows), "sample": sample, "dry_run": dry_run}
+        payload = {"matched": matched, "sample": sample, "dry_run": dry_run}
         if not dry_run:
             payload |= {"replayed": replayed, "keys": key}
         print(json.dumps(payload, indent=2))
         return
     verb = "would replay" if dry_run else f"replayed {replayed} of"
-    print(f"{verb} {len(rows)} event(s)")
+    print(f"{verb} {matched} event(s)")
     for row in sample:
         print(
             f"  row {row['id']} {row['channel']} {row['event']} {row['status']} "
             f"[{row['last_error_status'] or ''} {row['last_error_code'] or ''}] "
             f"{row['last_error_message'] or ''}"
         )
-    if len(rows) > len(sample):
-        print(f"  ... and {len(rows) - len(sample)} more")
+    if matched > len(sample):
+        print(f"  ... and {matched - len(sample)} more")
 
 
 def _fail(message: str) -> None:

@@ -34,6 +34,8 @@ from .sockudo.events import batch_body, dump_body, event_item, seal_for_channel
 from .sockudo.responses import ChannelAck
 
 BACKPRESSURE = "backpressure"
+SERVICE_UNAVAILABLE = "service_unavailable"
+NO_MASTER_KEY = "no_master_key"
 
 
 @dataclass
@@ -43,15 +45,22 @@ class Outcome:
     published: list[Ack] = field(default_factory=list)
     #: Endpoint trouble: try again later (the worker picks the delay and applies the budget).
     retry: list[tuple[ClaimedRow, PublishFailed]] = field(default_factory=list)
-    #: Endpoint trouble before a byte left (connection refused): try again later, and take the
-    #: attempt back, so a first attempt stays batchable after an outage.
+    #: Endpoint trouble that claimed nothing on the server (connection refused, rate limit,
+    #: idempotency cache down): try again later, and take the attempt back, so a first attempt
+    #: stays batchable after an outage.
     retry_unsent: list[tuple[ClaimedRow, PublishFailed]] = field(default_factory=list)
     #: The server refused the event itself: dead-letter with its reason.
     refused: list[tuple[ClaimedRow, PublishFailed]] = field(default_factory=list)
     #: The server refused our credentials: no event is at fault; keep the rows pending.
     misconfigured: list[tuple[ClaimedRow, PublishFailed]] = field(default_factory=list)
+    #: This worker cannot send the row (an encrypted channel, no master key): the row waits,
+    #: the worker goes on with the others.
+    unsendable: list[tuple[ClaimedRow, PublishFailed]] = field(default_factory=list)
     #: Never sent (the worker is stopping): give the rows back untouched.
     unsent: list[ClaimedRow] = field(default_factory=list)
+    #: Rows a request of this claim carried (first attempts whose batch went out): their
+    #: attempt can never be taken back, or they would be batched again.
+    carried: set[int] = field(default_factory=set)
     #: The endpoint-level errors seen, for the worker-wide breaker (backpressure excluded).
     endpoint_errors: list[EndpointUnavailable] = field(default_factory=list)
     #: The refusal of this claim's batch request, if it was refused (see ``_publish_alone``).
@@ -107,22 +116,17 @@ class Deliverer:
                 items[row.id] = row_item(row, self._master_key)
             except InvalidEvent as exc:
                 # Only an encrypted row without a configured master key gets here: the
-                # worker's settings are at fault, not the event.
-                outcome.misconfigured.append(
-                    (row, ClientMisconfigured(str(exc), code="no_master_key"))
-                )
+                # worker's settings are at fault, not the event, and not the other rows.
+                outcome.unsendable.append((row, ClientMisconfigured(str(exc), code=NO_MASTER_KEY)))
         first = [r for r in rows if r.id in items and r.first_attempt]
         again = [r for r in rows if r.id in items and not r.first_attempt]
         alone_now: list[ClaimedRow] = []
-        batch_sent = False
         if first:
-            alone_now, batch_sent = await self._publish_batch(first, items, outcome)
+            alone_now = await self._publish_batch(first, items, outcome)
         await asyncio.gather(
-            *(self._publish_alone(r, items[r.id], outcome, may_skip=False) for r in again),
+            *(self._publish_alone(r, items[r.id], outcome) for r in again),
             *(
-                self._publish_alone(
-                    r, items[r.id], outcome, not batch_sent, after_refusal=outcome.batch_refusal
-                )
+                self._publish_alone(r, items[r.id], outcome, after_refusal=outcome.batch_refusal)
                 for r in alone_now
             ),
         )
@@ -130,16 +134,13 @@ class Deliverer:
 
     async def _publish_batch(
         self, rows: list[ClaimedRow], items: dict[int, dict[str, Any]], outcome: Outcome
-    ) -> tuple[list[ClaimedRow], bool]:
-        """Send first attempts as one batch.
-
-        Returns the rows to send alone right away, and whether a batch request carried them.
-        """
+    ) -> list[ClaimedRow]:
+        """Send first attempts as one batch; returns the rows to send alone right away."""
         if self._stopping():
             outcome.unsent.extend(rows)
-            return [], False
+            return []
         if len(rows) == 1:  # a batch of one buys nothing; /events answers with its ack id
-            return rows, False
+            return rows
         body = batch_body([items[r.id] for r in rows], self._client.limits)
         outcome.requests += 1
         outcome.sent_as_batch += len(rows)
@@ -148,45 +149,49 @@ class Deliverer:
         except EventRefused as exc:
             # Which item was bad is not said, and the items before it were published: re-send
             # each alone (their repeats are answered from the server's cache).
+            outcome.carried.update(r.id for r in rows)
             outcome.batch_refusal = exc
-            return rows, True
+            return rows
         except ClientMisconfigured as exc:
+            # Refused by authentication, before any key was claimed: nothing was carried.
             outcome.misconfigured.extend((r, exc) for r in rows)
-            return [], True
+            return []
         except EndpointUnavailable as exc:
-            retry = outcome.retry_unsent if never_sent(exc) else outcome.retry
-            retry.extend((r, exc) for r in rows)
+            if nothing_claimed(exc):
+                outcome.retry_unsent.extend((r, exc) for r in rows)
+            else:
+                outcome.carried.update(r.id for r in rows)
+                outcome.retry.extend((r, exc) for r in rows)
             outcome.endpoint_errors.append(exc)
-            return [], True
+            return []
         acks = result.batch
         for index, row in enumerate(rows):
             ack = acks[index] if index < len(acks) else ChannelAck()
             outcome.published.append(_ack(row, ack))
-        return [], True
+        return []
 
     async def _publish_alone(
         self,
         row: ClaimedRow,
         item: dict[str, Any],
         outcome: Outcome,
-        may_skip: bool,
         after_refusal: EventRefused | None = None,
     ) -> None:
-        """Send one row through ``/events``. ``may_skip``: no request ever carried this row, so a
-        stopping worker may give it back instead of sending it. ``after_refusal``: the refusal
-        of the batch this row (on its first attempt) was just sent in."""
+        """Send one row through ``/events``. ``after_refusal``: the refusal of the batch this
+        row (on its first attempt) was just sent in."""
         async with self._alone:
-            if may_skip and self._stopping():
+            if self._stopping():
+                # Not sent yet: given back, whatever attempt it is on. A row its batch carried
+                # keeps its attempt (the worker releases it without a refund).
                 outcome.unsent.append(row)
                 return
+            carried = row.id in outcome.carried
             if outcome.endpoint_errors or self._paused():
                 # The endpoint just failed (in this claim, or the worker paused for another
                 # claim's failures): the rest of the rows would only fail too, or burst into a
                 # rate limit. They wait for the backoff without a request.
                 exc = outcome.endpoint_errors[-1] if outcome.endpoint_errors else _PAUSED
-                (
-                    outcome.retry_unsent if may_skip or not row.first_attempt else outcome.retry
-                ).append((row, exc))
+                (outcome.retry if carried else outcome.retry_unsent).append((row, exc))
                 return
             outcome.requests += 1
             outcome.sent_alone += 1
@@ -196,6 +201,8 @@ class Deliverer:
                 outcome.refused.append((row, exc))
                 return
             except ClientMisconfigured as exc:
+                # Refused by authentication; the worker takes the attempt back unless the row
+                # is in ``carried`` (see there).
                 outcome.misconfigured.append((row, exc))
                 return
             except EndpointUnavailable as exc:
@@ -214,7 +221,7 @@ class Deliverer:
                     return
                 # A refund is safe only if no request ever carried the row: a first attempt
                 # whose batch went out must never become batchable again.
-                refund = never_sent(exc) and (may_skip or not row.first_attempt)
+                refund = nothing_claimed(exc) and not carried
                 (outcome.retry_unsent if refund else outcome.retry).append((row, exc))
                 if exc.code != BACKPRESSURE:
                     outcome.endpoint_errors.append(exc)
@@ -227,9 +234,18 @@ _PAUSED = EndpointUnavailable(
 )
 
 
-def never_sent(exc: EndpointUnavailable) -> bool:
-    """True when the request provably did not reach the server (the connection never opened)."""
-    return exc.status is None and not exc.maybe_delivered
+def nothing_claimed(exc: EndpointUnavailable) -> bool:
+    """True when the server provably claimed none of the request's idempotency keys.
+
+    The connection never opened; or Sockudo answered before its idempotency layer ran: its rate
+    limiter (429) sits in front of everything, and an unreachable idempotency cache
+    (``503 service_unavailable``) refuses to publish without a claim. A row refused this way may
+    go in a batch again. (401/404 come from authentication, also before any claim; they are
+    :class:`ClientMisconfigured`, handled apart.)
+    """
+    if exc.status is None:
+        return not exc.maybe_delivered
+    return exc.status == 429 or (exc.status == 503 and exc.code == SERVICE_UNAVAILABLE)
 
 
 def _ack(row: ClaimedRow, ack: ChannelAck) -> Ack:
@@ -242,11 +258,15 @@ def _ack(row: ClaimedRow, ack: ChannelAck) -> Ack:
 
 
 def _text(value: object) -> str | None:
-    return None if value is None else str(value)[:64]
+    return None if value is None else str(value)
 
 
 def failure_of(
-    row: ClaimedRow, exc: PublishFailed, delay: float = 0.0, prefix: str = ""
+    row: ClaimedRow,
+    exc: PublishFailed,
+    delay: float = 0.0,
+    prefix: str = "",
+    charged: bool = False,
 ) -> Failure:
     return Failure(
         id=row.id,
@@ -254,4 +274,5 @@ def failure_of(
         code=exc.code,
         message=f"{prefix}{exc.message}",
         delay=delay,
+        charged=charged,
     )

@@ -27,8 +27,9 @@ from .sockudo.events import (
     Limits,
     check_text,
     encode_data,
-    validate_channels,
+    validate_channel_name,
     validate_event_fields,
+    validate_extras,
 )
 
 SyncTarget = Session | sa.Connection
@@ -122,9 +123,14 @@ def build_rows(
     item: OutboxEvent, limits: Limits = DEFAULT_LIMITS
 ) -> tuple[uuid.UUID, list[dict[str, Any]]]:
     """Validate one event and return its id and the row values, one row per channel (pure)."""
-    channels = validate_channels(
-        [item.channel] if isinstance(item.channel, str) else item.channel, limits
-    )
+    # One row per channel: the request-level rules (how many channels one request may carry, an
+    # encrypted channel alone) do not apply, each name is checked on its own.
+    raw_channels = [item.channel] if isinstance(item.channel, str) else item.channel
+    if not isinstance(raw_channels, Sequence) or isinstance(raw_channels, str):
+        raise InvalidEvent("channels must be a channel name or a list of them", field="channel")
+    channels = [validate_channel_name(c, limits) for c in raw_channels]
+    if not channels:
+        raise InvalidEvent("at least one channel is required", field="channel")
     if len(set(channels)) != len(channels):
         # Two rows of one event on one channel would share a derived key (a unique violation
         # that aborts the caller's PostgreSQL transaction) and publish the event twice.
@@ -140,7 +146,7 @@ def build_rows(
     if "\x00" in data:
         # PostgreSQL text cannot hold NUL; a str is stored as given (JSON-encoded data escapes it).
         raise InvalidEvent("data must not contain NUL characters", field="data")
-    if crypto.is_encrypted_channel(channels[0]):
+    if any(crypto.is_encrypted_channel(c) for c in channels):
         # The server measures the sealed envelope, about 4/3 of the plaintext: refuse here what
         # it would refuse (413) at every attempt.
         sealed = _sealed_size(len(data.encode("utf-8")))
@@ -164,12 +170,14 @@ def build_rows(
             )
     info = _info_text(item.info)
     tags = _json_text(item.tags, "tags", require_str_values=True)
-    extras = _json_text(item.extras, "extras")
+    extras = _json_text(validate_extras(item.extras), "extras")
     event_id = uuid.uuid4()
     base_key = item.idempotency_key if item.idempotency_key is not None else str(event_id)
     rows = []
     for channel in channels:
-        key = base_key if len(channels) == 1 else derive_channel_key(base_key, channel)
+        # Derived for one channel as for several: the key of (event key, channel) must not
+        # depend on the list the channel came in, or the same event could be enqueued twice.
+        key = derive_channel_key(base_key, channel)
         nonce = crypto.random_nonce() if crypto.is_encrypted_channel(channel) else None
         rows.append(
             {

@@ -75,6 +75,8 @@ class EndpointBreaker:
         self._openings = 0
         self._open_until = 0.0
         self.reason = ""
+        #: Whether the endpoint's last answer was a success. A fresh worker knows nothing yet.
+        self.serving = False
 
     @property
     def is_open(self) -> bool:
@@ -90,6 +92,7 @@ class EndpointBreaker:
         return self._consecutive >= self._threshold
 
     def record_success(self) -> None:
+        self.serving = True
         self._consecutive = 0
         self._openings = 0
         self._open_until = 0.0
@@ -101,6 +104,7 @@ class EndpointBreaker:
         Failures of requests that were already in flight when the breaker opened do not open it
         again: one burst of concurrent failures is one opening, not a stretched pause.
         """
+        self.serving = False
         if self.is_open:
             return None
         self._consecutive += 1
@@ -114,6 +118,7 @@ class EndpointBreaker:
 
     def pause_for(self, seconds: float, reason: str) -> None:
         """Open for a fixed time (misconfiguration: retry slowly, whatever the count)."""
+        self.serving = False
         self._consecutive = max(self._consecutive, self._threshold)
         self._open_until = self._clock() + seconds
         self.reason = reason

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import hashlib
+import re
 from functools import cache
 
 import sqlalchemy as sa
@@ -17,6 +19,9 @@ from sqlalchemy.sql.expression import FunctionElement
 
 DEFAULT_TABLE_NAME = "outbox_events"
 ERROR_MESSAGE_MAX = 500
+ERROR_CODE_MAX = 64
+ACK_ID_MAX = 200
+SERIAL_MAX = 64
 
 
 class Status(enum.StrEnum):
@@ -109,17 +114,24 @@ def outbox_table(name: str = DEFAULT_TABLE_NAME, schema: str | None = None) -> s
         # Fixed at enqueue for private-encrypted- channels: every attempt seals to the same bytes.
         sa.Column("encryption_nonce", sa.LargeBinary(24), nullable=True),
         sa.Column("status", sa.String(16), nullable=False, server_default=Status.PENDING.value),
+        # Times the row was claimed to be sent. A row claimed once is on its first attempt and may
+        # go in a batch; a claim whose request provably never left is taken back.
         sa.Column("attempts", sa.Integer(), nullable=False, server_default="0"),
+        # Failed attempts charged to the event itself: its budget (OUTBOX_MAX_ATTEMPTS). Outages,
+        # rate limits, backpressure and requests that never left are not the event's failures.
+        sa.Column("failures", sa.Integer(), nullable=False, server_default="0"),
         sa.Column("next_attempt_at", UTCDateTime(), nullable=False, server_default=utc_now()),
         sa.Column("lease_token", sa.Uuid(as_uuid=True), nullable=True),
         sa.Column("lease_expires_at", UTCDateTime(), nullable=True),
         sa.Column("created_at", UTCDateTime(), nullable=False, server_default=utc_now()),
+        # When the event last entered the queue (enqueue or replay): its age limit counts from here.
+        sa.Column("queued_at", UTCDateTime(), nullable=False, server_default=utc_now()),
         sa.Column("published_at", UTCDateTime(), nullable=True),
-        sa.Column("acknowledgement_id", sa.String(200), nullable=True),
-        sa.Column("message_serial", sa.String(64), nullable=True),
-        sa.Column("history_serial", sa.String(64), nullable=True),
+        sa.Column("acknowledgement_id", sa.String(ACK_ID_MAX), nullable=True),
+        sa.Column("message_serial", sa.String(SERIAL_MAX), nullable=True),
+        sa.Column("history_serial", sa.String(SERIAL_MAX), nullable=True),
         sa.Column("last_error_status", sa.Integer(), nullable=True),
-        sa.Column("last_error_code", sa.String(64), nullable=True),
+        sa.Column("last_error_code", sa.String(ERROR_CODE_MAX), nullable=True),
         sa.Column("last_error_message", sa.String(ERROR_MESSAGE_MAX), nullable=True),
         sa.Column("last_error_at", UTCDateTime(), nullable=True),
         sa.UniqueConstraint("idempotency_key", name=f"uq_{name}_idempotency_key"),
@@ -145,6 +157,26 @@ def outbox_table(name: str = DEFAULT_TABLE_NAME, schema: str | None = None) -> s
         sa.Index(f"ix_{name}_status_created", "status", "created_at"),
         sa.Index(f"ix_{name}_event_id", "event_id"),
     )
+
+
+_PLAIN_NAME = re.compile(r"[a-z_][a-z0-9_]{0,53}")
+
+
+def trigger_base_name(table_name: str) -> str:
+    """The base of the names derived for a table's NOTIFY trigger (function, trigger, channel).
+
+    A plain lowercase name is used as is (``outbox_events`` -> ``outbox_events_enqueued``); any
+    other name (quotes, spaces, capitals, over 54 characters) is replaced by a hash of it, so the
+    derived names are safe SQL text and fit PostgreSQL's 63-byte identifiers.
+    """
+    if _PLAIN_NAME.fullmatch(table_name):
+        return table_name
+    return "outbox_" + hashlib.sha256(table_name.encode("utf-8")).hexdigest()[:20]
+
+
+def notify_channel(table_name: str) -> str:
+    """The LISTEN/NOTIFY channel an INSERT into this table notifies (migration 0002)."""
+    return f"{trigger_base_name(table_name)}_enqueued"
 
 
 def metadata_for(name: str = DEFAULT_TABLE_NAME, schema: str | None = None) -> sa.MetaData:

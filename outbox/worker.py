@@ -21,7 +21,14 @@ from typing import TypeVar
 import sqlalchemy as sa
 
 from .database import create_engine, display_url, libpq_conninfo
-from .delivery import Deliverer, Outcome, failure_of
+from .delivery import (
+    BACKPRESSURE,
+    NO_MASTER_KEY,
+    SERVICE_UNAVAILABLE,
+    Deliverer,
+    Outcome,
+    failure_of,
+)
 from .dialects import ClaimedRow, Dialect, Failure, dialect_for
 from .retry import EndpointBreaker, RetryPolicy
 from .schema import outbox_table
@@ -34,6 +41,10 @@ T = TypeVar("T")
 
 #: How many times a finished publish tries to record its outcome before leaving it to the lease.
 _RECORD_TRIES = 5
+#: Retention deletes published rows in pages of this many, one short transaction each ...
+_TRIM_PAGE = 5_000
+#: ... and looks again this often (seconds) once it has caught up.
+_TRIM_INTERVAL = 30.0
 
 
 @dataclass
@@ -103,6 +114,9 @@ class Worker:
         )
         slots = asyncio.Semaphore(self.settings.in_flight)
         listener = self._start_listener()
+        # A killed run leaves rows leased: take back the expired leases before the first claim,
+        # so a cron-style --once run (the usual next run after a crash) publishes them too.
+        await self._reclaim_expired()
         upkeep = asyncio.create_task(self._upkeep())
         log.info(
             "worker started: database %s, sockudo %s, batch %d, %d in flight",
@@ -131,6 +145,11 @@ class Worker:
 
     async def _claim_loop(self, deliverer: Deliverer, slots: asyncio.Semaphore, once: bool) -> None:
         while not self.stopping:
+            if once and self.breaker.is_open:
+                # A --once run tries what is due once; a paused endpoint (down, or refusing our
+                # credentials) is for the next run, not a reason to wait or spin here.
+                log.warning("publishing is paused (%s); --once stops here", self.breaker.reason)
+                return
             await self.breaker.wait_closed(self._stopping)
             if self.stopping:
                 break
@@ -222,8 +241,12 @@ class Worker:
         finally:
             renewal.cancel()
         self.stats.requests += outcome.requests
+        # An endpoint failure is the event's own only when the endpoint was serving others
+        # just before (its last answer was a success, the breaker closed). During an outage,
+        # or for a fresh worker that has seen no success yet, nothing is charged.
+        endpoint_serving = self.breaker.serving and not self.breaker.tripped
         self._update_breaker(outcome)
-        retry, refunded, dead = self._plan_failures(outcome)
+        retry, refunded, dead = self._plan_failures(outcome, endpoint_serving)
         await self._record(token, outcome, retry, refunded, dead)
         elapsed_ms = (time.perf_counter() - started) * 1000
         log.info(
@@ -277,15 +300,16 @@ class Worker:
             self.breaker.record_success()
 
     def _plan_failures(
-        self, outcome: Outcome
+        self, outcome: Outcome, endpoint_serving: bool
     ) -> tuple[list[Failure], list[Failure], list[Failure]]:
         """Decide retry-or-dead for each failed row: (retry, retry with refund, dead).
 
-        The attempt budget is not charged during an outage, on backpressure (the server is
-        busy with this very key), or for a request that never left (its attempt is refunded).
+        Only failures that are the event's own are charged to its budget and can end it by
+        age: a refusal, or endpoint trouble while the endpoint was serving others. An outage,
+        a rate limit, backpressure (the server is busy with this very key), an unreachable
+        idempotency cache, or a request that never left are free, however long they last.
         """
         now = dt.datetime.now(dt.UTC)
-        outage = self.breaker.tripped
         retry: list[Failure] = []
         refunded: list[Failure] = []
         dead: list[Failure] = []
@@ -297,23 +321,30 @@ class Worker:
                 row.channel,
                 exc,
             )
-            dead.append(failure_of(row, exc))
+            dead.append(failure_of(row, exc, charged=True))
         failed = [(row, exc, False) for row, exc in outcome.retry]
         failed += [(row, exc, True) for row, exc in outcome.retry_unsent]
         for row, exc, refund in failed:
-            age = (now - row.created_at).total_seconds()
-            free = outage or refund or exc.code == "backpressure"
-            reason = self.policy.give_up_reason(0 if free else row.attempts, age)
-            if reason is not None:
-                log.warning(
-                    "event %s (row %d) dead-lettered, %s: %s",
-                    row.idempotency_key,
-                    row.id,
-                    reason,
-                    exc,
-                )
-                dead.append(failure_of(row, exc, prefix=f"{reason}; last error: "))
-                continue
+            free = (
+                refund
+                or not endpoint_serving
+                or exc.status == 429
+                or exc.code in (BACKPRESSURE, SERVICE_UNAVAILABLE)
+            )
+            if not free:
+                age = (now - row.queued_at).total_seconds()
+                reason = self.policy.give_up_reason(row.failures + 1, age)
+                if reason is not None:
+                    log.warning(
+                        "event %s (row %d) dead-lettered, %s: %s",
+                        row.idempotency_key,
+                        row.id,
+                        reason,
+                        exc,
+                    )
+                    failure = failure_of(row, exc, prefix=f"{reason}; last error: ", charged=True)
+                    dead.append(failure)
+                    continue
             delay = self.policy.delay(row.attempts, exc.retry_after)
             log.warning(
                 "event %s (row %d) will be retried %sin %.1f s: %s",
@@ -323,7 +354,36 @@ class Worker:
                 delay,
                 exc,
             )
-            (refunded if refund else retry).append(failure_of(row, exc, delay=delay))
+            failure = failure_of(row, exc, delay=delay, charged=not free)
+            (refunded if refund else retry).append(failure)
+        # Refused by authentication, before any key was claimed: no event is at fault. Due at
+        # once: this worker's breaker keeps it from retrying before its pause ends, and a
+        # correctly configured worker (or this one, restarted with the fix) should not wait.
+        # A row a request of this claim carried keeps its attempt (see Outcome.carried).
+        for row, exc in outcome.misconfigured:
+            (retry if row.id in outcome.carried else refunded).append(failure_of(row, exc))
+        if outcome.unsendable:
+            wait = self.settings.misconfigured_retry_seconds
+            log.error(
+                "%d row(s) for encrypted channels (first: row %d, %s) cannot be sent: this worker "
+                "has no encryption master key; set SOCKUDO_ENCRYPTION_MASTER_KEY_BASE64. They wait "
+                "(tried again every %g s); the other rows go on",
+                len(outcome.unsendable),
+                outcome.unsendable[0][0].id,
+                outcome.unsendable[0][0].channel,
+                wait,
+            )
+            for row, _exc in outcome.unsendable:
+                refunded.append(
+                    Failure(
+                        id=row.id,
+                        status=None,
+                        code=NO_MASTER_KEY,
+                        message="not sent: this worker has no encryption master key "
+                        "(set SOCKUDO_ENCRYPTION_MASTER_KEY_BASE64)",
+                        delay=wait,
+                    )
+                )
         return retry, refunded, dead
 
     async def _record(
@@ -335,10 +395,10 @@ class Worker:
         dead: list[Failure],
     ) -> None:
         """Write the outcome in one short transaction, retrying while the database is away."""
-        # Due at once: this worker's breaker keeps it from retrying before its pause ends, and
-        # a correctly configured worker (or this one, restarted with the fix) should not wait.
-        refunded = refunded + [failure_of(row, exc) for row, exc in outcome.misconfigured]
-        unsent = [row.id for row in outcome.unsent]
+        # Rows not sent because the worker is stopping go back; a row whose batch went out keeps
+        # its attempt, so it is not batched again.
+        give_back = [row.id for row in outcome.unsent if row.id not in outcome.carried]
+        give_back_carried = [row.id for row in outcome.unsent if row.id in outcome.carried]
         acked = 0
 
         def write(conn: sa.Connection) -> None:
@@ -350,7 +410,8 @@ class Worker:
             d.reschedule(conn, t, token, retry)
             d.reschedule(conn, t, token, refunded, refund_attempt=True)
             d.mark_dead(conn, t, token, dead)
-            d.release(conn, t, token, unsent)
+            d.release(conn, t, token, give_back)
+            d.release(conn, t, token, give_back_carried, refund_attempt=False)
 
         for attempt in range(1, _RECORD_TRIES + 1):
             try:
@@ -381,31 +442,45 @@ class Worker:
     async def _upkeep(self) -> None:
         """Reclaim expired leases and trim published history, forever."""
         interval = max(0.5, min(self.settings.lease_seconds / 4, 15.0))
-        last_trim = 0.0
+        next_trim = 0.0
         while True:
+            if self.settings.retention_seconds and time.monotonic() >= next_trim:
+                await self._trim_published()
+                next_trim = time.monotonic() + _TRIM_INTERVAL
             await asyncio.sleep(interval)
-            try:
-                reclaimed = await self._db(self.dialect.reclaim_expired, self.table)
-                if reclaimed:
-                    log.warning("reclaimed %d row(s) whose lease expired", reclaimed)
-                    self.wake()
-                if self.settings.retention_seconds and time.monotonic() - last_trim > 60:
-                    last_trim = time.monotonic()
-                    await asyncio.to_thread(self._trim_published)
-            except sa.exc.DBAPIError as exc:
-                log.warning("upkeep skipped: %s", _short(exc))
+            await self._reclaim_expired()
 
-    def _trim_published(self) -> None:
+    async def _reclaim_expired(self) -> None:
+        try:
+            reclaimed = await self._db(self.dialect.reclaim_expired, self.table)
+        except sa.exc.DBAPIError as exc:
+            log.warning("could not reclaim expired leases: %s", _short(exc))
+            return
+        if reclaimed:
+            log.warning("reclaimed %d row(s) whose lease expired", reclaimed)
+            self.wake()
+
+    async def _trim_published(self) -> None:
+        """Delete published rows past the retention period, a page per short transaction.
+
+        Pages follow each other as long as they come back full, so retention keeps up with any
+        drain rate without one long-running delete holding locks.
+        """
         cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=self.settings.retention_seconds)
-        t = self.table
-        doomed = (
-            sa.select(t.c.id)
-            .where(t.c.status == "published", t.c.published_at < cutoff)
-            .limit(10_000)
-            .scalar_subquery()
-        )
-        with self.engine.begin() as conn:
-            conn.execute(sa.delete(t).where(t.c.id.in_(doomed)))
+        deleted = 0
+        while not self.stopping:
+            try:
+                page = await self._db(
+                    self.dialect.delete_published_before, self.table, cutoff, _TRIM_PAGE
+                )
+            except sa.exc.DBAPIError as exc:
+                log.warning("retention skipped: %s", _short(exc))
+                return
+            deleted += page
+            if page < _TRIM_PAGE:
+                break
+        if deleted:
+            log.info("retention: deleted %d published row(s) older than the retention", deleted)
 
     def _start_listener(self) -> threading.Event | None:
         if self.engine.dialect.name != "postgresql":

@@ -173,7 +173,7 @@ _BATCH = re.compile(
     r"batch of (\d+): (\d+) published \((\d+) in a batch, (\d+) alone\), (\d+) to retry, "
     r"(\d+) dead, (\d+) given back"
 )
-_RETRY = re.compile(r"event (\S+) \(row (\d+)\) will be retried alone in ([\d.]+) s: (.*)$")
+_RETRY = re.compile(r"event (\S+) \(row (\d+)\) will be retried (?:alone )?in ([\d.]+) s: (.*)$")
 
 
 @dataclass
@@ -242,7 +242,12 @@ def retry_lines(text: str) -> list[RetryLine]:
     return out
 
 
-DATABASE_ERROR_MARKERS = ("database error during", "upkeep skipped", "could not record")
+DATABASE_ERROR_MARKERS = (
+    "database error during",
+    "could not reclaim",
+    "retention skipped",
+    "could not record",
+)
 
 
 def database_errors(text: str) -> int:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from outbox import enqueue, outbox_table
+from outbox import derive_channel_key, enqueue, outbox_table
 from outbox.cli import main
 from outbox.database import create_engine
 from outbox.settings import ENVIRONMENT
@@ -92,11 +92,11 @@ def test_enqueue_prints_the_event_id_and_writes_the_row(env, engine, capsys):
         "created",
         '{"id": 1}',
     )
-    assert row.idempotency_key == str(event_id)
+    assert row.idempotency_key == derive_channel_key(str(event_id), "orders")
 
     code, out, err = cli(capsys, "enqueue", "orders", "created", "x", "--idempotency-key", "k-1")
     assert code == 0, err
-    assert rows(engine)[2].idempotency_key == "k-1"
+    assert rows(engine)[2].idempotency_key == derive_channel_key("k-1", "orders")
     # the same key again: refused as bad input, in one line
     code, out, err = cli(capsys, "enqueue", "orders", "created", "x", "--idempotency-key", "k-1")
     assert code == 2
@@ -520,3 +520,48 @@ def test_commands_that_never_publish_ignore_a_bad_sockudo_url(env, engine, capsy
     assert cli(capsys, "replay", "--all")[0] == 0
     code, _, err = cli(capsys, "worker", "--once")
     assert code == 2 and "OUTBOX_BATCH_SIZE must be an integer" in err
+
+
+@pytest.mark.parametrize("limit", ["-1", "0"])
+def test_replay_limit_must_be_positive(env, engine, capsys, limit):
+    dead(engine)
+    before = rows(engine)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["replay", "--limit", limit])
+    assert exit_info.value.code == 2
+    assert "--limit" in capsys.readouterr().err
+    assert rows(engine) == before
+
+
+def test_replay_and_its_dry_run_run_in_constant_memory(env, engine, capsys):
+    """A replay after a long outage may select millions of rows: it must not load them all."""
+    import tracemalloc
+
+    from outbox import OutboxEvent, enqueue_many
+
+    n = 30_000
+    with engine.begin() as conn:
+        enqueue_many(conn, [OutboxEvent("orders", "created", "x" * 200) for _ in range(n)])
+        conn.execute(sa.update(T).values(status="dead", last_error_message="m" * 400))
+    for args in (["replay", "--all", "--dry-run"], ["replay", "--all"]):
+        tracemalloc.start()
+        try:
+            code, out, err = cli(capsys, *args)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert code == 0, err
+        assert f" {n} event(s)" in out.splitlines()[0]
+        assert peak < 8 * 1024 * 1024, f"{args}: peak {peak / 1e6:.1f} MB"
+    assert {r.status for r in rows(engine).values()} == {"pending"}
+
+
+def test_enqueue_to_an_encrypted_channel_needs_the_master_key(env, engine, capsys, monkeypatch):
+    code, _, err = cli(capsys, "enqueue", "private-encrypted-orders", "created", "{}")
+    assert code == 2
+    assert "SOCKUDO_ENCRYPTION_MASTER_KEY_BASE64" in err
+    assert rows(engine) == {}
+    monkeypatch.setenv("SOCKUDO_ENCRYPTION_MASTER_KEY_BASE64", "A" * 43 + "=")
+    code, _, err = cli(capsys, "enqueue", "private-encrypted-orders", "created", "{}")
+    assert code == 0, err
+    assert len(rows(engine)) == 1

@@ -18,6 +18,8 @@ from outbox.sockudo import (
     EndpointUnavailable,
     Event,
     EventRefused,
+    InvalidEvent,
+    Limits,
     Sockudo,
 )
 from outbox.sockudo.events import dump_body, event_item
@@ -82,9 +84,19 @@ def raw_event(client: Sockudo, item: dict[str, object]):  # type: ignore[no-unty
 
 
 def test_400_unconfigured_namespace_is_refused(sockudo_server):
-    with client_for(sockudo_server) as client, pytest.raises(EventRefused) as info:
+    # The client believes the app configures namespace "ns" (so it does not refuse it
+    # locally); the server does not, and refuses the event.
+    limits = Limits(namespaces=frozenset({"ns"}))
+    with client_for(sockudo_server, limits=limits) as client, pytest.raises(EventRefused) as info:
         client.trigger("ns:orders", "created", "x")
     assert (info.value.status, info.value.code) == (400, "invalid_input")
+
+
+def test_a_namespace_the_app_lacks_is_refused_before_sending(sockudo_server):
+    with client_for(sockudo_server) as client, pytest.raises(InvalidEvent) as info:
+        client.trigger("ns:orders", "created", "x")
+    assert info.value.field == "channel" and "namespace 'ns'" in str(info.value)
+    assert sockudo_server.request_count() == 0
 
 
 def test_400_bad_body_field_is_refused(sockudo_server):

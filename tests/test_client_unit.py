@@ -711,7 +711,7 @@ def test_bad_socket_id_and_user_id() -> None:
 @pytest.mark.parametrize(
     ("option", "value"),
     [
-        ("extras", {"headers": {1, 2}}),
+        ("extras", {"vendorField": {1, 2}}),
         ("extras", {"ttl": float("nan")}),
         ("tags", {"k": "\ud800"}),
     ],

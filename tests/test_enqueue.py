@@ -18,6 +18,7 @@ from outbox import InvalidEvent, OutboxEvent, derive_channel_key, enqueue, enque
 from outbox import outbox_table as _outbox_table
 from outbox.database import normalize_url
 from outbox.sockudo import crypto
+from outbox.sockudo.events import Limits
 
 T = _outbox_table()
 
@@ -153,19 +154,14 @@ def test_optional_fields_are_stored(engine):
     assert row.attempts == 0 and row.status == "pending"
 
 
-def test_one_channel_key_defaults_to_the_event_id(engine):
+def test_a_row_key_is_derived_from_the_event_key_and_its_channel(engine):
     with engine.begin() as conn:
         event_id = enqueue(conn, "orders", "created", "x")
-    (row,) = all_rows(engine)
-    assert row.idempotency_key == str(event_id)
-
-
-def test_app_given_key_is_used_as_is_for_one_channel(engine):
-    with engine.begin() as conn:
-        event_id = enqueue(conn, "orders", "created", "x", idempotency_key="order-7-created")
-    (row,) = all_rows(engine)
-    assert row.idempotency_key == "order-7-created"
-    assert row.event_id == event_id
+        given = enqueue(conn, "orders", "created", "x", idempotency_key="order-7-created")
+    default_row, given_row = all_rows(engine)
+    assert default_row.idempotency_key == derive_channel_key(str(event_id), "orders")
+    assert given_row.idempotency_key == derive_channel_key("order-7-created", "orders")
+    assert given_row.event_id == given
 
 
 @pytest.mark.parametrize("key", [None, "order-7-created"])
@@ -181,6 +177,20 @@ def test_several_channels_one_row_each_with_a_derived_key(engine, key):
     assert len({r.idempotency_key for r in rows}) == 3
     assert base not in {r.idempotency_key for r in rows}
     assert {r.data for r in rows} == {'{"id":7}'}
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [(["a", "b"], "a"), ("a", ["b", "a"]), (["a", "b"], ["c", "b"])],
+    ids=["list then one", "one then list", "list then list"],
+)
+def test_a_key_enqueued_again_for_a_channel_it_had_is_refused_however_listed(engine, first, second):
+    """The row key of (event key, channel) does not depend on the list the channel came in, so
+    the unique index catches the repeat instead of publishing the event twice on that channel."""
+    with engine.begin() as conn:
+        enqueue(conn, first, "created", "1", idempotency_key="K")
+    with engine.connect() as conn, pytest.raises(sa.exc.IntegrityError):
+        enqueue(conn, second, "created", "1", idempotency_key="K")
 
 
 def test_encrypted_channel_rows_get_a_nonce_plain_rows_none(engine):
@@ -293,12 +303,19 @@ BAD_INPUT = {
     "channel list with a non-string": case("channel", "must be a string", ["a", 7], "e", "x"),
     "channel None": case("channel", "channel", None, "e", "x"),
     "empty channel list": case("channel", "at least one channel", [], "e", "x"),
-    "101 channels": case(
-        "channel", "101 channels is over the limit of 100", [f"c{i}" for i in range(101)], "e", "x"
+    "unknown namespace": case("channel", "namespace 'orders'", "orders:eu", "e", "x"),
+    "unknown namespace after a prefix": case(
+        "channel", "namespace 'room'", "private-room:1", "e", "x"
     ),
-    "encrypted channel with another": case(
-        "channel", "exactly that one channel", [ENC, "orders"], "e", "x"
+    "user-limited channel": case("channel", "user-limited", "chat#users", "e", "x"),
+    "extras headers nested": case("extras", "headers", extras={"headers": {"a": {"b": 1}}}),
+    "extras headers null": case("extras", "headers", extras={"headers": {"a": None}}),
+    "extras ephemeral not a bool": case("extras", "ephemeral", extras={"ephemeral": "yes"}),
+    "extras echo not a bool": case("extras", "echo", extras={"echo": 1}),
+    "extras idempotencyKey not a string": case(
+        "extras", "idempotencyKey", extras={"idempotencyKey": 5}
     ),
+    "extras ai transport not strings": case("extras", "ai", extras={"ai": {"transport": {"k": 1}}}),
     "same channel twice": case("channel", "twice", ["a", "b", "a"], "e", "x"),
     "event name too long": case("event", "over the limit of 100", "a", "e" * 101, "x"),
     "event name empty": case("event", "must not be empty", "a", "", "x"),
@@ -383,6 +400,36 @@ def test_limits_are_inclusive(engine):
     rows = all_rows(engine)
     assert len(rows) == 1 + 100 + 1 + 1 + 1
     assert rows[102].data == '{"k":"a\\u0000b"}'
+
+
+def test_what_the_outbox_can_send_is_accepted(engine):
+    """One row per channel: more channels than one request may carry, and an encrypted channel
+    beside plain ones, are fine; so are server-to-user channels, namespaces the app declares, and
+    typed extras."""
+    limits = Limits(namespaces=frozenset({"orders"}))
+    with engine.begin() as conn:
+        enqueue(conn, [f"c{i}" for i in range(150)], "e", "x")
+        enqueue(conn, [ENC, "orders"], "e", "x")
+        enqueue(conn, "#server-to-user-7", "e", "x")
+        enqueue(conn, ["orders:eu", "private-orders:eu"], "e", "x", limits=limits)
+        enqueue(
+            conn,
+            "a",
+            "e",
+            "x",
+            extras={
+                "headers": {"s": "v", "n": 1.5, "b": True},
+                "ephemeral": False,
+                "echo": None,
+                "idempotencyKey": "k",
+                "push": {"anything": [1, 2]},
+                "ai": {"transport": {"k": "v"}},
+                "vendorExtension": {"nested": {"ok": 1}},
+            },
+        )
+    rows = all_rows(engine)
+    assert len(rows) == 150 + 2 + 1 + 2 + 1
+    assert [r.encryption_nonce is not None for r in rows[150:152]] == [True, False]
 
 
 async def test_bad_input_on_an_async_connection_leaves_it_usable(engine, async_engine):

@@ -96,7 +96,7 @@ def test_plain_alembic_upgrade_head_creates_the_schema_and_twice_is_a_noop(empty
     )
     assert first.returncode == 0, first.stderr
     assert "Running upgrade  -> 0001" in first.stderr
-    assert f"Running upgrade 0001 -> {HEAD}" in first.stderr
+    assert f"Running upgrade 0002 -> {HEAD}" in first.stderr
     assert tables(empty_database_url) == {TABLE, VERSION_TABLE}
     assert index_names(empty_database_url) == INDEXES
     assert version_rows(empty_database_url, VERSION_TABLE) == [HEAD]
@@ -428,3 +428,47 @@ def test_postgresql_insert_trigger_notifies_on_commit_only(postgres_url):
             engine.dispose()
     # Two inserts in one transaction fold into one notification.
     assert received == [ours]
+
+
+ODD_TABLE_NAMES = ["Odd \"quoted\" 'name'", "outbox_" + "x" * 33]
+
+
+@pytest.mark.parametrize("name", ODD_TABLE_NAMES, ids=["quotes", "40 characters"])
+async def test_any_table_name_migrates_and_wakes_workers_on_commit(
+    empty_database_url, sockudo_server, name
+):
+    """OUTBOX_TABLE is quoted wherever it reaches SQL (the trigger, its NOTIFY, LISTEN): an
+    awkward or long name works end to end, and on PostgreSQL a commit still wakes the worker."""
+    import asyncio
+    import time
+
+    from outbox.settings import Settings
+    from outbox.worker import Worker
+
+    engine = create_engine(empty_database_url)
+    try:
+        migrate.upgrade(engine, table_name=name)
+        table = outbox_table(name)
+        settings = Settings(
+            database_url=empty_database_url,
+            sockudo_url=sockudo_server.url,
+            table_name=name,
+            # Only a notification can wake the worker this fast on PostgreSQL; SQLite polls.
+            poll_interval=30.0 if engine.dialect.name == "postgresql" else 0.05,
+            retention_seconds=0,
+        )
+        worker = Worker(settings, engine=engine)
+        task = asyncio.create_task(worker.run())
+        try:
+            await asyncio.sleep(0.5)  # the worker's first claim found nothing; it waits
+            with engine.begin() as conn:
+                enqueue(conn, "orders", "created", "{}", table=table)
+            deadline = time.monotonic() + 5
+            while sockudo_server.delivered_count() < 1:
+                assert time.monotonic() < deadline, "the commit did not wake the worker"
+                await asyncio.sleep(0.05)
+        finally:
+            worker.stop()
+            await task
+    finally:
+        engine.dispose()

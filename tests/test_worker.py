@@ -301,7 +301,9 @@ async def test_poison_event_in_a_batch(engine, database_url, poison):
                 if i == 2 and poison == "payload_too_large":
                     enqueue(conn, "orders", "created", "x" * 2048)
                 elif i == 2:
-                    enqueue(conn, "ns:foo", "created", {"n": i})
+                    # The app declares namespace "ns"; the server does not configure it.
+                    limits = Limits(namespaces=frozenset({"ns"}))
+                    enqueue(conn, "ns:foo", "created", {"n": i}, limits=limits)
                 else:
                     enqueue(conn, "orders", "created", {"n": i})
         keys = [r.idempotency_key for r in table_rows(engine)]
@@ -618,9 +620,9 @@ async def test_replay_keep_key_goes_alone_and_is_not_lost(engine, database_url, 
     keys = enqueue_n(engine, n)
     with engine.begin() as conn:
         conn.execute(sa.update(T).values(attempts=1))
-    # Each publish fails after its key was claimed: the keys stay "processing" on the server.
-    sockudo_server.fail_next(n, status=500, code="internal_error", stage="claimed")
-    settings = fast_settings(database_url, sockudo_server.url, max_attempts=1, breaker_threshold=10)
+    # Each publish is refused after its key was claimed: the keys stay "processing" on the server.
+    sockudo_server.fail_next(n, status=413, code="payload_too_large", stage="claimed")
+    settings = fast_settings(database_url, sockudo_server.url)
     await Worker(settings, engine=engine).run(once=True)
     assert by_status(engine) == {"dead": n}
     assert {sockudo_server.idempotency_state(k) for k in keys} == {"processing"}

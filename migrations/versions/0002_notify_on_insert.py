@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from alembic import context, op
 
+from outbox.schema import notify_channel, trigger_base_name
+
 revision = "0002"
 down_revision = "0001"
 branch_labels = None
@@ -22,9 +24,12 @@ depends_on = None
 
 
 def _names() -> tuple[str, str, str]:
+    """(quoted table, quoted function and trigger name, channel); see outbox.schema."""
     table = context.config.attributes.get("table_name", "outbox_events")
-    # The channel the worker LISTENs on (outbox.dialects.postgresql.notify_channel).
-    return table, f"{table}_notify", f"{table}_enqueued"
+    quote = op.get_bind().dialect.identifier_preparer.quote
+    # The channel is plain SQL text by construction (trigger_base_name), so it can sit in a
+    # string literal; the table is any name, so it is quoted as an identifier.
+    return quote(table), quote(f"{trigger_base_name(table)}_notify"), notify_channel(table)
 
 
 def upgrade() -> None:
@@ -33,7 +38,7 @@ def upgrade() -> None:
     table, function, channel = _names()
     op.execute(
         f"""
-        CREATE OR REPLACE FUNCTION "{function}"() RETURNS trigger LANGUAGE plpgsql AS $$
+        CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
             -- The payload names the table: outboxes in several schemas share the channel.
             PERFORM pg_notify('{channel}', TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME);
@@ -43,8 +48,8 @@ def upgrade() -> None:
         """
     )
     op.execute(
-        f'CREATE TRIGGER "{function}" AFTER INSERT ON "{table}" '
-        f'FOR EACH STATEMENT EXECUTE FUNCTION "{function}"()'
+        f"CREATE TRIGGER {function} AFTER INSERT ON {table} "
+        f"FOR EACH STATEMENT EXECUTE FUNCTION {function}()"
     )
 
 
@@ -52,5 +57,5 @@ def downgrade() -> None:
     if op.get_bind().dialect.name != "postgresql":
         return
     table, function, _ = _names()
-    op.execute(f'DROP TRIGGER IF EXISTS "{function}" ON "{table}"')
-    op.execute(f'DROP FUNCTION IF EXISTS "{function}"()')
+    op.execute(f"DROP TRIGGER IF EXISTS {function} ON {table}")
+    op.execute(f"DROP FUNCTION IF EXISTS {function}()")

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import sqlalchemy as sa
 
-from ..schema import ERROR_MESSAGE_MAX
+from ..schema import ACK_ID_MAX, ERROR_CODE_MAX, ERROR_MESSAGE_MAX, SERIAL_MAX
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +33,8 @@ class ClaimedRow:
     extras: str | None
     encryption_nonce: bytes | None
     attempts: int
-    created_at: dt.datetime
+    failures: int
+    queued_at: dt.datetime
 
     @property
     def first_attempt(self) -> bool:
@@ -43,29 +44,53 @@ class ClaimedRow:
 
 @dataclass(frozen=True, slots=True)
 class Ack:
+    """What the server acknowledged for one row, bounded to its columns (see :class:`Failure`)."""
+
     id: int
     acknowledgement_id: str | None = None
     message_serial: str | None = None
     history_serial: str | None = None
 
+    def __post_init__(self) -> None:
+        for name, width in (
+            ("acknowledgement_id", ACK_ID_MAX),
+            ("message_serial", SERIAL_MAX),
+            ("history_serial", SERIAL_MAX),
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, str(value)[:width])
+
 
 @dataclass(frozen=True, slots=True)
 class Failure:
-    """Why a row did not publish; ``delay`` is seconds until its next attempt (reschedule only)."""
+    """Why a row did not publish; ``delay`` is seconds until its next attempt (reschedule only).
+
+    ``charged`` adds one to the row's failures (its budget): only failures that are the event's
+    own are charged. Values are bounded to their columns at construction, so storing whatever a
+    server answered can never fail the transaction that records a whole claim's outcome.
+    """
 
     id: int
     status: int | None
     code: str | None
     message: str
     delay: float = 0.0
+    charged: bool = False
 
-    def bounded_message(self) -> str:
-        return self.message[:ERROR_MESSAGE_MAX]
+    def __post_init__(self) -> None:
+        status, message = self.status, self.message
+        if status is not None and not 100 <= status <= 999:
+            message = f"(status {status}) {message}"
+            status = None
+        object.__setattr__(self, "status", status)
+        object.__setattr__(self, "code", None if self.code is None else self.code[:ERROR_CODE_MAX])
+        object.__setattr__(self, "message", message[:ERROR_MESSAGE_MAX])
 
 
 CLAIM_COLUMNS = (
     "id, idempotency_key, channel, event, data, socket_id, info, tags, extras, "
-    "encryption_nonce, attempts, created_at"
+    "encryption_nonce, attempts, failures, queued_at"
 )
 
 
@@ -109,9 +134,18 @@ class Dialect(Protocol):
         """Dead-letter leased rows with the reason."""
 
     def release(
-        self, conn: sa.Connection, table: sa.Table, token: uuid.UUID, ids: Sequence[int]
+        self,
+        conn: sa.Connection,
+        table: sa.Table,
+        token: uuid.UUID,
+        ids: Sequence[int],
+        refund_attempt: bool = True,
     ) -> int:
-        """Give back leased rows that were never sent (shutdown): pending, due now, attempt refunded."""
+        """Give back leased rows not sent by this claim (shutdown): pending and due now.
+
+        ``refund_attempt`` takes back the claim's attempt; not for a row an earlier request of
+        the claim carried (its batch went out), which must stay a retry and go alone.
+        """
 
     def extend_lease(
         self, conn: sa.Connection, table: sa.Table, token: uuid.UUID, lease_seconds: float
@@ -120,6 +154,15 @@ class Dialect(Protocol):
 
     def reclaim_expired(self, conn: sa.Connection, table: sa.Table) -> int:
         """Return rows whose lease expired to pending; they keep their attempt count (sent alone)."""
+
+    def delete_published_before(
+        self, conn: sa.Connection, table: sa.Table, cutoff: dt.datetime, limit: int
+    ) -> int:
+        """Delete up to ``limit`` rows published before ``cutoff``; returns how many.
+
+        The status is re-checked on the row itself, after any wait for its lock: a row that
+        ``replay --published`` just put back is not published any more and must survive.
+        """
 
 
 class FailureStatements:

@@ -6,12 +6,14 @@ and backoff do not depend on the clocks of the hosts running workers.
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import uuid
 from collections.abc import Callable, Sequence
 
 import sqlalchemy as sa
 
+from .. import schema
 from ..schema import UTCDateTime
 from . import CLAIM_COLUMNS, Ack, ClaimedRow, Failure, FailureStatements, quoted
 
@@ -20,7 +22,7 @@ _TOKEN = sa.bindparam("token", type_=sa.Uuid(as_uuid=True))
 
 def notify_channel(table: sa.Table) -> str:
     """The LISTEN/NOTIFY channel of one outbox table (its INSERT trigger, migration 0002)."""
-    return f"{table.name}_enqueued"
+    return schema.notify_channel(table.name)
 
 
 class PostgresDialect(FailureStatements):
@@ -56,7 +58,7 @@ class PostgresDialect(FailureStatements):
             RETURNING {", ".join("o." + c.strip() for c in CLAIM_COLUMNS.split(","))}
             """
         ).bindparams(_TOKEN)
-        stmt = stmt.columns(created_at=UTCDateTime())
+        stmt = stmt.columns(queued_at=UTCDateTime())
         rows = conn.execute(stmt, {"limit": limit, "token": token, "lease": float(lease_seconds)})
         return sorted((ClaimedRow(*r) for r in rows), key=lambda r: r.id)
 
@@ -114,6 +116,7 @@ class PostgresDialect(FailureStatements):
             SET status = :status,
                 next_attempt_at = statement_timestamp() + make_interval(secs => f.delay),
                 attempts = o.attempts - :refund,
+                failures = o.failures + f.charge,
                 lease_token = NULL,
                 lease_expires_at = NULL,
                 last_error_status = f.status,
@@ -122,8 +125,8 @@ class PostgresDialect(FailureStatements):
                 last_error_at = statement_timestamp()
             FROM unnest(CAST(:ids AS bigint[]), CAST(:delays AS float8[]),
                         CAST(:statuses AS integer[]), CAST(:codes AS text[]),
-                        CAST(:messages AS text[]))
-                 AS f(id, delay, status, code, message)
+                        CAST(:messages AS text[]), CAST(:charges AS integer[]))
+                 AS f(id, delay, status, code, message, charge)
             WHERE o.id = f.id AND o.lease_token = :token AND o.status = 'in_flight'
             """
         ).bindparams(_TOKEN)
@@ -136,22 +139,30 @@ class PostgresDialect(FailureStatements):
                 "delays": [float(f.delay) for f in failures],
                 "statuses": [f.status for f in failures],
                 "codes": [f.code for f in failures],
-                "messages": [f.bounded_message() for f in failures],
+                "messages": [f.message for f in failures],
+                "charges": [int(f.charged) for f in failures],
                 "token": token,
             },
         )
         return result.rowcount
 
     def release(
-        self, conn: sa.Connection, table: sa.Table, token: uuid.UUID, ids: Sequence[int]
+        self,
+        conn: sa.Connection,
+        table: sa.Table,
+        token: uuid.UUID,
+        ids: Sequence[int],
+        refund_attempt: bool = True,
     ) -> int:
         if not ids:
             return 0
         t = quoted(conn, table)
+        refund = 1 if refund_attempt else 0
         stmt = sa.text(
             f"""
             UPDATE {t}
-            SET status = 'pending', attempts = attempts - 1, next_attempt_at = statement_timestamp(),
+            SET status = 'pending', attempts = attempts - {refund},
+                next_attempt_at = statement_timestamp(),
                 lease_token = NULL, lease_expires_at = NULL
             WHERE id = ANY(CAST(:ids AS bigint[])) AND lease_token = :token AND status = 'in_flight'
             """
@@ -185,6 +196,26 @@ class PostgresDialect(FailureStatements):
         )
         return conn.execute(stmt).rowcount
 
+    def delete_published_before(
+        self, conn: sa.Connection, table: sa.Table, cutoff: dt.datetime, limit: int
+    ) -> int:
+        # The status test is repeated outside the subquery: under READ COMMITTED, a DELETE that
+        # waited for a row lock re-checks only its own WHERE on the new row version, so a row
+        # replayed meanwhile is skipped instead of deleted.
+        t = quoted(conn, table)
+        stmt = sa.text(
+            f"""
+            DELETE FROM {t}
+            WHERE id IN (
+                SELECT id FROM {t}
+                WHERE status = 'published' AND published_at < :cutoff
+                LIMIT :limit
+            )
+            AND status = 'published' AND published_at < :cutoff
+            """
+        ).bindparams(sa.bindparam("cutoff", type_=UTCDateTime()))
+        return conn.execute(stmt, {"cutoff": cutoff, "limit": limit}).rowcount
+
 
 def listen_forever(
     conninfo: str, channel: str, on_notify: Callable[[], None], stop: threading.Event
@@ -195,11 +226,12 @@ def listen_forever(
     latency, never an event.
     """
     import psycopg
+    from psycopg import sql
 
     while not stop.is_set():
         try:
             with psycopg.connect(conninfo, autocommit=True, connect_timeout=5) as pg:
-                pg.execute(f'LISTEN "{channel}"')
+                pg.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
                 on_notify()  # anything committed while we were not listening
                 while not stop.is_set():
                     for _ in pg.notifies(timeout=1.0, stop_after=1):

@@ -7,6 +7,7 @@ clock; times are computed in SQL all the same, in the fixed-width text form the 
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import uuid
 from collections.abc import Sequence
@@ -57,7 +58,7 @@ class SQLiteDialect(FailureStatements):
             RETURNING {CLAIM_COLUMNS}
             """
         ).bindparams(_TOKEN)
-        stmt = stmt.columns(created_at=UTCDateTime())
+        stmt = stmt.columns(queued_at=UTCDateTime())
         rows = conn.execute(stmt, {"limit": limit, "token": token, "lease": float(lease_seconds)})
         return sorted((ClaimedRow(*r) for r in rows), key=lambda r: r.id)
 
@@ -105,7 +106,7 @@ class SQLiteDialect(FailureStatements):
             return 0
         t = quoted(conn, table)
         payload = json.dumps(
-            [[f.id, float(f.delay), f.status, f.code, f.bounded_message()] for f in failures]
+            [[f.id, float(f.delay), f.status, f.code, f.message, int(f.charged)] for f in failures]
         )
         stmt = sa.text(
             f"""
@@ -113,6 +114,7 @@ class SQLiteDialect(FailureStatements):
             SET status = :status,
                 next_attempt_at = {_now_plus("json_extract(f.value, '$[1]')")},
                 attempts = attempts - :refund,
+                failures = failures + json_extract(f.value, '$[5]'),
                 lease_token = NULL,
                 lease_expires_at = NULL,
                 last_error_status = json_extract(f.value, '$[2]'),
@@ -133,15 +135,21 @@ class SQLiteDialect(FailureStatements):
         return conn.execute(stmt, params).rowcount
 
     def release(
-        self, conn: sa.Connection, table: sa.Table, token: uuid.UUID, ids: Sequence[int]
+        self,
+        conn: sa.Connection,
+        table: sa.Table,
+        token: uuid.UUID,
+        ids: Sequence[int],
+        refund_attempt: bool = True,
     ) -> int:
         if not ids:
             return 0
         t = quoted(conn, table)
+        refund = 1 if refund_attempt else 0
         stmt = sa.text(
             f"""
             UPDATE {t} NOT INDEXED
-            SET status = 'pending', attempts = attempts - 1, next_attempt_at = {_NOW},
+            SET status = 'pending', attempts = attempts - {refund}, next_attempt_at = {_NOW},
                 lease_token = NULL, lease_expires_at = NULL
             WHERE id IN (SELECT value FROM json_each(:ids))
               AND lease_token = :token AND status = 'in_flight'
@@ -173,3 +181,19 @@ class SQLiteDialect(FailureStatements):
             """
         )
         return conn.execute(stmt).rowcount
+
+    def delete_published_before(
+        self, conn: sa.Connection, table: sa.Table, cutoff: dt.datetime, limit: int
+    ) -> int:
+        t = quoted(conn, table)
+        stmt = sa.text(
+            f"""
+            DELETE FROM {t}
+            WHERE id IN (
+                SELECT id FROM {t}
+                WHERE status = 'published' AND published_at < :cutoff
+                LIMIT :limit
+            )
+            """
+        ).bindparams(sa.bindparam("cutoff", type_=UTCDateTime()))
+        return conn.execute(stmt, {"cutoff": cutoff, "limit": limit}).rowcount

@@ -24,7 +24,12 @@ MAX_IDEMPOTENCY_KEY_BYTES = 128
 
 @dataclass(frozen=True)
 class Limits:
-    """An app's publish limits; the defaults are Sockudo's for an app defined by environment."""
+    """An app's publish limits; the defaults are Sockudo's for an app defined by environment.
+
+    ``namespaces`` are the channel namespaces the app configures (``orders`` allows
+    ``orders:eu``); ``user_limited_namespaces`` those of them that allow user-limited channels
+    (``orders:42#alice``). An app defined by environment variables can configure neither.
+    """
 
     max_channels_per_event: int = 100
     max_batch_size: int = 100
@@ -32,6 +37,8 @@ class Limits:
     max_event_name_bytes: int = 100
     max_channel_name_bytes: int = 100
     max_idempotency_key_bytes: int = MAX_IDEMPOTENCY_KEY_BYTES
+    namespaces: frozenset[str] = frozenset()
+    user_limited_namespaces: frozenset[str] = frozenset()
 
 
 DEFAULT_LIMITS = Limits()
@@ -93,8 +100,53 @@ def utf8_len(value: str) -> int:
     return len(value.encode("utf-8", "surrogatepass"))
 
 
+#: Channel type prefixes Sockudo strips before reading a namespace, longest first.
+CHANNEL_TYPE_PREFIXES = (
+    "private-encrypted-cache-",
+    "private-cache-",
+    "presence-cache-",
+    "cache-",
+    "private-encrypted-",
+    "presence-",
+    "private-",
+)
+
+
+def validate_channel_name(channel: object, limits: Limits = DEFAULT_LIMITS) -> str:
+    """Check one channel name as Sockudo does (characters, length, namespace, ``#`` syntax)."""
+    name = check_text(channel, "channel")
+    if utf8_len(name) > limits.max_channel_name_bytes:
+        raise InvalidEvent(
+            f"channel name is {utf8_len(name)} bytes, over the limit of "
+            f"{limits.max_channel_name_bytes}: {name[:40]!r}...",
+            field="channel",
+        )
+    if not CHANNEL_NAME_RE.match(name):
+        raise InvalidEvent(
+            f"invalid channel name {name!r}: allowed are A-Z a-z 0-9 and - _ = @ , ; . : #",
+            field="channel",
+        )
+    logical = next((name[len(p) :] for p in CHANNEL_TYPE_PREFIXES if name.startswith(p)), name)
+    base, user_limited, _users = logical.partition("#")
+    namespace = base.split(":", 1)[0] if ":" in base else None
+    if namespace is not None and namespace not in limits.namespaces:
+        raise InvalidEvent(
+            f"channel {name!r} is in namespace {namespace!r}, which the app does not configure "
+            "(Sockudo answers 400; declare it with Limits(namespaces=...))",
+            field="channel",
+        )
+    # "#server-to-user-ID" (nothing before the "#") is send_to_user's channel, not user-limited.
+    if user_limited and base and namespace not in limits.user_limited_namespaces:
+        raise InvalidEvent(
+            f"channel {name!r} uses the user-limited '#' syntax, which needs a namespace that "
+            "allows it (Limits(user_limited_namespaces=...))",
+            field="channel",
+        )
+    return name
+
+
 def validate_channels(channels: Sequence[str], limits: Limits = DEFAULT_LIMITS) -> list[str]:
-    """Check channel names and the encrypted-channel rule; return them as a list."""
+    """Check the channels of one request: each name, their number, the encrypted-channel rule."""
     if isinstance(channels, str) or not isinstance(channels, Sequence):
         raise InvalidEvent("channels must be a channel name or a list of them", field="channel")
     result = list(channels)
@@ -106,24 +158,52 @@ def validate_channels(channels: Sequence[str], limits: Limits = DEFAULT_LIMITS) 
             field="channel",
         )
     for channel in result:
-        check_text(channel, "channel")
-        if utf8_len(channel) > limits.max_channel_name_bytes:
-            raise InvalidEvent(
-                f"channel name is {utf8_len(channel)} bytes, over the limit of "
-                f"{limits.max_channel_name_bytes}: {channel[:40]!r}...",
-                field="channel",
-            )
-        if not CHANNEL_NAME_RE.match(channel):
-            raise InvalidEvent(
-                f"invalid channel name {channel!r}: allowed are A-Z a-z 0-9 and - _ = @ , ; . : #",
-                field="channel",
-            )
+        validate_channel_name(channel, limits)
     if len(result) > 1 and any(crypto.is_encrypted_channel(c) for c in result):
         raise InvalidEvent(
             "an event for a private-encrypted- channel must target exactly that one channel",
             field="channel",
         )
     return result
+
+
+def validate_extras(extras: object) -> dict[str, Any] | None:
+    """Check the fields of ``extras`` that Sockudo types (``MessageExtras``); others are opaque.
+
+    A field of the wrong type is a 422 for the whole request, so it is refused here.
+    """
+    if extras is None:
+        return None
+    if not isinstance(extras, Mapping):
+        raise InvalidEvent("extras must be a mapping", field="extras")
+    value = dict(extras)
+    problems = []
+    if not _flat_map_or_none(value.get("headers"), str | int | float):
+        problems.append("headers must map names to strings, numbers or booleans (flat)")
+    problems += [
+        f"{flag} must be true or false"
+        for flag in ("ephemeral", "echo")
+        if not isinstance(value.get(flag), bool | None)
+    ]
+    if not isinstance(value.get("idempotencyKey"), str | None):
+        problems.append("idempotencyKey must be a string")
+    ai = value.get("ai")
+    if ai is not None and not (
+        isinstance(ai, Mapping)
+        and _flat_map_or_none(ai.get("transport"), str)
+        and _flat_map_or_none(ai.get("codec"), str)
+    ):
+        problems.append("ai.transport and ai.codec must map strings to strings")
+    if problems:
+        raise InvalidEvent(f"extras.{problems[0]}", field="extras")
+    return value
+
+
+def _flat_map_or_none(value: object, value_types: Any) -> bool:
+    return value is None or (
+        isinstance(value, Mapping)
+        and all(isinstance(k, str) and isinstance(v, value_types) for k, v in value.items())
+    )
 
 
 def validate_event_fields(
@@ -240,7 +320,7 @@ def prepare_event(
         idempotency_key=event.idempotency_key,
         message_id=event.message_id,
         tags=event.tags,
-        extras=event.extras,
+        extras=validate_extras(event.extras),
     )
 
 

@@ -142,6 +142,8 @@ def _check_event_types(event: Any, where: str) -> dict[str, Any]:
             ok = all(isinstance(c, str) for c in value)
         if ok and name == "tags":
             ok = all(isinstance(v, str) for v in value.values())
+        if ok and name == "extras":
+            ok = _extras_typed(value)
         if not ok:
             raise Rejection(
                 422,
@@ -149,6 +151,34 @@ def _check_event_types(event: Any, where: str) -> dict[str, Any]:
                 f"{where}{name}: invalid type",
             )
     return event
+
+
+def _extras_typed(extras: dict[str, Any]) -> bool:
+    """``MessageExtras``'s typed fields (messages.rs): flat scalar headers, boolean flags, a
+    string key, string maps under ``ai``; any other field is an opaque extension."""
+    headers = extras.get("headers")
+    if headers is not None and not (
+        isinstance(headers, dict)
+        and all(isinstance(v, str | int | float) for v in headers.values())
+    ):
+        return False
+    if any(
+        extras.get(f) is not None and not isinstance(extras[f], bool) for f in ("ephemeral", "echo")
+    ):
+        return False
+    key = extras.get("idempotencyKey")
+    if key is not None and not isinstance(key, str):
+        return False
+    ai = extras.get("ai")
+    if ai is None:
+        return True
+    if not isinstance(ai, dict):
+        return False
+    parts = [ai.get("transport"), ai.get("codec")]
+    return all(
+        p is None or (isinstance(p, dict) and all(isinstance(v, str) for v in p.values()))
+        for p in parts
+    )
 
 
 def _wants(info: str | None, what: str) -> bool:
