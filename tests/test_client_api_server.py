@@ -34,14 +34,7 @@ from outbox.sockudo import (
 )
 from outbox.sockudo.events import dump_body
 from outbox.testing.server import TestServer, TestServerProcess
-
-ALL_ON = {
-    "history": True,
-    "versioned_messages": True,
-    "presence_history": True,
-    "annotations": True,
-    "app_annotations": True,
-}
+from tests.plugins.sockudo_server import ALL_FEATURES as ALL_ON
 
 
 class AsyncClient:
@@ -88,9 +81,8 @@ class SyncClient:
 
 
 @pytest.fixture
-def server() -> Iterator[TestServer]:
-    with TestServer(**ALL_ON) as running:
-        yield running
+def server(sockudo_server_all_features: TestServer) -> TestServer:
+    return sockudo_server_all_features
 
 
 @pytest.fixture(params=["sync", "async"])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -387,15 +387,8 @@ README_SNIPPETS = {
 
 
 @pytest.fixture
-def full_server() -> Iterator[TestServer]:
-    with TestServer(
-        history=True,
-        versioned_messages=True,
-        presence_history=True,
-        annotations=True,
-        app_annotations=True,
-    ) as server:
-        yield server
+def full_server(sockudo_server_all_features: TestServer) -> TestServer:
+    return sockudo_server_all_features
 
 
 def run_snippet(name: str, server: TestServer, namespace: dict[str, Any]) -> dict[str, Any]:

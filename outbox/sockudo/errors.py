@@ -28,6 +28,8 @@ Exceptions are raised by :mod:`outbox.sockudo.responses` (HTTP answers) and by t
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class SockudoError(Exception):
     """Base class of every error raised by :mod:`outbox.sockudo`."""
@@ -126,16 +128,8 @@ class NotAllowed(ClientMisconfigured):
     ``setting`` names the server setting (environment variable) that allows it, when known.
     """
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        status: int | None = None,
-        code: str | None = None,
-        body: bytes | None = None,
-        setting: str | None = None,
-    ) -> None:
-        super().__init__(message, status=status, code=code, body=body)
+    def __init__(self, message: str, *, setting: str | None = None, **fields: Any) -> None:
+        super().__init__(message, **fields)
         self.setting = setting
 
 
@@ -150,17 +144,8 @@ class Forbidden(NotAllowed):
     (``mutable_not_permitted``; ``ai_code`` 93002 on AI-transport channels). Not a signature error.
     """
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        status: int | None = None,
-        code: str | None = None,
-        body: bytes | None = None,
-        setting: str | None = None,
-        ai_code: int | None = None,
-    ) -> None:
-        super().__init__(message, status=status, code=code, body=body, setting=setting)
+    def __init__(self, message: str, *, ai_code: int | None = None, **fields: Any) -> None:
+        super().__init__(message, **fields)
         self.ai_code = ai_code
 
 

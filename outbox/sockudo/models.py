@@ -7,9 +7,9 @@ the server sends is out of reach. Items keep their own JSON object in ``raw``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Self
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Self
 
 
 def _dict(value: Any) -> dict[str, Any]:
@@ -18,6 +18,14 @@ def _dict(value: Any) -> dict[str, Any]:
 
 def _list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
+
+
+_NOT_FROM_BODY = frozenset({"raw", "body", "status_code", "items"})
+
+
+def _named(cls: type, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Each field of ``cls`` read from the JSON key of the same name (None when absent)."""
+    return {f.name: raw.get(f.name) for f in fields(cls) if f.init and f.name not in _NOT_FROM_BODY}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,16 +64,8 @@ class ChannelInfo(Answer):
 
     @classmethod
     def from_json(cls, body: Any, name: str | None = None, status_code: int = 200) -> Self:
-        raw = _dict(body)
-        return cls(
-            name=name,
-            occupied=raw.get("occupied"),
-            subscription_count=raw.get("subscription_count"),
-            user_count=raw.get("user_count"),
-            cache=raw.get("cache"),
-            body=body,
-            status_code=status_code,
-        )
+        values = {**_named(cls, _dict(body)), "name": name}
+        return cls(**values, body=body, status_code=status_code)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,16 +143,8 @@ class HistoryItem:
     @classmethod
     def from_json(cls, value: Any) -> HistoryItem:
         raw = _dict(value)
-        return cls(
-            serial=raw.get("serial", 0),
-            stream_id=raw.get("stream_id"),
-            published_at_ms=raw.get("published_at_ms"),
-            message_id=raw.get("message_id"),
-            event_name=raw.get("event_name"),
-            operation_kind=raw.get("operation_kind"),
-            message=_dict(raw.get("message")),
-            raw=raw,
-        )
+        values = {**_named(cls, raw), "serial": raw.get("serial", 0)}
+        return cls(**{**values, "message": _dict(raw.get("message"))}, raw=raw)
 
     @property
     def message_serial(self) -> str | None:
@@ -184,11 +176,26 @@ class Page(Answer):
     def __len__(self) -> int:
         return len(self.items)
 
+    @staticmethod
+    def page_fields(body: Any, status_code: int, item: Callable[[Any], Any]) -> dict[str, Any]:
+        """The fields every snake_case page has, read from ``body``."""
+        raw = _dict(body)
+        return {
+            "items": tuple(item(i) for i in _list(raw.get("items"))),
+            "has_more": bool(raw.get("has_more")),
+            "next_cursor": raw.get("next_cursor"),
+            "limit": raw.get("limit"),
+            "direction": raw.get("direction"),
+            "body": body,
+            "status_code": status_code,
+        }
+
 
 @dataclass(frozen=True, kw_only=True)
 class HistoryPage(Page):
     """``GET .../history``: items, the cursor, and the stream's continuity and state."""
 
+    item_type: ClassVar[Callable[[Any], Any]] = HistoryItem.from_json
     items: tuple[HistoryItem, ...] = ()
     bounds: HistoryBounds = field(default_factory=HistoryBounds)
     continuity: Mapping[str, Any] = field(default_factory=dict)
@@ -198,16 +205,10 @@ class HistoryPage(Page):
     def from_json(cls, body: Any, status_code: int = 200) -> Self:
         raw = _dict(body)
         return cls(
-            items=tuple(HistoryItem.from_json(i) for i in _list(raw.get("items"))),
-            has_more=bool(raw.get("has_more")),
-            next_cursor=raw.get("next_cursor"),
-            limit=raw.get("limit"),
-            direction=raw.get("direction"),
+            **cls.page_fields(body, status_code, cls.item_type),
             bounds=HistoryBounds.from_json(raw.get("bounds")),
             continuity=_dict(raw.get("continuity")),
             stream_state=_dict(raw.get("stream_state")),
-            body=body,
-            status_code=status_code,
         )
 
 
@@ -259,19 +260,8 @@ class OperatorResult(Answer):
     def from_json(cls, body: Any, status_code: int = 200) -> Self:
         raw = _dict(body)
         purged = raw.get("purged_messages", raw.get("purged_events"))
-        return cls(
-            operation=raw.get("operation"),
-            channel=raw.get("channel"),
-            reason=raw.get("reason"),
-            requested_by=raw.get("requested_by"),
-            purged=purged,
-            purged_bytes=raw.get("purged_bytes"),
-            previous_stream_id=raw.get("previous_stream_id"),
-            new_stream_id=raw.get("new_stream_id"),
-            mode=raw.get("mode"),
-            body=body,
-            status_code=status_code,
-        )
+        values = {**_named(cls, raw), "purged": purged}
+        return cls(**values, body=body, status_code=status_code)
 
 
 # -- presence history ----------------------------------------------------------------------------
@@ -293,40 +283,16 @@ class PresenceEvent:
     @classmethod
     def from_json(cls, value: Any) -> PresenceEvent:
         raw = _dict(value)
-        return cls(
-            serial=raw.get("serial", 0),
-            event=raw.get("event"),
-            cause=raw.get("cause"),
-            user_id=raw.get("user_id"),
-            connection_id=raw.get("connection_id"),
-            published_at_ms=raw.get("published_at_ms"),
-            presence_event=_dict(raw.get("presence_event")),
-            raw=raw,
-        )
+        values = {**_named(cls, raw), "serial": raw.get("serial", 0)}
+        return cls(**{**values, "presence_event": _dict(raw.get("presence_event"))}, raw=raw)
 
 
 @dataclass(frozen=True, kw_only=True)
-class PresenceHistoryPage(Page):
-    """``GET .../presence/history``."""
+class PresenceHistoryPage(HistoryPage):
+    """``GET .../presence/history``: the same envelope as history, with presence events."""
 
-    items: tuple[PresenceEvent, ...] = ()
-    bounds: HistoryBounds = field(default_factory=HistoryBounds)
-    continuity: Mapping[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_json(cls, body: Any, status_code: int = 200) -> Self:
-        raw = _dict(body)
-        return cls(
-            items=tuple(PresenceEvent.from_json(i) for i in _list(raw.get("items"))),
-            has_more=bool(raw.get("has_more")),
-            next_cursor=raw.get("next_cursor"),
-            limit=raw.get("limit"),
-            direction=raw.get("direction"),
-            bounds=HistoryBounds.from_json(raw.get("bounds")),
-            continuity=_dict(raw.get("continuity")),
-            body=body,
-            status_code=status_code,
-        )
+    item_type: ClassVar[Callable[[Any], Any]] = PresenceEvent.from_json
+    items: tuple[PresenceEvent, ...] = ()  # type: ignore[assignment]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -424,17 +390,8 @@ class MessageVersionsPage(Page):
 
     @classmethod
     def from_json(cls, body: Any, status_code: int = 200) -> Self:
-        raw = _dict(body)
-        return cls(
-            channel=raw.get("channel"),
-            items=tuple(MessageVersion.from_json(i) for i in _list(raw.get("items"))),
-            has_more=bool(raw.get("has_more")),
-            next_cursor=raw.get("next_cursor"),
-            limit=raw.get("limit"),
-            direction=raw.get("direction"),
-            body=body,
-            status_code=status_code,
-        )
+        fields = cls.page_fields(body, status_code, MessageVersion.from_json)
+        return cls(channel=_dict(body).get("channel"), **fields)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -452,18 +409,7 @@ class MutationResult(Answer):
 
     @classmethod
     def from_json(cls, body: Any, status_code: int = 200) -> Self:
-        raw = _dict(body)
-        return cls(
-            channel=raw.get("channel"),
-            message_serial=raw.get("message_serial"),
-            action=raw.get("action"),
-            status=raw.get("status"),
-            version_serial=raw.get("version_serial"),
-            history_serial=raw.get("history_serial"),
-            delivery_serial=raw.get("delivery_serial"),
-            body=body,
-            status_code=status_code,
-        )
+        return cls(**_named(cls, _dict(body)), body=body, status_code=status_code)
 
     @property
     def duplicate(self) -> bool:

@@ -142,9 +142,7 @@ class Operations:
         self, channel: str, params: HistoryParams | None = None, **keywords: Any
     ) -> Call[HistoryPage]:
         """One page of retained messages (keywords: the fields of :class:`HistoryParams`)."""
-        query = params_of(HistoryParams, params, **keywords)
-        path = self._channel_path(channel, "/history")
-        return Call(self._get(path, query), _typed(HistoryPage.from_json))
+        return self._stream_page(channel, "/history", HistoryPage, params, keywords)
 
     @paginated
     def iter_channel_history(
@@ -152,7 +150,7 @@ class Operations:
     ) -> Walk[HistoryItem]:
         """Every retained message from ``params`` on, page after page (same direction, bounds)."""
         first = params_or(HistoryParams, params, keywords)
-        return _walk(lambda p: Operations.get_channel_history.build(self, channel, p), first)
+        return _walk(lambda p: self._stream_page(channel, "/history", HistoryPage, p, {}), first)
 
     @operation
     def get_channel_history_state(self, channel: str) -> Call[StreamState]:
@@ -198,9 +196,8 @@ class Operations:
         self, channel: str, params: PresenceHistoryParams | None = None, **keywords: Any
     ) -> Call[PresenceHistoryPage]:
         """One page of member joins, updates and leaves of a ``presence-`` channel."""
-        query = params_of(PresenceHistoryParams, params, **keywords)
-        path = self._channel_path(channel, "/presence/history")
-        return Call(self._get(path, query), _typed(PresenceHistoryPage.from_json))
+        params = params_or(PresenceHistoryParams, params, keywords)
+        return self._stream_page(channel, "/presence/history", PresenceHistoryPage, params, {})
 
     @paginated
     def iter_channel_presence_history(
@@ -208,8 +205,19 @@ class Operations:
     ) -> Walk[PresenceEvent]:
         """Every presence event from ``params`` on, page after page."""
         first = params_or(PresenceHistoryParams, params, keywords)
-        build = Operations.get_channel_presence_history.build
-        return _walk(lambda p: build(self, channel, p), first)
+        page = PresenceHistoryPage
+        return _walk(lambda p: self._stream_page(channel, "/presence/history", page, p, {}), first)
+
+    def _stream_page(
+        self,
+        channel: str,
+        suffix: str,
+        page: type[HistoryPage],
+        params: HistoryParams | None,
+        keywords: Mapping[str, Any],
+    ) -> Call[Any]:
+        query = params_of(HistoryParams, params, **keywords)
+        return Call(self._get(self._channel_path(channel, suffix), query), _typed(page.from_json))
 
     @operation
     def get_channel_presence_history_state(self, channel: str) -> Call[StreamState]:
