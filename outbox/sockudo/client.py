@@ -108,13 +108,13 @@ class _Core(Operations):
         """The SDK's switch for :attr:`auto_idempotency`."""
         self.auto_idempotency = auto
 
-    def _idempotency_key(self, value: str | bool | None, suffix: str = "") -> str | None:
+    def _idempotency_key(self, value: str | bool | None) -> str | None:
         """``True``: a new key; None: a new one only with :attr:`auto_idempotency`."""
         if value is True:
             return str(uuid.uuid4())
         if value is None and self.auto_idempotency:
             self._key_serial += 1
-            return f"{self._key_base}:{self._key_serial}{suffix}"
+            return f"{self._key_base}:{self._key_serial}"
         return None if value is False else value
 
     def prepare_trigger(

@@ -74,7 +74,8 @@ class Result:
 
     @property
     def ok(self) -> bool:
-        """Always True: failures raise (the SDK returns ``Result(ok=False)`` instead)."""
+        """True for the 2xx answers a Result is made of: failures raise instead (the SDK
+        returns ``Result(ok=False)``)."""
         return 200 <= self.status_code < 300
 
     def json(self) -> Any:

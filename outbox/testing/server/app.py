@@ -1,6 +1,7 @@
 """Sockudo's publish path as a plain function: (method, target, headers, body) -> Response.
 
-Each rule cites where it lives in Sockudo 5.0.x so a reader can check it:
+Routing, rate limit, faults and authentication are shared by every route; the non-publish
+routes (channel state, history, messages, annotations) are answered by ``api.py``. Each rule cites where it lives in Sockudo 5.0.x so a reader can check it:
 auth = ``sockudo-core/src/auth.rs`` + ``sockudo-server/src/middleware.rs``; endpoints =
 ``http_handler/events/mod.rs``; per-event validation and publish = ``events/processor.rs``;
 the (channel, message_id) layer = ``sockudo-adapter/src/services.rs`` + ``sockudo-core/src/idempotency.rs``.
