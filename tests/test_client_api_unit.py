@@ -443,3 +443,21 @@ def test_channel_shared_secret_matches_authentication() -> None:
         secret = client.channel_shared_secret("private-encrypted-room")
         auth = client.authenticate("1.2", "private-encrypted-room")
     assert len(secret) == 32 and base64.b64encode(secret).decode() == auth["shared_secret"]
+
+
+def test_message_summary_payload_and_message_pickle() -> None:
+    import pickle
+
+    from outbox.sockudo import AnnotationSummary, Message
+
+    payload = {
+        "action": "message.summary",
+        "serial": SERIAL,
+        "annotations": {"summary": {"reactions:distinct.v1": {"like": {"total": 2}}}},
+    }
+    summary = AnnotationSummary.from_json(payload)
+    assert summary.message_serial == SERIAL
+    assert summary.summary["reactions:distinct.v1"]["like"]["total"] == 2
+    message = Message.from_json({"channel": "o", "item": {"action": "update", "data": "x"}})
+    assert (message.action, message.data) == ("update", "x")
+    assert pickle.loads(pickle.dumps(message)) == message

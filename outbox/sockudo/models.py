@@ -376,7 +376,7 @@ class Message(Answer):
 
     def __getattr__(self, name: str) -> Any:
         # message.data, message.action...: the latest version's fields.
-        if name.startswith("_"):
+        if name.startswith("_") or name == "item":
             raise AttributeError(name)
         return getattr(self.item, name)
 
