@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -508,3 +509,10 @@ def test_raw_bodies_are_refused_like_sockudo(server: TestServer) -> None:
             sockudo.send(type(sockudo._post(path, {}))("POST", path, body))
     assert (missing.value.status, missing.value.code) == (422, None)
     assert wrong_type.value.status == 422
+
+
+def test_server_process_refuses_annotations_without_versioned_messages(tmp_path: Path) -> None:
+    log = tmp_path / "stderr.log"
+    with pytest.raises(RuntimeError, match="did not start"):
+        TestServerProcess(annotations=True, stderr=log).start()
+    assert "annotations need versioned_messages" in log.read_text()

@@ -63,7 +63,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in ("history", "versioned_messages", "presence_history", "annotations"):
             options[name] = True
         options["app_annotations"] = True
-    server = TestServer(**options)
+    try:
+        server = TestServer(**options)
+    except ValueError as exc:  # e.g. --annotations without --versioned-messages
+        print(f"python -m outbox.testing.server: {exc}", file=sys.stderr)
+        return 2
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
