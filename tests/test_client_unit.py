@@ -24,6 +24,7 @@ from outbox.sockudo import (
     EndpointUnavailable,
     Event,
     EventRefused,
+    Forbidden,
     InvalidEvent,
     PublishFailed,
     Sockudo,
@@ -288,7 +289,7 @@ def _error(code: str, status: int) -> dict[str, Any]:
 STATUS_TABLE = [
     (400, {}, _error("invalid_input", 400), EventRefused, None),
     (401, {}, _error("auth_failed", 401), ClientMisconfigured, None),
-    (403, {}, _error("forbidden", 403), ClientMisconfigured, None),
+    (403, {}, _error("forbidden", 403), Forbidden, None),
     (404, {}, _error("app_not_found", 404), ClientMisconfigured, None),
     (413, {}, _error("payload_too_large", 413), EventRefused, None),
     (415, {}, _error("unsupported_media_type", 415), EventRefused, None),

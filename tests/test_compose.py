@@ -66,6 +66,29 @@ def test_idempotency_window_outlives_the_retry_horizon(compose):
     assert env["RATE_LIMITER_ENABLED"] == "false"
 
 
+def test_sockudo_keeps_history_versions_presence_and_annotations_in_postgres(compose):
+    env = compose["services"]["sockudo"]["environment"]
+    for flag in (
+        "HISTORY_ENABLED",
+        "VERSIONED_MESSAGES_ENABLED",
+        "PRESENCE_HISTORY_ENABLED",
+        "ANNOTATIONS_ENABLED",
+        "SOCKUDO_DEFAULT_APP_ANNOTATIONS_ENABLED",
+    ):
+        assert env[flag] == "true", flag
+    # Not the memory driver: versions, op_ids and annotations must survive a restart.
+    assert env["HISTORY_BACKEND"] == env["VERSIONED_MESSAGES_DRIVER"] == "postgres"
+    postgres = compose["services"]["postgres"]["environment"]
+    assert env["DATABASE_POSTGRES_HOST"] == "postgres"
+    assert env["DATABASE_POSTGRES_PORT"] == "5432"  # Sockudo's default is MySQL's 3306
+    assert env["DATABASE_POSTGRES_USERNAME"] == postgres["POSTGRES_USER"]
+    assert env["DATABASE_POSTGRES_PASSWORD"] == postgres["POSTGRES_PASSWORD"]
+    assert env["DATABASE_POSTGRES_DATABASE"] == postgres["POSTGRES_DB"]
+    assert env["INSTANCE_PROCESS_ID"]
+    depends = compose["services"]["sockudo"]["depends_on"]
+    assert depends["postgres"]["condition"] == "service_healthy"
+
+
 def test_start_order_and_healthchecks(compose):
     services = compose["services"]
     for name in ("postgres", "redis", "sockudo"):

@@ -1,57 +1,61 @@
 """``Sockudo`` and ``AsyncSockudo``: two thin shells over one pure request-building core.
 
-Everything but the network call lives in :class:`_Core` (building bodies, sealing encrypted data,
-signing at send time) and in :mod:`.responses` (classifying answers). The shells only send. There
-are no retries in here: the caller owns its retry policy (the outbox worker does it durably).
+Everything but the network call lives in :class:`_Core` and :class:`.operations.Operations`
+(building bodies, sealing encrypted data, signing at send time) and in :mod:`.responses`
+(classifying answers). Each operation is written once, as a method that builds a
+:class:`~.calls.Call`; the shells only send it (see :mod:`.calls`). There are no retries in here:
+the caller owns its retry policy (the outbox worker does it durably).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Self, TypedDict, Unpack
+from typing import Any, Literal, Self, TypedDict, TypeVar, Unpack
 
 import httpx
 
 from . import auth, events
+from .calls import Call, PreparedRequest, Walk, keep, operation
 from .config import Config, ConfigError
 from .errors import InvalidEvent
 from .events import DEFAULT_LIMITS, Event, Limits
+from .operations import Operations
+from .params import SockudoOptions
 from .responses import Result, interpret, translate_transport_error
-from .signing import Signer, quote_path_segment
+from .signing import Signer
 
 USER_AGENT = "sockudo-outbox/0.1"
 #: Sent with every request, so a caller-supplied ``httpx`` client still sends JSON as JSON
 #: (Sockudo answers 415 to a body without ``Content-Type: application/json``).
 _HEADERS = {"Content-Type": "application/json", "User-Agent": USER_AGENT}
 Clock = Callable[[], float]
+T = TypeVar("T")
 
-
-@dataclass(frozen=True)
-class PreparedRequest:
-    """A request ready to be signed and sent: its body bytes never change between attempts."""
-
-    method: str
-    path: str
-    body: bytes | None = field(default=None, repr=False)
-    params: Mapping[str, object] = field(default_factory=dict)
+__all__ = ["AsyncSockudo", "Call", "PreparedRequest", "Sockudo", "TriggerOptions"]
 
 
 class TriggerOptions(TypedDict, total=False):
-    """Optional fields of one publish (see :meth:`Sockudo.trigger`)."""
+    """Optional fields of one publish (see :meth:`Sockudo.trigger`).
+
+    Pass them as keywords, or as the SDK does: ``trigger(ch, ev, data, TriggerOptions(...))``.
+    ``idempotency_key=True`` makes a new key for this call.
+    """
 
     socket_id: str | None
     info: str | Sequence[str] | None
-    idempotency_key: str | None
+    idempotency_key: str | Literal[True] | None
     message_id: str | None
     tags: Mapping[str, str] | None
     extras: Mapping[str, Any] | None
     encryption_nonce: bytes | None
 
 
-class _Core:
+class _Core(Operations):
     """The pure part shared by both clients: configuration, bodies, signing, auth helpers."""
 
     def __init__(
@@ -60,37 +64,58 @@ class _Core:
         key: str | None = None,
         secret: str | None = None,
         *,
+        options: SockudoOptions | None = None,
+        auto_idempotency: bool | None = None,
         clock: Clock = time.time,
         limits: Limits = DEFAULT_LIMITS,
         **settings: Any,
     ) -> None:
+        if options is not None:
+            # The SDK's options object: its connection fields, then explicit keywords win.
+            settings = {**options.settings(), **settings}
+            if auto_idempotency is None:
+                auto_idempotency = options.auto_idempotency
         if isinstance(app_id, Config):
             config = app_id.replace(**settings) if settings else app_id
         else:
             config = Config(app_id=app_id, key=key, secret=secret, **settings)  # type: ignore[arg-type]
         self.config = config
         self.limits = limits
+        #: Give every publish without an idempotency key one (``"{base}:{n}"``, as the SDK).
+        self.auto_idempotency = bool(auto_idempotency)
         self._clock = clock
         self._signer = Signer(config.key, config.secret)
         self._master_key = config.master_key
+        self._key_base = uuid.uuid4().hex
+        self._key_serial = 0
 
     @classmethod
     def from_url(cls, url: str, **settings: Any) -> Self:
         """Build a client from ``http(s)://KEY:SECRET@HOST:PORT/apps/APP_ID``."""
-        clock = settings.pop("clock", time.time)
-        limits = settings.pop("limits", DEFAULT_LIMITS)
-        transport_options = {k: settings.pop(k) for k in ("client",) if k in settings}
-        return cls(
-            Config.from_url(url, **settings), clock=clock, limits=limits, **transport_options
-        )
+        own = {
+            k: settings.pop(k)
+            for k in ("clock", "limits", "client", "auto_idempotency")
+            if k in settings
+        }
+        return cls(Config.from_url(url, **settings), **own)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.config.masked_url}>"
 
     # -- request building -------------------------------------------------------------------
 
-    def app_path(self, suffix: str) -> str:
-        return f"/apps/{quote_path_segment(self.config.app_id)}{suffix}"
+    def set_auto_idempotency_key(self, auto: bool) -> None:
+        """The SDK's switch for :attr:`auto_idempotency`."""
+        self.auto_idempotency = auto
+
+    def _idempotency_key(self, value: str | bool | None) -> str | None:
+        """``True``: a new key; None: a new one only with :attr:`auto_idempotency`."""
+        if value is True:
+            return str(uuid.uuid4())
+        if value is None and self.auto_idempotency:
+            self._key_serial += 1
+            return f"{self._key_base}:{self._key_serial}"
+        return None if value is False else value
 
     def prepare_trigger(
         self,
@@ -100,7 +125,7 @@ class _Core:
         *,
         socket_id: str | None = None,
         info: str | Sequence[str] | None = None,
-        idempotency_key: str | None = None,
+        idempotency_key: str | bool | None = None,
         message_id: str | None = None,
         tags: Mapping[str, str] | None = None,
         extras: Mapping[str, Any] | None = None,
@@ -116,7 +141,7 @@ class _Core:
             data=data,
             socket_id=socket_id,
             info=info,
-            idempotency_key=idempotency_key,
+            idempotency_key=self._idempotency_key(idempotency_key),
             message_id=message_id,
             tags=tags,
             extras=extras,
@@ -126,6 +151,20 @@ class _Core:
         return PreparedRequest("POST", self.app_path("/events"), events.dump_body(item))
 
     def prepare_batch(self, batch: Sequence[Event]) -> PreparedRequest:
+        if self.auto_idempotency and any(e.idempotency_key is None for e in batch):
+            self._key_serial += 1  # one serial per batch: keys "{base}:{batch}:{index}"
+            keys = [f"{self._key_base}:{self._key_serial}:{i}" for i in range(len(batch))]
+        else:
+            keys = [None] * len(batch)
+        batch = [
+            dataclasses.replace(
+                e,
+                idempotency_key=key
+                if e.idempotency_key is None
+                else self._idempotency_key(e.idempotency_key),
+            )
+            for e, key in zip(batch, keys, strict=True)
+        ]
         items = [events.prepare_event(e, self._master_key, self.limits) for e in batch]
         return PreparedRequest(
             "POST", self.app_path("/batch_events"), events.batch_body(items, self.limits)
@@ -142,6 +181,44 @@ class _Core:
     def prepare_get(self, path: str, params: Mapping[str, object] | None = None) -> PreparedRequest:
         full = path if path.startswith("/apps/") else self.app_path("/" + path.lstrip("/"))
         return PreparedRequest("GET", full, None, dict(params or {}))
+
+    # -- publishing ---------------------------------------------------------------------------
+
+    @operation
+    def trigger(
+        self,
+        channels: str | Sequence[str],
+        event: str,
+        data: Any,
+        options: TriggerOptions | Mapping[str, Any] | None = None,
+        **keywords: Unpack[TriggerOptions],
+    ) -> Call[Result]:
+        """Publish one event to one channel or several (``/events``)."""
+        merged = _merge_options(options, keywords)
+        return Call(self.prepare_trigger(channels, event, data, **merged), keep)
+
+    @operation
+    def trigger_batch(self, batch: Sequence[Event]) -> Call[Result]:
+        """Publish several events in one request (``/batch_events``)."""
+        return Call(self.prepare_batch(batch), keep)
+
+    @operation
+    def send_to_user(
+        self,
+        user_id: str,
+        event: str,
+        data: Any,
+        options: TriggerOptions | Mapping[str, Any] | None = None,
+        **keywords: Unpack[TriggerOptions],
+    ) -> Call[Result]:
+        """Publish to every connection of one signed-in user."""
+        merged = _merge_options(options, keywords)
+        return Call(self.prepare_trigger(_user_channel(user_id), event, data, **merged), keep)
+
+    @operation
+    def get(self, path: str, params: Mapping[str, object] | None = None) -> Call[Result]:
+        """A signed GET under ``/apps/{app_id}`` (any endpoint this client has no method for)."""
+        return Call(self.prepare_get(path, params), keep)
 
     # -- signing ------------------------------------------------------------------------------
 
@@ -200,9 +277,21 @@ class _Core:
                 options["http1"] = False
         return options
 
+    # -- binding operations: the core hands back the Call itself ------------------------------
+
+    def _bind_call(self, build: Callable[..., Call[T]]) -> Callable[..., Any]:
+        return build
+
+    def _bind_walk(self, build: Callable[..., Walk[T]]) -> Callable[..., Any]:
+        return build
+
 
 class Sockudo(_Core):
-    """Synchronous client. Use it as a context manager, or call :meth:`close`."""
+    """Synchronous client. Use it as a context manager, or call :meth:`close`.
+
+    Every operation of :class:`_Core` (``trigger``, ``get_channel_history``, ``update_message``...)
+    is sent at once and returns its parsed answer; ``iter_*`` operations return an iterator.
+    """
 
     def __init__(
         self,
@@ -237,35 +326,39 @@ class Sockudo(_Core):
             )
         except httpx.HTTPError as exc:
             raise translate_transport_error(exc) from exc
-        return interpret(response.status_code, response.headers, response.content)
+        return interpret(response.status_code, response.headers, response.content, request.path)
 
-    def trigger(
-        self,
-        channels: str | Sequence[str],
-        event: str,
-        data: Any,
-        **options: Unpack[TriggerOptions],
-    ) -> Result:
-        """Publish one event to one channel or several (``/events``)."""
-        return self.send(self.prepare_trigger(channels, event, data, **options))
+    def run(self, call: Call[T]) -> T:
+        """Send a prepared call (again: the same bytes) and return its parsed answer."""
+        return call.parse(self.send(call.request))
 
-    def trigger_batch(self, batch: Sequence[Event]) -> Result:
-        """Publish several events in one request (``/batch_events``)."""
-        return self.send(self.prepare_batch(batch))
+    def _bind_call(self, build: Callable[..., Call[T]]) -> Callable[..., T]:
+        @functools.wraps(build)
+        def run(*args: Any, **kwargs: Any) -> T:
+            return self.run(build(*args, **kwargs))
 
-    def send_to_user(
-        self, user_id: str, event: str, data: Any, **options: Unpack[TriggerOptions]
-    ) -> Result:
-        """Publish to every connection of one signed-in user."""
-        return self.trigger(_user_channel(user_id), event, data, **options)
+        run.prepare = build  # type: ignore[attr-defined]
+        return run
 
-    def get(self, path: str, params: Mapping[str, object] | None = None) -> Result:
-        """A signed GET under ``/apps/{app_id}`` (channel queries and the like)."""
-        return self.send(self.prepare_get(path, params))
+    def _bind_walk(self, build: Callable[..., Walk[T]]) -> Callable[..., Iterator[T]]:
+        @functools.wraps(build)
+        def walk(*args: Any, **kwargs: Any) -> Iterator[T]:
+            step = build(*args, **kwargs)
+            call: Call[Any] | None = step.first
+            while call is not None:
+                page = self.run(call)
+                yield from page.items
+                call = step.after(page)
+
+        return walk
 
 
 class AsyncSockudo(_Core):
-    """asyncio client. Use it as an async context manager, or await :meth:`aclose`."""
+    """asyncio client. Use it as an async context manager, or await :meth:`aclose`.
+
+    Every operation of :class:`_Core` returns an awaitable of the same answer as on
+    :class:`Sockudo`; ``iter_*`` operations return an async iterator (``async for``).
+    """
 
     def __init__(
         self,
@@ -294,6 +387,10 @@ class AsyncSockudo(_Core):
         if self._owns_http:
             await self._http.aclose()
 
+    async def close(self) -> None:
+        """The SDK's name for :meth:`aclose`."""
+        await self.aclose()
+
     async def send(self, request: PreparedRequest) -> Result:
         """Sign ``request`` now, send it once, and return its :class:`Result` or raise."""
         try:
@@ -302,31 +399,47 @@ class AsyncSockudo(_Core):
             )
         except httpx.HTTPError as exc:
             raise translate_transport_error(exc) from exc
-        return interpret(response.status_code, response.headers, response.content)
+        return interpret(response.status_code, response.headers, response.content, request.path)
 
-    async def trigger(
-        self,
-        channels: str | Sequence[str],
-        event: str,
-        data: Any,
-        **options: Unpack[TriggerOptions],
-    ) -> Result:
-        """Publish one event to one channel or several (``/events``)."""
-        return await self.send(self.prepare_trigger(channels, event, data, **options))
+    async def run(self, call: Call[T]) -> T:
+        """Send a prepared call (again: the same bytes) and return its parsed answer."""
+        return call.parse(await self.send(call.request))
 
-    async def trigger_batch(self, batch: Sequence[Event]) -> Result:
-        """Publish several events in one request (``/batch_events``)."""
-        return await self.send(self.prepare_batch(batch))
+    def _bind_call(self, build: Callable[..., Call[T]]) -> Callable[..., Awaitable[T]]:
+        @functools.wraps(build)
+        async def run(*args: Any, **kwargs: Any) -> T:
+            return await self.run(build(*args, **kwargs))
 
-    async def send_to_user(
-        self, user_id: str, event: str, data: Any, **options: Unpack[TriggerOptions]
-    ) -> Result:
-        """Publish to every connection of one signed-in user."""
-        return await self.trigger(_user_channel(user_id), event, data, **options)
+        run.prepare = build  # type: ignore[attr-defined]
+        return run
 
-    async def get(self, path: str, params: Mapping[str, object] | None = None) -> Result:
-        """A signed GET under ``/apps/{app_id}`` (channel queries and the like)."""
-        return await self.send(self.prepare_get(path, params))
+    def _bind_walk(self, build: Callable[..., Walk[T]]) -> Callable[..., AsyncIterator[T]]:
+        @functools.wraps(build)
+        async def walk(*args: Any, **kwargs: Any) -> AsyncIterator[T]:
+            step = build(*args, **kwargs)
+            call: Call[Any] | None = step.first
+            while call is not None:
+                page = await self.run(call)
+                for item in page.items:
+                    yield item
+                call = step.after(page)
+
+        return walk
+
+
+def _merge_options(
+    options: TriggerOptions | Mapping[str, Any] | None, keywords: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The SDK's positional ``TriggerOptions`` and our keywords, as one set (no field twice)."""
+    merged = dict(options or {})
+    twice = sorted(k for k in merged if keywords.get(k) is not None)
+    if twice:
+        raise InvalidEvent(f"given both in options and as a keyword: {twice}", field=twice[0])
+    merged.update(keywords)
+    unknown = sorted(set(merged) - set(TriggerOptions.__annotations__))
+    if unknown:
+        raise InvalidEvent(f"unknown publish options: {unknown}", field=unknown[0])
+    return merged
 
 
 def _user_channel(user_id: str) -> str:

@@ -5,17 +5,30 @@
     SockudoError
     ├── InvalidEvent           refused locally, before any request (never retry as written)
     ├── PublishFailed          the server or the network said no; carries status, code, message
-    │   ├── EventRefused       400/413/415/422: the event is bad; never retry it as written
+    │   ├── EventRefused       400/413/415/422: the request is bad; never retry it as written
+    │   │   ├── NotFound       404 not_found: no such message or annotation in that channel
+    │   │   └── CursorExpired  400 "Expired history cursor": start the walk again from the top
     │   ├── EndpointUnavailable  network error, timeout, 5xx, 429, 503: retry later
     │   │                        (``retry_after`` holds a parsed ``Retry-After``)
-    │   └── ClientMisconfigured  401/403/404: wrong secret, clock, key or app id; no event is at fault
+    │   └── ClientMisconfigured  the setup is at fault, not the request: fix it, then retry
+    │       │                    (401/404: wrong secret, clock, key or app id)
+    │       └── NotAllowed     the server's own settings refuse this operation; credentials are fine
+    │           ├── FeatureDisabled  422 feature_disabled; ``setting`` names what to turn on
+    │           ├── Forbidden        403: channel policy or a socket's capability
+    │           └── Unsupported      404 without an error code: this server has no such endpoint
     └── WebhookInvalid         a webhook whose signature or key does not check out
+
+``NotAllowed`` sits under ``ClientMisconfigured`` because the caller's decision is the same (no
+request is at fault; an operator changes a setting, and then the same request succeeds), while
+``except NotAllowed`` tells a server setting apart from bad credentials.
 
 Exceptions are raised by :mod:`outbox.sockudo.responses` (HTTP answers) and by the client shells
 (transport errors), each translated once at that boundary. Messages never contain the secret.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class SockudoError(Exception):
@@ -89,7 +102,57 @@ class EndpointUnavailable(PublishFailed):
 class ClientMisconfigured(PublishFailed):
     """The server does not accept this client (401 bad signature or clock, 404 unknown app or key).
 
-    No event is at fault: fix the configuration (secret, key, app id, host clock).
+    No event is at fault: fix the configuration (secret, key, app id, host clock). The subclass
+    :class:`NotAllowed` is the server's configuration instead of this client's.
+    """
+
+
+class NotFound(EventRefused):
+    """404 ``not_found``: the message serial or annotation serial does not exist in that channel.
+
+    Sockudo answers the same for a mistyped serial, a message published while history or versioned
+    messages were off, and (with ``VERSIONED_MESSAGES_DRIVER=memory``) one lost in a restart.
+    """
+
+
+class CursorExpired(EventRefused):
+    """400 "Expired history cursor": the stream was reset, or retention passed the cursor.
+
+    The walk cannot continue from that cursor: start again without one.
+    """
+
+
+class NotAllowed(ClientMisconfigured):
+    """The server is set up not to allow this operation; the credentials are fine.
+
+    ``setting`` names the server setting (environment variable) that allows it, when known.
+    """
+
+    def __init__(self, message: str, *, setting: str | None = None, **fields: Any) -> None:
+        super().__init__(message, **fields)
+        self.setting = setting
+
+
+class FeatureDisabled(NotAllowed):
+    """422 ``feature_disabled``: history, presence history, versioned messages or annotations
+    are off for the channel. ``setting`` says what to turn on (e.g. ``HISTORY_ENABLED=true``).
+    """
+
+
+class Forbidden(NotAllowed):
+    """403: refused by channel policy (annotations off for the app) or by a socket's capabilities
+    (``mutable_not_permitted``; ``ai_code`` 93002 on AI-transport channels). Not a signature error.
+    """
+
+    def __init__(self, message: str, *, ai_code: int | None = None, **fields: Any) -> None:
+        super().__init__(message, **fields)
+        self.ai_code = ai_code
+
+
+class Unsupported(NotAllowed):
+    """A 404 without a JSON error code on an endpoint other than publishing: this server has no
+    such route (soketi has no history, messages or annotations; Sockudo in ``server_role=api`` has
+    no channel-state routes).
     """
 
 

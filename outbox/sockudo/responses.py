@@ -18,14 +18,29 @@ import httpx
 
 from .errors import (
     ClientMisconfigured,
+    CursorExpired,
     EndpointUnavailable,
     EventRefused,
+    FeatureDisabled,
+    Forbidden,
+    NotFound,
     PublishFailed,
+    Unsupported,
 )
 
 _REFUSED = frozenset({400, 409, 413, 415, 422})
-_MISCONFIGURED = frozenset({401, 403, 404})
+_MISCONFIGURED = frozenset({401, 404})
 _MAX_MESSAGE = 500
+_PUBLISH_ROUTES = ("/events", "/batch_events")
+#: What turns a feature on, by the start of Sockudo's ``feature_disabled`` message.
+FEATURE_SETTINGS = {
+    "Durable history": "HISTORY_ENABLED=true",
+    "Presence history": "PRESENCE_HISTORY_ENABLED=true",
+    "Versioned messages": "VERSIONED_MESSAGES_ENABLED=true",
+    "Annotations are disabled globally": "ANNOTATIONS_ENABLED=true",
+}
+#: The per-app policy behind a 403 "Annotations are disabled by channel policy".
+ANNOTATION_POLICY_SETTING = "SOCKUDO_DEFAULT_APP_ANNOTATIONS_ENABLED=true"
 
 
 @dataclass(frozen=True)
@@ -56,6 +71,16 @@ class Result:
     status_code: int
     body: Any
     raw: bytes = field(repr=False, default=b"")
+
+    @property
+    def ok(self) -> bool:
+        """True for the 2xx answers a Result is made of: failures raise instead (the SDK
+        returns ``Result(ok=False)``)."""
+        return 200 <= self.status_code < 300
+
+    def json(self) -> Any:
+        """The parsed JSON body (as the SDK's ``Result.json()``)."""
+        return self.body
 
     @property
     def channels(self) -> dict[str, ChannelAck]:
@@ -101,11 +126,14 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, seconds)
 
 
-def interpret(status: int, headers: Mapping[str, str], raw: bytes) -> Result:
+def interpret(
+    status: int, headers: Mapping[str, str], raw: bytes, path: str | None = None
+) -> Result:
     """Return the :class:`Result` of a successful answer or raise the matching exception.
 
     Soketi-style servers answer some errors with HTTP 200 and ``{"error": ..., "code": N}``: such a
-    body is classified by its ``code`` exactly as the same HTTP status would be.
+    body is classified by its ``code`` exactly as the same HTTP status would be. ``path`` (the
+    request's) tells a missing route of a non-publish endpoint from a wrong app URL.
     """
     body = _parse_json(raw)
     if 200 <= status < 300:
@@ -115,6 +143,9 @@ def interpret(status: int, headers: Mapping[str, str], raw: bytes) -> Result:
         status = embedded
     message, code = _error_fields(body, raw, status)
     retry_after = parse_retry_after(_header(headers, "retry-after"))
+    refusal = _refused_by_setup(status, body, message, code, raw, path)
+    if refusal is not None:
+        raise refusal
     if status in _MISCONFIGURED:
         raise ClientMisconfigured(_misconfigured_hint(status, message), status=status, code=code)
     if status == 429 or status == 408 or status >= 500:
@@ -133,6 +164,41 @@ def interpret(status: int, headers: Mapping[str, str], raw: bytes) -> Result:
     raise ClientMisconfigured(
         f"unexpected HTTP {status} from the publish endpoint: {message}", status=status, code=code
     )
+
+
+def _refused_by_setup(
+    status: int, body: Any, message: str, code: str | None, raw: bytes, path: str | None
+) -> PublishFailed | None:
+    """The answers of the non-publish API that say more than their status: which feature is off,
+    a policy refusal, a missing message, an expired cursor, a route the server lacks."""
+    json_code = code if isinstance(body, dict) else None  # a plain-text 422 is axum's, not ours
+    if status == 422 and json_code == "feature_disabled":
+        setting = next((v for k, v in FEATURE_SETTINGS.items() if message.startswith(k)), None)
+        hint = f" (turn on {setting} on the server)" if setting else ""
+        return FeatureDisabled(message + hint, status=status, code=code, body=raw, setting=setting)
+    if status == 403:
+        policy = "disabled by channel policy" in message
+        ai_code = body.get("ai_code") if isinstance(body, dict) else None
+        return Forbidden(
+            message + (f" (turn on {ANNOTATION_POLICY_SETTING})" if policy else ""),
+            status=status,
+            code=code,
+            body=raw,
+            setting=ANNOTATION_POLICY_SETTING if policy else None,
+            ai_code=ai_code if isinstance(ai_code, int) else None,
+        )
+    if status == 404 and json_code == "not_found":
+        return NotFound(message, status=status, code=code, body=raw)
+    if status == 404 and json_code is None and path and not path.endswith(_PUBLISH_ROUTES):
+        return Unsupported(
+            f"this server has no {path.split('?')[0]} endpoint (HTTP 404 {message})",
+            status=status,
+            code=code,
+            body=raw,
+        )
+    if status == 400 and message.startswith("Expired history cursor"):
+        return CursorExpired(message, status=status, code=code, body=raw)
+    return None
 
 
 def translate_transport_error(exc: httpx.HTTPError) -> PublishFailed:
@@ -182,7 +248,6 @@ def _error_fields(body: Any, raw: bytes, status: int) -> tuple[str, str | None]:
 def _misconfigured_hint(status: int, message: str) -> str:
     hint = {
         401: "check the app secret and this host's clock (signatures are valid for +-600 s)",
-        403: "the app refuses this client",
         404: "check the app id and key",
     }.get(status, "check the client settings")
     return f"{message} ({hint})"

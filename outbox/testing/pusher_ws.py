@@ -178,6 +178,16 @@ class PusherSubscriber:
             raise AssertionError(f"expected {count} event(s) on {channel!r}, got {got!r}")
         return got
 
+    async def wait_closed(self, timeout: float | None = None) -> str:
+        """Wait until the server closes this connection; return how it closed."""
+        await self._wait(lambda: self._closed_reason is not None, timeout, "the server to close")
+        assert self._closed_reason is not None
+        return self._closed_reason
+
+    @property
+    def closed(self) -> bool:
+        return self._closed_reason is not None
+
     # -- internals ------------------------------------------------------------------------------
 
     async def _wait(

@@ -16,6 +16,23 @@ def sockudo_server() -> Iterator[TestServer]:
         yield server
 
 
+#: Every feature of the non-publish API on (Sockudo's defaults have them all off).
+ALL_FEATURES = {
+    "history": True,
+    "versioned_messages": True,
+    "presence_history": True,
+    "annotations": True,
+    "app_annotations": True,
+}
+
+
+@pytest.fixture
+def sockudo_server_all_features() -> Iterator[TestServer]:
+    """An in-process TestServer with history, versions, presence history and annotations on."""
+    with TestServer(**ALL_FEATURES) as server:
+        yield server
+
+
 @pytest.fixture
 def sockudo_server_process() -> Iterator[RemoteTestServer]:
     """A TestServer in its own process, driven over its control API; killed after the test."""

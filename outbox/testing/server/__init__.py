@@ -1,4 +1,5 @@
-"""A Sockudo-faithful HTTP test server: signed publish API, idempotency, delivery record, faults.
+"""A Sockudo-faithful HTTP test server: signed publish API, idempotency, delivery record, faults,
+and the rest of the API (channel state, history, versioned messages, annotations), each switchable.
 
 See docs/test-server.md. In-process: ``TestServer``; as a subprocess: ``TestServerProcess``
 (``python -m outbox.testing.server``) driven through ``RemoteTestServer``.

@@ -34,6 +34,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timestamp-window", type=int, default=600)
     p.add_argument("--inflight-wait", type=float, default=0.3)
     p.add_argument("--message-id-wait", type=float, default=1.0)
+    features = p.add_argument_group("features (all off by default, as in Sockudo)")
+    for name in ("history", "versioned-messages", "presence-history", "annotations"):
+        features.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=False)
+    features.add_argument(
+        "--app-annotations",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="the app's annotation policy (SOCKUDO_DEFAULT_APP_ANNOTATIONS_ENABLED)",
+    )
+    features.add_argument(
+        "--all-features",
+        action="store_true",
+        help="history, versioned messages, presence history and annotations, all on",
+    )
+    p.add_argument("--history-max-page-size", type=int, default=100)
+    p.add_argument("--presence-history-max-page-size", type=int, default=100)
+    p.add_argument("--versioned-max-page-size", type=int, default=100)
+    p.add_argument("--node-id", default="node", help="INSTANCE_PROCESS_ID, in every serial")
     return p.parse_args(argv)
 
 
@@ -41,7 +59,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     options = vars(args)
     options["namespaces"] = [n for n in options["namespaces"].split(",") if n]
-    server = TestServer(**options)
+    if options.pop("all_features"):
+        for name in ("history", "versioned_messages", "presence_history", "annotations"):
+            options[name] = True
+        options["app_annotations"] = True
+    try:
+        server = TestServer(**options)
+    except ValueError as exc:  # e.g. --annotations without --versioned-messages
+        print(f"python -m outbox.testing.server: {exc}", file=sys.stderr)
+        return 2
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

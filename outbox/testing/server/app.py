@@ -1,6 +1,7 @@
 """Sockudo's publish path as a plain function: (method, target, headers, body) -> Response.
 
-Each rule cites where it lives in Sockudo 5.0.x so a reader can check it:
+Routing, rate limit, faults and authentication are shared by every route; the non-publish
+routes (channel state, history, messages, annotations) are answered by ``api.py``. Each rule cites where it lives in Sockudo 5.0.x so a reader can check it:
 auth = ``sockudo-core/src/auth.rs`` + ``sockudo-server/src/middleware.rs``; endpoints =
 ``http_handler/events/mod.rs``; per-event validation and publish = ``events/processor.rs``;
 the (channel, message_id) layer = ``sockudo-adapter/src/services.rs`` + ``sockudo-core/src/idempotency.rs``.
@@ -21,7 +22,14 @@ from urllib.parse import parse_qsl
 
 from outbox.sockudo.signing import body_md5, hmac_sha256_hex, string_to_sign
 
+from .api import ChannelApi, parse_query
 from .state import PROCESSING, Clock, DeliveryLog, ExpiringCache, Faults, Stats
+from .store import Stores
+from .wire import ApiError, Dropped, Rejection, Response
+from .wire import auth_failed as _auth_failed
+from .wire import backpressure as _backpressure
+from .wire import bad_request as _bad_request
+from .wire import dumps as _dumps
 
 _ROUTE = re.compile(r"^/apps/([^/]+)/(events|batch_events)$")
 _CHANNEL_CHARS = re.compile(r"^[A-Za-z0-9\-_=@,;.:#]*$")
@@ -57,62 +65,27 @@ class ServerConfig:
     inflight_wait: float = 0.3
     #: How long a same-payload (channel, message_id) repeat waits (Sockudo: 40 x 25 ms).
     message_id_wait: float = 1.0
+    # Feature switches, all off by default as in Sockudo (each answers 422 feature_disabled).
+    #: ``HISTORY_ENABLED``: durable history, and the history half of mutations and annotations.
+    history: bool = False
+    #: ``VERSIONED_MESSAGES_ENABLED``: message serials in publish answers, get/versions/mutations.
+    versioned_messages: bool = False
+    #: ``PRESENCE_HISTORY_ENABLED``.
+    presence_history: bool = False
+    #: ``ANNOTATIONS_ENABLED`` (global; needs versioned messages, as Sockudo checks at startup).
+    annotations: bool = False
+    #: ``SOCKUDO_DEFAULT_APP_ANNOTATIONS_ENABLED``: the app's policy (off: 403). It also forces
+    #: history on for every channel: without ``history``, every publish then fails with 500.
+    app_annotations: bool = False
+    history_max_page_size: int = 100
+    presence_history_max_page_size: int = 100
+    versioned_max_page_size: int = 100
+    #: ``INSTANCE_PROCESS_ID``: the node part of message, version and annotation serials.
+    node_id: str = "node"
 
-
-@dataclass
-class Response:
-    status: int
-    body: bytes = b""
-    content_type: str = "application/json"
-    headers: dict[str, str] = field(default_factory=dict)
-    drop: bool = False  # close the connection without answering
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-class ApiError(Exception):
-    """Sockudo's ``AppError``: JSON body ``{"error", "code", "status"}``."""
-
-    def __init__(
-        self, status: int, code: str, message: str, retry_after: int | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
-
-    def response(self) -> Response:
-        body = _dumps({"error": self.message, "code": self.code, "status": self.status})
-        headers = {} if self.retry_after is None else {"Retry-After": str(self.retry_after)}
-        return Response(self.status, body, headers=headers)
-
-
-class Rejection(Exception):
-    """An axum extractor rejection (bad JSON, wrong types): plain text, no error code."""
-
-    def __init__(self, status: int, text: str) -> None:
-        super().__init__(text)
-        self.status, self.text = status, text
-
-
-class Dropped(Exception):
-    """A fault asked to close the connection without an answer."""
-
-
-def _dumps(value: Any) -> bytes:
-    # sonic_rs serializes compactly and writes non-ASCII as UTF-8, never \u escapes.
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-
-
-def _bad_request(message: str) -> ApiError:
-    return ApiError(400, "invalid_input", message)
-
-
-def _auth_failed(message: str) -> ApiError:
-    return ApiError(401, "auth_failed", message)
-
-
-def _backpressure(message: str) -> ApiError:
-    return ApiError(503, "backpressure", message, retry_after=1)
+    def __post_init__(self) -> None:
+        if self.annotations and not self.versioned_messages:
+            raise ValueError("annotations need versioned_messages (a Sockudo startup error)")
 
 
 # Field types of PusherApiMessage; a mismatch is a serde error, i.e. a 422 from the Json extractor.
@@ -207,6 +180,9 @@ class SockudoApp:
         self.batch_keys = ExpiringCache(clock)
         #: (channel, message_id) -> pending/committed record with a payload fingerprint.
         self.ledger = ExpiringCache(clock)
+        #: History, versioned messages, annotations, connections and presence history.
+        self.stores = Stores(config.node_id)
+        self.api = ChannelApi(self)
 
     # ----------------------------------------------------------------- entry point
     def handle(
@@ -221,15 +197,22 @@ class SockudoApp:
             self.stats.record("up", response.status, client)
             return response
         match = _ROUTE.match(path)
-        if match is None:
-            self.stats.record("other", 404, client)
-            return Response(404, b"", "text/plain; charset=utf-8")
-        endpoint = match.group(2)
-        if method != "POST":
+        if match is not None:
+            endpoint, allowed = match.group(2), ("POST",)
+        else:
+            found = self.api.match(path)
+            if found is None:
+                self.stats.record("other", 404, client)
+                return Response(404, b"", "text/plain; charset=utf-8")
+            endpoint, routes = found
+            allowed = tuple(routes)
+            if method in routes:
+                endpoint = routes[method].endpoint
+        if method not in allowed:
             self.stats.record(endpoint, 405, client)
             return Response(405, b"", "text/plain; charset=utf-8")
         try:
-            response = self._api(endpoint, path, query, headers, body, client)
+            response = self._api(endpoint, method, path, query, headers, body, client)
         except Dropped:
             self.stats.record(endpoint, 0, client)
             return Response(0, drop=True)
@@ -245,6 +228,7 @@ class SockudoApp:
     def _api(
         self,
         endpoint: str,
+        method: str,
         path: str,
         query: str,
         headers: Mapping[str, str],
@@ -262,8 +246,12 @@ class SockudoApp:
             )
             return Response(429, body_429, headers={"Retry-After": str(retry_after)})
         self._stage("received", endpoint)
-        self._authenticate("POST", path, query, body)
-        payload = self._parse_json(headers, body)
+        self._authenticate(method, path, query, body)
+        if endpoint not in ("events", "batch_events"):
+            route = self.api.match(path)[1][method]  # type: ignore[index]
+            self._stage("claimed", endpoint)
+            return route.answer(parse_query(query), body, headers)
+        payload = self.parse_json(headers, body)
         if endpoint == "events":
             return self._events(_check_event_types(payload, ""), headers)
         return self._batch_events(payload, headers)
@@ -323,7 +311,7 @@ class SockudoApp:
             raise _auth_failed("Invalid API signature")
 
     @staticmethod
-    def _parse_json(headers: Mapping[str, str], body: bytes) -> Any:
+    def parse_json(headers: Mapping[str, str], body: bytes) -> Any:
         """axum's ``Json`` extractor: 415 without a JSON content type, 400 on bad syntax."""
         mime = headers.get("content-type", "").split(";")[0].strip().lower()
         kind, _, subtype = mime.partition("/")
@@ -511,23 +499,23 @@ class SockudoApp:
         first_error: ApiError | None = None
         for channel in targets:
             try:
-                self._validate_channel(channel)
-                ack = self._publish(channel, event, name, data, key, endpoint)
+                self.validate_channel(channel)
+                receipt = self._publish(channel, event, name, data, key, endpoint)
             except ApiError as error:
                 first_error = first_error or error
                 continue
             if collect:
-                entry: dict[str, Any] = {"acknowledgement_id": ack}
+                entry: dict[str, Any] = dict(receipt)
                 if channel.startswith("presence-") and _wants(event.get("info"), "user_count"):
-                    entry["user_count"] = 0
+                    entry["user_count"] = len(self.stores.members(channel))
                 if _wants(event.get("info"), "subscription_count"):
-                    entry["subscription_count"] = 0
+                    entry["subscription_count"] = self.stores.subscribers(channel)
                 info_map[channel] = entry
         if first_error is not None:
             raise first_error
         return info_map
 
-    def _validate_channel(self, channel: str) -> None:
+    def validate_channel(self, channel: str) -> None:
         logical = channel
         for prefix in _TYPE_PREFIXES:
             if logical.startswith(prefix):
@@ -558,8 +546,9 @@ class SockudoApp:
         data: str,
         key: str | None,
         endpoint: str,
-    ) -> str:
-        """Deliver to ``channel`` unless (channel, message_id) already went out; the ack id."""
+    ) -> dict[str, Any]:
+        """Deliver to ``channel`` unless (channel, message_id) already went out; the receipt
+        (``acknowledgement_id``, plus the serials when history and versioned messages are on)."""
         extras = event.get("extras")
         ledger_id = (
             event.get("message_id")
@@ -569,7 +558,7 @@ class SockudoApp:
         if event.get("message_id") == "":
             ledger_id = ""
         claim_key: str | None = None
-        record: tuple[str, str, str] | None = None
+        record: tuple[str, str, Any] | None = None
         if self.config.idempotency and ledger_id is not None:
             if ledger_id == "":
                 raise _bad_request("idempotency key must not be empty")
@@ -583,7 +572,10 @@ class SockudoApp:
             receipt = self._begin_ledger(claim_key, record)
             if receipt is not None:
                 return receipt  # same payload already published: replay, not re-delivered
-        ack = event.get("message_id") or str(uuid.uuid4())
+        # The history row and the create version are written before fan-out.
+        serials = self.api.record_publish(channel, name, data, event)
+        ack = serials.get("message_serial") or event.get("message_id") or str(uuid.uuid4())
+        receipt = {"acknowledgement_id": ack, **serials}
         self.deliveries.record(
             self.clock,
             channel=channel,
@@ -597,10 +589,12 @@ class SockudoApp:
             endpoint=endpoint,
         )
         if claim_key is not None and record is not None:
-            self.ledger.set(claim_key, ("committed", record[1], ack), self.config.idempotency_ttl)
-        return ack
+            self.ledger.set(
+                claim_key, ("committed", record[1], receipt), self.config.idempotency_ttl
+            )
+        return receipt
 
-    def _begin_ledger(self, claim_key: str, record: tuple[str, str, str]) -> str | None:
+    def _begin_ledger(self, claim_key: str, record: tuple[str, str, Any]) -> dict[str, Any] | None:
         ttl = max(self.config.idempotency_ttl, 1)
         if self.ledger.set_if_absent(claim_key, record, ttl):
             return None

@@ -114,6 +114,15 @@ class TestServer:
         timestamp_window: int = 600,
         inflight_wait: float = 0.3,
         message_id_wait: float = 1.0,
+        history: bool = False,
+        versioned_messages: bool = False,
+        presence_history: bool = False,
+        annotations: bool = False,
+        app_annotations: bool = False,
+        history_max_page_size: int = 100,
+        presence_history_max_page_size: int = 100,
+        versioned_max_page_size: int = 100,
+        node_id: str = "node",
         time_func: Callable[[], float] = time.time,
     ) -> None:
         self.config = ServerConfig(
@@ -132,6 +141,15 @@ class TestServer:
             timestamp_window=timestamp_window,
             inflight_wait=inflight_wait,
             message_id_wait=message_id_wait,
+            history=history,
+            versioned_messages=versioned_messages,
+            presence_history=presence_history,
+            annotations=annotations,
+            app_annotations=app_annotations,
+            history_max_page_size=history_max_page_size,
+            presence_history_max_page_size=presence_history_max_page_size,
+            versioned_max_page_size=versioned_max_page_size,
+            node_id=node_id,
         )
         self.host = host
         self.clock = Clock(time_func)
@@ -263,13 +281,62 @@ class TestServer:
         return None if value is None else ("processing" if isinstance(value, str) else "done")
 
     def reset(self, idempotency: bool = True) -> None:
-        """Forget deliveries, counters and faults (and idempotency caches unless told not to)."""
+        """Forget deliveries, counters, faults, history, messages, annotations and connections
+        (and the idempotency caches unless told not to)."""
         self._deliveries.clear()
         self._stats.clear()
         self._faults.clear()
+        self.app.stores.clear()
         if idempotency:
             for cache in (self.app.keys, self.app.batch_keys, self.app.ledger):
                 cache.clear()
+
+    # ----------------------------------------------------------------- features
+    FEATURES = (
+        "history",
+        "versioned_messages",
+        "presence_history",
+        "annotations",
+        "app_annotations",
+    )
+
+    def set_features(self, **switches: bool) -> dict[str, bool]:
+        """Turn features on or off while running (``history=True``...); returns them all.
+
+        What was stored stays: switching history off and on again finds the same streams.
+        """
+        unknown = set(switches) - set(self.FEATURES)
+        if unknown:
+            raise ValueError(f"unknown features: {sorted(unknown)}")
+        self.config = replace(self.config, **switches)
+        self.app.config = self.config
+        return self.features()
+
+    def features(self) -> dict[str, bool]:
+        return {name: getattr(self.config, name) for name in self.FEATURES}
+
+    # ----------------------------------------------------------------- connections
+    def connect(
+        self, channels: Iterable[str], user_id: str | None = None, user_info: Any = None
+    ) -> str:
+        """Simulate a subscriber on ``channels`` (presence channels need ``user_id``): it counts
+        in channel state, and joining or leaving a presence channel is a presence-history event.
+        Returns its socket id."""
+        return self.app.api.connect(list(channels), user_id, user_info)
+
+    def disconnect(self, socket_id: str) -> None:
+        self.app.api.disconnect(socket_id)
+
+    def connections(self) -> list[dict[str, Any]]:
+        with self.app.stores.lock:
+            return [
+                {
+                    "socket_id": c.socket_id,
+                    "user_id": c.user_id,
+                    "channels": sorted(c.channels),
+                }
+                for c in self.app.stores.connections.values()
+            ]
 
     # ----------------------------------------------------------------- faults
     def fail_next(
@@ -383,6 +450,18 @@ class TestServer:
             return _json(config)
         if method == "GET" and route == "faults":
             return _json(self.faults())
+        if route == "features" and method in ("GET", "POST"):
+            return _json(self.set_features(**payload) if method == "POST" else self.features())
+        if method == "GET" and route == "connections":
+            return _json({"connections": self.connections()})
+        if method == "POST" and route == "connections":
+            socket_id = self.connect(
+                payload["channels"], payload.get("user_id"), payload.get("user_info")
+            )
+            return _json({"socket_id": socket_id})
+        if method == "DELETE" and route.startswith("connections/"):
+            self.disconnect(route.removeprefix("connections/"))
+            return _json({"ok": True})
         if method == "POST" and route == "reset":
             self.reset(idempotency=payload.get("idempotency", True))
         elif method == "POST" and route == "clock":

@@ -183,6 +183,24 @@ class RemoteTestServer:
     def clear_faults(self) -> None:
         self._http.delete(f"{self.control_url}/faults").raise_for_status()
 
+    def set_features(self, **switches: bool) -> dict[str, bool]:
+        return self._post("features", switches)
+
+    def features(self) -> dict[str, bool]:
+        return self._get("features")
+
+    def connect(
+        self, channels: Iterable[str], user_id: str | None = None, user_info: Any = None
+    ) -> str:
+        payload = {"channels": list(channels), "user_id": user_id, "user_info": user_info}
+        return self._post("connections", payload)["socket_id"]
+
+    def disconnect(self, socket_id: str) -> None:
+        self._http.delete(f"{self.control_url}/connections/{socket_id}").raise_for_status()
+
+    def connections(self) -> list[dict[str, Any]]:
+        return self._get("connections")["connections"]
+
 
 class TestServerProcess:
     """Run ``python -m outbox.testing.server`` as a child process; yields a RemoteTestServer.
