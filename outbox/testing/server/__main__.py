@@ -34,6 +34,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timestamp-window", type=int, default=600)
     p.add_argument("--inflight-wait", type=float, default=0.3)
     p.add_argument("--message-id-wait", type=float, default=1.0)
+    p.add_argument(
+        "--keep-alive",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="keep connections open between requests (default: close after each answer)",
+    )
     return p.parse_args(argv)
 
 
