@@ -137,17 +137,33 @@ async def post_all(
 # -- the candidates ----------------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def with_httpx(url: str) -> AsyncIterator[Post]:
-    import httpx
+def httpx_over(transport: Callable[[], Any] | None = None) -> Candidate:
+    """httpx.AsyncClient over its default transport, or over the one ``transport()`` makes."""
 
-    async with httpx.AsyncClient(timeout=TIMEOUT) as client:
+    @contextlib.asynccontextmanager
+    async def open_client(url: str) -> AsyncIterator[Post]:
+        import httpx
 
-        async def post(target: str, body: bytes) -> tuple[int, bytes]:
-            response = await client.post(target, content=body, headers=HEADERS)
-            return response.status_code, response.content
+        given = transport() if transport is not None else None
+        async with httpx.AsyncClient(transport=given, timeout=TIMEOUT) as client:
 
-        yield post
+            async def post(target: str, body: bytes) -> tuple[int, bytes]:
+                response = await client.post(target, content=body, headers=HEADERS)
+                return response.status_code, response.content
+
+            yield post
+
+    return open_client
+
+
+def _aiohttp_transport() -> Any:
+    from httpx_aiohttp import AiohttpTransport
+
+    return AiohttpTransport()
+
+
+with_httpx = httpx_over()
+with_httpx_aiohttp = httpx_over(_aiohttp_transport)
 
 
 @contextlib.asynccontextmanager
@@ -163,20 +179,6 @@ async def with_httpcore(url: str) -> AsyncIterator[Post]:
                 "POST", target, headers=headers, content=body, extensions=timeouts
             )
             return response.status, response.content
-
-        yield post
-
-
-@contextlib.asynccontextmanager
-async def with_httpx_aiohttp(url: str) -> AsyncIterator[Post]:
-    import httpx
-    from httpx_aiohttp import AiohttpTransport
-
-    async with httpx.AsyncClient(transport=AiohttpTransport(), timeout=TIMEOUT) as client:
-
-        async def post(target: str, body: bytes) -> tuple[int, bytes]:
-            response = await client.post(target, content=body, headers=HEADERS)
-            return response.status_code, response.content
 
         yield post
 
