@@ -268,8 +268,8 @@ class Sockudo(_Core):
 class AsyncSockudo(_Core):
     """asyncio client. Use it as an async context manager, or await :meth:`aclose`.
 
-    ``transport`` picks how requests travel: ``"httpx"`` (the default: TLS, HTTP/2, proxies),
-    ``"h11"`` (plain-http HTTP/1.1 at a fraction of the CPU; see :mod:`.transport`) or any
+    ``transport`` picks how requests travel: ``"httpx"`` (the default: TLS, HTTP/2), ``"h11"``
+    (plain-http HTTP/1.1 at a fraction of the CPU; see :mod:`.transport`) or any
     :class:`~.transport.AsyncTransport`, which the caller then closes. ``client`` wraps an
     ``httpx.AsyncClient`` of your own (also left for you to close).
     """

@@ -11,8 +11,9 @@
     │   └── ClientMisconfigured  401/403/404: wrong secret, clock, key or app id; no event is at fault
     └── WebhookInvalid         a webhook whose signature or key does not check out
 
-Exceptions are raised by :mod:`outbox.sockudo.responses` (HTTP answers) and by the client shells
-(transport errors), each translated once at that boundary. Messages never contain the secret.
+Exceptions are raised by :mod:`outbox.sockudo.responses` (HTTP answers), by the sync client and
+by the async client's transports (:mod:`outbox.sockudo.transport`) for transport errors, each
+translated once at that boundary. Messages never contain the secret.
 """
 
 from __future__ import annotations

@@ -145,7 +145,7 @@ def translate_transport_error(exc: httpx.HTTPError) -> PublishFailed:
     return EndpointUnavailable(f"{kind}: {detail}", maybe_delivered=not not_sent)
 
 
-#: Where a request can fail, in order; only the first two are before any byte was written.
+#: The stages of a request that come before any byte of it was written.
 _STAGES_BEFORE_SENDING = frozenset({"pool", "connect"})
 
 

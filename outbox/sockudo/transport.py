@@ -8,9 +8,9 @@ never sees a library's exception.
 * :class:`HttpxTransport` (``transport="httpx"``, the default): ``httpx.AsyncClient``. TLS with
   certificate checks, HTTP/2 (with the ``http2`` extra), any ``httpx`` client you pass.
 * :class:`H11Transport` (``transport="h11"``): HTTP/1.1 over asyncio streams, parsed by ``h11``
-  (already installed with ``httpx``). Plain ``http://`` only. It costs a fraction of ``httpx``'s
-  CPU per request (docs/performance.md, "HTTP client"), which is what the outbox worker spends
-  most of its time on when it drains a backlog.
+  (already installed with ``httpx``). Plain ``http://`` only. It costs a third to a half of
+  ``httpx``'s CPU per request (docs/performance.md, "HTTP client"): httpx is the largest single
+  part of the outbox worker's Python time when it drains a backlog.
 
 Both keep the client's guarantees: every connect, write, read and wait for a free connection is
 bounded by ``Config.timeout``; the body goes out byte for byte as given; a failure before the
