@@ -1,7 +1,7 @@
 """Which asyncio HTTP client posts our batches at the least cost: ``python -m outbox.bench.http_clients``.
 
 Every candidate posts the same kind of body (B pre-built ``/batch_events`` items, signed before
-the clock starts at one fixed timestamp, fresh idempotency keys for each run) to the same server,
+the clock starts at one timestamp per round, fresh idempotency keys for each run) to the server,
 K requests in flight, N requests a run. For each run it records requests/s, events/s, this
 process's CPU seconds per request (``time.process_time``: the client's whole cost, event loop
 included) and the server process's, from ``/proc``. Runs repeat R times, the order of the
@@ -297,15 +297,14 @@ async def measure_server(
 
 
 def summarize(runs: dict[str, list[Run]]) -> list[dict[str, Any]]:
+    def med(values: list[float | None]) -> float | None:
+        present = [v for v in values if v is not None]
+        return statistics.median(present) if present else None
+
     rows = []
     for name, done in runs.items():
         if not done:
             continue
-
-        def med(values: list[float | None]) -> float | None:
-            present = [v for v in values if v is not None]
-            return statistics.median(present) if present else None
-
         rows.append(
             {
                 "candidate": name,
