@@ -1,11 +1,13 @@
 """The benchmark harness: ``python -m outbox.bench`` (also ``outbox bench``).
 
 One run measures, against one real server (soketi by default, started on loopback with a batch
-limit of 100; or the bundled test server): the ceiling (pre-signed batches from a bare async
-client), the per-event baseline (our client and the sockudo-http-python SDK), the cost enqueue adds
-to a transaction, outbox drains on SQLite and PostgreSQL with one and two workers, commit-to-ack
-latency under a steady load, worker memory, and the drain with a large published history. It prints
-a table and writes the same figures as JSON. See docs/performance.md.
+limit of 100; or the bundled test server): the ceiling (pre-signed batches from a bare httpx
+client) and the server's real intake (the same bodies from the lean h11 transport), the per-event
+baseline (our client and the sockudo-http-python SDK), the cost enqueue adds to a transaction,
+outbox drains on SQLite and PostgreSQL with one and two workers, commit-to-ack latency under a
+steady load, worker memory, and the drain with a large published history, with CPU per event for
+each process where it applies. It prints a table and writes the same figures as JSON. See
+docs/performance.md.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from ..database import create_engine
 from . import scenarios
 from .report import evaluate_targets, render_table
 from .scenarios import Measurement
+from .servers import SERVERS, server
 
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -52,7 +55,7 @@ SIZES = {
 }
 
 
-SCENARIOS = ("ceiling", "baseline", "enqueue", "drain", "latency", "history")
+SCENARIOS = ("ceiling", "intake", "baseline", "enqueue", "drain", "latency", "history")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--events", type=int, help="events per drain (overrides the size)")
     p.add_argument("--batch", type=int, default=100, help="events per batch (default 100)")
     p.add_argument("--in-flight", type=int, default=4, help="batches in flight (default 4)")
-    p.add_argument("--server", choices=("soketi", "test-server"), default="soketi")
+    p.add_argument("--server", choices=SERVERS, default="soketi")
     p.add_argument("--backends", default="sqlite,postgresql")
     p.add_argument(
         "--postgres-url",
@@ -105,14 +108,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     with (
         tempfile.TemporaryDirectory(prefix="outbox-bench-") as tmp,
-        server(args.server, args.batch) as url,
+        server(args.server, args.batch) as target,
     ):
+        url, pid = target.url, target.pid
         workdir = Path(tmp)
         say = lambda text: print(f"[bench] {text}", file=sys.stderr, flush=True)  # noqa: E731
         say(f"server: {args.server}; sizes: {size}")
         if "ceiling" in chosen:
-            results.append(scenarios.ceiling(url, size["events"], args.batch, args.in_flight))
+            results.append(scenarios.ceiling(url, size["events"], args.batch, args.in_flight, pid))
             say(f"ceiling: {results[-1].rate:,.0f} events/s")
+        if "intake" in chosen:
+            results.append(scenarios.intake(url, size["events"], args.batch, args.in_flight, pid))
+            say(f"server intake: {results[-1].rate:,.0f} events/s")
         if "baseline" in chosen:
             results.append(scenarios.baseline_ours(url, size["baseline"]))
             say(f"baseline (ours): {results[-1].rate:,.0f} events/s")
@@ -137,7 +144,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     with database(backend, args.postgres_url, workdir) as db:
                         results.append(
                             scenarios.drain(
-                                db, url, backend, size["events"], count, workdir, **settings
+                                db,
+                                url,
+                                backend,
+                                size["events"],
+                                count,
+                                workdir,
+                                server_pid=pid,
+                                **settings,
                             )
                         )
                         say(
@@ -164,6 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             1,
                             workdir,
                             label=f"outbox drain, 1 worker, {size['history']:,} published rows kept",
+                            server_pid=pid,
                             **settings,
                         )
                     )
@@ -198,22 +213,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.json.write_text(json.dumps(report, indent=2))
         print(f"JSON written to {args.json}", file=sys.stderr)
     return 0
-
-
-@contextlib.contextmanager
-def server(kind: str, batch: int) -> Iterator[str]:
-    """Start the server to publish to; yields its SOCKUDO_URL."""
-    if kind == "soketi":
-        from ..testing.soketi import SoketiServer
-
-        with SoketiServer(max_batch_size=max(batch, 100)) as soketi:
-            yield soketi.url
-        return
-    from ..testing.server import TestServerProcess
-
-    # Idempotency stays on (as on Sockudo); the key cache is bounded by the TTL.
-    with TestServerProcess(max_batch_size=max(batch, 100), idempotency_ttl=120) as remote:
-        yield remote.url
 
 
 @contextlib.contextmanager

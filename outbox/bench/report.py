@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .scenarios import Measurement
+from .scenarios import CEILING, INTAKE, Measurement
 
-CEILING = "ceiling (pre-signed batches)"
 BASELINE = "per-event trigger (outbox.sockudo)"
 
 
@@ -26,22 +25,26 @@ def _find_prefix(results: list[Measurement], prefix: str, backend: str) -> Measu
 
 def render_table(results: list[Measurement], targets: list[dict[str, Any]]) -> str:
     ceiling = _find(results, CEILING)
+    intake = _find(results, INTAKE)
     baseline = _find(results, BASELINE)
     header = (
         f"{'scenario':<58} {'db':<10} {'events':>9} {'events/s':>10} {'x ceil':>7} "
-        f"{'x base':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'RSS MB':>7} {'+ms/txn':>8}"
+        f"{'x intake':>8} {'x base':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'RSS MB':>7} "
+        f"{'+ms/txn':>8}  CPU us/event (other cores)"
     )
     lines = [header, "-" * len(header)]
     for r in results:
         x_ceiling = r.rate / ceiling.rate if ceiling and ceiling.rate else 0.0
+        x_intake = r.rate / intake.rate if intake and intake.rate else 0.0
         x_base = r.rate / baseline.rate if baseline and baseline.rate else 0.0
         e = r.extra
         rss = e.get("worker_peak_rss_mb")
         added = e.get("added_ms_per_commit")
         lines.append(
             f"{r.scenario:<58} {r.backend:<10} {r.events:>9,} {r.rate:>10,.0f} {x_ceiling:>7.2f} "
-            f"{x_base:>7.1f} {_ms(e.get('p50_ms'))} {_ms(e.get('p95_ms'))} {_ms(e.get('p99_ms'))} "
-            f"{(f'{rss:.0f}' if rss else '-'):>7} {(f'{added:.3f}' if added is not None else '-'):>8}"
+            f"{x_intake:>8.2f} {x_base:>7.1f} {_ms(e.get('p50_ms'))} {_ms(e.get('p95_ms'))} "
+            f"{_ms(e.get('p99_ms'))} {(f'{rss:.0f}' if rss else '-'):>7} "
+            f"{(f'{added:.3f}' if added is not None else '-'):>8}  {_cpu(e)}"
         )
     lines.append("")
     lines.append("targets:")
@@ -49,6 +52,19 @@ def render_table(results: list[Measurement], targets: list[dict[str, Any]]) -> s
         mark = "met" if t["met"] else "MISSED"
         lines.append(f"  [{mark:>6}] {t['target']}: {t['measured']}")
     return "\n".join(lines)
+
+
+def _cpu(extra: dict[str, Any]) -> str:
+    """``client 9 server 7 (0.05)``: each process's CPU per event, then foreign load in cores."""
+    parts = [
+        f"{key.removesuffix('_cpu_us_per_event')} {value:.0f}"
+        for key, value in extra.items()
+        if key.endswith("_cpu_us_per_event") and value is not None
+    ]
+    if not parts:
+        return "-"
+    other = extra.get("other_cores")
+    return " ".join(parts) + (f" ({other:.2f})" if other is not None else "")
 
 
 def _ms(value: float | None) -> str:

@@ -20,15 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import sqlalchemy as sa
 
 from ..database import create_engine
 from ..enqueue import OutboxEvent, enqueue, enqueue_many
 from ..schema import outbox_table
-from ..sockudo import Config, Sockudo
-from ..sockudo.events import batch_body, event_item
-from ..sockudo.signing import Signer
+from ..sockudo import Sockudo
+from . import http_clients
+from .cpu import CpuMeter, pids_named
 
 CHANNEL = "bench"
 EVENT = "tick"
@@ -53,54 +52,65 @@ def payload(i: int) -> dict[str, Any]:
     return {"n": i, "kind": "benchmark", "text": "x" * 64}
 
 
-# -- 1. the ceiling: pre-built, pre-signed batches, no database --------------------------------
+# -- 1. the ceiling and the intake: pre-built, pre-signed batches, no database ----------------
+
+CEILING = "ceiling (pre-signed batches)"
+INTAKE = "server intake (pre-signed batches, h11)"
 
 
-def ceiling(url: str, events: int, batch: int, in_flight: int) -> Measurement:
-    """The most this server takes from one Python process: bare async POSTs of ready bodies."""
-    config = Config.from_url(url)
-    signer = Signer(config.key, config.secret)
-    path = f"/apps/{config.app_id}/batch_events"
-    now = int(time.time())
-    requests: list[tuple[str, bytes]] = []
-    for start in range(0, events, batch):
-        items = [
-            event_item(
-                [CHANNEL],
-                EVENT,
-                f'{{"n":{i}}}',
-                idempotency_key=f"ceiling-{i}-{uuid.uuid4().hex[:8]}",
-                message_id=f"ceiling-{i}",
-            )
-            for i in range(start, min(start + batch, events))
-        ]
-        body = batch_body(items)
-        query = signer.signed_query("POST", path, body, now)
-        requests.append((f"{config.base_url}{path}?{query}", body))
+def ceiling(
+    url: str, events: int, batch: int, in_flight: int, server_pid: int | None = None
+) -> Measurement:
+    """The most this server takes from one Python process through httpx: bare async POSTs of
+    ready bodies. httpx's own CPU is usually the limit here, not the server."""
+    return _presigned(CEILING, http_clients.with_httpx, url, events, batch, in_flight, server_pid)
 
-    async def run() -> float:
-        limit = asyncio.Semaphore(in_flight)
-        async with httpx.AsyncClient(timeout=30.0) as http:
 
-            async def post(url_: str, body: bytes) -> None:
-                async with limit:
-                    response = await http.post(
-                        url_, content=body, headers={"Content-Type": "application/json"}
-                    )
-                    if response.status_code != 200 or b'"error"' in response.content:
-                        raise RuntimeError(f"ceiling request failed: {response.text[:200]}")
+def intake(
+    url: str, events: int, batch: int, in_flight: int, server_pid: int | None = None
+) -> Measurement:
+    """The server's real intake: the same bodies through the lean h11 transport, which costs a
+    fraction of httpx's CPU per request, so the server is the limit (docs/performance.md)."""
+    return _presigned(INTAKE, http_clients.with_h11, url, events, batch, in_flight, server_pid)
 
-            started = time.perf_counter()
-            await asyncio.gather(*(post(u, b) for u, b in requests))
-            return time.perf_counter() - started
 
-    seconds = asyncio.run(run())
+def _presigned(
+    label: str,
+    candidate: http_clients.Candidate,
+    url: str,
+    events: int,
+    batch: int,
+    in_flight: int,
+    server_pid: int | None,
+) -> Measurement:
+    requests = http_clients.presigned_batches(url, events, batch)
+
+    async def run() -> http_clients.Run:
+        async with candidate(url) as post:
+            return await http_clients.post_all(post, requests, in_flight, events, server_pid)
+
+    done = asyncio.run(run())
     return Measurement(
-        "ceiling (pre-signed batches)",
+        label,
         events=events,
-        seconds=seconds,
-        extra={"batch": batch, "in_flight": in_flight},
+        seconds=done.seconds,
+        extra={
+            "batch": batch,
+            "in_flight": in_flight,
+            **cpu_figures(done.cpu, events, done.seconds),
+        },
     )
+
+
+def cpu_figures(used: dict[str, float | None], events: int, seconds: float) -> dict[str, Any]:
+    """``<group>_cpu_us_per_event`` for every measured group, and the other processes' cores."""
+    figures: dict[str, Any] = {
+        f"{name}_cpu_us_per_event": (value / events * 1e6 if value is not None else None)
+        for name, value in used.items()
+        if name != "other"
+    }
+    figures["other_cores"] = (used.get("other") or 0.0) / seconds if seconds > 0 else None
+    return figures
 
 
 # -- 2. the baseline without an outbox: one request per event ----------------------------------
@@ -307,9 +317,13 @@ def drain(
     workdir: Path,
     label: str = "",
     timeout: float = 600.0,
+    server_pid: int | None = None,
     **settings: Any,
 ) -> Measurement:
-    """Enqueue ``events`` (not timed), then time ``worker_count`` workers publishing them all."""
+    """Enqueue ``events`` (not timed), then time ``worker_count`` workers publishing them all.
+
+    CPU per event is measured over the same span for the workers, the server (``server_pid``)
+    and, on PostgreSQL, every ``postgres`` process of the machine."""
     engine = create_engine(database_url)
     t = outbox_table()
     bulk_enqueue(database_url, backend, events)
@@ -338,10 +352,18 @@ def drain(
             if first is None and published > already:
                 first = now
                 first_count = published - already
+                meter = CpuMeter(
+                    {
+                        "worker": [p.process.pid for p in procs],
+                        "server": [server_pid] if server_pid else [],
+                        **({"database": pids_named("postgres")} if backend == "postgresql" else {}),
+                    }
+                ).start()
             if not rss_after_warmup and published - already >= events // 10:
                 rss_after_warmup = rss
             if published >= target:
                 finished = now
+                used = meter.stop()
                 break
             for p in procs:
                 if p.process.poll() is not None:
@@ -366,6 +388,7 @@ def drain(
             "worker_peak_rss_mb": peak_rss / 1024,
             "rss_growth_mb": (end_rss - rss_after_warmup) / 1024 if rss_after_warmup else None,
             "workers": worker_count,
+            **cpu_figures(used, timed_events, seconds),
         },
     )
 

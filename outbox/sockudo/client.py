@@ -28,6 +28,7 @@ from .operations import Operations
 from .params import SockudoOptions
 from .responses import Result, interpret, translate_transport_error
 from .signing import Signer
+from .transport import AsyncTransport, HttpxTransport, open_transport
 
 USER_AGENT = "sockudo-outbox/0.1"
 #: Sent with every request, so a caller-supplied ``httpx`` client still sends JSON as JSON
@@ -94,7 +95,7 @@ class _Core(Operations):
         """Build a client from ``http(s)://KEY:SECRET@HOST:PORT/apps/APP_ID``."""
         own = {
             k: settings.pop(k)
-            for k in ("clock", "limits", "client", "auto_idempotency")
+            for k in ("clock", "limits", "client", "transport", "auto_idempotency")
             if k in settings
         }
         return cls(Config.from_url(url, **settings), **own)
@@ -358,6 +359,11 @@ class AsyncSockudo(_Core):
 
     Every operation of :class:`_Core` returns an awaitable of the same answer as on
     :class:`Sockudo`; ``iter_*`` operations return an async iterator (``async for``).
+
+    ``transport`` picks how requests travel: ``"httpx"`` (the default: TLS, HTTP/2), ``"h11"``
+    (plain-http HTTP/1.1 at a fraction of the CPU; see :mod:`.transport`) or any
+    :class:`~.transport.AsyncTransport`, which the caller then closes. ``client`` wraps an
+    ``httpx.AsyncClient`` of your own (also left for you to close).
     """
 
     def __init__(
@@ -367,13 +373,21 @@ class AsyncSockudo(_Core):
         secret: str | None = None,
         *,
         client: httpx.AsyncClient | None = None,
+        transport: str | AsyncTransport | None = None,
         **settings: Any,
     ) -> None:
         super().__init__(app_id, key, secret, **settings)
-        self._owns_http = client is None
-        self._http = (
-            client if client is not None else httpx.AsyncClient(**self._transport_options())
-        )
+        if client is not None and transport is not None:
+            raise ConfigError("pass an httpx client or a transport, not both")
+        self._owns_transport = client is None and not isinstance(transport, AsyncTransport)
+        if client is not None:
+            self._transport: AsyncTransport = HttpxTransport(client)
+        elif isinstance(transport, AsyncTransport):
+            self._transport = transport
+        else:
+            name = transport or "httpx"
+            options = self._transport_options() if name == "httpx" else {}
+            self._transport = open_transport(name, self.config, options)
 
     async def __aenter__(self) -> Self:
         return self
@@ -384,8 +398,8 @@ class AsyncSockudo(_Core):
         await self.aclose()
 
     async def aclose(self) -> None:
-        if self._owns_http:
-            await self._http.aclose()
+        if self._owns_transport:
+            await self._transport.aclose()
 
     async def close(self) -> None:
         """The SDK's name for :meth:`aclose`."""
@@ -393,13 +407,10 @@ class AsyncSockudo(_Core):
 
     async def send(self, request: PreparedRequest) -> Result:
         """Sign ``request`` now, send it once, and return its :class:`Result` or raise."""
-        try:
-            response = await self._http.request(
-                request.method, self._url(request), content=request.body, headers=_HEADERS
-            )
-        except httpx.HTTPError as exc:
-            raise translate_transport_error(exc) from exc
-        return interpret(response.status_code, response.headers, response.content, request.path)
+        response = await self._transport.send(
+            request.method, self._url(request), _HEADERS, request.body
+        )
+        return interpret(response.status, response.headers, response.content, request.path)
 
     async def run(self, call: Call[T]) -> T:
         """Send a prepared call (again: the same bytes) and return its parsed answer."""

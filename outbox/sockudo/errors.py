@@ -22,8 +22,9 @@
 request is at fault; an operator changes a setting, and then the same request succeeds), while
 ``except NotAllowed`` tells a server setting apart from bad credentials.
 
-Exceptions are raised by :mod:`outbox.sockudo.responses` (HTTP answers) and by the client shells
-(transport errors), each translated once at that boundary. Messages never contain the secret.
+Exceptions are raised by :mod:`outbox.sockudo.responses` (HTTP answers), by the sync client and
+by the async client's transports (:mod:`outbox.sockudo.transport`) for transport errors, each
+translated once at that boundary. Messages never contain the secret.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Turning what came back (an HTTP answer or a transport error) into a result or one exception.
 
-This is the single place where statuses, error codes and ``httpx`` exceptions are classified, so the
-sync and async clients cannot disagree about what a 503 means.
+This is the single place where statuses, error codes and transport failures (``httpx`` exceptions,
+and the socket errors of the asyncio-streams transport) are classified, so the sync and async
+clients and their transports cannot disagree about what a 503 or a dropped connection means.
 """
 
 from __future__ import annotations
@@ -208,6 +209,29 @@ def translate_transport_error(exc: httpx.HTTPError) -> PublishFailed:
     kind = type(exc).__name__
     detail = str(exc) or "no detail"
     return EndpointUnavailable(f"{kind}: {detail}", maybe_delivered=not not_sent)
+
+
+#: The stages of a request that come before any byte of it was written.
+_STAGES_BEFORE_SENDING = frozenset({"pool", "connect"})
+
+
+def translate_connection_error(exc: Exception, stage: str) -> PublishFailed:
+    """Map a failure of a connection driven over asyncio streams onto our family.
+
+    ``stage`` is where it happened: ``pool`` (waiting for a free connection), ``connect``,
+    ``write`` or ``read``. A timeout is named like httpx's (``ReadTimeout``...); an OS error after
+    the first byte was written, or a malformed answer, means the event may have gone out.
+    """
+    if isinstance(exc, TimeoutError):
+        kind = f"{stage.capitalize()}Timeout"
+    elif isinstance(exc, OSError):
+        kind = f"{stage.capitalize()}Error"
+    else:
+        kind = type(exc).__name__
+    detail = str(exc) or ("timed out" if isinstance(exc, TimeoutError) else type(exc).__name__)
+    return EndpointUnavailable(
+        f"{kind}: {detail}", maybe_delivered=stage not in _STAGES_BEFORE_SENDING
+    )
 
 
 def _parse_json(raw: bytes) -> Any:

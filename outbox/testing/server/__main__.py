@@ -52,6 +52,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--presence-history-max-page-size", type=int, default=100)
     p.add_argument("--versioned-max-page-size", type=int, default=100)
     p.add_argument("--node-id", default="node", help="INSTANCE_PROCESS_ID, in every serial")
+    p.add_argument(
+        "--keep-alive",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="keep connections open between requests (default: close after each answer)",
+    )
     return p.parse_args(argv)
 
 

@@ -7,6 +7,7 @@ API port for convenience; control requests are never counted, rate-limited or fa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import sys
@@ -28,6 +29,29 @@ class _Listener(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._open: set[socket.socket] = set()
+        self._open_lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._open_lock:
+            self._open.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._open_lock:
+            self._open.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        """Cut every open connection, as a server going down does (keep-alive ones included)."""
+        with self._open_lock:
+            connections, self._open = list(self._open), set()
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that timed out or was killed hangs up while we answer: that is the normal
         # life of a fault test, not a server error worth a traceback on stderr.
@@ -39,6 +63,9 @@ class _Listener(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "sockudo-test-server"
+    # Headers and body go out in two writes: with Nagle's algorithm on, a kept-alive
+    # connection would wait for the client's delayed ACK (40 ms) before every body.
+    disable_nagle_algorithm = True
     sys_version = ""
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet test output
@@ -62,7 +89,10 @@ class _Handler(BaseHTTPRequestHandler):
             response = owner.app.handle(
                 self.command, self.path, headers, body, self.client_address[0]
             )
-        self.close_connection = True
+        keep_alive = self.server.owner.keep_alive and not response.drop  # type: ignore[attr-defined]
+        # BaseHTTPRequestHandler keeps an HTTP/1.1 connection open unless told otherwise (or
+        # the client sent "Connection: close").
+        self.close_connection = self.close_connection or not keep_alive
         if response.drop:
             # Close without a byte of answer; RST so the client sees the drop at once.
             self.connection.setsockopt(
@@ -72,7 +102,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(response.status)
         self.send_header("Content-Type", response.content_type)
         self.send_header("Content-Length", str(len(response.body)))
-        self.send_header("Connection", "close")
+        if self.close_connection:
+            self.send_header("Connection", "close")
         for name, value in response.headers.items():
             self.send_header(name, value)
         self.end_headers()
@@ -124,7 +155,10 @@ class TestServer:
         versioned_max_page_size: int = 100,
         node_id: str = "node",
         time_func: Callable[[], float] = time.time,
+        keep_alive: bool = False,
     ) -> None:
+        #: Keep connections open between requests, as Sockudo does (soketi closes every one).
+        self.keep_alive = keep_alive
         self.config = ServerConfig(
             app_id=app_id,
             key=key,
@@ -204,6 +238,7 @@ class TestServer:
             if self._api is not None:
                 self._api.shutdown()
                 self._api.server_close()
+                self._api.close_connections()
                 self._api = None
             if seconds is not None:
                 self._up_timer = threading.Timer(seconds, self.come_up)
