@@ -14,6 +14,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from .dialects import dialect_for
 from .schema import Status, utc_now
 
 #: How a replayed event is identified to the server (see :func:`replay`).
@@ -39,7 +40,9 @@ def status(conn: sa.Connection, table: sa.Table, errors: int = 5) -> StatusRepor
     for state, count in conn.execute(sa.select(t.c.status, sa.func.count()).group_by(t.c.status)):
         counts[state] = count
     oldest = conn.execute(
-        sa.select(sa.func.min(t.c.created_at)).where(t.c.status.in_(["pending", "in_flight"]))
+        sa.select(sa.func.min(t.c.created_at)).where(
+            t.c.status.in_([Status.PENDING.value, Status.IN_FLIGHT.value])
+        )
     ).scalar()
     age = None
     if oldest is not None:
@@ -62,14 +65,14 @@ def status(conn: sa.Connection, table: sa.Table, errors: int = 5) -> StatusRepor
         .limit(errors)
     )
     last_errors = [_jsonable(dict(r._mapping)) for r in rows]
-    return StatusReport(counts, age, counts["dead"], last_errors)
+    return StatusReport(counts, age, counts[Status.DEAD.value], last_errors)
 
 
 @dataclass(frozen=True)
 class ReplayFilter:
     """Which events to replay. Empty filters match every row of the chosen statuses."""
 
-    statuses: Sequence[str] = ("dead",)
+    statuses: Sequence[str] = (Status.DEAD.value,)
     ids: Sequence[int] = ()
     event_ids: Sequence[uuid.UUID] = ()
     channel: str | None = None
@@ -219,42 +222,8 @@ def _page_ids(
 def _replay_ids(
     conn: sa.Connection, table: sa.Table, selection: ReplayFilter, key: str, ids: list[int]
 ) -> int:
-    t = table
-    values: dict[str, Any] = {
-        "status": Status.PENDING.value,
-        # A kept key may still be known to the server: such a row must go alone through
-        # /events (a batch would skip it and answer 200 without delivering it), and a row
-        # with one attempt on record is sent alone. A fresh key is new to the server: batchable.
-        "attempts": 1 if key == KEY_KEEP else 0,
-        # A replay is a new delivery: a fresh budget, and its age limit counts from now.
-        "failures": 0,
-        "queued_at": utc_now(),
-        "next_attempt_at": utc_now(),
-        "lease_token": None,
-        "lease_expires_at": None,
-        "published_at": None,
-        "acknowledgement_id": None,
-        "message_serial": None,
-        "history_serial": None,
-        "last_error_status": None,
-        "last_error_code": None,
-        "last_error_message": None,
-        "last_error_at": None,
-    }
-    # Plain comparisons, not IN: an IN list is an "expanding" parameter, which executemany
-    # refuses. The status is checked again: a row that changed since it was selected is left.
-    guard = sa.and_(
-        t.c.id == sa.bindparam("row_id"),
-        sa.or_(*(t.c.status == state for state in selection.statuses)),
-    )
-    if key == KEY_KEEP:
-        stmt = sa.update(t).where(guard).values(**values)
-        params = [{"row_id": i} for i in ids]
-    else:
-        stmt = sa.update(t).where(guard).values(**values, idempotency_key=sa.bindparam("new_key"))
-        params = [{"row_id": i, "new_key": str(uuid.uuid4())} for i in ids]
-    result = conn.execute(stmt, params)
-    return result.rowcount if result.rowcount >= 0 else len(params)
+    new_keys = None if key == KEY_KEEP else [str(uuid.uuid4()) for _ in ids]
+    return dialect_for(conn).replay(conn, table, ids, selection.statuses, new_keys)
 
 
 # -- leases -------------------------------------------------------------------------------------
@@ -307,21 +276,7 @@ def release_leases(conn: sa.Connection, table: sa.Table, *, expired_only: bool =
     released too: only for a worker known to be gone, since a live one would send its rows
     again (the server's idempotency window absorbs that, a late ack of theirs changes nothing).
     """
-    t = table
-    where = [t.c.status == Status.IN_FLIGHT.value]
-    if expired_only:
-        where.append(t.c.lease_expires_at <= utc_now())
-    stmt = (
-        sa.update(t)
-        .where(*where)
-        .values(
-            status=Status.PENDING.value,
-            next_attempt_at=utc_now(),
-            lease_token=None,
-            lease_expires_at=None,
-        )
-    )
-    return conn.execute(stmt).rowcount
+    return dialect_for(conn).release_leases(conn, table, expired_only)
 
 
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:

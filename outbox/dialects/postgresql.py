@@ -1,23 +1,43 @@
-"""PostgreSQL statements: ``FOR UPDATE SKIP LOCKED`` claims, array-driven batch updates, LISTEN/NOTIFY.
+"""PostgreSQL statements: ``SKIP LOCKED`` claims, array-driven batch updates, LISTEN/NOTIFY.
 
 Times come from ``statement_timestamp()`` (the database clock, shared by every worker), so leases
-and backoff do not depend on the clocks of the hosts running workers.
+and backoff do not depend on the clocks of the hosts running workers. Status values are written
+into the SQL as literals (from :class:`~outbox.schema.Status`) rather than bound: the planner can
+only use a partial index (``WHERE status = 'pending'``) when it sees the literal.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import threading
+import asyncio
+import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import sqlalchemy as sa
 
 from .. import schema
-from ..schema import UTCDateTime
-from . import CLAIM_COLUMNS, Ack, ClaimedRow, Failure, FailureStatements, quoted
+from ..database import libpq_conninfo
+from ..schema import Status
+from .base import (
+    TOKEN,
+    Ack,
+    ClaimedRow,
+    Dialect,
+    Failure,
+    OnNotify,
+    claim_columns,
+    claimed_rows,
+    literal,
+    quoted,
+)
 
-_TOKEN = sa.bindparam("token", type_=sa.Uuid(as_uuid=True))
+log = logging.getLogger("outbox.worker")
+
+PENDING, IN_FLIGHT, PUBLISHED = (
+    literal(s) for s in (Status.PENDING, Status.IN_FLIGHT, Status.PUBLISHED)
+)
+#: Seconds between attempts to re-open a lost LISTEN connection (the worker polls meanwhile).
+LISTEN_RETRY = 1.0
 
 
 def notify_channel(table: sa.Table) -> str:
@@ -25,8 +45,9 @@ def notify_channel(table: sa.Table) -> str:
     return schema.notify_channel(table.name)
 
 
-class PostgresDialect(FailureStatements):
+class PostgresDialect(Dialect):
     name = "postgresql"
+    notifies = True
 
     def claim_batch(
         self,
@@ -43,24 +64,38 @@ class PostgresDialect(FailureStatements):
             f"""
             WITH due AS (
                 SELECT id FROM {t}
-                WHERE status = 'pending' AND next_attempt_at <= statement_timestamp()
+                WHERE status = {PENDING} AND next_attempt_at <= statement_timestamp()
                 ORDER BY next_attempt_at, id
                 LIMIT :limit
                 FOR UPDATE SKIP LOCKED
             )
             UPDATE {t} AS o
-            SET status = 'in_flight',
+            SET status = {IN_FLIGHT},
                 lease_token = :token,
                 lease_expires_at = statement_timestamp() + make_interval(secs => :lease),
                 attempts = o.attempts + 1
             FROM due
             WHERE o.id = due.id
-            RETURNING {", ".join("o." + c.strip() for c in CLAIM_COLUMNS.split(","))}
+            RETURNING {claim_columns("o.")}
             """
-        ).bindparams(_TOKEN)
-        stmt = stmt.columns(queued_at=UTCDateTime())
-        rows = conn.execute(stmt, {"limit": limit, "token": token, "lease": float(lease_seconds)})
-        return sorted((ClaimedRow(*r) for r in rows), key=lambda r: r.id)
+        ).bindparams(TOKEN)
+        stmt = stmt.columns(queued_at=schema.UTCDateTime())
+        params = {"limit": limit, "token": token, "lease": float(lease_seconds)}
+        return claimed_rows(conn.execute(stmt, params))
+
+    def extend_lease(
+        self, conn: sa.Connection, table: sa.Table, token: uuid.UUID, lease_seconds: float
+    ) -> int:
+        # Reads the small in-flight partial index; a lease already taken over is not touched.
+        t = quoted(conn, table)
+        stmt = sa.text(
+            f"""
+            UPDATE {t}
+            SET lease_expires_at = statement_timestamp() + make_interval(secs => :lease)
+            WHERE status = {IN_FLIGHT} AND lease_token = :token
+            """
+        ).bindparams(TOKEN)
+        return conn.execute(stmt, {"token": token, "lease": float(lease_seconds)}).rowcount
 
     def ack_published(
         self, conn: sa.Connection, table: sa.Table, token: uuid.UUID, acks: Sequence[Ack]
@@ -73,7 +108,7 @@ class PostgresDialect(FailureStatements):
         stmt = sa.text(
             f"""
             UPDATE {t} AS o
-            SET status = 'published',
+            SET status = {PUBLISHED},
                 published_at = statement_timestamp(),
                 acknowledgement_id = a.ack,
                 message_serial = a.message_serial,
@@ -83,29 +118,26 @@ class PostgresDialect(FailureStatements):
             FROM unnest(CAST(:ids AS bigint[]), CAST(:acks AS text[]),
                         CAST(:message_serials AS text[]), CAST(:history_serials AS text[]))
                  AS a(id, ack, message_serial, history_serial)
-            WHERE o.id = a.id AND o.lease_token = :token AND o.status = 'in_flight'
+            WHERE o.id = a.id AND o.lease_token = :token AND o.status = {IN_FLIGHT}
             """
-        ).bindparams(_TOKEN)
-        result = conn.execute(
-            stmt,
-            {
-                "ids": [a.id for a in acks],
-                "acks": [a.acknowledgement_id for a in acks],
-                "message_serials": [a.message_serial for a in acks],
-                "history_serials": [a.history_serial for a in acks],
-                "token": token,
-            },
-        )
-        return result.rowcount
+        ).bindparams(TOKEN)
+        params = {
+            "ids": [a.id for a in acks],
+            "acks": [a.acknowledgement_id for a in acks],
+            "message_serials": [a.message_serial for a in acks],
+            "history_serials": [a.history_serial for a in acks],
+            "token": token,
+        }
+        return conn.execute(stmt, params).rowcount
 
-    def _finish_failed(
+    def _finish(
         self,
         conn: sa.Connection,
         table: sa.Table,
         token: uuid.UUID,
         failures: Sequence[Failure],
-        status: str,
-        refund_attempt: bool,
+        status: Status,
+        refund: bool,
     ) -> int:
         if not failures:
             return 0
@@ -127,24 +159,21 @@ class PostgresDialect(FailureStatements):
                         CAST(:statuses AS integer[]), CAST(:codes AS text[]),
                         CAST(:messages AS text[]), CAST(:charges AS integer[]))
                  AS f(id, delay, status, code, message, charge)
-            WHERE o.id = f.id AND o.lease_token = :token AND o.status = 'in_flight'
+            WHERE o.id = f.id AND o.lease_token = :token AND o.status = {IN_FLIGHT}
             """
-        ).bindparams(_TOKEN)
-        result = conn.execute(
-            stmt,
-            {
-                "status": status,
-                "refund": 1 if refund_attempt else 0,
-                "ids": [f.id for f in failures],
-                "delays": [float(f.delay) for f in failures],
-                "statuses": [f.status for f in failures],
-                "codes": [f.code for f in failures],
-                "messages": [f.message for f in failures],
-                "charges": [int(f.charged) for f in failures],
-                "token": token,
-            },
-        )
-        return result.rowcount
+        ).bindparams(TOKEN)
+        params = {
+            "status": status.value,
+            "refund": int(refund),
+            "ids": [f.id for f in failures],
+            "delays": [float(f.delay) for f in failures],
+            "statuses": [f.status for f in failures],
+            "codes": [f.code for f in failures],
+            "messages": [f.message for f in failures],
+            "charges": [int(f.charged) for f in failures],
+            "token": token,
+        }
+        return conn.execute(stmt, params).rowcount
 
     def release(
         self,
@@ -152,36 +181,23 @@ class PostgresDialect(FailureStatements):
         table: sa.Table,
         token: uuid.UUID,
         ids: Sequence[int],
-        refund_attempt: bool = True,
+        refund: bool = True,
     ) -> int:
         if not ids:
             return 0
         t = quoted(conn, table)
-        refund = 1 if refund_attempt else 0
         stmt = sa.text(
             f"""
             UPDATE {t}
-            SET status = 'pending', attempts = attempts - {refund},
+            SET status = {PENDING}, attempts = attempts - :refund,
                 next_attempt_at = statement_timestamp(),
                 lease_token = NULL, lease_expires_at = NULL
-            WHERE id = ANY(CAST(:ids AS bigint[])) AND lease_token = :token AND status = 'in_flight'
+            WHERE id = ANY(CAST(:ids AS bigint[])) AND lease_token = :token
+              AND status = {IN_FLIGHT}
             """
-        ).bindparams(_TOKEN)
-        return conn.execute(stmt, {"ids": list(ids), "token": token}).rowcount
-
-    def extend_lease(
-        self, conn: sa.Connection, table: sa.Table, token: uuid.UUID, lease_seconds: float
-    ) -> int:
-        # Reads the small in-flight partial index; a lease already taken over is not touched.
-        t = quoted(conn, table)
-        stmt = sa.text(
-            f"""
-            UPDATE {t}
-            SET lease_expires_at = statement_timestamp() + make_interval(secs => :lease)
-            WHERE status = 'in_flight' AND lease_token = :token
-            """
-        ).bindparams(_TOKEN)
-        return conn.execute(stmt, {"token": token, "lease": float(lease_seconds)}).rowcount
+        ).bindparams(TOKEN)
+        params = {"ids": list(ids), "token": token, "refund": int(refund)}
+        return conn.execute(stmt, params).rowcount
 
     def reclaim_expired(self, conn: sa.Connection, table: sa.Table) -> int:
         # The row keeps its attempt count: it may have been sent, so it goes alone next time.
@@ -189,52 +205,34 @@ class PostgresDialect(FailureStatements):
         stmt = sa.text(
             f"""
             UPDATE {t}
-            SET status = 'pending', next_attempt_at = statement_timestamp(),
+            SET status = {PENDING}, next_attempt_at = statement_timestamp(),
                 lease_token = NULL, lease_expires_at = NULL
-            WHERE status = 'in_flight' AND lease_expires_at <= statement_timestamp()
+            WHERE status = {IN_FLIGHT} AND lease_expires_at <= statement_timestamp()
             """
         )
         return conn.execute(stmt).rowcount
 
-    def delete_published_before(
-        self, conn: sa.Connection, table: sa.Table, cutoff: dt.datetime, limit: int
-    ) -> int:
-        # The status test is repeated outside the subquery: under READ COMMITTED, a DELETE that
-        # waited for a row lock re-checks only its own WHERE on the new row version, so a row
-        # replayed meanwhile is skipped instead of deleted.
-        t = quoted(conn, table)
-        stmt = sa.text(
-            f"""
-            DELETE FROM {t}
-            WHERE id IN (
-                SELECT id FROM {t}
-                WHERE status = 'published' AND published_at < :cutoff
-                LIMIT :limit
-            )
-            AND status = 'published' AND published_at < :cutoff
-            """
-        ).bindparams(sa.bindparam("cutoff", type_=UTCDateTime()))
-        return conn.execute(stmt, {"cutoff": cutoff, "limit": limit}).rowcount
+    async def listen(self, engine: sa.Engine, table: sa.Table, on_notify: OnNotify) -> None:
+        """LISTEN on the table's channel with an asyncio psycopg connection of its own.
 
+        A lost connection is re-opened after a pause; the worker polls meanwhile, so a gap only
+        costs latency, never an event. Each (re)connection calls ``on_notify`` once for whatever
+        was committed while nobody listened.
+        """
+        import psycopg
+        from psycopg import sql
 
-def listen_forever(
-    conninfo: str, channel: str, on_notify: Callable[[], None], stop: threading.Event
-) -> None:
-    """Call ``on_notify`` for each NOTIFY on ``channel`` until ``stop`` is set (run in a thread).
-
-    A lost connection is re-opened after a pause; the worker polls anyway, so a gap only costs
-    latency, never an event.
-    """
-    import psycopg
-    from psycopg import sql
-
-    while not stop.is_set():
-        try:
-            with psycopg.connect(conninfo, autocommit=True, connect_timeout=5) as pg:
-                pg.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
-                on_notify()  # anything committed while we were not listening
-                while not stop.is_set():
-                    for _ in pg.notifies(timeout=1.0, stop_after=1):
+        conninfo = libpq_conninfo(engine.url)
+        listen = sql.SQL("LISTEN {}").format(sql.Identifier(notify_channel(table)))
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    conninfo, autocommit=True, connect_timeout=5
+                ) as pg:
+                    await pg.execute(listen)
+                    on_notify()
+                    async for _notification in pg.notifies():
                         on_notify()
-        except psycopg.Error:
-            stop.wait(1.0)
+            except psycopg.Error as exc:
+                log.debug("LISTEN connection lost (%s); polling until it is back", exc)
+                await asyncio.sleep(LISTEN_RETRY)

@@ -7,17 +7,28 @@ clock; times are computed in SQL all the same, in the fixed-width text form the 
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import uuid
 from collections.abc import Sequence
 
 import sqlalchemy as sa
 
-from ..schema import UTCDateTime
-from . import CLAIM_COLUMNS, Ack, ClaimedRow, Failure, FailureStatements, quoted
+from ..schema import Status, UTCDateTime
+from .base import (
+    TOKEN,
+    Ack,
+    ClaimedRow,
+    Dialect,
+    Failure,
+    claim_columns,
+    claimed_rows,
+    literal,
+    quoted,
+)
 
-_TOKEN = sa.bindparam("token", type_=sa.Uuid(as_uuid=True))
+PENDING, IN_FLIGHT, PUBLISHED = (
+    literal(s) for s in (Status.PENDING, Status.IN_FLIGHT, Status.PUBLISHED)
+)
 _NOW = "strftime('%Y-%m-%d %H:%M:%f000', 'now')"
 
 
@@ -25,7 +36,7 @@ def _now_plus(seconds_sql: str) -> str:
     return f"strftime('%Y-%m-%d %H:%M:%f000', 'now', printf('%+.6f seconds', {seconds_sql}))"
 
 
-class SQLiteDialect(FailureStatements):
+class SQLiteDialect(Dialect):
     name = "sqlite"
 
     def claim_batch(
@@ -45,22 +56,22 @@ class SQLiteDialect(FailureStatements):
         stmt = sa.text(
             f"""
             UPDATE {t}
-            SET status = 'in_flight',
+            SET status = {IN_FLIGHT},
                 lease_token = :token,
                 lease_expires_at = {_now_plus(":lease")},
                 attempts = attempts + 1
             WHERE id IN (
                 SELECT id FROM {t} INDEXED BY {pending_index}
-                WHERE status = 'pending' AND next_attempt_at <= {_NOW}
+                WHERE status = {PENDING} AND next_attempt_at <= {_NOW}
                 ORDER BY next_attempt_at, id
                 LIMIT :limit
             )
-            RETURNING {CLAIM_COLUMNS}
+            RETURNING {claim_columns()}
             """
-        ).bindparams(_TOKEN)
+        ).bindparams(TOKEN)
         stmt = stmt.columns(queued_at=UTCDateTime())
-        rows = conn.execute(stmt, {"limit": limit, "token": token, "lease": float(lease_seconds)})
-        return sorted((ClaimedRow(*r) for r in rows), key=lambda r: r.id)
+        params = {"limit": limit, "token": token, "lease": float(lease_seconds)}
+        return claimed_rows(conn.execute(stmt, params))
 
     def ack_published(
         self, conn: sa.Connection, table: sa.Table, token: uuid.UUID, acks: Sequence[Ack]
@@ -79,7 +90,7 @@ class SQLiteDialect(FailureStatements):
         stmt = sa.text(
             f"""
             UPDATE {t} NOT INDEXED
-            SET status = 'published',
+            SET status = {PUBLISHED},
                 published_at = {_NOW},
                 acknowledgement_id = json_extract(a.value, '$[1]'),
                 message_serial = json_extract(a.value, '$[2]'),
@@ -88,19 +99,19 @@ class SQLiteDialect(FailureStatements):
                 lease_expires_at = NULL
             FROM json_each(:payload) AS a
             WHERE {t}.id = json_extract(a.value, '$[0]')
-              AND {t}.lease_token = :token AND {t}.status = 'in_flight'
+              AND {t}.lease_token = :token AND {t}.status = {IN_FLIGHT}
             """
-        ).bindparams(_TOKEN)
+        ).bindparams(TOKEN)
         return conn.execute(stmt, {"payload": payload, "token": token}).rowcount
 
-    def _finish_failed(
+    def _finish(
         self,
         conn: sa.Connection,
         table: sa.Table,
         token: uuid.UUID,
         failures: Sequence[Failure],
-        status: str,
-        refund_attempt: bool,
+        status: Status,
+        refund: bool,
     ) -> int:
         if not failures:
             return 0
@@ -123,15 +134,10 @@ class SQLiteDialect(FailureStatements):
                 last_error_at = {_NOW}
             FROM json_each(:payload) AS f
             WHERE {t}.id = json_extract(f.value, '$[0]')
-              AND {t}.lease_token = :token AND {t}.status = 'in_flight'
+              AND {t}.lease_token = :token AND {t}.status = {IN_FLIGHT}
             """
-        ).bindparams(_TOKEN)
-        params = {
-            "status": status,
-            "refund": 1 if refund_attempt else 0,
-            "payload": payload,
-            "token": token,
-        }
+        ).bindparams(TOKEN)
+        params = {"status": status.value, "refund": int(refund), "payload": payload, "token": token}
         return conn.execute(stmt, params).rowcount
 
     def release(
@@ -140,22 +146,22 @@ class SQLiteDialect(FailureStatements):
         table: sa.Table,
         token: uuid.UUID,
         ids: Sequence[int],
-        refund_attempt: bool = True,
+        refund: bool = True,
     ) -> int:
         if not ids:
             return 0
         t = quoted(conn, table)
-        refund = 1 if refund_attempt else 0
         stmt = sa.text(
             f"""
             UPDATE {t} NOT INDEXED
-            SET status = 'pending', attempts = attempts - {refund}, next_attempt_at = {_NOW},
+            SET status = {PENDING}, attempts = attempts - :refund, next_attempt_at = {_NOW},
                 lease_token = NULL, lease_expires_at = NULL
             WHERE id IN (SELECT value FROM json_each(:ids))
-              AND lease_token = :token AND status = 'in_flight'
+              AND lease_token = :token AND status = {IN_FLIGHT}
             """
-        ).bindparams(_TOKEN)
-        return conn.execute(stmt, {"ids": json.dumps(list(ids)), "token": token}).rowcount
+        ).bindparams(TOKEN)
+        params = {"ids": json.dumps(list(ids)), "token": token, "refund": int(refund)}
+        return conn.execute(stmt, params).rowcount
 
     def extend_lease(
         self, conn: sa.Connection, table: sa.Table, token: uuid.UUID, lease_seconds: float
@@ -165,9 +171,9 @@ class SQLiteDialect(FailureStatements):
             f"""
             UPDATE {t}
             SET lease_expires_at = {_now_plus(":lease")}
-            WHERE status = 'in_flight' AND lease_token = :token
+            WHERE status = {IN_FLIGHT} AND lease_token = :token
             """
-        ).bindparams(_TOKEN)
+        ).bindparams(TOKEN)
         return conn.execute(stmt, {"token": token, "lease": float(lease_seconds)}).rowcount
 
     def reclaim_expired(self, conn: sa.Connection, table: sa.Table) -> int:
@@ -175,25 +181,9 @@ class SQLiteDialect(FailureStatements):
         stmt = sa.text(
             f"""
             UPDATE {t}
-            SET status = 'pending', next_attempt_at = {_NOW},
+            SET status = {PENDING}, next_attempt_at = {_NOW},
                 lease_token = NULL, lease_expires_at = NULL
-            WHERE status = 'in_flight' AND lease_expires_at <= {_NOW}
+            WHERE status = {IN_FLIGHT} AND lease_expires_at <= {_NOW}
             """
         )
         return conn.execute(stmt).rowcount
-
-    def delete_published_before(
-        self, conn: sa.Connection, table: sa.Table, cutoff: dt.datetime, limit: int
-    ) -> int:
-        t = quoted(conn, table)
-        stmt = sa.text(
-            f"""
-            DELETE FROM {t}
-            WHERE id IN (
-                SELECT id FROM {t}
-                WHERE status = 'published' AND published_at < :cutoff
-                LIMIT :limit
-            )
-            """
-        ).bindparams(sa.bindparam("cutoff", type_=UTCDateTime()))
-        return conn.execute(stmt, {"cutoff": cutoff, "limit": limit}).rowcount
