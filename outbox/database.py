@@ -7,13 +7,17 @@ instead of failing at once.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, make_url
 
 from .sockudo.config import mask_url
+
+T = TypeVar("T")
 
 DEFAULT_DATABASE_URL = "sqlite:///outbox.db"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -83,3 +87,19 @@ def display_url(url: str | URL) -> str:
 def libpq_conninfo(url: URL) -> str:
     """A libpq URI for psycopg's own connections (LISTEN runs outside SQLAlchemy's pool)."""
     return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+async def in_transaction(engine: sa.Engine, work: Callable[[sa.Connection], T]) -> T:
+    """Run ``work`` in one short transaction on a thread (the SQL seam is synchronous)."""
+
+    def run() -> T:
+        with engine.begin() as conn:
+            return work(conn)
+
+    return await asyncio.to_thread(run)
+
+
+def short_error(exc: BaseException) -> str:
+    """The first line of a database error, for a log line (the driver's text, not SQL)."""
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__

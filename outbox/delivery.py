@@ -48,7 +48,7 @@ class Outcome:
     #: Endpoint trouble that claimed nothing on the server (connection refused, rate limit,
     #: idempotency cache down): try again later, and take the attempt back, so a first attempt
     #: stays batchable after an outage.
-    retry_unsent: list[tuple[ClaimedRow, PublishFailed]] = field(default_factory=list)
+    retry_refund: list[tuple[ClaimedRow, PublishFailed]] = field(default_factory=list)
     #: The server refused the event itself: dead-letter with its reason.
     refused: list[tuple[ClaimedRow, PublishFailed]] = field(default_factory=list)
     #: The server refused our credentials: no event is at fault; keep the rows pending.
@@ -158,7 +158,7 @@ class Deliverer:
             return []
         except EndpointUnavailable as exc:
             if nothing_claimed(exc):
-                outcome.retry_unsent.extend((r, exc) for r in rows)
+                outcome.retry_refund.extend((r, exc) for r in rows)
             else:
                 outcome.carried.update(r.id for r in rows)
                 outcome.retry.extend((r, exc) for r in rows)
@@ -191,7 +191,7 @@ class Deliverer:
                 # claim's failures): the rest of the rows would only fail too, or burst into a
                 # rate limit. They wait for the backoff without a request.
                 exc = outcome.endpoint_errors[-1] if outcome.endpoint_errors else _PAUSED
-                (outcome.retry if carried else outcome.retry_unsent).append((row, exc))
+                (outcome.retry if carried else outcome.retry_refund).append((row, exc))
                 return
             outcome.requests += 1
             outcome.sent_alone += 1
@@ -222,7 +222,7 @@ class Deliverer:
                 # A refund is safe only if no request ever carried the row: a first attempt
                 # whose batch went out must never become batchable again.
                 refund = nothing_claimed(exc) and not carried
-                (outcome.retry_unsent if refund else outcome.retry).append((row, exc))
+                (outcome.retry_refund if refund else outcome.retry).append((row, exc))
                 if exc.code != BACKPRESSURE:
                     outcome.endpoint_errors.append(exc)
                 return

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import tenacity
@@ -60,9 +60,10 @@ class RetryPolicy:
 class EndpointBreaker:
     """A worker-wide circuit breaker over the publish endpoint.
 
-    ``closed``: publish freely. After ``threshold`` consecutive endpoint failures it opens and the
-    worker claims nothing until the pause ends; then ``half_open`` lets one small probe through.
-    A success closes it; a failure re-opens it with a longer pause.
+    Closed: publish freely. After ``threshold`` consecutive endpoint failures it opens and the
+    worker claims nothing until the pause ends; then, still ``tripped``, it lets one small probe
+    through. A success closes it; a failure re-opens it with a longer pause. ``reason`` says why
+    it last opened (for the log). The clock is injectable (``tests/test_plan.py`` steps it).
     """
 
     def __init__(
@@ -81,10 +82,6 @@ class EndpointBreaker:
     @property
     def is_open(self) -> bool:
         return self._consecutive >= self._threshold and self._clock() < self._open_until
-
-    @property
-    def half_open(self) -> bool:
-        return self._consecutive >= self._threshold and self._clock() >= self._open_until
 
     @property
     def tripped(self) -> bool:
@@ -115,6 +112,21 @@ class EndpointBreaker:
         pause = self._policy.delay(self._openings, retry_after)
         self._open_until = self._clock() + pause
         return pause
+
+    def observe(self, failures: Sequence[tuple[str, float | None]], served: bool) -> float | None:
+        """Count one claim's failed requests (reason, Retry-After), or its success.
+
+        Every failed request counts, not one per claim: a failed batch comes back as many rows
+        sent alone, and the breaker must open within the first wave of them, not after several
+        waves have each cost every row an attempt. Returns the pause when this opens it.
+        """
+        for reason, retry_after in failures:
+            pause = self.record_failure(reason, retry_after)
+            if pause is not None:
+                return pause
+        if not failures and served:
+            self.record_success()
+        return None
 
     def pause_for(self, seconds: float, reason: str) -> None:
         """Open for a fixed time (misconfiguration: retry slowly, whatever the count)."""

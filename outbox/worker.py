@@ -3,6 +3,11 @@
 Database statements run in short transactions on a thread (the SQL seam is synchronous); HTTP runs
 on the event loop. No transaction is open while a request is in flight: a claim commits before the
 publish starts, and the outcome is written in a new transaction after it ends.
+
+The worker keeps the claim loop, the claims in flight and the recording of their outcomes. What an
+outcome means is decided in :mod:`.plan`; how rows are sent, in :mod:`.delivery`; leases and
+retention, in :mod:`.maintenance`. Side tasks (maintenance, LISTEN) are supervised: if one dies,
+the worker stops and :meth:`Worker.run` raises :class:`SideTaskFailed`.
 """
 
 from __future__ import annotations
@@ -11,25 +16,19 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-import threading
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TypeVar
+from collections.abc import Callable, Coroutine
+from dataclasses import asdict, dataclass
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
-from .database import create_engine, display_url, libpq_conninfo
-from .delivery import (
-    BACKPRESSURE,
-    NO_MASTER_KEY,
-    SERVICE_UNAVAILABLE,
-    Deliverer,
-    Outcome,
-    failure_of,
-)
-from .dialects import ClaimedRow, Dialect, Failure, dialect_for
+from .database import create_engine, display_url, in_transaction, short_error
+from .delivery import Deliverer
+from .dialects import ClaimedRow, Dialect, dialect_for
+from .maintenance import Maintenance
+from .plan import EndpointVerdict, Plan, endpoint_verdict, plan_outcome
 from .retry import EndpointBreaker, RetryPolicy
 from .schema import outbox_table
 from .settings import Settings
@@ -40,21 +39,37 @@ log = logging.getLogger("outbox.worker")
 T = TypeVar("T")
 
 #: How many times a finished publish tries to record its outcome before leaving it to the lease.
-_RECORD_TRIES = 5
-#: Retention deletes published rows in pages of this many, one short transaction each ...
-_TRIM_PAGE = 5_000
-#: ... and looks again this often (seconds) once it has caught up.
-_TRIM_INTERVAL = 30.0
+RECORD_TRIES = 5
+#: The longest pause after database errors in a row (seconds).
+MAX_DATABASE_PAUSE = 30.0
 
 
 @dataclass
 class WorkerStats:
+    """What this worker did since it started (rows, except ``requests``)."""
+
     claimed: int = 0
     published: int = 0
     retried: int = 0
     dead: int = 0
     requests: int = 0
     database_errors: int = 0
+    #: Times publishing paused (the breaker opened, or the server refused the credentials).
+    pauses: int = 0
+    #: Rows taken back from expired leases (a killed worker's).
+    reclaimed: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class SideTaskFailed(RuntimeError):
+    """A task the worker runs beside its claim loop (maintenance, LISTEN) died: the worker stopped."""
+
+
+def database_pause(errors_in_a_row: int, poll_interval: float) -> float:
+    """Seconds to wait after the ``errors_in_a_row``-th database error in a row (>= 1)."""
+    return min(poll_interval * 2 ** min(errors_in_a_row, 5), MAX_DATABASE_PAUSE)
 
 
 class Worker:
@@ -78,11 +93,21 @@ class Worker:
             max_age=settings.max_age_seconds,
         )
         self.breaker = EndpointBreaker(self.policy, threshold=settings.breaker_threshold)
+        self.maintenance = Maintenance(
+            self.engine,
+            self.dialect,
+            self.table,
+            lease_seconds=settings.lease_seconds,
+            retention_seconds=settings.retention_seconds,
+            on_reclaimed=self._reclaimed,
+        )
         self._client = client
         self.stats = WorkerStats()
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._database_errors_in_a_row = 0
+        self._side_failure: BaseException | None = None
 
     # -- control ------------------------------------------------------------------------------
 
@@ -94,6 +119,10 @@ class Worker:
     def wake(self) -> None:
         """Claim now instead of at the next poll (called on NOTIFY)."""
         self._wake.set()
+
+    def _reclaimed(self, rows: int) -> None:
+        self.stats.reclaimed += rows
+        self.wake()
 
     @property
     def stopping(self) -> bool:
@@ -113,11 +142,13 @@ class Worker:
             paused=lambda: self.breaker.is_open,
         )
         slots = asyncio.Semaphore(self.settings.in_flight)
-        listener = self._start_listener()
+        side_tasks = [self._supervise("maintenance", self.maintenance.run(self._stopping.is_set))]
+        if self.dialect.notifies:
+            listen = self.dialect.listen(self.engine, self.table, self.wake)
+            side_tasks.append(self._supervise("LISTEN", listen))
         # A killed run leaves rows leased: take back the expired leases before the first claim,
         # so a cron-style --once run (the usual next run after a crash) publishes them too.
-        await self._reclaim_expired()
-        upkeep = asyncio.create_task(self._upkeep())
+        await self.maintenance.reclaim_expired()
         log.info(
             "worker started: database %s, sockudo %s, batch %d, %d in flight",
             display_url(self.engine.url),
@@ -129,11 +160,9 @@ class Worker:
             await self._claim_loop(deliverer, slots, once)
             await self._drain_in_flight()
         finally:
-            upkeep.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await upkeep
-            if listener is not None:
-                listener.set()
+            for task in side_tasks:
+                task.cancel()
+            await asyncio.gather(*side_tasks, return_exceptions=True)
             if self._client is None:
                 await client.aclose()
             log.info(
@@ -142,6 +171,27 @@ class Worker:
                 self.stats.retried,
                 self.stats.dead,
             )
+        if self._side_failure is not None:
+            raise SideTaskFailed(str(self._side_failure)) from self._side_failure
+
+    def _supervise(self, name: str, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run ``work`` beside the claim loop; if it ends on its own, stop the worker loudly."""
+
+        async def watched() -> None:
+            try:
+                await work
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.critical("the %s task died (%s); stopping the worker", name, exc, exc_info=True)
+                self._side_failure = exc
+                self.stop()
+            else:
+                self._side_failure = RuntimeError(f"the {name} task ended")
+                log.critical("the %s task ended; stopping the worker", name)
+                self.stop()
+
+        return asyncio.create_task(watched(), name=f"outbox-{name}")
 
     async def _claim_loop(self, deliverer: Deliverer, slots: asyncio.Semaphore, once: bool) -> None:
         while not self.stopping:
@@ -164,12 +214,8 @@ class Worker:
             # claim runs must still wake the idle wait that follows it.
             self._wake.clear()
             try:
-                rows = await self._db(
-                    self.dialect.claim_batch,
-                    self.table,
-                    limit,
-                    self.settings.lease_seconds,
-                    token,
+                rows = await self._statement(
+                    self.dialect.claim_batch, limit, self.settings.lease_seconds, token
                 )
             except sa.exc.DBAPIError as exc:
                 slots.release()
@@ -241,25 +287,30 @@ class Worker:
         finally:
             renewal.cancel()
         self.stats.requests += outcome.requests
-        # An endpoint failure is the event's own only when the endpoint was serving others
-        # just before (its last answer was a success, the breaker closed). During an outage,
-        # or for a fresh worker that has seen no success yet, nothing is charged.
+        # Whether the endpoint was serving before this outcome decides what is charged.
         endpoint_serving = self.breaker.serving and not self.breaker.tripped
-        self._update_breaker(outcome)
-        retry, refunded, dead = self._plan_failures(outcome, endpoint_serving)
-        await self._record(token, outcome, retry, refunded, dead)
-        elapsed_ms = (time.perf_counter() - started) * 1000
+        self._judge_endpoint(endpoint_verdict(outcome))
+        plan = plan_outcome(
+            outcome,
+            policy=self.policy,
+            endpoint_serving=endpoint_serving,
+            now=dt.datetime.now(dt.UTC),
+            unsendable_retry=self.settings.misconfigured_retry_seconds,
+        )
+        for note in plan.notes:
+            log.log(note.level, note.message, *note.args)
+        await self._record(token, plan)
         log.info(
             "batch of %d: %d published (%d in a batch, %d alone), %d to retry, %d dead, "
             "%d given back, in %.1f ms",
             len(rows),
-            len(outcome.published),
+            len(plan.published),
             outcome.sent_as_batch,
             outcome.sent_alone,
-            len(retry),
-            len(dead),
+            plan.retried,
+            len(plan.dead),
             len(outcome.unsent),
-            elapsed_ms,
+            (time.perf_counter() - started) * 1000,
         )
 
     async def _keep_leased(self, token: uuid.UUID) -> None:
@@ -267,138 +318,37 @@ class Worker:
         while True:
             await asyncio.sleep(lease / 3)
             try:
-                await self._db(self.dialect.extend_lease, self.table, token, lease)
+                await self._statement(self.dialect.extend_lease, token, lease)
             except sa.exc.DBAPIError as exc:
-                log.warning("could not renew a lease (%s); it may expire", _short(exc))
+                log.warning("could not renew a lease (%s); it may expire", short_error(exc))
 
-    def _update_breaker(self, outcome: Outcome) -> None:
-        if outcome.misconfigured:
-            _row, exc = outcome.misconfigured[0]
+    def _judge_endpoint(self, verdict: EndpointVerdict) -> None:
+        if verdict.misconfigured is not None:
+            wait = self.settings.misconfigured_retry_seconds
             reason = (
-                f"the server refused this worker's credentials ({exc}); check SOCKUDO_URL "
-                f"({self.settings.masked_sockudo_url}): app id, key, secret and this host's clock. "
-                f"Rows stay pending; retrying in {self.settings.misconfigured_retry_seconds:g} s"
+                f"the server refused this worker's credentials ({verdict.misconfigured}); check "
+                f"SOCKUDO_URL ({self.settings.masked_sockudo_url}): app id, key, secret and this "
+                f"host's clock. Rows stay pending; retrying in {wait:g} s"
             )
             log.error(reason)
-            self.breaker.pause_for(self.settings.misconfigured_retry_seconds, reason)
+            self.breaker.pause_for(wait, reason)
+            self.stats.pauses += 1
             return
-        if outcome.endpoint_errors:
-            # Count every failed request, not one per claimed batch. A batch that failed
-            # comes back as many rows sent alone; counted once per claim, an outage took three
-            # whole waves of requests (three attempts of every row) before the breaker opened.
-            # Counting stops at the opening, so one bad wave does not stretch the pause.
-            pause = None
-            for last in outcome.endpoint_errors:
-                pause = self.breaker.record_failure(str(last), last.retry_after)
-                if pause is not None:
-                    break
-            if pause is not None:
-                log.warning("endpoint unavailable (%s): pausing publishing for %.1f s", last, pause)
-        elif outcome.published or outcome.refused:
-            if self.breaker.tripped:
-                log.info("endpoint is back: resuming publishing")
-            self.breaker.record_success()
-
-    def _plan_failures(
-        self, outcome: Outcome, endpoint_serving: bool
-    ) -> tuple[list[Failure], list[Failure], list[Failure]]:
-        """Decide retry-or-dead for each failed row: (retry, retry with refund, dead).
-
-        Only failures that are the event's own are charged to its budget and can end it by
-        age: a refusal, or endpoint trouble while the endpoint was serving others. An outage,
-        a rate limit, backpressure (the server is busy with this very key), an unreachable
-        idempotency cache, or a request that never left are free, however long they last.
-        """
-        now = dt.datetime.now(dt.UTC)
-        retry: list[Failure] = []
-        refunded: list[Failure] = []
-        dead: list[Failure] = []
-        for row, exc in outcome.refused:
+        was_tripped = self.breaker.tripped
+        failures = [(str(exc), exc.retry_after) for exc in verdict.failures]
+        pause = self.breaker.observe(failures, verdict.served)
+        if pause is not None:
+            self.stats.pauses += 1
             log.warning(
-                "event %s (row %d, channel %s) refused, dead-lettered: %s",
-                row.idempotency_key,
-                row.id,
-                row.channel,
-                exc,
+                "endpoint unavailable (%s): pausing publishing for %.1f s",
+                self.breaker.reason,
+                pause,
             )
-            dead.append(failure_of(row, exc, charged=True))
-        failed = [(row, exc, False) for row, exc in outcome.retry]
-        failed += [(row, exc, True) for row, exc in outcome.retry_unsent]
-        for row, exc, refund in failed:
-            free = (
-                refund
-                or not endpoint_serving
-                or exc.status == 429
-                or exc.code in (BACKPRESSURE, SERVICE_UNAVAILABLE)
-            )
-            if not free:
-                age = (now - row.queued_at).total_seconds()
-                reason = self.policy.give_up_reason(row.failures + 1, age)
-                if reason is not None:
-                    log.warning(
-                        "event %s (row %d) dead-lettered, %s: %s",
-                        row.idempotency_key,
-                        row.id,
-                        reason,
-                        exc,
-                    )
-                    failure = failure_of(row, exc, prefix=f"{reason}; last error: ", charged=True)
-                    dead.append(failure)
-                    continue
-            delay = self.policy.delay(row.attempts, exc.retry_after)
-            log.warning(
-                "event %s (row %d) will be retried %sin %.1f s: %s",
-                row.idempotency_key,
-                row.id,
-                "" if refund and row.first_attempt else "alone ",
-                delay,
-                exc,
-            )
-            failure = failure_of(row, exc, delay=delay, charged=not free)
-            (refunded if refund else retry).append(failure)
-        # Refused by authentication, before any key was claimed: no event is at fault. Due at
-        # once: this worker's breaker keeps it from retrying before its pause ends, and a
-        # correctly configured worker (or this one, restarted with the fix) should not wait.
-        # A row a request of this claim carried keeps its attempt (see Outcome.carried).
-        for row, exc in outcome.misconfigured:
-            (retry if row.id in outcome.carried else refunded).append(failure_of(row, exc))
-        if outcome.unsendable:
-            wait = self.settings.misconfigured_retry_seconds
-            log.error(
-                "%d row(s) for encrypted channels (first: row %d, %s) cannot be sent: this worker "
-                "has no encryption master key; set SOCKUDO_ENCRYPTION_MASTER_KEY_BASE64. They wait "
-                "(tried again every %g s); the other rows go on",
-                len(outcome.unsendable),
-                outcome.unsendable[0][0].id,
-                outcome.unsendable[0][0].channel,
-                wait,
-            )
-            for row, _exc in outcome.unsendable:
-                refunded.append(
-                    Failure(
-                        id=row.id,
-                        status=None,
-                        code=NO_MASTER_KEY,
-                        message="not sent: this worker has no encryption master key "
-                        "(set SOCKUDO_ENCRYPTION_MASTER_KEY_BASE64)",
-                        delay=wait,
-                    )
-                )
-        return retry, refunded, dead
+        elif was_tripped and not self.breaker.tripped:
+            log.info("endpoint is back: resuming publishing")
 
-    async def _record(
-        self,
-        token: uuid.UUID,
-        outcome: Outcome,
-        retry: list[Failure],
-        refunded: list[Failure],
-        dead: list[Failure],
-    ) -> None:
-        """Write the outcome in one short transaction, retrying while the database is away."""
-        # Rows not sent because the worker is stopping go back; a row whose batch went out keeps
-        # its attempt, so it is not batched again.
-        give_back = [row.id for row in outcome.unsent if row.id not in outcome.carried]
-        give_back_carried = [row.id for row in outcome.unsent if row.id in outcome.carried]
+    async def _record(self, token: uuid.UUID, plan: Plan) -> None:
+        """Write the plan in one short transaction, retrying while the database is away."""
         acked = 0
 
         def write(conn: sa.Connection) -> None:
@@ -406,128 +356,51 @@ class Worker:
             d, t = self.dialect, self.table
             # Rows whose lease expired and were taken over are not acked (token guard): count
             # only the rows this ack really changed.
-            acked = d.ack_published(conn, t, token, outcome.published)
-            d.reschedule(conn, t, token, retry)
-            d.reschedule(conn, t, token, refunded, refund_attempt=True)
-            d.mark_dead(conn, t, token, dead)
-            d.release(conn, t, token, give_back)
-            d.release(conn, t, token, give_back_carried, refund_attempt=False)
+            acked = d.ack_published(conn, t, token, plan.published)
+            d.reschedule(conn, t, token, plan.retry)
+            d.reschedule(conn, t, token, plan.retry_refund, refund=True)
+            d.mark_dead(conn, t, token, plan.dead)
+            d.release(conn, t, token, plan.give_back)
+            d.release(conn, t, token, plan.give_back_carried, refund=False)
 
-        for attempt in range(1, _RECORD_TRIES + 1):
+        for attempt in range(1, RECORD_TRIES + 1):
             try:
-                await asyncio.to_thread(self._in_transaction, write)
+                await in_transaction(self.engine, write)
+                self._database_errors_in_a_row = 0
                 break
             except sa.exc.DBAPIError as exc:
-                if attempt == _RECORD_TRIES:
+                if attempt == RECORD_TRIES:
                     log.error(
                         "could not record a batch outcome (%s); its rows stay leased and will be "
                         "published again alone after the lease expires",
-                        _short(exc),
+                        short_error(exc),
                     )
                     return
                 await self._database_trouble("record", exc)
-        # Only rows this ack really changed count: a stale worker's ack is a no-op.
-        if acked < len(outcome.published):
+        if acked < len(plan.published):
             log.warning(
                 "%d published row(s) were no longer leased by this worker (lease expired); "
                 "their new holder records them",
-                len(outcome.published) - acked,
+                len(plan.published) - acked,
             )
         self.stats.published += acked
-        self.stats.retried += len(retry) + len(refunded)
-        self.stats.dead += len(dead)
-
-    # -- housekeeping -------------------------------------------------------------------------
-
-    async def _upkeep(self) -> None:
-        """Reclaim expired leases and trim published history, forever."""
-        interval = max(0.5, min(self.settings.lease_seconds / 4, 15.0))
-        next_trim = 0.0
-        while True:
-            if self.settings.retention_seconds and time.monotonic() >= next_trim:
-                await self._trim_published()
-                next_trim = time.monotonic() + _TRIM_INTERVAL
-            await asyncio.sleep(interval)
-            await self._reclaim_expired()
-
-    async def _reclaim_expired(self) -> None:
-        try:
-            reclaimed = await self._db(self.dialect.reclaim_expired, self.table)
-        except sa.exc.DBAPIError as exc:
-            log.warning("could not reclaim expired leases: %s", _short(exc))
-            return
-        if reclaimed:
-            log.warning("reclaimed %d row(s) whose lease expired", reclaimed)
-            self.wake()
-
-    async def _trim_published(self) -> None:
-        """Delete published rows past the retention period, a page per short transaction.
-
-        Pages follow each other as long as they come back full, so retention keeps up with any
-        drain rate without one long-running delete holding locks.
-        """
-        cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=self.settings.retention_seconds)
-        deleted = 0
-        while not self.stopping:
-            try:
-                page = await self._db(
-                    self.dialect.delete_published_before, self.table, cutoff, _TRIM_PAGE
-                )
-            except sa.exc.DBAPIError as exc:
-                log.warning("retention skipped: %s", _short(exc))
-                return
-            deleted += page
-            if page < _TRIM_PAGE:
-                break
-        if deleted:
-            log.info("retention: deleted %d published row(s) older than the retention", deleted)
-
-    def _start_listener(self) -> threading.Event | None:
-        if self.engine.dialect.name != "postgresql":
-            return None
-        from .dialects.postgresql import listen_forever, notify_channel
-
-        loop = asyncio.get_running_loop()
-        stop = threading.Event()
-
-        def notify() -> None:
-            # The thread may still be connecting (or get one last NOTIFY) after run()
-            # returned and its loop closed; call_soon_threadsafe then raises RuntimeError and
-            # kills the thread with a traceback. Nothing is left to wake by then.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self._wake.set)
-
-        thread = threading.Thread(
-            target=listen_forever,
-            args=(
-                libpq_conninfo(self.engine.url),
-                notify_channel(self.table),
-                notify,
-                stop,
-            ),
-            name="outbox-listen",
-            daemon=True,
-        )
-        thread.start()
-        return stop
+        self.stats.retried += plan.retried
+        self.stats.dead += len(plan.dead)
 
     # -- database helpers ---------------------------------------------------------------------
 
-    def _in_transaction(self, fn: Callable[[sa.Connection], T]) -> T:
-        with self.engine.begin() as conn:
-            return fn(conn)
-
-    async def _db(self, statement: Callable[..., T], *args: object) -> T:
-        return await asyncio.to_thread(self._in_transaction, lambda conn: statement(conn, *args))
+    async def _statement(self, statement: Callable[..., T], *args: object) -> T:
+        """One seam statement on this worker's table, in its own short transaction."""
+        result = await in_transaction(self.engine, lambda conn: statement(conn, self.table, *args))
+        self._database_errors_in_a_row = 0
+        return result
 
     async def _database_trouble(self, what: str, exc: BaseException) -> None:
         self.stats.database_errors += 1
-        pause = min(self.settings.poll_interval * 2 ** min(self.stats.database_errors, 5), 30.0)
-        log.warning("database error during %s (%s); retrying in %.1f s", what, _short(exc), pause)
+        self._database_errors_in_a_row += 1
+        pause = database_pause(self._database_errors_in_a_row, self.settings.poll_interval)
+        log.warning(
+            "database error during %s (%s); retrying in %.1f s", what, short_error(exc), pause
+        )
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), timeout=pause)
-
-
-def _short(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
