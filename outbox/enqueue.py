@@ -8,7 +8,6 @@ the caller's transaction as it was.
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,15 +21,8 @@ from sqlalchemy.orm import Session
 from .schema import outbox_table
 from .sockudo import crypto
 from .sockudo.errors import InvalidEvent
-from .sockudo.events import (
-    DEFAULT_LIMITS,
-    Limits,
-    check_text,
-    encode_data,
-    validate_channel_name,
-    validate_event_fields,
-    validate_extras,
-)
+from .sockudo.events import DEFAULT_LIMITS, CheckedEvent, Limits, check_event
+from .sockudo.jsontext import compact_json
 
 SyncTarget = Session | sa.Connection
 AsyncTarget = AsyncSession | AsyncConnection
@@ -123,56 +115,29 @@ def build_rows(
     item: OutboxEvent, limits: Limits = DEFAULT_LIMITS
 ) -> tuple[uuid.UUID, list[dict[str, Any]]]:
     """Validate one event and return its id and the row values, one row per channel (pure)."""
-    # One row per channel: the request-level rules (how many channels one request may carry, an
-    # encrypted channel alone) do not apply, each name is checked on its own.
-    raw_channels = [item.channel] if isinstance(item.channel, str) else item.channel
-    if not isinstance(raw_channels, Sequence) or isinstance(raw_channels, str):
-        raise InvalidEvent("channels must be a channel name or a list of them", field="channel")
-    channels = [validate_channel_name(c, limits) for c in raw_channels]
-    if not channels:
-        raise InvalidEvent("at least one channel is required", field="channel")
+    # One row per channel: the rules about one request (how many channels it may carry, an
+    # encrypted channel alone) do not apply; check_event checks each name on its own.
+    checked = check_event(
+        [item.channel] if isinstance(item.channel, str) else item.channel,
+        item.event,
+        item.data,
+        idempotency_key=item.idempotency_key,
+        socket_id=item.socket_id,
+        info=item.info,
+        tags=item.tags,
+        extras=item.extras,
+        limits=limits,
+    )
+    channels = checked.channels
     if len(set(channels)) != len(channels):
         # Two rows of one event on one channel would share a derived key (a unique violation
         # that aborts the caller's PostgreSQL transaction) and publish the event twice.
         raise InvalidEvent("the same channel is listed twice", field="channel")
-    data = encode_data(item.data)
-    validate_event_fields(
-        item.event,
-        data,
-        idempotency_key=item.idempotency_key,
-        socket_id=item.socket_id,
-        limits=limits,
-    )
-    if "\x00" in data:
-        # PostgreSQL text cannot hold NUL; a str is stored as given (JSON-encoded data escapes it).
-        raise InvalidEvent("data must not contain NUL characters", field="data")
-    if any(crypto.is_encrypted_channel(c) for c in channels):
-        # The server measures the sealed envelope, about 4/3 of the plaintext: refuse here what
-        # it would refuse (413) at every attempt.
-        sealed = _sealed_size(len(data.encode("utf-8")))
-        if sealed > limits.max_payload_bytes:
-            raise InvalidEvent(
-                f"data is {sealed} bytes once encrypted, over the limit of "
-                f"{limits.max_payload_bytes}",
-                field="data",
-            )
-    for field, value, width in (
-        ("socket_id", item.socket_id, _column_width("socket_id")),
-        ("event", item.event, _column_width("event")),
-    ):
-        if value is not None and len(value) > width:
-            raise InvalidEvent(f"{field} is longer than {width} characters", field=field)
-    for channel in channels:
-        if len(channel) > _column_width("channel"):
-            raise InvalidEvent(
-                f"channel name is longer than {_column_width('channel')} characters",
-                field="channel",
-            )
-    info = _info_text(item.info)
-    tags = _json_text(item.tags, "tags", require_str_values=True)
-    extras = _json_text(validate_extras(item.extras), "extras")
+    _check_storable(checked)
     event_id = uuid.uuid4()
     base_key = item.idempotency_key if item.idempotency_key is not None else str(event_id)
+    tags = None if checked.tags is None else _json_column(checked.tags, "tags")
+    extras = None if checked.extras is None else _json_column(checked.extras, "extras")
     rows = []
     for channel in channels:
         # Derived for one channel as for several: the key of (event key, channel) must not
@@ -184,10 +149,10 @@ def build_rows(
                 "event_id": event_id,
                 "idempotency_key": key,
                 "channel": channel,
-                "event": item.event,
-                "data": data,
-                "socket_id": item.socket_id,
-                "info": info,
+                "event": checked.name,
+                "data": checked.data,
+                "socket_id": checked.socket_id,
+                "info": checked.info,
                 "tags": tags,
                 "extras": extras,
                 "encryption_nonce": nonce,
@@ -196,10 +161,20 @@ def build_rows(
     return event_id, rows
 
 
-def _sealed_size(plaintext_bytes: int) -> int:
-    """Length of :func:`outbox.sockudo.crypto.seal`'s envelope for a plaintext of this size."""
-    # {"nonce":"<32 chars: base64 of 24 bytes>","ciphertext":"<base64 of plaintext + 16 MAC>"}
-    return 60 + 4 * ((plaintext_bytes + 16 + 2) // 3)
+def _check_storable(event: CheckedEvent) -> None:
+    """What the table itself cannot hold (the server would take it)."""
+    if "\x00" in event.data:
+        # PostgreSQL text cannot hold NUL; a str is stored as given (JSON-encoded data escapes it).
+        raise InvalidEvent("data must not contain NUL characters", field="data")
+    for field, value in (
+        ("socket_id", event.socket_id),
+        ("event", event.name),
+        ("info", event.info),
+        *(("channel", c) for c in event.channels),
+    ):
+        width = _column_width(field)
+        if value is not None and len(value) > width:
+            raise InvalidEvent(f"{field} is longer than {width} characters", field=field)
 
 
 @cache
@@ -238,34 +213,9 @@ async def _run_async(
     return result
 
 
-def _info_text(info: str | Sequence[str] | None) -> str | None:
-    if info is None:
-        return None
-    if isinstance(info, str):
-        text = check_text(info, "info")
-    elif not isinstance(info, Sequence) or not all(isinstance(i, str) for i in info):
-        raise InvalidEvent("info must be a string or a list of strings", field="info")
-    else:
-        text = check_text(",".join(check_text(i, "info") for i in info), "info")
-    width = _column_width("info")
-    if len(text) > width:
-        raise InvalidEvent(f"info is longer than {width} characters", field="info")
-    return text
-
-
-def _json_text(
-    value: Mapping[str, Any] | None, field: str, require_str_values: bool = False
-) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, Mapping):
-        raise InvalidEvent(f"{field} must be a mapping", field=field)
-    if require_str_values and not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-    ):
-        raise InvalidEvent(f"{field} must map strings to strings", field=field)
+def _json_column(value: dict[str, Any], field: str) -> str:
     try:
-        text = json.dumps(dict(value), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text = compact_json(value)
     except (TypeError, ValueError) as exc:
         raise InvalidEvent(f"{field} is not JSON-serializable: {exc}", field=field) from exc
     try:

@@ -25,6 +25,7 @@ from outbox.sockudo import (
     Forbidden,
     HistoryParams,
     InvalidEvent,
+    Limits,
     MessageMutation,
     NotAllowed,
     NotFound,
@@ -73,13 +74,15 @@ def path(request: httpx.Request) -> str:
 
 def test_paths_are_encoded_and_only_posts_carry_body_md5() -> None:
     recorder = Recorder()
-    with sync(recorder) as client:
-        client.get_channel("presence-a#b", info=["user_count", "subscription_count"])
+    # A user-limited channel ("#"), as an app whose namespace "ns" allows them has.
+    limits = Limits(namespaces=frozenset({"ns"}), user_limited_namespaces=frozenset({"ns"}))
+    with sync(recorder, limits=limits) as client:
+        client.get_channel("presence-ns:a#b", info=["user_count", "subscription_count"])
         client.get_message_versions("orders", SERIAL, limit=5, direction="oldest_first")
         client.delete_annotation("orders", SERIAL, "ann:00000000000000000003", socket_id="1.2")
         client.reset_channel_history("orders", "why")
     get, versions, delete, reset = recorder.requests
-    assert path(get) == "/apps/app-1/channels/presence-a%23b"
+    assert path(get) == "/apps/app-1/channels/presence-ns%3Aa%23b"
     assert query(get)["info"] == "user_count,subscription_count"
     quoted = SERIAL.replace(":", "%3A")
     assert path(versions) == f"/apps/app-1/channels/orders/messages/{quoted}/versions"

@@ -29,9 +29,11 @@ from nacl import secret as nacl_secret
 from nacl import utils as nacl_utils
 
 from .errors import InvalidEvent, SockudoError
+from .jsontext import compact_json
 
 ENCRYPTED_PREFIX = "private-encrypted-"
 NONCE_SIZE = nacl_secret.SecretBox.NONCE_SIZE  # 24
+MAC_SIZE = nacl_secret.SecretBox.MACBYTES  # 16
 _NONCE_KEY_LABEL = b"sockudo-outbox/nonce/v1"
 
 
@@ -65,13 +67,21 @@ def seal(channel: str, plaintext: str, master_key: bytes, nonce: bytes) -> str:
         raise InvalidEvent(f"nonce must be {NONCE_SIZE} bytes, got {len(nonce)}", field="nonce")
     box = nacl_secret.SecretBox(channel_key(channel, master_key))
     sealed = box.encrypt(plaintext.encode("utf-8"), nonce)
-    return json.dumps(
+    return compact_json(
         {
             "nonce": base64.b64encode(sealed.nonce).decode("ascii"),
             "ciphertext": base64.b64encode(sealed.ciphertext).decode("ascii"),
-        },
-        separators=(",", ":"),
+        }
     )
+
+
+def sealed_size(plaintext_bytes: int) -> int:
+    """The length of :func:`seal`'s ``data`` for a plaintext of ``plaintext_bytes`` UTF-8 bytes.
+
+    What the server measures against its payload limit: the envelope, about 4/3 of the plaintext.
+    """
+    # {"nonce":"<32 chars: base64 of 24 bytes>","ciphertext":"<base64 of plaintext + 16 MAC>"}
+    return 60 + 4 * ((plaintext_bytes + MAC_SIZE + 2) // 3)
 
 
 def open_sealed(channel: str, data: str, master_key: bytes) -> str:

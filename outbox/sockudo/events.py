@@ -7,7 +7,6 @@ the same bytes on every attempt.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from typing import Any
 
 from . import crypto
 from .errors import InvalidEvent
+from .jsontext import compact_json
 
 #: Characters Sockudo accepts in a channel name (``:`` opens a namespace, ``#`` a user-limited channel).
 CHANNEL_NAME_RE = re.compile(r"^[A-Za-z0-9\-_=@,;.:#]+\Z")
@@ -76,7 +76,7 @@ def encode_data(data: Any) -> str:
     if isinstance(data, str):
         return data
     try:
-        return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        return compact_json(data)
     except (TypeError, ValueError) as exc:
         raise InvalidEvent(f"data is not JSON-serializable: {exc}", field="data") from exc
 
@@ -284,43 +284,138 @@ def event_item(
     return item
 
 
+@dataclass(frozen=True)
+class CheckedEvent:
+    """An event every rule Sockudo enforces has accepted, its values in their sent form."""
+
+    channels: list[str]
+    name: str
+    data: str
+    idempotency_key: str | None = None
+    message_id: str | None = None
+    socket_id: str | None = None
+    info: str | None = None
+    tags: dict[str, str] | None = None
+    extras: dict[str, Any] | None = None
+
+    @property
+    def encrypted(self) -> bool:
+        return any(crypto.is_encrypted_channel(c) for c in self.channels)
+
+
+def check_event(
+    channels: Sequence[str],
+    name: str,
+    data: Any,
+    *,
+    idempotency_key: str | None = None,
+    message_id: str | None = None,
+    socket_id: str | None = None,
+    info: str | Sequence[str] | None = None,
+    tags: Mapping[str, str] | None = None,
+    extras: Mapping[str, Any] | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> CheckedEvent:
+    """Check one event as Sockudo would (every channel name, every field, the sealed size).
+
+    The one validation of events: :func:`prepare_event` (the client) and ``outbox.enqueue`` both
+    call it. Rules about one request (how many channels, an encrypted channel alone) are
+    :func:`validate_channels`'s: an outbox row carries one channel.
+    """
+    if isinstance(channels, str) or not isinstance(channels, Sequence):
+        raise InvalidEvent("channels must be a channel name or a list of them", field="channel")
+    names = [validate_channel_name(c, limits) for c in channels]
+    if not names:
+        raise InvalidEvent("at least one channel is required", field="channel")
+    text = encode_data(data)
+    validate_event_fields(
+        name,
+        text,
+        idempotency_key=idempotency_key,
+        message_id=message_id,
+        socket_id=socket_id,
+        limits=limits,
+    )
+    checked = CheckedEvent(
+        channels=names,
+        name=name,
+        data=text,
+        idempotency_key=idempotency_key,
+        message_id=message_id,
+        socket_id=socket_id,
+        info=check_info(info),
+        tags=check_tags(tags),
+        extras=validate_extras(extras),
+    )
+    if checked.encrypted:
+        # The server measures the sealed envelope, about 4/3 of the plaintext: refuse here what
+        # it would refuse (413) at every attempt.
+        sealed = crypto.sealed_size(len(text.encode("utf-8")))
+        if sealed > limits.max_payload_bytes:
+            raise InvalidEvent(
+                f"data is {sealed} bytes once encrypted, over the limit of "
+                f"{limits.max_payload_bytes}",
+                field="data",
+            )
+    return checked
+
+
+def check_info(info: object) -> str | None:
+    """``info`` as sent: a comma list (``user_count,subscription_count``) from a str or a list."""
+    if info is None:
+        return None
+    if isinstance(info, str):
+        return check_text(info, "info")
+    if not isinstance(info, Sequence) or not all(isinstance(i, str) for i in info):
+        raise InvalidEvent("info must be a string or a list of strings", field="info")
+    return check_text(",".join(check_text(i, "info") for i in info), "info")
+
+
+def check_tags(tags: object) -> dict[str, str] | None:
+    """``tags`` as sent: Sockudo types them as a map of strings to strings."""
+    if tags is None:
+        return None
+    if not isinstance(tags, Mapping):
+        raise InvalidEvent("tags must be a mapping", field="tags")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items()):
+        raise InvalidEvent("tags must map strings to strings", field="tags")
+    return dict(tags)
+
+
 def prepare_event(
     event: Event, master_key: bytes | None, limits: Limits = DEFAULT_LIMITS
 ) -> dict[str, Any]:
     """Validate an :class:`Event` and return its JSON object, sealing an encrypted channel's data."""
-    channels = validate_channels(event.channel_list, limits)
-    data = encode_data(event.data)
-    validate_event_fields(
+    checked = check_event(
+        validate_channels(event.channel_list, limits),
         event.name,
-        data,
+        event.data,
         idempotency_key=event.idempotency_key,
         message_id=event.message_id,
         socket_id=event.socket_id,
+        info=event.info,
+        tags=event.tags,
+        extras=event.extras,
         limits=limits,
     )
-    if crypto.is_encrypted_channel(channels[0]):
+    data = checked.data
+    if checked.encrypted:
         # The nonce follows the event's identity: its idempotency key, else its message_id
         # (Sockudo fingerprints a message_id's payload, so a retry must seal to the same bytes).
         identity = event.idempotency_key if event.idempotency_key is not None else event.message_id
-        data = seal_for_channel(channels[0], data, master_key, identity, event.encryption_nonce)
-        # The server measures the sealed string, which is about 4/3 of the plaintext.
-        sealed_size = len(data.encode("utf-8"))
-        if sealed_size > limits.max_payload_bytes:
-            raise InvalidEvent(
-                f"encrypted data is {sealed_size} bytes, over the limit of "
-                f"{limits.max_payload_bytes}",
-                field="data",
-            )
+        data = seal_for_channel(
+            checked.channels[0], data, master_key, identity, event.encryption_nonce
+        )
     return event_item(
-        channels,
-        event.name,
+        checked.channels,
+        checked.name,
         data,
-        socket_id=event.socket_id,
-        info=event.info,
-        idempotency_key=event.idempotency_key,
-        message_id=event.message_id,
-        tags=event.tags,
-        extras=validate_extras(event.extras),
+        socket_id=checked.socket_id,
+        info=checked.info,
+        idempotency_key=checked.idempotency_key,
+        message_id=checked.message_id,
+        tags=checked.tags,
+        extras=checked.extras,
     )
 
 
@@ -349,8 +444,7 @@ def seal_for_channel(
 def dump_body(payload: Mapping[str, Any]) -> bytes:
     """Compact UTF-8 JSON: the one serializer of request bodies."""
     try:
-        text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-        return text.encode("utf-8")
+        return compact_json(payload).encode("utf-8")
     except (TypeError, ValueError) as exc:  # tags/extras not JSON, NaN, lone surrogates
         raise InvalidEvent(f"request body is not valid JSON: {exc}", field="body") from exc
 
