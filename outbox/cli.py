@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
 import os
 import signal
 import sys
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -24,8 +27,8 @@ import sqlalchemy as sa
 from . import admin, migrate
 from .database import DatabaseURLError, create_engine, display_url
 from .enqueue import enqueue
-from .schema import outbox_table
-from .settings import ENVIRONMENT, Settings, SettingsError
+from .schema import Status, outbox_table
+from .settings import ENVIRONMENT, SPECS, Settings, SettingsError
 from .sockudo.crypto import is_encrypted_channel
 from .sockudo.errors import InvalidEvent
 
@@ -105,22 +108,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default="heads")
     p.set_defaults(handler=cmd_migrate)
 
-    p = commands.add_parser("worker", help="run the worker (publishes pending events)")
+    p = commands.add_parser(
+        "worker",
+        help="run the worker (publishes pending events)",
+        description="Every setting comes from its environment variable; a flag overrides it.",
+    )
     p.add_argument("--once", action="store_true", help="drain what is due, then exit")
     p.add_argument(
-        "--sockudo-url", help="http://KEY:SECRET@HOST:PORT/apps/APP_ID (env SOCKUDO_URL)"
+        "--stats-file",
+        type=Path,
+        default=os.environ.get("OUTBOX_STATS_FILE"),
+        help="keep this worker's counts there as JSON, updated every second and at exit "
+        "(env OUTBOX_STATS_FILE)",
     )
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--server-batch-limit", type=int)
-    p.add_argument("--in-flight", type=int)
-    p.add_argument("--lease-seconds", type=float)
-    p.add_argument("--request-timeout", type=float)
-    p.add_argument("--max-attempts", type=int)
-    p.add_argument("--max-age-seconds", type=float)
-    p.add_argument("--backoff-min", dest="backoff_min_seconds", type=float)
-    p.add_argument("--backoff-max", dest="backoff_max_seconds", type=float)
-    p.add_argument("--poll-interval", type=float)
-    p.epilog = "Environment: " + ", ".join(variable for variable, _ in ENVIRONMENT.values())
+    for spec in WORKER_FLAGS:
+        p.add_argument(
+            spec.flag, dest=spec.name, type=spec.kind, help=f"{spec.help} (env {spec.variable})"
+        )
     p.set_defaults(handler=cmd_worker)
 
     p = commands.add_parser("status", help="counts per status, oldest pending, last errors")
@@ -184,14 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    engine = create_engine(settings.database_url)
-    try:
+    with _outbox(args, require_schema=False) as (settings, engine, _table):
         before = migrate.current_revision(engine)
         migrate.upgrade(engine, args.revision, settings.table_name)
         after = migrate.current_revision(engine)
-    finally:
-        engine.dispose()
     where = display_url(settings.database_url)
     if before == after:
         print(f"{where}: schema already at {after}")
@@ -201,36 +201,19 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from .worker import Worker
+    from .worker import SideTaskFailed, Worker
 
-    overrides = {
-        name: getattr(args, name, None)
-        for name in (
-            "sockudo_url",
-            "batch_size",
-            "server_batch_limit",
-            "in_flight",
-            "lease_seconds",
-            "request_timeout",
-            "max_attempts",
-            "max_age_seconds",
-            "backoff_min_seconds",
-            "backoff_max_seconds",
-            "poll_interval",
-        )
-    }
-    settings = _settings(args, worker=True, **overrides)
-    engine = create_engine(settings.database_url)
-    _require_schema(engine, settings)
-    worker = Worker(settings, engine=engine)
-    try:
-        asyncio.run(_run_with_signals(worker, once=args.once))
-    finally:
-        engine.dispose()
+    overrides = {spec.name: getattr(args, spec.name) for spec in WORKER_FLAGS}
+    with _outbox(args, worker=True, **overrides) as (settings, engine, _table):
+        worker = Worker(settings, engine=engine)
+        try:
+            asyncio.run(_run_with_signals(worker, once=args.once, stats_file=args.stats_file))
+        except SideTaskFailed as exc:
+            raise CommandError(f"the worker stopped: {exc}") from None
     return EXIT_OK
 
 
-async def _run_with_signals(worker: Any, once: bool) -> None:
+async def _run_with_signals(worker: Any, once: bool, stats_file: Path | None = None) -> None:
     loop = asyncio.get_running_loop()
     signals_seen = 0
 
@@ -249,18 +232,35 @@ async def _run_with_signals(worker: Any, once: bool) -> None:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
-    await worker.run(once=once)
+    if stats_file is None:
+        await worker.run(once=once)
+        return
+    reporter = asyncio.create_task(_report_stats(worker, stats_file))
+    try:
+        await worker.run(once=once)
+    finally:
+        reporter.cancel()
+        _write_stats(worker, stats_file, running=False)
+
+
+async def _report_stats(worker: Any, path: Path) -> None:
+    while True:
+        _write_stats(worker, path, running=True)
+        await asyncio.sleep(STATS_INTERVAL)
+
+
+def _write_stats(worker: Any, path: Path, running: bool) -> None:
+    """The worker's counts as JSON, replaced atomically (a reader never sees half a file)."""
+    report = {"pid": os.getpid(), "running": running, "time": time.time()}
+    report |= worker.stats.as_dict()
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(report))
+    partial.replace(path)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    engine = create_engine(settings.database_url)
-    _require_schema(engine, settings)
-    try:
-        with engine.connect() as conn:
-            report = admin.status(conn, outbox_table(settings.table_name), errors=args.errors)
-    finally:
-        engine.dispose()
+    with _outbox(args) as (_settings, engine, table), engine.connect() as conn:
+        report = admin.status(conn, table, errors=args.errors)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
     else:
@@ -271,7 +271,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     row_ids, event_ids = _split_ids(args.ids)
     selection = admin.ReplayFilter(
-        statuses=("published",) if args.published else ("dead",),
+        statuses=(Status.PUBLISHED.value,) if args.published else (Status.DEAD.value,),
         ids=row_ids,
         event_ids=event_ids,
         channel=args.channel,
@@ -290,12 +290,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
             "--error-code/--since/--until/--limit, or --all (try --dry-run first)",
             EXIT_USAGE,
         )
-    settings = _settings(args)
-    engine = create_engine(settings.database_url)
-    _require_schema(engine, settings)
-    table = outbox_table(settings.table_name)
     key = admin.KEY_KEEP if args.keep_key else admin.KEY_FRESH
-    try:
+    with _outbox(args) as (_settings, engine, table):
         with engine.connect() as conn:
             matched = admin.count_for_replay(conn, table, selection)
             sample = admin.select_for_replay(conn, table, selection, limit=_SAMPLE)
@@ -303,18 +299,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
         if not args.dry_run:
             # A page per transaction: flat memory and short locks, however many rows match.
             replayed = sum(admin.replay_in_pages(engine, table, selection, key=key))
-    finally:
-        engine.dispose()
     _print_replay(matched, sample, args.json, dry_run=args.dry_run, replayed=replayed, key=key)
     return EXIT_OK
 
 
 def cmd_leases(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    engine = create_engine(settings.database_url)
-    _require_schema(engine, settings)
-    table = outbox_table(settings.table_name)
-    try:
+    with _outbox(args) as (_settings, engine, table):
         if args.release_expired or args.release_all:
             with engine.begin() as conn:
                 released = admin.release_leases(conn, table, expired_only=not args.release_all)
@@ -323,8 +313,6 @@ def cmd_leases(args: argparse.Namespace) -> int:
             return EXIT_OK
         with engine.connect() as conn:
             total, expired, listed = admin.leases(conn, table, limit=args.limit)
-    finally:
-        engine.dispose()
     print(f"{total} leased row(s), {expired} expired")
     for lease in listed:
         state = "EXPIRED" if lease.expired else "live"
@@ -340,7 +328,6 @@ def cmd_leases(args: argparse.Namespace) -> int:
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
-    settings = _settings(args)
     if is_encrypted_channel(args.channel) and not os.environ.get(MASTER_KEY_VARIABLE):
         # This shell is where a worker would read its settings: without the key there, no
         # worker started from it could ever send the event.
@@ -349,23 +336,20 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
             "a worker needs it to send the event",
             EXIT_USAGE,
         )
-    engine = create_engine(settings.database_url)
-    _require_schema(engine, settings)
-    try:
-        with engine.begin() as conn:
-            event_id = enqueue(
-                conn,
-                args.channel,
-                args.event,
-                args.data,
-                idempotency_key=args.idempotency_key,
-                socket_id=args.socket_id,
-                table=outbox_table(settings.table_name),
-            )
-    except sa.exc.IntegrityError as exc:
-        raise CommandError(f"not enqueued: {_first_line(exc)}", EXIT_USAGE) from None
-    finally:
-        engine.dispose()
+    with _outbox(args) as (_settings, engine, table):
+        try:
+            with engine.begin() as conn:
+                event_id = enqueue(
+                    conn,
+                    args.channel,
+                    args.event,
+                    args.data,
+                    idempotency_key=args.idempotency_key,
+                    socket_id=args.socket_id,
+                    table=table,
+                )
+        except sa.exc.IntegrityError as exc:
+            raise CommandError(f"not enqueued: {_first_line(exc)}", EXIT_USAGE) from None
     print(event_id)
     return EXIT_OK
 
@@ -374,17 +358,38 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 
 
 MASTER_KEY_VARIABLE = ENVIRONMENT["encryption_master_key_base64"][0]
+#: Settings ``outbox worker`` takes as flags: all but the database (a global flag) and secrets
+#: (a flag shows in the process list).
+WORKER_FLAGS = tuple(s for s in SPECS if s.name != "database_url" and not s.secret)
+#: Seconds between two writes of ``--stats-file``.
+STATS_INTERVAL = 1.0
 #: What the commands that never publish read from the environment.
 _DATABASE_VARIABLES = ("OUTBOX_DATABASE_URL", "OUTBOX_TABLE")
 
 
-def _settings(args: argparse.Namespace, *, worker: bool = False, **overrides: object) -> Settings:
+@contextlib.contextmanager
+def _outbox(
+    args: argparse.Namespace,
+    *,
+    worker: bool = False,
+    require_schema: bool = True,
+    **overrides: object,
+) -> Iterator[tuple[Settings, sa.Engine, sa.Table]]:
+    """The settings, an engine (disposed after) and the table of one command."""
     if worker:
-        return Settings.from_env(database_url=args.database_url, **overrides)
-    # migrate/status/replay/enqueue only need the database: a malformed SOCKUDO_URL or worker
-    # tuning variable must not stop an operator from looking at (or fixing) the outbox.
-    environ = {k: v for k, v in os.environ.items() if k in _DATABASE_VARIABLES}
-    return Settings.from_env(environ, database_url=args.database_url, **overrides)
+        settings = Settings.from_env(database_url=args.database_url, **overrides)
+    else:
+        # Commands that never publish only need the database: a malformed SOCKUDO_URL or worker
+        # tuning variable must not stop an operator from looking at (or fixing) the outbox.
+        environ = {k: v for k, v in os.environ.items() if k in _DATABASE_VARIABLES}
+        settings = Settings.from_env(environ, database_url=args.database_url, **overrides)
+    engine = create_engine(settings.database_url)
+    try:
+        if require_schema:
+            _require_schema(engine, settings)
+        yield settings, engine, outbox_table(settings.table_name)
+    finally:
+        engine.dispose()
 
 
 def _require_schema(engine: sa.Engine, settings: Settings) -> None:

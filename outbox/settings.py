@@ -146,28 +146,77 @@ class Settings:
             raise SettingsError(str(exc)) from None
 
 
+@dataclass(frozen=True)
+class SettingSpec:
+    """How one setting is given: its variable (also its flag's name) and what it means."""
+
+    name: str
+    variable: str
+    kind: type
+    help: str
+    #: Never given as a flag (a flag shows in the process list) nor printed.
+    secret: bool = False
+
+    @property
+    def flag(self) -> str:
+        """``--batch-size`` for ``OUTBOX_BATCH_SIZE``: the variable's name, as a flag."""
+        return "--" + self.variable.removeprefix("OUTBOX_").lower().replace("_", "-")
+
+
+#: Every setting, in the order ``outbox worker --help`` lists them.
+SPECS: tuple[SettingSpec, ...] = (
+    SettingSpec("database_url", "OUTBOX_DATABASE_URL", str, "database URL"),
+    SettingSpec("sockudo_url", "SOCKUDO_URL", str, "http://KEY:SECRET@HOST:PORT/apps/APP_ID"),
+    SettingSpec(
+        "encryption_master_key_base64",
+        "SOCKUDO_ENCRYPTION_MASTER_KEY_BASE64",
+        str,
+        "32-byte key for private-encrypted- channels",
+        secret=True,
+    ),
+    SettingSpec("table_name", "OUTBOX_TABLE", str, "outbox table name"),
+    SettingSpec("batch_size", "OUTBOX_BATCH_SIZE", int, "events per /batch_events request"),
+    SettingSpec("server_batch_limit", "OUTBOX_SERVER_BATCH_LIMIT", int, "the server's batch limit"),
+    SettingSpec("in_flight", "OUTBOX_IN_FLIGHT", int, "claimed batches being published at once"),
+    SettingSpec(
+        "alone_concurrency", "OUTBOX_ALONE_CONCURRENCY", int, "requests at once for rows sent alone"
+    ),
+    SettingSpec("lease_seconds", "OUTBOX_LEASE_SECONDS", float, "how long a claim is held"),
+    SettingSpec("request_timeout", "OUTBOX_REQUEST_TIMEOUT", float, "seconds for every request"),
+    SettingSpec("max_attempts", "OUTBOX_MAX_ATTEMPTS", int, "an event's own failures before dead"),
+    SettingSpec("max_age_seconds", "OUTBOX_MAX_AGE_SECONDS", float, "age limit of a failing event"),
+    SettingSpec("backoff_min_seconds", "OUTBOX_BACKOFF_MIN", float, "first backoff, seconds"),
+    SettingSpec("backoff_max_seconds", "OUTBOX_BACKOFF_MAX", float, "longest backoff, seconds"),
+    SettingSpec(
+        "breaker_threshold", "OUTBOX_BREAKER_THRESHOLD", int, "failures in a row that pause"
+    ),
+    SettingSpec(
+        "misconfigured_retry_seconds",
+        "OUTBOX_MISCONFIGURED_RETRY",
+        float,
+        "seconds between tries after a 401/404",
+    ),
+    SettingSpec("poll_interval", "OUTBOX_POLL_INTERVAL", float, "fallback poll, seconds"),
+    SettingSpec(
+        "retention_seconds", "OUTBOX_RETENTION_SECONDS", float, "published rows kept this long"
+    ),
+    SettingSpec("shutdown_timeout", "OUTBOX_SHUTDOWN_TIMEOUT", float, "how long SIGTERM waits"),
+)
+
 #: Setting name -> (environment variable, type).
-ENVIRONMENT: dict[str, tuple[str, type]] = {
-    "database_url": ("OUTBOX_DATABASE_URL", str),
-    "sockudo_url": ("SOCKUDO_URL", str),
-    "encryption_master_key_base64": ("SOCKUDO_ENCRYPTION_MASTER_KEY_BASE64", str),
-    "table_name": ("OUTBOX_TABLE", str),
-    "batch_size": ("OUTBOX_BATCH_SIZE", int),
-    "server_batch_limit": ("OUTBOX_SERVER_BATCH_LIMIT", int),
-    "in_flight": ("OUTBOX_IN_FLIGHT", int),
-    "alone_concurrency": ("OUTBOX_ALONE_CONCURRENCY", int),
-    "lease_seconds": ("OUTBOX_LEASE_SECONDS", float),
-    "request_timeout": ("OUTBOX_REQUEST_TIMEOUT", float),
-    "max_attempts": ("OUTBOX_MAX_ATTEMPTS", int),
-    "max_age_seconds": ("OUTBOX_MAX_AGE_SECONDS", float),
-    "backoff_min_seconds": ("OUTBOX_BACKOFF_MIN", float),
-    "backoff_max_seconds": ("OUTBOX_BACKOFF_MAX", float),
-    "breaker_threshold": ("OUTBOX_BREAKER_THRESHOLD", int),
-    "misconfigured_retry_seconds": ("OUTBOX_MISCONFIGURED_RETRY", float),
-    "poll_interval": ("OUTBOX_POLL_INTERVAL", float),
-    "retention_seconds": ("OUTBOX_RETENTION_SECONDS", float),
-    "shutdown_timeout": ("OUTBOX_SHUTDOWN_TIMEOUT", float),
-}
+ENVIRONMENT: dict[str, tuple[str, type]] = {s.name: (s.variable, s.kind) for s in SPECS}
+
+
+def environment_for(**values: object) -> dict[str, str]:
+    """The environment variables that give these settings (by setting name), as text.
+
+    ``environment_for(lease_seconds=3, backoff_min_seconds=0.2)`` gives
+    ``{"OUTBOX_LEASE_SECONDS": "3", "OUTBOX_BACKOFF_MIN": "0.2"}``; None values are left out.
+    """
+    unknown = sorted(set(values) - set(ENVIRONMENT))
+    if unknown:
+        raise SettingsError(f"unknown settings: {', '.join(unknown)}")
+    return {ENVIRONMENT[k][0]: str(v) for k, v in values.items() if v is not None}
 
 
 def _parse(variable: str, raw: str, kind: type) -> object:
