@@ -17,10 +17,7 @@ import asyncio
 import base64
 import contextlib
 import json
-import os
 import re
-import signal
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -38,6 +35,7 @@ from outbox import enqueue, outbox_table
 from outbox.sockudo import Sockudo
 from outbox.testing.pusher_ws import PusherSubscriber, ReceivedEvent
 from outbox.testing.soketi import SoketiServer
+from outbox.testing.worker import WorkerProcess
 
 pytestmark = [pytest.mark.soketi]
 
@@ -74,77 +72,34 @@ class Sent:
     data: str
 
 
-class WorkerProcess:
-    """``python worker.py`` as users run it: settings from the environment, log on stderr."""
-
-    def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
-        self.log_path = log_path
-        with open(log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "worker.py"],
-                cwd=REPO,
-                env=dict(env),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
-
-    def check_alive(self) -> None:
-        code = self.process.poll()
-        if code is not None:
-            raise AssertionError(f"worker exited early with code {code}; its log:\n{self.log}")
-
-    def terminate(self, timeout: float = 20.0) -> int:
-        """SIGTERM (a graceful stop) and the exit code; fails the test if it does not exit."""
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(
-                f"worker did not exit within {timeout} s of SIGTERM; its log:\n{self.log}"
-            ) from None
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-
-
-def worker_env(
-    database_url: str, sockudo_url: str, server_batch_limit: int, **extra: str
-) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX_", "SOCKUDO_URL"))} | {
-        "OUTBOX_DATABASE_URL": database_url,
-        "SOCKUDO_URL": sockudo_url,
-        "SOCKUDO_ENCRYPTION_MASTER_KEY_BASE64": MASTER_KEY_B64,
-        "OUTBOX_SERVER_BATCH_LIMIT": str(server_batch_limit),
-        "OUTBOX_BATCH_SIZE": str(server_batch_limit),
-        "OUTBOX_POLL_INTERVAL": "0.1",
-        "OUTBOX_BACKOFF_MIN": "0.1",
-        "OUTBOX_BACKOFF_MAX": "1",
-        "OUTBOX_MISCONFIGURED_RETRY": "0.5",
-        "OUTBOX_REQUEST_TIMEOUT": "5",
-        "OUTBOX_LEASE_SECONDS": "15",
-        "OUTBOX_SHUTDOWN_TIMEOUT": "10",
-        "OUTBOX_LOG_LEVEL": "INFO",
-        "PYTHONUNBUFFERED": "1",
+def worker_env(database_url: str, sockudo_url: str, server_batch_limit: int) -> dict[str, object]:
+    """The settings of ``python worker.py`` (given to it as environment variables)."""
+    return {
+        "database_url": database_url,
+        "sockudo_url": sockudo_url,
+        "encryption_master_key_base64": MASTER_KEY_B64,
+        "server_batch_limit": server_batch_limit,
+        "batch_size": server_batch_limit,
+        "poll_interval": 0.1,
+        "backoff_min_seconds": 0.1,
+        "backoff_max_seconds": 1,
+        "misconfigured_retry_seconds": 0.5,
+        "request_timeout": 5,
+        "lease_seconds": 15,
+        "shutdown_timeout": 10,
     }
-    env.update(extra)
-    return env
 
 
 @contextlib.contextmanager
-def running_worker(env: Mapping[str, str], log_path: Path) -> Iterator[WorkerProcess]:
-    worker = WorkerProcess(env, log_path)
+def running_worker(settings: Mapping[str, object], log_path: Path) -> Iterator[WorkerProcess]:
+    """``python worker.py`` as users run it: settings from the environment, log in a file."""
+    worker = WorkerProcess(
+        command=[sys.executable, "worker.py"], cwd=REPO, log_path=log_path, **settings
+    )
     try:
-        yield worker
+        yield worker.start()
     finally:
-        worker.kill()
+        worker.close()
 
 
 async def eventually(
@@ -159,7 +114,7 @@ async def eventually(
         worker.check_alive()
         if time.monotonic() > deadline:
             raise AssertionError(
-                f"timed out after {timeout} s waiting for {what}; worker log:\n{worker.log}"
+                f"timed out after {timeout} s waiting for {what}; worker log:\n{worker.log_text()}"
             )
         await asyncio.sleep(0.05)
 
@@ -175,7 +130,9 @@ async def wait_for_all(
         except TimeoutError as exc:
             worker.check_alive()
             if time.monotonic() > deadline:
-                raise AssertionError(f"{exc} after {WAIT} s; worker log:\n{worker.log}") from None
+                raise AssertionError(
+                    f"{exc} after {WAIT} s; worker log:\n{worker.log_text()}"
+                ) from None
 
 
 def rows(engine: sa.Engine) -> list[sa.Row[Any]]:
@@ -368,8 +325,8 @@ async def test_committed_events_reach_real_subscribers_exactly_once(
                     worker,
                 )
                 worker.check_alive()
-                assert worker.terminate() == 0, worker.log
-            log = worker.log
+                assert worker.terminate() == 0, worker.log_text()
+            log = worker.log_text()
             for browser in browsers:
                 for channel, want in expected.items():
                     got = browser.received(channel)
@@ -426,9 +383,9 @@ async def test_wrong_secret_keeps_rows_pending_then_right_secret_delivers(
             ) as wrong:
                 marker = "refused this worker's credentials"
                 # Refused at least twice: it keeps retrying (slowly) without giving up on rows.
-                await eventually(lambda: wrong.log.count(marker) >= 2, "two refusals", wrong)
-                assert wrong.terminate() == 0, wrong.log
-            log = wrong.log
+                await eventually(lambda: wrong.log_text().count(marker) >= 2, "two refusals", wrong)
+                assert wrong.terminate() == 0, wrong.log_text()
+            log = wrong.log_text()
             after_wrong = rows(engine)
             assert [r.status for r in after_wrong] == ["pending"] * total
             assert [r.attempts for r in after_wrong] == [0] * total  # attempts refunded
@@ -455,8 +412,8 @@ async def test_wrong_secret_keeps_rows_pending_then_right_secret_delivers(
                 await eventually(
                     lambda: statuses(engine) == {"published": total}, "rows published", right
                 )
-                assert right.terminate() == 0, right.log
-            assert soketi.secret not in right.log
+                assert right.terminate() == 0, right.log_text()
+            assert soketi.secret not in right.log_text()
         finally:
             await browser.sub.close()
 
@@ -500,8 +457,8 @@ async def test_oversized_event_is_dead_with_soketis_reason_and_its_batch_is_deli
                 )
                 await browser.sub.assert_no_more(PUBLIC, 2, quiet_for=QUIET)
                 await browser.sub.assert_no_more(PRIVATE, 1, quiet_for=0)
-                assert worker.terminate() == 0, worker.log
-            log = worker.log
+                assert worker.terminate() == 0, worker.log_text()
+            log = worker.log_text()
         finally:
             await browser.sub.close()
 

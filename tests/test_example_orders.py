@@ -26,6 +26,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from outbox import outbox_table
 from outbox.database import create_engine
 from outbox.testing.soketi import SoketiServer, free_port
+from outbox.testing.worker import WorkerProcess
 from tests.plugins.browser import wait_until
 from tests.plugins.processes import Child, Spawn, child_environment
 
@@ -41,19 +42,25 @@ class Shop:
     browser: WebDriver
     engine: sa.Engine
     app: Child
-    worker: Child
+    worker: WorkerProcess
 
 
 @pytest.fixture
 def shop(
-    database_url: str, soketi: SoketiServer, browser: WebDriver, spawn: Spawn
+    database_url: str, soketi: SoketiServer, browser: WebDriver, spawn: Spawn, tmp_path: Path
 ) -> Iterator[Shop]:
-    env = child_environment(
-        OUTBOX_DATABASE_URL=database_url, SOCKUDO_URL=soketi.url, OUTBOX_POLL_INTERVAL="0.2"
-    )
+    env = child_environment(OUTBOX_DATABASE_URL=database_url, SOCKUDO_URL=soketi.url)
     port = free_port()
     app = spawn("app", [sys.executable, str(EXAMPLE / "app.py"), "--port", str(port)], env, REPO)
-    worker = spawn("worker", [sys.executable, "worker.py"], env, REPO)
+    worker = WorkerProcess(
+        database_url,
+        soketi.url,
+        tmp_path / "worker.log",
+        command=[sys.executable, "worker.py"],
+        cwd=REPO,
+        env=env,
+        poll_interval=0.2,
+    ).start()
     url = f"http://127.0.0.1:{port}"
     app.wait_for_http(f"{url}/api/config")
     browser.get(url)
@@ -71,6 +78,7 @@ def shop(
         app.check_alive()
         worker.check_alive()
     finally:
+        worker.close()
         engine.dispose()
 
 

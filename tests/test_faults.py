@@ -32,19 +32,16 @@ from outbox import OutboxEvent, enqueue, enqueue_many, outbox_table
 from outbox.database import create_engine
 from outbox.sockudo.events import DEFAULT_LIMITS, Limits
 from outbox.testing.server import RemoteTestServer, TestServerProcess
+from outbox.testing.worker import WorkerProcess
 from tests.faultlib import (
     REPO,
     Results,
-    WorkerProcess,
     all_rows,
-    batch_lines,
-    database_errors,
     in_flight,
-    log_lines,
-    retry_lines,
+    retry_after_violations,
     settled,
     wait_until,
-    worker_env,
+    worker_config,
 )
 
 pytestmark = pytest.mark.faults
@@ -84,16 +81,23 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     """Start worker processes; every one still alive at the end of the test is killed."""
     started: list[WorkerProcess] = []
 
-    def start(env: dict[str, str], name: str, *args: str) -> WorkerProcess:
-        worker = WorkerProcess(env, tmp_path / f"{name}.log", *args)
+    def start(config: dict[str, Any], name: str) -> WorkerProcess:
+        worker = WorkerProcess(log_path=tmp_path / f"{name}.log", **config)  # type: ignore[arg-type]
         started.append(worker)
-        return worker
+        return worker.start()
 
     try:
         yield start
     finally:
         for worker in started:
-            worker.ensure_dead()
+            worker.close()
+
+
+def _server(tmp_path: Path, **options: Any) -> TestServerProcess:
+    """The scenario's test server, in its own process (it outlives every worker killed)."""
+    return TestServerProcess(
+        stderr=tmp_path / "server.err", idempotency_ttl=IDEMPOTENCY_TTL, **options
+    )
 
 
 def _events(n: int, channel: str, name: str, start: int = 0) -> list[OutboxEvent]:
@@ -165,10 +169,6 @@ def _assert_all_delivered(
     assert figures["phantom"] == 0, "the server received events that are not in the table"
 
 
-def _log_texts(directory: Path) -> str:
-    return "\n".join(p.read_text(errors="replace") for p in sorted(directory.glob("*.log")))
-
-
 def _with_app_name(url: str, name: str) -> str:
     return (
         make_url(url)
@@ -199,9 +199,9 @@ def test_kill9_storm(
     Explanation check (idempotency off): right after each SIGKILL (and before the next worker
     starts) the rows ``in_flight`` are exactly the dead worker's unacknowledged claims. A row can
     reach the server twice only if a claim of it ended without an ack (a kill) or with an endpoint
-    error (then the worker logs "will be retried alone" with the row's key). So every duplicated
-    event must be in the union of those in-flight snapshots or in those log lines; and no row may
-    be delivered more times than it was claimed (``attempts``), which rules out a batch re-sent
+    error (then its row was claimed again: ``attempts`` above 1). So every duplicated event must
+    be in the union of those in-flight snapshots or among the retried rows; and no row may be
+    delivered more times than it was claimed (``attempts``), which rules out a batch re-sent
     within one claim.
     """
     started = time.monotonic()
@@ -212,30 +212,28 @@ def test_kill9_storm(
     kills = 0
     try:
         _enqueue(engine, _events(STORM_UPFRONT, "storm", "up-front"))
-        with TestServerProcess(
-            stderr=tmp_path / "server.err", idempotency=idempotency, idempotency_ttl=IDEMPOTENCY_TTL
-        ) as server:
+        with _server(tmp_path, idempotency=idempotency) as server:
             # Batches are answered 80 ms after they are published: a kill in that window leaves
             # published rows unacknowledged (the case idempotency exists for).
             server.add_latency(0.08, stage="published", endpoints=("batch_events",))
-            env = worker_env(
+            env = worker_config(
                 database_url,
                 server.url,
                 lease_seconds=2,
                 request_timeout=1,
                 batch_size=20,
                 in_flight=2,
-                backoff_min=0.2,
-                backoff_max=2,
+                backoff_min_seconds=0.2,
+                backoff_max_seconds=2,
                 poll_interval=0.2,
             )
             producer.start()
             for i in range(STORM_KILLS):
                 worker = spawn(env, f"storm-{i:02d}")
-                worker.wait_for_log("worker started", timeout=60)
+                worker.wait_until_started(60)
                 time.sleep(rng.uniform(0.05, 0.6))
                 assert worker.alive, f"worker {i} died on its own:\n{worker.log_text()[-3000:]}"
-                worker.sigkill()
+                worker.kill()
                 kills += 1
                 orphaned |= set(in_flight(engine))
             producer.stop()
@@ -246,29 +244,28 @@ def test_kill9_storm(
             wait_until(
                 lambda: settled(engine, expected), 240, f"all {expected} rows settled", interval=0.5
             )
-            exit_code = final.sigterm()
+            exit_code = final.terminate()
             rows, delivered, figures = _audit(engine, server)
             server_duplicates = server.duplicates()
     finally:
         producer.stop()
         engine.dispose()
 
-    retried_keys = {line.key for line in retry_lines(_log_texts(tmp_path))}
     by_key = {r.idempotency_key: r for r in rows}
+    # A row claimed more than once was retried (after an endpoint error, or a lease expiry).
+    retried_keys = {r.idempotency_key for r in rows if r.attempts > 1}
     dup_keys = [k for k, n in delivered.items() if n > 1]
     by_kill = sum(1 for k in dup_keys if by_key[k].id in orphaned)
     by_retry = sum(1 for k in dup_keys if by_key[k].id not in orphaned and k in retried_keys)
     unexplained = [k for k in dup_keys if by_key[k].id not in orphaned and k not in retried_keys]
     over_claimed = [r.id for r in rows if delivered[r.idempotency_key] > r.attempts]
-    fault_results.add(
-        scenario=f"kill -9 storm ({'idem on' if idempotency else 'idem OFF'})",
-        backend=backend,
-        events=len(rows),
+    fault_results.record(
+        f"kill -9 storm ({'idem on' if idempotency else 'idem OFF'})",
+        backend,
+        rows,
+        figures,
+        started,
         kills=kills,
-        lost=figures["lost"],
-        duplicates=figures["duplicates"],
-        dead=figures["dead"],
-        duration_s=time.monotonic() - started,
         notes=(
             f"{STORM_UPFRONT} up front + {expected - STORM_UPFRONT} by a live producer; "
             f"{mid_storm} delivered during the kills; {len(orphaned)} rows orphaned in flight by "
@@ -316,29 +313,29 @@ def test_two_workers_one_killed(
     engine = create_engine(postgres_url)
     try:
         _enqueue(engine, _events(total, "pair", "shared"))
-        with TestServerProcess(
-            stderr=tmp_path / "server.err", idempotency_ttl=IDEMPOTENCY_TTL
-        ) as server:
+        with _server(tmp_path) as server:
             # Requests are held 150 ms before publishing, so a worker always has claims in flight.
             server.add_latency(0.15, stage="claimed", endpoints=("batch_events",))
-            env = worker_env(
+            env = worker_config(
                 postgres_url,
                 server.url,
                 lease_seconds=lease,
                 request_timeout=2,
                 batch_size=20,
                 in_flight=4,
-                backoff_min=0.2,
-                backoff_max=2,
+                backoff_min_seconds=0.2,
+                backoff_max_seconds=2,
                 poll_interval=0.2,
             )
             victim = spawn(env, "victim")
             survivor = spawn(env, "survivor")
-            victim.wait_for_log("worker started", timeout=60)
-            survivor.wait_for_log("worker started", timeout=60)
+            victim.wait_until_started(60)
+            survivor.wait_until_started(60)
             wait_until(lambda: server.delivered_count() >= 400, 60, "400 deliveries")
+            # The victim has reported acknowledgements of its own (its stats file).
+            wait_until(lambda: victim.stats().get("published", 0) > 0, 30, "victim acks")
             leased_at_kill = in_flight(engine)
-            victim.sigkill()
+            victim.kill()
             leased_at_kill |= in_flight(engine)
             # The survivor finishes its own requests within the request timeout (2 s) and records
             # them at once; the victim's claims are at most ~2.5 s old at the kill, so their 8 s
@@ -351,34 +348,33 @@ def test_two_workers_one_killed(
                 if row_id in leased_at_kill and leased_at_kill[row_id][0] == lease_info[0]
             }
             wait_until(lambda: settled(engine, total), 120, "all rows settled", interval=0.5)
-            exit_code = survivor.sigterm()
+            exit_code = survivor.terminate()
             rows, delivered, figures = _audit(engine, server)
             server_duplicates = server.duplicates()
     finally:
         engine.dispose()
 
-    survivor_log = survivor.log_path.read_text()
-    victim_published = sum(b.published for b in batch_lines(victim.log_path.read_text()))
+    # The victim's counts as it last wrote them (at most a second before the kill).
+    victim_published = victim.stats().get("published", 0)
+    survivor_reclaimed = survivor.stats()["reclaimed"]
     by_id = {r.id: r for r in rows}
-    fault_results.add(
-        scenario="two workers, one killed",
-        backend="postgresql",
-        events=len(rows),
+    fault_results.record(
+        "two workers, one killed",
+        "postgresql",
+        rows,
+        figures,
+        started,
         kills=1,
-        lost=figures["lost"],
-        duplicates=figures["duplicates"],
-        dead=figures["dead"],
-        duration_s=time.monotonic() - started,
         notes=(
             f"{len(orphans)} rows leased by the killed worker taken over after the {lease:.0f} s "
             f"lease; victim acked {victim_published} before dying"
         ),
     )
-    assert victim.process.returncode == -9
+    assert victim.returncode == -9
     assert exit_code == 0
     assert victim_published > 0 and survivor.alive is False
     assert orphans, "the killed worker held no lease: the kill did not land mid-drain"
-    assert "whose lease expired" in survivor_log, "the survivor never reclaimed expired leases"
+    assert survivor_reclaimed >= len(orphans), "the survivor never reclaimed expired leases"
     _assert_all_delivered(rows, delivered, figures)
     for row_id, (_token, expires_at) in orphans.items():
         row = by_id[row_id]
@@ -409,23 +405,21 @@ def test_postgres_connections_terminated(
     terminated: list[int] = []
     try:
         _enqueue(engine, _events(total, "pg", "reconnect"))
-        with TestServerProcess(
-            stderr=tmp_path / "server.err", idempotency_ttl=IDEMPOTENCY_TTL
-        ) as server:
+        with _server(tmp_path) as server:
             server.add_latency(0.05, stage="claimed")
-            env = worker_env(
+            env = worker_config(
                 url,
                 server.url,
                 lease_seconds=4,
                 request_timeout=2,
                 batch_size=10,
                 in_flight=2,
-                backoff_min=0.2,
-                backoff_max=2,
+                backoff_min_seconds=0.2,
+                backoff_max_seconds=2,
                 poll_interval=0.2,
             )
             worker = spawn(env, "pg-worker")
-            worker.wait_for_log("worker started", timeout=60)
+            worker.wait_until_started(60)
             wait_until(lambda: server.delivered_count() >= 100, 60, "100 deliveries")
             for _ in range(rounds):
                 with postgres_admin.begin() as conn:
@@ -445,22 +439,19 @@ def test_postgres_connections_terminated(
             delivered_during = server.delivered_count()
             wait_until(lambda: settled(engine, total), 120, "all rows settled", interval=0.5)
             assert worker.alive, f"worker exited on its own:\n{worker.log_text()[-3000:]}"
-            exit_code = worker.sigterm()
+            exit_code = worker.terminate()
             rows, delivered, figures = _audit(engine, server)
     finally:
         engine.dispose()
 
-    log = worker.log_path.read_text()
-    errors = database_errors(log)
-    fault_results.add(
-        scenario="pg_terminate_backend x5",
-        backend="postgresql",
-        events=len(rows),
-        kills=0,
-        lost=figures["lost"],
-        duplicates=figures["duplicates"],
-        dead=figures["dead"],
-        duration_s=time.monotonic() - started,
+    log = worker.log_text()
+    errors = worker.stats()["database_errors"]
+    fault_results.record(
+        "pg_terminate_backend x5",
+        "postgresql",
+        rows,
+        figures,
+        started,
         notes=(
             f"connections terminated per round {terminated}; {errors} database errors logged; "
             f"{delivered_during} delivered before the last termination"
@@ -498,23 +489,21 @@ def test_sqlite_write_lock_held(
     request_timeout = 1.0
     try:
         _enqueue(engine, _events(total, "lite", "locked"))
-        with TestServerProcess(
-            stderr=tmp_path / "server.err", idempotency_ttl=IDEMPOTENCY_TTL
-        ) as server:
+        with _server(tmp_path) as server:
             server.add_latency(0.05, stage="claimed")
-            env = worker_env(
+            env = worker_config(
                 url,
                 server.url,
                 lease_seconds=10,
                 request_timeout=request_timeout,
                 batch_size=10,
                 in_flight=2,
-                backoff_min=0.2,
-                backoff_max=2,
+                backoff_min_seconds=0.2,
+                backoff_max_seconds=2,
                 poll_interval=0.2,
             )
             worker = spawn(env, "sqlite-worker")
-            worker.wait_for_log("worker started", timeout=60)
+            worker.wait_until_started(60)
             wait_until(lambda: server.delivered_count() >= 200, 60, "200 deliveries")
             for mode, hold in (("EXCLUSIVE", 4.0), ("IMMEDIATE", 3.0)):
                 with holder.connect() as conn:
@@ -530,37 +519,34 @@ def test_sqlite_write_lock_held(
             total += 10
             delivered_during = server.delivered_count()
             wait_until(lambda: settled(engine, total), 120, "all rows settled", interval=0.5)
-            exit_code = worker.sigterm()
+            exit_code = worker.terminate()
             deliveries = server.deliveries()
             rows, delivered, figures = _audit(engine, server)
     finally:
         holder.dispose()
         engine.dispose()
 
-    log = worker.log_path.read_text()
+    log = worker.log_text()
+    database_errors = worker.stats()["database_errors"]
     # While the lock is held the worker can neither claim nor ack: once requests sent before
     # the lock are answered (request timeout + slack), no delivery may happen until it ends.
     slack = request_timeout + 0.5
     during_lock = [
         d for d in deliveries for start, end in locks if start + slack < d.time < end - 0.05
     ]
-    fault_results.add(
-        scenario="sqlite write lock 4 s + 3 s",
-        backend="sqlite",
-        events=len(rows),
-        kills=0,
-        lost=figures["lost"],
-        duplicates=figures["duplicates"],
-        dead=figures["dead"],
-        duration_s=time.monotonic() - started,
-        notes=f"{database_errors(log)} database errors logged; deliveries while locked: "
-        f"{len(during_lock)}",
+    fault_results.record(
+        "sqlite write lock 4 s + 3 s",
+        "sqlite",
+        rows,
+        figures,
+        started,
+        notes=f"{database_errors} database errors; deliveries while locked: {len(during_lock)}",
     )
     assert delivered_during < total, "the drain ended before the locks: nothing was tested"
     assert not during_lock, "the lock did not hold the worker back: the test proves nothing"
     assert exit_code == 0
     assert log.count("worker started") == 1
-    assert database_errors(log) == 0, "the busy timeout should absorb a few seconds of lock"
+    assert database_errors == 0, "the busy timeout should absorb a few seconds of lock"
     _assert_all_delivered(rows, delivered, figures)
     assert figures["duplicates"] == 0
 
@@ -586,10 +572,8 @@ def test_endpoint_outage_then_503_then_429(
     producer_rows = 0
     try:
         _enqueue(engine, _events(400, "outage", "before"))
-        with TestServerProcess(
-            stderr=tmp_path / "server.err", idempotency_ttl=IDEMPOTENCY_TTL
-        ) as server:
-            env = worker_env(
+        with _server(tmp_path) as server:
+            env = worker_config(
                 postgres_url,
                 server.url,
                 lease_seconds=3,
@@ -597,25 +581,29 @@ def test_endpoint_outage_then_503_then_429(
                 batch_size=batch_size,
                 in_flight=in_flight_n,
                 alone_concurrency=alone,
-                backoff_min=backoff_min,
-                backoff_max=backoff_max,
+                backoff_min_seconds=backoff_min,
+                backoff_max_seconds=backoff_max,
                 breaker_threshold=threshold,
                 poll_interval=0.2,
             )
             worker = spawn(env, "outage-worker")
-            worker.wait_for_log("worker started", timeout=60)
+            worker.wait_until_started(60)
             wait_until(lambda: server.delivered_count() >= 400, 60, "the first 400 delivered")
 
-            # Phase 1: down for 30 s, while the application keeps writing.
+            # Phase 1: down for 30 s, while the application keeps writing. The worker's own
+            # request count is sampled as it goes (its stats file, rewritten every second).
             server.go_down()
             down_at = time.time()
+            samples = [(down_at, worker.stats()["requests"])]
             for k in range(6):
                 _enqueue(engine, _events(100, "outage", "during", start=100 * k))
                 producer_rows += 100
                 time.sleep(outage / 6)
+                samples.append((time.time(), worker.stats()["requests"]))
             remaining = outage - (time.time() - down_at)
             if remaining > 0:
                 time.sleep(remaining)
+                samples.append((time.time(), worker.stats()["requests"]))
             # Phase 2: back, but the first 8 requests get 503 with Retry-After: 2.
             server.fail_next(
                 count=8,
@@ -642,37 +630,33 @@ def test_endpoint_outage_then_503_then_429(
                 time.sleep(2.0)
             expected = 400 + producer_rows
             wait_until(lambda: settled(engine, expected), 180, "all rows settled", interval=0.5)
-            exit_code = worker.sigterm()
+            exit_code = worker.terminate()
             rows, delivered, figures = _audit(engine, server)
             requests = server.requests()
             stats = server.stats()
     finally:
         engine.dispose()
 
-    log = worker.log_path.read_text()
-    batches = batch_lines(log)
-    outage_requests = sum(b.requests for b in batches if down_at <= b.time <= up_at)
-    steady_from = down_at + 12.0
-    steady_requests = sum(b.requests for b in batches if steady_from <= b.time <= up_at)
-    retries = retry_lines(log)
-    pauses = [line for line in log_lines(log) if "pausing publishing" in line.message]
+    outage_requests = samples[-1][1] - samples[0][1]
+    steady_from, steady_start = next((t, n) for t, n in samples if t >= down_at + 12.0)
+    steady_requests = samples[-1][1] - steady_start
+    pauses = worker.stats()["pauses"]
+    early = retry_after_violations(requests)
+    retried_keys = Counter(key for r in requests for key in r["keys"])
     per_sec_429 = Counter(
         int(r["time"]) for r in requests for a, b in limited if a <= r["time"] <= b
     )
     max_rate_429 = max(per_sec_429.values(), default=0)
     windows_429 = [sum(1 for r in requests if a <= r["time"] <= b) for a, b in limited]
-    fault_results.add(
-        scenario="outage 30s + 503 + 429",
-        backend="postgresql",
-        events=len(rows),
-        kills=0,
-        lost=figures["lost"],
-        duplicates=figures["duplicates"],
-        dead=figures["dead"],
-        duration_s=time.monotonic() - started,
+    fault_results.record(
+        "outage 30s + 503 + 429",
+        "postgresql",
+        rows,
+        figures,
+        started,
         notes=(
             f"{outage_requests} requests in the 30 s outage ({steady_requests} in its last "
-            f"{up_at - steady_from:.0f} s); {len(pauses)} breaker pauses; "
+            f"{up_at - steady_from:.0f} s); {pauses} breaker pauses; "
             f"{stats['by_status'].get('503', 0)} x 503, {stats['by_status'].get('429', 0)} x 429; "
             f"{windows_429} requests in the two 4 s rate-limited windows (max {max_rate_429} "
             f"in one second); max attempts "
@@ -685,8 +669,8 @@ def test_endpoint_outage_then_503_then_429(
     ][:10]
     _assert_all_delivered(rows, delivered, figures)
     assert figures["duplicates"] == 0
-    assert pauses, "no 'pausing publishing' line: the breaker never opened"
-    assert retries, "no 'will be retried' line"
+    assert pauses, "the breaker never opened"
+    assert any(n > 1 for n in retried_keys.values()), "no row was sent twice: nothing retried"
     # No hot loop while the endpoint is down. Before the breaker opens, at most threshold +
     # in_flight claims fail (each at most one request per row); once open, at most one probe
     # per backoff_min; once the backoff reached its cap, one probe per backoff_max.
@@ -694,12 +678,9 @@ def test_endpoint_outage_then_503_then_429(
     assert 0 < outage_requests <= bound, (outage_requests, bound)
     steady_bound = math.ceil((up_at - steady_from) / backoff_max) + 3
     assert steady_requests <= steady_bound, (steady_requests, steady_bound)
-    # Retry-After is honoured: a row refused with Retry-After: 2 (or 1) waits at least that long.
-    for line in retries:
-        if "service_unavailable" in line.error:
-            assert line.delay >= 2.0 - 0.01, line
-        if "429" in line.error:
-            assert line.delay >= 1.0 - 0.01, line
+    # Retry-After is honoured: a row refused with Retry-After: 2 (or 1) comes back no sooner,
+    # as the server saw it.
+    assert not early, early[:10]
     assert stats["by_status"].get("429", 0) > 0, "the rate limit was never hit"
     # While rate-limited: a 429 carries Retry-After: 1, so the breaker allows at most one round
     # of claims per second. In a round, a claim stops sending the moment the endpoint fails (and
@@ -733,25 +714,23 @@ def test_slow_server_answers_after_timeout(
     total = 300
     try:
         _enqueue(engine, _events(total, "slow", "late-answer"))
-        with TestServerProcess(
-            stderr=tmp_path / "server.err", idempotency_ttl=IDEMPOTENCY_TTL
-        ) as server:
+        with _server(tmp_path) as server:
             server.add_latency(2.0, stage="published", count=3, endpoints=("batch_events",))
-            env = worker_env(
+            env = worker_config(
                 url,
                 server.url,
                 lease_seconds=3,
                 request_timeout=1,
                 batch_size=50,
                 in_flight=4,
-                backoff_min=0.2,
-                backoff_max=2,
+                backoff_min_seconds=0.2,
+                backoff_max_seconds=2,
                 poll_interval=0.2,
             )
             worker = spawn(env, "slow-worker")
-            worker.wait_for_log("worker started", timeout=60)
+            worker.wait_until_started(60)
             wait_until(lambda: settled(engine, total), 90, "all rows settled", interval=0.5)
-            exit_code = worker.sigterm()
+            exit_code = worker.terminate()
             rows, delivered, figures = _audit(engine, server)
             server_duplicates = server.duplicates()
             alone_requests = server.request_count("events")
@@ -759,25 +738,19 @@ def test_slow_server_answers_after_timeout(
     finally:
         engine.dispose()
 
-    log = worker.log_path.read_text()
-    retries = retry_lines(log)
     retried_rows = sum(1 for r in rows if r.attempts >= 2)
-    fault_results.add(
-        scenario="slow server (answer > timeout)",
-        backend="sqlite",
-        events=len(rows),
-        kills=0,
-        lost=figures["lost"],
-        duplicates=figures["duplicates"],
-        dead=figures["dead"],
-        duration_s=time.monotonic() - started,
+    fault_results.record(
+        "slow server (answer > timeout)",
+        "sqlite",
+        rows,
+        figures,
+        started,
         notes=(
             f"{retried_rows} rows retried alone after a timeout; {batch_requests} batch and "
             f"{alone_requests} /events requests"
         ),
     )
     assert exit_code == 0
-    assert retries, "no row was retried: the latency never exceeded the timeout"
     assert retried_rows >= 50, f"expected at least one timed-out batch of 50, got {retried_rows}"
     assert alone_requests >= retried_rows, "retried rows must go alone through /events"
     _assert_all_delivered(rows, delivered, figures)
@@ -920,29 +893,28 @@ def test_server_refusals_dead_lettered(
     try:
         # The application declares namespace "ns"; the server (wrongly) does not configure it.
         _enqueue(engine, events, Limits(namespaces=frozenset({"ns"})))
-        with TestServerProcess(
-            stderr=tmp_path / "server.err",
-            idempotency_ttl=IDEMPOTENCY_TTL,
+        with _server(
+            tmp_path,
             max_payload_kb=1,
             max_event_name_bytes=20,
         ) as server:
-            env = worker_env(
+            env = worker_config(
                 database_url,
                 server.url,
                 lease_seconds=4,
                 request_timeout=2,
                 batch_size=20,
                 in_flight=4,
-                backoff_min=0.2,
-                backoff_max=2,
+                backoff_min_seconds=0.2,
+                backoff_max_seconds=2,
                 poll_interval=0.2,
             )
             worker = spawn(env, "refusals-worker")
-            worker.wait_for_log("worker started", timeout=60)
+            worker.wait_until_started(60)
             # A timeout here is reported below, row by row, with each bad row's state.
             with contextlib.suppress(AssertionError):
                 wait_until(lambda: settled(engine, total), 45, "all rows settled", interval=0.5)
-            exit_code = worker.sigterm()
+            exit_code = worker.terminate()
             rows, delivered, figures = _audit(engine, server)
     finally:
         engine.dispose()
@@ -952,15 +924,12 @@ def test_server_refusals_dead_lettered(
     def bad(position: int) -> Any:
         return by_key[outbox.derive_channel_key(f"bad-{position}", refusals[position][0])]
 
-    fault_results.add(
-        scenario="server refusals (413/400)",
-        backend=backend,
-        events=len(rows),
-        kills=0,
-        lost=figures["lost"],
-        duplicates=figures["duplicates"],
-        dead=figures["dead"],
-        duration_s=time.monotonic() - started,
+    fault_results.record(
+        "server refusals (413/400)",
+        backend,
+        rows,
+        figures,
+        started,
         notes="bad rows: "
         + ", ".join(
             f"{bad(p).status}/{bad(p).last_error_status}/{bad(p).last_error_code}" for p in refusals

@@ -1,6 +1,6 @@
 """Recovery paths: what happens after a crash, an outage, a replay or a refusal, on both databases.
 
-Each test reproduces one way the outbox used to lose an event, publish one it should not have,
+Each test reproduces a way the outbox could lose an event, publish one it should not have,
 spend an event's budget on someone else's failure, or stall; and checks the rule that replaced it.
 """
 

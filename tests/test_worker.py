@@ -1,6 +1,6 @@
 """The draining worker, in-process, against the Sockudo-faithful test server, on SQLite and PostgreSQL.
 
-Each test drives one invariant of docs (outbox-design.md) through ``Worker`` and checks it on both
+Each test drives one invariant of the design (see README, "Guarantees") through ``Worker`` and checks it on both
 sides: what the server delivered (its own count, duplicates included) and what the table says.
 Subprocess tests (several worker processes, signals) are in test_worker_processes.py.
 """

@@ -7,12 +7,8 @@ the environment, as in production.
 from __future__ import annotations
 
 import asyncio
-import os
-import re
 import signal
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,79 +19,30 @@ import sqlalchemy as sa
 from outbox import OutboxEvent, enqueue_many, outbox_table
 from outbox.database import create_engine
 from outbox.settings import Settings
+from outbox.testing.worker import WorkerProcess
 from outbox.worker import Worker
 
 REPO = Path(__file__).resolve().parents[1]
 T = outbox_table()
 
 
-class WorkerProcess:
-    """A worker subprocess whose stderr (its log) is collected line by line."""
-
-    def __init__(self, command: list[str], env: dict[str, str]) -> None:
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            command,
-            cwd=REPO,
-            env={**os.environ, **env},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line.rstrip("\n"))
-
-    @property
-    def log(self) -> str:
-        return "\n".join(self.lines)
-
-    def wait_for_line(self, pattern: str, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not any(re.search(pattern, line) for line in self.lines):
-            if self.proc.poll() is not None:
-                time.sleep(0.1)  # let the reader catch the last lines
-                raise AssertionError(f"worker exited ({self.proc.returncode}):\n{self.log}")
-            assert time.monotonic() < deadline, f"no {pattern!r} in:\n{self.log}"
-            time.sleep(0.02)
-
-    def signal(self, signum: int) -> None:
-        self.proc.send_signal(signum)
-
-    def wait(self, timeout: float = 20.0) -> int:
-        rc = self.proc.wait(timeout=timeout)
-        self._reader.join(timeout=5)
-        return rc
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-    def published_count(self) -> int:
-        match = re.search(r"worker stopped: (\d+) published", self.log)
-        assert match, self.log
-        return int(match.group(1))
-
-
-def worker_env(database_url: str, sockudo_url: str, **extra: str) -> dict[str, str]:
-    env = {
-        "OUTBOX_DATABASE_URL": database_url,
-        "SOCKUDO_URL": sockudo_url,
-        "OUTBOX_POLL_INTERVAL": "0.05",
-        "OUTBOX_BACKOFF_MIN": "0.05",
-        "OUTBOX_BACKOFF_MAX": "1",
-        "OUTBOX_REQUEST_TIMEOUT": "5",
-        "OUTBOX_LEASE_SECONDS": "10",
-        "OUTBOX_RETENTION_SECONDS": "0",
-        "OUTBOX_LOG_LEVEL": "INFO",
+def worker_settings(database_url: str, sockudo_url: str, **settings: object) -> dict[str, object]:
+    values: dict[str, object] = {
+        "poll_interval": 0.05,
+        "backoff_min_seconds": 0.05,
+        "backoff_max_seconds": 1,
+        "request_timeout": 5,
+        "lease_seconds": 10,
+        "retention_seconds": 0,
     }
-    env.update(extra)
-    return env
+    return {"database_url": database_url, "sockudo_url": sockudo_url, **values, **settings}
+
+
+def start(command: list[str], tmp_path: Path, name: str, **settings: object) -> WorkerProcess:
+    """A worker process run by ``command`` (``python worker.py`` from the repository, or the
+    ``outbox`` command), configured by environment only."""
+    log = tmp_path / f"{name}.log"
+    return WorkerProcess(command=command, cwd=REPO, log_path=log, **settings).start()  # type: ignore[arg-type]
 
 
 PYTHON_WORKER = [sys.executable, "worker.py"]
@@ -127,30 +74,32 @@ def enqueue_events(engine: sa.Engine, n: int) -> None:
 # -- 2. several worker processes, one PostgreSQL table -------------------------------------------
 
 
-def test_two_worker_processes_drain_disjoint_rows(postgres_url, sockudo_server):
+def test_two_worker_processes_drain_disjoint_rows(postgres_url, sockudo_server, tmp_path):
     n = 3000
     engine = create_engine(postgres_url)
-    # A little latency per request keeps batches in flight, so both workers get a share.
-    sockudo_server.add_latency(0.02, stage="claimed")
-    env = worker_env(postgres_url, sockudo_server.url, OUTBOX_BATCH_SIZE="50", OUTBOX_IN_FLIGHT="2")
-    workers = [WorkerProcess(PYTHON_WORKER, env), WorkerProcess(CLI_WORKER, env)]
+    # Latency per request keeps batches in flight (a drain by one worker alone would take 3 s),
+    # so both workers get a share even when one of them is scheduled late.
+    sockudo_server.add_latency(0.1, stage="claimed")
+    settings = worker_settings(postgres_url, sockudo_server.url, batch_size=50, in_flight=2)
+    workers = [
+        start(PYTHON_WORKER, tmp_path, "python-worker", **settings),
+        start(CLI_WORKER, tmp_path, "cli-worker", **settings),
+    ]
     try:
         for w in workers:
-            w.wait_for_line("worker started")
+            w.wait_for_log("worker started")
         enqueue_events(engine, n)  # one commit: NOTIFY wakes both workers
         wait_until(lambda: statuses(engine).get("published", 0) == n, 60, "all published")
-        for w in workers:
-            w.signal(signal.SIGTERM)
-        assert [w.wait() for w in workers] == [0, 0]
+        assert [w.terminate() for w in workers] == [0, 0]
     finally:
         for w in workers:
-            w.kill()
+            w.close()
         engine.dispose()
 
     assert sockudo_server.delivered_count() == n
     assert not sockudo_server.duplicates()
     assert len({d.idempotency_key for d in sockudo_server.deliveries()}) == n
-    counts = [w.published_count() for w in workers]
+    counts = [w.stats()["published"] for w in workers]
     assert all(c > 0 for c in counts), counts  # both did work
     assert sum(counts) == n, counts  # and no row was acknowledged by both
     assert sockudo_server.request_count("batch_events") == n // 50
@@ -160,21 +109,21 @@ def test_two_worker_processes_drain_disjoint_rows(postgres_url, sockudo_server):
 # -- 8. SIGTERM during a drain -------------------------------------------------------------------
 
 
-def test_sigterm_drains_in_flight_batches_then_exits_0(database_url, sockudo_server):
+def test_sigterm_drains_in_flight_batches_then_exits_0(database_url, sockudo_server, tmp_path):
     n = 400
     engine = create_engine(database_url)
     enqueue_events(engine, n)
     sockudo_server.add_latency(0.3, stage="claimed")  # every batch stays in flight a while
-    env = worker_env(database_url, sockudo_server.url, OUTBOX_BATCH_SIZE="20", OUTBOX_IN_FLIGHT="2")
-    worker = WorkerProcess(PYTHON_WORKER, env)
+    settings = worker_settings(database_url, sockudo_server.url, batch_size=20, in_flight=2)
+    worker = start(PYTHON_WORKER, tmp_path, "worker", **settings)
     try:
         wait_until(lambda: sockudo_server.delivered_count() > 0, 20, "a first delivery")
         wait_until(lambda: statuses(engine).get("in_flight", 0) > 0, 20, "a batch in flight")
-        worker.signal(signal.SIGTERM)
-        assert worker.wait() == 0, worker.log
+        assert worker.terminate() == 0, worker.log_text()
     finally:
-        worker.kill()
-    assert "SIGTERM: finishing in-flight batches" in worker.log
+        worker.close()
+    # The operator is told what the signal does.
+    assert "SIGTERM: finishing in-flight batches" in worker.log_text()
 
     state = statuses(engine)
     assert "in_flight" not in state, state
@@ -202,23 +151,23 @@ def test_sigterm_drains_in_flight_batches_then_exits_0(database_url, sockudo_ser
     engine.dispose()
 
 
-def test_second_signal_exits_at_once(database_url, sockudo_server):
+def test_second_signal_exits_at_once(database_url, sockudo_server, tmp_path):
     engine = create_engine(database_url)
     enqueue_events(engine, 40)
     sockudo_server.add_latency(3.0, stage="claimed", count=1)  # the first batch hangs
-    env = worker_env(database_url, sockudo_server.url, OUTBOX_BATCH_SIZE="20")
-    worker = WorkerProcess(PYTHON_WORKER, env)
+    settings = worker_settings(database_url, sockudo_server.url, batch_size=20)
+    worker = start(PYTHON_WORKER, tmp_path, "worker", **settings)
     try:
         wait_until(lambda: statuses(engine).get("in_flight", 0) > 0, 20, "a batch in flight")
         worker.signal(signal.SIGTERM)
-        worker.wait_for_line("finishing in-flight batches")
+        worker.wait_for_log("finishing in-flight batches")
         worker.signal(signal.SIGTERM)
         rc = worker.wait()
     finally:
-        worker.kill()
-    assert rc == 128 + signal.SIGTERM, worker.log
+        worker.close()
+    assert rc == 128 + signal.SIGTERM, worker.log_text()
     # It did not wait for the hanging batch: its rows are still leased (another worker takes
-    # them over when the lease expires), and "worker stopped" was never reached.
+    # them over when the lease expires), and it never reached its clean stop.
     assert statuses(engine).get("in_flight", 0) > 0
-    assert "worker stopped" not in worker.log
+    assert worker.stats()["running"] is True
     engine.dispose()

@@ -101,10 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: list[Measurement] = []
     started = time.time()
     settings = {
-        "OUTBOX_BATCH_SIZE": args.batch,
-        "OUTBOX_SERVER_BATCH_LIMIT": max(args.batch, 100),
-        "OUTBOX_IN_FLIGHT": args.in_flight,
-        "OUTBOX_POLL_INTERVAL": 0.5,
+        "batch_size": args.batch,
+        "server_batch_limit": max(args.batch, 100),
+        "in_flight": args.in_flight,
+        "poll_interval": 0.5,
     }
     with (
         tempfile.TemporaryDirectory(prefix="outbox-bench-") as tmp,

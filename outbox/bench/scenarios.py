@@ -7,10 +7,9 @@ per-event baseline) hold on a noisy machine even when absolute figures move.
 from __future__ import annotations
 
 import asyncio
-import os
+import signal
 import statistics
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -26,6 +25,7 @@ from ..database import create_engine
 from ..enqueue import OutboxEvent, enqueue, enqueue_many
 from ..schema import outbox_table
 from ..sockudo import Sockudo
+from ..testing.worker import WorkerProcess
 from . import http_clients
 from .cpu import CpuMeter, pids_named
 
@@ -258,54 +258,46 @@ def add_history(url: str, rows: int) -> float:
 
 
 @dataclass
-class WorkerProcess:
-    process: subprocess.Popen[bytes]
-    log: Path
-    rss_samples: list[int] = field(default_factory=list)
-
-    def rss_kb(self) -> int:
-        try:
-            for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-        return 0
+def rss_kb(pid: int) -> int:
+    """A process's resident memory (kB), 0 once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
 
 
 @contextmanager
 def workers(
     count: int, database_url: str, sockudo_url: str, workdir: Path, **settings: Any
 ) -> Iterator[list[WorkerProcess]]:
-    env = dict(os.environ)
-    env.update(
-        {
-            "OUTBOX_DATABASE_URL": database_url,
-            "SOCKUDO_URL": sockudo_url,
-            "OUTBOX_LOG_LEVEL": "WARNING",
-            "OUTBOX_RETENTION_SECONDS": "0",
-        }
-    )
-    env.update({k: str(v) for k, v in settings.items()})
-    procs = []
+    """``count`` worker processes (``settings`` by Settings name), stopped afterwards."""
+    procs = [
+        WorkerProcess(
+            database_url,
+            sockudo_url,
+            workdir / f"worker-{n}-{uuid.uuid4().hex[:6]}.log",
+            log_level="WARNING",
+            retention_seconds=0,
+            **settings,
+        )
+        for n in range(count)
+    ]
     try:
-        for n in range(count):
-            log = workdir / f"worker-{n}-{uuid.uuid4().hex[:6]}.log"
-            with log.open("wb") as out:
-                process = subprocess.Popen(
-                    [sys.executable, "-m", "outbox.cli", "worker"], env=env, stdout=out, stderr=out
-                )
-            procs.append(WorkerProcess(process, log))
+        for p in procs:
+            p.start()
         yield procs
     finally:
         for p in procs:
-            if p.process.poll() is None:
-                p.process.terminate()
+            if p.alive:
+                p.signal(signal.SIGTERM)
         for p in procs:
             try:
-                p.process.wait(timeout=30)
+                p.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                p.process.kill()
+                p.close()
 
 
 def drain(
@@ -347,14 +339,14 @@ def drain(
                 ).scalar_one()
             published = target - left
             now = time.perf_counter()
-            rss = sum(p.rss_kb() for p in procs)
+            rss = sum(rss_kb(p.pid) for p in procs)
             peak_rss = max(peak_rss, rss)
             if first is None and published > already:
                 first = now
                 first_count = published - already
                 meter = CpuMeter(
                     {
-                        "worker": [p.process.pid for p in procs],
+                        "worker": [p.pid for p in procs],
                         "server": [server_pid] if server_pid else [],
                         **({"database": pids_named("postgres")} if backend == "postgresql" else {}),
                     }
@@ -366,14 +358,14 @@ def drain(
                 used = meter.stop()
                 break
             for p in procs:
-                if p.process.poll() is not None:
+                if not p.alive:
                     raise RuntimeError(f"worker exited early; see {p.log}")
             if time.monotonic() > deadline:
                 raise RuntimeError(
                     f"drain did not finish in {timeout:.0f} s ({published - already}/{events})"
                 )
             time.sleep(0.02)
-        end_rss = sum(p.rss_kb() for p in procs)
+        end_rss = sum(rss_kb(p.pid) for p in procs)
     engine.dispose()
     assert first is not None
     # Rows published before the first sample are counted out of the timed span.

@@ -126,6 +126,23 @@ def _check_event_types(event: Any, where: str) -> dict[str, Any]:
     return event
 
 
+def _idempotency_keys(endpoint: str, body: bytes) -> tuple[str, ...]:
+    """The keys a publish request carries, for the request log (never for deciding anything)."""
+    if endpoint not in ("events", "batch_events"):
+        return ()
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return ()
+    items = payload.get("batch") if isinstance(payload, dict) else None
+    events = items if isinstance(items, list) else [payload]
+    return tuple(
+        e["idempotency_key"]
+        for e in events
+        if isinstance(e, dict) and isinstance(e.get("idempotency_key"), str)
+    )
+
+
 def _extras_typed(extras: dict[str, Any]) -> bool:
     """``MessageExtras``'s typed fields (messages.rs): flat scalar headers, boolean flags, a
     string key, string maps under ``ai``; any other field is an opaque extension."""
@@ -211,10 +228,12 @@ class SockudoApp:
         if method not in allowed:
             self.stats.record(endpoint, 405, client)
             return Response(405, b"", "text/plain; charset=utf-8")
+        received = time.time()
+        keys = _idempotency_keys(endpoint, body)
         try:
             response = self._api(endpoint, method, path, query, headers, body, client)
         except Dropped:
-            self.stats.record(endpoint, 0, client)
+            self.stats.record(endpoint, 0, client, keys, received)
             return Response(0, drop=True)
         except ApiError as error:
             response = error.response()
@@ -222,7 +241,15 @@ class SockudoApp:
             response = Response(
                 rejection.status, rejection.text.encode(), "text/plain; charset=utf-8"
             )
-        self.stats.record(endpoint, response.status, client)
+        retry_after = response.headers.get("Retry-After")
+        self.stats.record(
+            endpoint,
+            response.status,
+            client,
+            keys,
+            received,
+            int(retry_after) if retry_after is not None and retry_after.isdigit() else None,
+        )
         return response
 
     def _api(

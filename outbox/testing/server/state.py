@@ -72,15 +72,6 @@ class ExpiringCache:
         with self._lock:
             self._entries[key] = (value, self._clock.now() + ttl)
 
-    def remove_if(self, key: str, value: Any) -> None:
-        with self._lock:
-            if self._live(key) == value:
-                del self._entries[key]
-
-    def snapshot(self) -> dict[str, Any]:
-        with self._lock:
-            return {k: v for k in list(self._entries) if (v := self._live(k)) is not None}
-
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
@@ -244,10 +235,14 @@ class Faults:
 
 @dataclass(frozen=True)
 class RequestRecord:
-    time: float
+    time: float  # when it was answered
     endpoint: str
     status: int  # 0 = connection dropped without an answer
     client: str
+    #: The idempotency keys the request carried (one for /events, one per item of a batch).
+    keys: tuple[str, ...] = ()
+    received: float = 0.0
+    retry_after: int | None = None
 
 
 class Stats:
@@ -260,9 +255,21 @@ class Stats:
         self._by_both: Counter[tuple[str, int]] = Counter()
         self._lock = threading.Lock()
 
-    def record(self, endpoint: str, status: int, client: str) -> None:
+    def record(
+        self,
+        endpoint: str,
+        status: int,
+        client: str,
+        keys: tuple[str, ...] = (),
+        received: float | None = None,
+        retry_after: int | None = None,
+    ) -> None:
+        now = time.time()
+        record = RequestRecord(
+            now, endpoint, status, client, keys, now if received is None else received, retry_after
+        )
         with self._lock:
-            self._log.append(RequestRecord(time.time(), endpoint, status, client))
+            self._log.append(record)
             self._by_endpoint[endpoint] += 1
             self._by_status[status] += 1
             self._by_both[(endpoint, status)] += 1
