@@ -105,7 +105,7 @@ def _presigned(
 def cpu_figures(used: dict[str, float | None], events: int, seconds: float) -> dict[str, Any]:
     """``<group>_cpu_us_per_event`` for every measured group, and the other processes' cores."""
     figures: dict[str, Any] = {
-        f"{name}_cpu_us_per_event": (value / events * 1e6 if value is not None else None)
+        f"{name}_cpu_us_per_event": (value / events * 1e6 if value is not None and events else None)
         for name, value in used.items()
         if name != "other"
     }
@@ -257,7 +257,6 @@ def add_history(url: str, rows: int) -> float:
     return time.perf_counter() - started
 
 
-@dataclass
 def rss_kb(pid: int) -> int:
     """A process's resident memory (kB), 0 once it is gone."""
     try:
@@ -359,7 +358,7 @@ def drain(
                 break
             for p in procs:
                 if not p.alive:
-                    raise RuntimeError(f"worker exited early; see {p.log}")
+                    raise RuntimeError(f"worker exited early; see {p.log_path}")
             if time.monotonic() > deadline:
                 raise RuntimeError(
                     f"drain did not finish in {timeout:.0f} s ({published - already}/{events})"
