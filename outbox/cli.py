@@ -386,21 +386,34 @@ def _outbox(
     engine = create_engine(settings.database_url)
     try:
         if require_schema:
-            _require_schema(engine, settings)
+            _require_schema(engine, settings, upgrade_embedded=worker)
         yield settings, engine, outbox_table(settings.table_name)
     finally:
         engine.dispose()
 
 
-def _require_schema(engine: sa.Engine, settings: Settings) -> None:
+def _require_schema(
+    engine: sa.Engine, settings: Settings, *, upgrade_embedded: bool = False
+) -> None:
+    """Refuse a database whose schema is not the latest; ``upgrade_embedded`` (the worker)
+    upgrades an embedded one (SQLite) instead, see :func:`outbox.migrate.is_embedded`."""
     current = migrate.current_revision(engine)
     head = migrate.head_revision()
-    if current != head:
-        state = "has no outbox schema" if current is None else f"is at schema {current}"
-        raise CommandError(
-            f"{display_url(settings.database_url)} {state}, expected {head}: run `outbox migrate`",
-            EXIT_USAGE,
-        )
+    if current == head:
+        return
+    where = display_url(settings.database_url)
+    if upgrade_embedded and migrate.is_embedded(engine):
+        before, after = migrate.ensure_latest(engine, settings.table_name)
+        if before != after:
+            logging.getLogger("outbox.migrate").info(
+                "%s: schema upgraded %s -> %s", where, before or "empty", after
+            )
+        return
+    state = "has no outbox schema" if current is None else f"is at schema {current}"
+    only_embedded = " (the worker does it by itself on SQLite only)" if upgrade_embedded else ""
+    raise CommandError(
+        f"{where} {state}, expected {head}: run `outbox migrate`{only_embedded}", EXIT_USAGE
+    )
 
 
 def _split_ids(values: Sequence[str]) -> tuple[list[int], list[uuid.UUID]]:
