@@ -144,6 +144,24 @@ def test_payload_limit_is_inclusive_in_utf8_bytes():
         assert server.delivered_count() == 1
 
 
+def test_limits_change_while_running_in_process_and_remotely(sockudo_server_process):
+    big = event(data="x" * 2048)
+    with TestServer(max_payload_kb=1) as local:
+        for server in (local, sockudo_server_process):
+            assert server.set_limits(max_payload_kb=1)["max_payload_kb"] == 1
+            assert_error(post(server, EVENTS, big), 413, "payload_too_large")
+            limits = server.set_limits(max_payload_kb=4)
+            assert limits == {**server.limits(), "max_payload_kb": 4}
+            assert limits["max_batch_size"] == 100  # the others are untouched
+            assert post(server, EVENTS, big).status_code == 200
+            assert [d.data for d in server.deliveries()] == [big["data"]]
+            with pytest.raises((ValueError, httpx.HTTPStatusError)):
+                server.set_limits(max_payload=4)
+            with pytest.raises((ValueError, httpx.HTTPStatusError)):
+                server.set_limits(max_payload_kb=0)
+            assert server.limits()["max_payload_kb"] == 4
+
+
 def test_name_channel_and_count_limits(sockudo_server):
     assert post(sockudo_server, EVENTS, event(name="n" * 100)).status_code == 200
     assert_error(post(sockudo_server, EVENTS, event(name="n" * 101)), 400, "limit_exceeded")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -41,6 +42,8 @@ class ReceivedEvent:
     data: Any
     user_id: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    #: When the frame was read (``time.time()``), e.g. for delivery latency.
+    received_at: float = field(default_factory=time.time, repr=False, compare=False)
 
     def json(self) -> Any:
         """``data`` parsed as JSON (when the publisher sent JSON text)."""

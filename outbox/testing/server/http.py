@@ -350,6 +350,31 @@ class TestServer:
     def features(self) -> dict[str, bool]:
         return {name: getattr(self.config, name) for name in self.FEATURES}
 
+    # ----------------------------------------------------------------- limits
+    LIMITS = (
+        "max_batch_size",
+        "max_payload_kb",
+        "max_event_name_bytes",
+        "max_channel_name_bytes",
+        "max_channels_per_event",
+    )
+
+    def set_limits(self, **limits: int) -> dict[str, int]:
+        """Change the app's limits while running (``max_payload_kb=100``...); returns them all,
+        as an operator raising a limit in Sockudo's configuration and restarting it would."""
+        unknown = set(limits) - set(self.LIMITS)
+        if unknown:
+            raise ValueError(f"unknown limits: {sorted(unknown)}")
+        bad = {name: value for name, value in limits.items() if int(value) < 1}
+        if bad:
+            raise ValueError(f"limits must be at least 1: {bad}")
+        self.config = replace(self.config, **{k: int(v) for k, v in limits.items()})
+        self.app.config = self.config
+        return self.limits()
+
+    def limits(self) -> dict[str, int]:
+        return {name: getattr(self.config, name) for name in self.LIMITS}
+
     # ----------------------------------------------------------------- connections
     def connect(
         self, channels: Iterable[str], user_id: str | None = None, user_info: Any = None
@@ -487,6 +512,8 @@ class TestServer:
             return _json(self.faults())
         if route == "features" and method in ("GET", "POST"):
             return _json(self.set_features(**payload) if method == "POST" else self.features())
+        if route == "limits" and method in ("GET", "POST"):
+            return _json(self.set_limits(**payload) if method == "POST" else self.limits())
         if method == "GET" and route == "connections":
             return _json({"connections": self.connections()})
         if method == "POST" and route == "connections":

@@ -189,6 +189,12 @@ class RemoteTestServer:
     def features(self) -> dict[str, bool]:
         return self._get("features")
 
+    def set_limits(self, **limits: int) -> dict[str, int]:
+        return self._post("limits", limits)
+
+    def limits(self) -> dict[str, int]:
+        return self._get("limits")
+
     def connect(
         self, channels: Iterable[str], user_id: str | None = None, user_info: Any = None
     ) -> str:
