@@ -8,6 +8,7 @@ by someone else's migrations, and a schema from a newer release.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -59,10 +60,19 @@ def run(command: list[str], cwd: Path, **env: str) -> subprocess.CompletedProces
     )
 
 
+def quick_start_commands() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Quick start") :]
+    block = re.search(r"```bash\n(.*?)```", section, flags=re.S)
+    assert block is not None
+    return [line.split("#")[0].strip() for line in block[1].splitlines()]
+
+
 def test_python_worker_py_creates_the_default_database_and_then_publishes(
     tmp_path: Path, sockudo_server: TestServer
 ) -> None:
     """The README's quick start: no OUTBOX_DATABASE_URL, no `outbox migrate`."""
+    assert quick_start_commands() == ['pip install -e ".[dev]"', "python worker.py", "pytest"]
     worker = [sys.executable, str(REPO / "worker.py"), "--once"]
     first = run(worker, tmp_path, SOCKUDO_URL=sockudo_server.url)
     assert first.returncode == 0, first.stderr
