@@ -7,11 +7,13 @@ by someone else's migrations, and a schema from a newer release.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,20 +39,23 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(variable, raising=False)
 
 
-def revision(url: str) -> str | None:
+@contextlib.contextmanager
+def opened(url: str) -> Iterator[sa.Engine]:
     engine = create_engine(url)
     try:
-        return migrate.current_revision(engine)
+        yield engine
     finally:
         engine.dispose()
+
+
+def revision(url: str) -> str | None:
+    with opened(url) as engine:
+        return migrate.current_revision(engine)
 
 
 def table_names(url: str) -> set[str]:
-    engine = create_engine(url)
-    try:
+    with opened(url) as engine:
         return set(sa.inspect(engine).get_table_names())
-    finally:
-        engine.dispose()
 
 
 def run(command: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -93,11 +98,8 @@ def test_outbox_worker_upgrades_any_sqlite_database_from_an_older_revision(
 ) -> None:
     url = f"sqlite:///{tmp_path / 'elsewhere' / 'app.db'}"
     (tmp_path / "elsewhere").mkdir()
-    engine = create_engine(url)
-    try:
+    with opened(url) as engine:
         migrate.upgrade(engine, "0001")
-    finally:
-        engine.dispose()
     assert revision(url) == "0001" != HEAD
 
     code = main(["--database-url", url, "worker", "--once", "--sockudo-url", sockudo_server.url])
@@ -111,11 +113,8 @@ def test_the_worker_refuses_an_unmigrated_postgresql_database(
 ) -> None:
     url = make_database("postgresql", tmp_path, request)
     if start is not None:
-        engine = create_engine(url)
-        try:
+        with opened(url) as engine:
             migrate.upgrade(engine, start)
-        finally:
-            engine.dispose()
     before = table_names(url)
 
     done = run([str(OUTBOX), "worker", "--once"], tmp_path, OUTBOX_DATABASE_URL=url)
@@ -134,11 +133,8 @@ def test_the_worker_leaves_a_sqlite_table_made_by_other_migrations_alone(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     url = f"sqlite:///{tmp_path / 'app.db'}"
-    engine = create_engine(url)
-    try:
+    with opened(url) as engine:
         metadata_for(TABLE).create_all(engine)  # the app's own migrations made it
-    finally:
-        engine.dispose()
 
     assert main(["--database-url", url, "worker", "--once"]) == 2
     err = capsys.readouterr().err
@@ -150,13 +146,10 @@ def test_the_worker_refuses_a_sqlite_schema_from_a_newer_release(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     url = f"sqlite:///{tmp_path / 'outbox.db'}"
-    engine = create_engine(url)
-    try:
+    with opened(url) as engine:
         migrate.upgrade(engine)
         with engine.begin() as conn:
             conn.execute(sa.text(f"UPDATE {VERSION_TABLE} SET version_num = 'f00dfeed'"))
-    finally:
-        engine.dispose()
 
     assert main(["--database-url", url, "worker", "--once"]) == 2
     err = capsys.readouterr().err
