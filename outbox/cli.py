@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser(
         "demo",
-        help="see it work: commits, rollbacks, a refusal and its replay, live (about 15 s)",
+        help="see it work: commits, rollbacks, a refusal and its replay, live (about 10 s)",
         description="Run the whole path with nothing else running: its own SQLite database in a "
         "temporary folder, the bundled test server in this process (or the Sockudo at "
         "SOCKUDO_URL, watched by a WebSocket subscriber), a producer committing events in "

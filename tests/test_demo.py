@@ -260,6 +260,23 @@ def test_watching_another_sockudo_without_the_extra_says_what_to_install(
     assert "pip install 'sockudo-outbox[demo]'" in err and err.count("\n") == 1
 
 
+def test_a_sockudo_url_without_websockets_there_is_exit_2_in_one_line(
+    sockudo_server: TestServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from outbox.cli import main
+
+    monkeypatch.setenv("SOCKUDO_URL", sockudo_server.url)  # HTTP only: no WebSocket endpoint
+    assert main(["demo"]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith(
+        f"outbox: error: cannot subscribe at ws://127.0.0.1:{sockudo_server.port}"
+    )
+    assert err.count("\n") == 1 and "app-secret" not in out + err
+    assert "What it proved" not in out  # it stopped before claiming anything
+
+
 # -- the checks fail when something is wrong ---------------------------------------------------
 
 

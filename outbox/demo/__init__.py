@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from .proof import Claim, Facts, Refusal, Seen, Transaction, prove
-from .scenario import DemoUnavailable, Outcome, Script, run
+from .scenario import DemoUnavailable, Outcome, Script, View, run
 from .view import make_view
 
 __all__ = [
@@ -39,12 +39,12 @@ __all__ = [
 class _ToView(logging.Handler):
     """The worker's warnings and errors, as lines of the view (not raw on stderr under it)."""
 
-    def __init__(self, view: object) -> None:
+    def __init__(self, view: View) -> None:
         super().__init__(logging.WARNING)
         self.view = view
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.view.note(f"{record.name}: {record.getMessage()}")  # type: ignore[attr-defined]
+        self.view.note(f"{record.name}: {record.getMessage()}")
 
 
 def main(directory: Path | None = None) -> int:

@@ -166,7 +166,8 @@ class BundledServer:
         self.url = server.url
 
     def describe(self) -> str:
-        return f"the bundled test server (outbox.testing.server) on {self.server.base_url}, in this process"
+        where = self.server.base_url
+        return f"the bundled test server (outbox.testing.server) on {where}, in this process"
 
     def seen(self) -> list[Seen]:
         return [Seen(d.channel, d.data, d.time) for d in self.server.deliveries()]
@@ -182,7 +183,9 @@ class Subscriber:
 
     def __init__(self, settings: Settings) -> None:
         try:
-            from ..testing.pusher_ws import PusherSubscriber
+            from websockets.exceptions import WebSocketException
+
+            from ..testing.pusher_ws import PusherProtocolError, PusherSubscriber
         except ImportError:
             raise DemoUnavailable(
                 "watching the Sockudo at SOCKUDO_URL needs a WebSocket client: "
@@ -196,6 +199,7 @@ class Subscriber:
             "?protocol=7&client=outbox-demo&version=1"
         )
         self.subscriber = PusherSubscriber(self.ws_url)
+        self._failures = (OSError, TimeoutError, PusherProtocolError, WebSocketException)
 
     def describe(self) -> str:
         return (
@@ -204,11 +208,18 @@ class Subscriber:
         )
 
     async def start(self) -> None:
-        socket_id = await self.subscriber.connect()
-        await self.subscriber.subscribe(PLAIN_CHANNEL)
-        await self.subscriber.subscribe(
-            ENCRYPTED_CHANNEL, auth.authenticate(self.config, socket_id, ENCRYPTED_CHANNEL)
-        )
+        try:
+            socket_id = await self.subscriber.connect()
+            await self.subscriber.subscribe(PLAIN_CHANNEL)
+            await self.subscriber.subscribe(
+                ENCRYPTED_CHANNEL, auth.authenticate(self.config, socket_id, ENCRYPTED_CHANNEL)
+            )
+        except self._failures as exc:
+            await self.subscriber.close()
+            where = self.ws_url.partition("?")[0]
+            raise DemoUnavailable(
+                f"cannot subscribe at {where}: {exc or type(exc).__name__}"
+            ) from None
 
     async def stop(self) -> None:
         await self.subscriber.close()
