@@ -4,8 +4,8 @@
 also proves the sdist holds everything the package needs. The wheel goes into a fresh virtualenv
 (dependencies from the package index, through pip's cache) and, with a working directory outside
 the repository so nothing is imported from here, the installed copy must: answer ``outbox
---help``, create the schema with ``outbox migrate`` from the migrations it ships, and run the
-test server, which must accept a signed publish.
+--help``, create the schema with ``outbox migrate`` from the migrations it ships, run the
+test server, which must accept a signed publish, and run ``outbox demo`` without its extra.
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ def test_one_version_number(dist: Dist, installed: Installed) -> None:
 
 def test_outbox_help(installed: Installed) -> None:
     shown = run([str(installed.bin / "outbox"), "--help"], cwd=installed.workdir).stdout
-    for command in ("migrate", "worker", "status", "replay", "enqueue"):
+    for command in ("migrate", "worker", "status", "replay", "enqueue", "demo"):
         assert command in shown, shown
 
 
@@ -227,6 +227,21 @@ def test_the_installed_test_server_starts_and_accepts_a_signed_publish(
     finally:
         process.stop()
     assert process.process is not None and process.process.returncode == 0
+
+
+def test_outbox_demo_runs_on_the_core_install_in_plain_lines(installed: Installed) -> None:
+    """Without the demo extra (no rich, no websockets) the demo runs on the bundled server."""
+    found = run(
+        [
+            str(installed.python),
+            "-c",
+            "import importlib.util as u; print(u.find_spec('rich'), u.find_spec('websockets'))",
+        ],
+        cwd=installed.workdir,
+    ).stdout
+    assert found.split() == ["None", "None"], found
+    shown = run([str(installed.bin / "outbox"), "demo"], cwd=installed.workdir).stdout
+    assert shown.count("  proved: ") == 5 and "NOT PROVED" not in shown, shown
 
 
 def dockerfile_copies() -> list[tuple[list[str], str]]:
