@@ -127,6 +127,11 @@ def installed(dist: Dist, tmp_path_factory: pytest.TempPathFactory) -> Installed
     return Installed(python, venv / "bin", workdir)
 
 
+def python_says(installed: Installed, code: str) -> str:
+    """What ``code`` prints when the installed copy's Python runs it."""
+    return run([str(installed.python), "-c", code], cwd=installed.workdir).stdout
+
+
 def source_modules() -> set[str]:
     """Every file the wheel must carry, as wheel paths (migrations/ ships as outbox/_migrations)."""
     expected = {"outbox/py.typed", "outbox/_migrations/script.py.mako"}
@@ -203,14 +208,7 @@ def test_outbox_migrate_uses_the_shipped_migrations(installed: Installed) -> Non
         [(revision,)] = conn.execute(f"SELECT version_num FROM {VERSION_TABLE}").fetchall()
     assert "outbox_events" in tables
     assert revision == migrate.head_revision()
-    shown = run(
-        [
-            str(installed.python),
-            "-c",
-            "from outbox.migrate import migrations_path; print(migrations_path())",
-        ],
-        cwd=installed.workdir,
-    ).stdout
+    shown = python_says(installed, "from outbox.migrate import migrations_path as p; print(p())")
     assert Path(shown.strip()).is_relative_to(installed.python.parent.parent), shown
 
 
@@ -231,14 +229,10 @@ def test_the_installed_test_server_starts_and_accepts_a_signed_publish(
 
 def test_outbox_demo_runs_on_the_core_install_in_plain_lines(installed: Installed) -> None:
     """Without the demo extra (no rich, no websockets) the demo runs on the bundled server."""
-    found = run(
-        [
-            str(installed.python),
-            "-c",
-            "import importlib.util as u; print(u.find_spec('rich'), u.find_spec('websockets'))",
-        ],
-        cwd=installed.workdir,
-    ).stdout
+    found = python_says(
+        installed,
+        "import importlib.util as u; print(u.find_spec('rich'), u.find_spec('websockets'))",
+    )
     assert found.split() == ["None", "None"], found
     shown = run([str(installed.bin / "outbox"), "demo"], cwd=installed.workdir).stdout
     assert shown.count("  proved: ") == 5 and "NOT PROVED" not in shown, shown
