@@ -218,6 +218,7 @@ def test_security_headers():
     assert "script-src 'self'" in CONTENT_SECURITY_POLICY
     assert "frame-ancestors 'none'" in CONTENT_SECURITY_POLICY
     assert page["x-frame-options"] == "DENY" and page["cache-control"] == "no-store"
+    assert page["referrer-policy"] == "same-origin"  # no-referrer makes Chrome send Origin: null
     assert static["cache-control"] == "no-cache"
 
 

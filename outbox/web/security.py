@@ -256,7 +256,9 @@ def security_headers(static: bool) -> dict[str, str]:
         "content-security-policy": CONTENT_SECURITY_POLICY,
         "x-frame-options": "DENY",
         "x-content-type-options": "nosniff",
-        "referrer-policy": "no-referrer",
+        # Not no-referrer: with it Chrome sends "Origin: null" on our own form posts, which
+        # same_origin() must refuse. same-origin still sends nothing to another site.
+        "referrer-policy": "same-origin",
         "cross-origin-opener-policy": "same-origin",
         "cross-origin-resource-policy": "same-origin",
         "cache-control": "no-cache" if static else "no-store",
