@@ -14,6 +14,7 @@ import uuid
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
 from outbox.cli import main
 from outbox.settings import ENVIRONMENT
@@ -338,6 +339,21 @@ def test_no_page_shows_the_sockudo_secret_the_master_key_or_an_encrypted_payload
             assert hidden not in page.text, (page.url, hidden)
     for hidden in (secret, master_key, plaintext):
         assert hidden not in served.process.log
+
+
+@sqlite_only
+def test_a_database_error_is_a_503_page_not_a_traceback(database_url, engine, serve_dashboard):
+    served = serve_dashboard(database_url)
+    with served.client() as client:
+        assert client.get("/api/summary").status_code == 200
+        with engine.begin() as conn:
+            conn.execute(sa.text("DROP TABLE outbox_events"))
+        page, data = client.get("/"), client.get("/api/summary")
+    assert page.status_code == 503 and "the database did not answer" in page.text
+    assert page.headers["cache-control"] == "no-store" and "Traceback" not in page.text
+    assert data.status_code == 503 and "error" in data.json()
+    log = served.process.log
+    assert "database error: no such table: outbox_events" in log and "Traceback" not in log
 
 
 @sqlite_only

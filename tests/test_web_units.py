@@ -4,6 +4,7 @@ and what the pages show and the forms mean (outbox.web.views)."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as dt
 import re
 import uuid
@@ -276,7 +277,9 @@ def test_a_replay_request_from_a_form():
 
 
 def record(**values: object) -> EventRecord:
-    base: dict[str, object] = {
+    """A pending row that never failed, with ``values`` changed."""
+    nothing_yet = {f.name: None for f in dataclasses.fields(EventRecord)}
+    pending = {
         "id": 1,
         "event_id": uuid.UUID(int=1),
         "idempotency_key": "k",
@@ -288,23 +291,10 @@ def record(**values: object) -> EventRecord:
         "created_at": T0,
         "queued_at": T0,
         "next_attempt_at": T0,
-        "lease_expires_at": None,
-        "published_at": None,
-        "acknowledgement_id": None,
-        "message_serial": None,
-        "history_serial": None,
-        "last_error_status": None,
-        "last_error_code": None,
-        "last_error_message": None,
-        "last_error_at": None,
-        "socket_id": None,
-        "info": None,
-        "tags": None,
-        "extras": None,
         "encrypted": False,
         "data": '{"n":1}',
     }
-    return EventRecord(**{**base, **values})  # type: ignore[arg-type]
+    return EventRecord(**{**nothing_yet, **pending, **values})  # type: ignore[arg-type]
 
 
 def minutes(n: float) -> dt.datetime:

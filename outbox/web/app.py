@@ -119,11 +119,24 @@ def create_app(engine: sa.Engine, table: sa.Table, options: WebOptions, database
             request, "message.html", exc.status_code, title="Refused", message=exc.detail
         )
 
+    async def unavailable(request: Request, exc: Exception) -> Response:
+        # One line for the log (no SQL parameters); the page says only what the operator can act on.
+        log.error("database error: %s", _first_line(exc))
+        message = "the database did not answer as expected; see the dashboard's log"
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": message}, 503)
+        return dash.page(request, "message.html", 503, title="Database error", message=message)
+
     return Starlette(
         routes=routes,
         middleware=[Middleware(Guard, dashboard=dash)],
-        exception_handlers={HTTPException: refused},
+        exception_handlers={HTTPException: refused, sa.exc.SQLAlchemyError: unavailable},
     )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
 
 
 def _bind(
@@ -153,7 +166,7 @@ class Guard(BaseHTTPMiddleware):
             sessions = self.dash.sessions
             session = sessions.read(request.cookies.get(SESSION_COOKIE))
             cookie = None
-            if session is None and not static:
+            if session is None and not static and request.url.path != "/healthz":
                 session, cookie = sessions.issue(authenticated=False)
             request.state.session = session
             if static or request.url.path in OPEN_PATHS or _authorized(self.dash, request, session):
