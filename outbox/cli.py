@@ -375,9 +375,7 @@ def cmd_web(args: argparse.Namespace) -> int:
     engine = create_engine(settings.database_url)
     _require_schema(engine, settings)
     try:
-        web.serve(
-            engine, outbox_table(settings.table_name), options, display_url(settings.database_url)
-        )
+        web.serve(engine, outbox_table(settings.table_name), options)
     finally:
         engine.dispose()
     return EXIT_OK

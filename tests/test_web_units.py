@@ -10,6 +10,7 @@ import re
 import uuid
 
 import pytest
+import sqlalchemy as sa
 
 from outbox import admin
 from outbox.admin import EventRecord, ReplayFilter, StatusReport, ThroughputBucket
@@ -299,6 +300,21 @@ def record(**values: object) -> EventRecord:
 
 def minutes(n: float) -> dt.datetime:
     return T0 + dt.timedelta(minutes=n)
+
+
+def test_the_database_label_shows_no_password():
+    for url, label in (
+        (
+            "postgresql+psycopg://ops:hunter2@db:5432/outbox",
+            "postgresql+psycopg://ops:***@db:5432/outbox",
+        ),
+        (
+            "postgresql+psycopg://ops@db/outbox?password=hunter2&sslmode=require",
+            "postgresql+psycopg://ops@db/outbox",
+        ),
+        ("sqlite:////var/lib/outbox.db", "sqlite:////var/lib/outbox.db"),
+    ):
+        assert views.database_label(sa.make_url(url)) == label
 
 
 def test_age_when_and_error_text():

@@ -15,17 +15,18 @@ import sqlalchemy as sa
 
 from .app import create_app
 from .security import Credentials, WebConfigError, WebOptions
+from .views import database_label
 
 __all__ = ["Credentials", "WebConfigError", "WebOptions", "create_app", "serve"]
 
 log = logging.getLogger("outbox.web")
 
 
-def serve(engine: sa.Engine, table: sa.Table, options: WebOptions, database: str) -> None:
-    """Serve the dashboard until SIGINT or SIGTERM. ``database`` names it, without a password."""
+def serve(engine: sa.Engine, table: sa.Table, options: WebOptions) -> None:
+    """Serve the dashboard of ``table`` until SIGINT or SIGTERM."""
     import uvicorn
 
-    app = create_app(engine, table, options, database)
+    app = create_app(engine, table, options)
     config = uvicorn.Config(
         app,
         host=options.host,
@@ -38,7 +39,7 @@ def serve(engine: sa.Engine, table: sa.Table, options: WebOptions, database: str
     )
     log.info(
         "dashboard for %s on http://%s:%d (%s; credentials: %s)",
-        database,
+        database_label(engine.url),
         options.host,
         options.port,
         "write access" if options.write else "read-only",

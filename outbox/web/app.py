@@ -91,8 +91,8 @@ class Dashboard:
         return HTMLResponse(html, status_code)
 
 
-def create_app(engine: sa.Engine, table: sa.Table, options: WebOptions, database: str) -> Starlette:
-    """The dashboard for one outbox table. ``database`` is how the page names it (no password)."""
+def create_app(engine: sa.Engine, table: sa.Table, options: WebOptions) -> Starlette:
+    """The dashboard for one outbox table."""
     templates = jinja2.Environment(
         loader=jinja2.FileSystemLoader(HERE / "templates"),
         autoescape=True,  # every template, whatever its name: events write attacker-controlled text
@@ -100,6 +100,7 @@ def create_app(engine: sa.Engine, table: sa.Table, options: WebOptions, database
     )
     templates.filters.update(when=views.when, age=views.age, error_text=views.error_text)
     templates.globals.update(payload=views.payload, timeline=views.timeline)
+    database = views.database_label(engine.url)
     dash = Dashboard(engine, table, options, database, Sessions(), templates)
     routes = [
         Route("/", _bind(dash, dashboard)),

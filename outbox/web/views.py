@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import sqlalchemy as sa
+
 from .. import admin
 from ..admin import EventRecord, ReplayFilter, StatusReport, ThroughputBucket
 
@@ -144,6 +146,12 @@ class ReplayRequest:
 
 
 # -- formatting ---------------------------------------------------------------------------------
+
+
+def database_label(url: sa.URL) -> str:
+    """How the page names the database: no password, and no query string (where a driver may
+    take one too, ``?password=...``)."""
+    return url.set(query={}).render_as_string(hide_password=True)
 
 
 def when(moment: dt.datetime | None) -> str:
