@@ -359,10 +359,11 @@ def cmd_web(args: argparse.Namespace) -> int:
     try:
         from . import web
     except ModuleNotFoundError as exc:
-        if exc.name not in ("starlette", "uvicorn", "jinja2"):
+        missing = (exc.name or "").partition(".")[0]
+        if missing not in ("starlette", "uvicorn", "jinja2"):
             raise
         raise CommandError(
-            f"outbox web needs the web extra ({exc.name} is missing): "
+            f"outbox web needs the web extra ({missing} is missing): "
             "pip install 'sockudo-outbox[web]'",
             EXIT_USAGE,
         ) from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import re
+import sys
 import uuid
 
 import httpx
@@ -60,6 +61,28 @@ def test_refuses_to_start_beyond_loopback_without_credentials(
     code = main(["--database-url", database_url, "web", "--host", host])
     err = capsys.readouterr().err
     assert code == 2 and "user:password" in err and "ops-only" not in err
+
+
+@sqlite_only
+def test_without_the_web_extra_the_command_says_how_to_get_it(database_url, capsys, monkeypatch):
+    import outbox
+
+    for name in [m for m in sys.modules if m == "outbox.web" or m.startswith("outbox.web.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.delattr(outbox, "web", raising=False)
+    # As if not installed: None in sys.modules makes an import fail. uvicorn too, so that a
+    # regression fails this test (exit 1) instead of serving forever.
+    for name in [m for m in sys.modules if m.split(".")[0] in ("starlette", "uvicorn")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "starlette", None)
+    monkeypatch.setitem(sys.modules, "uvicorn", None)
+    code = main(["--database-url", database_url, "web"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err == (
+        "outbox: error: outbox web needs the web extra (starlette is missing): "
+        "pip install 'sockudo-outbox[web]'\n"
+    )
 
 
 # -- credentials --------------------------------------------------------------------------------
