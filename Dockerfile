@@ -9,7 +9,8 @@ WORKDIR /app
 COPY pyproject.toml README.md LICENSE alembic.ini worker.py ./
 COPY outbox ./outbox
 COPY migrations ./migrations
-RUN pip install . && useradd --system --uid 10001 outbox
+# With the web extra: the compose stack's dashboard service runs `outbox web` on this image.
+RUN pip install ".[web]" && useradd --system --uid 10001 outbox
 USER outbox
 
 # SIGTERM drains in-flight batches and exits 0 (see README); give it the shutdown timeout.

@@ -1,6 +1,8 @@
-"""Operator queries: what is in the outbox (``status``) and putting events back in line (``replay``).
+"""Operator queries: what is in the outbox (``status``), putting events back in line (``replay``),
+and what the dashboard reads (``throughput``, ``find_events``, ``dead_events``).
 
 Portable SQLAlchemy Core: nothing here is on the hot path, so no dialect-specific SQL is needed.
+Every read the CLI and the dashboard make goes through these functions and their dataclasses.
 """
 
 from __future__ import annotations
@@ -9,13 +11,14 @@ import contextlib
 import datetime as dt
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import sqlalchemy as sa
 
 from .dialects import dialect_for
 from .schema import Status, utc_now
+from .sockudo.crypto import ENCRYPTED_PREFIX
 
 #: How a replayed event is identified to the server (see :func:`replay`).
 KEY_FRESH = "fresh"
@@ -121,6 +124,26 @@ _REPLAY_COLUMNS = (
 )
 
 
+def _matching(
+    table: sa.Table,
+    selection: ReplayFilter,
+    columns: Sequence[sa.ColumnElement[Any]],
+    limit: int | None = None,
+    after_id: int = 0,
+) -> sa.Select[Any]:
+    """``columns`` of the rows ``selection`` matches above ``after_id``, oldest first, at most
+    ``limit`` and ``selection.limit`` of them."""
+    query = (
+        sa.select(*columns)
+        .where(*selection.where(table), table.c.id > after_id)
+        .order_by(table.c.id)
+    )
+    bound = [n for n in (limit, selection.limit) if n is not None]
+    if bound:
+        query = query.limit(min(bound))
+    return query
+
+
 def count_for_replay(conn: sa.Connection, table: sa.Table, selection: ReplayFilter) -> int:
     """How many rows ``selection`` matches (``limit`` included), without loading them."""
     matching = sa.select(table.c.id).where(*selection.where(table))
@@ -137,15 +160,8 @@ def select_for_replay(
     after_id: int = 0,
 ) -> list[dict[str, Any]]:
     """The selected rows with an id above ``after_id``, oldest first, at most ``limit`` of them."""
-    t = table
-    query = (
-        sa.select(*(t.c[name] for name in _REPLAY_COLUMNS))
-        .where(*selection.where(t), t.c.id > after_id)
-        .order_by(t.c.id)
-    )
-    bound = [n for n in (limit, selection.limit) if n is not None]
-    if bound:
-        query = query.limit(min(bound))
+    columns = [table.c[name] for name in _REPLAY_COLUMNS]
+    query = _matching(table, selection, columns, limit, after_id)
     return [_jsonable(dict(r._mapping)) for r in conn.execute(query)]
 
 
@@ -212,11 +228,7 @@ def _replay_pages(
 def _page_ids(
     conn: sa.Connection, table: sa.Table, selection: ReplayFilter, size: int, after_id: int
 ) -> list[int]:
-    t = table
-    query = (
-        sa.select(t.c.id).where(*selection.where(t), t.c.id > after_id).order_by(t.c.id).limit(size)
-    )
-    return list(conn.execute(query).scalars())
+    return list(conn.execute(_matching(table, selection, [table.c.id], size, after_id)).scalars())
 
 
 def _replay_ids(
@@ -224,6 +236,173 @@ def _replay_ids(
 ) -> int:
     new_keys = None if key == KEY_KEEP else [str(uuid.uuid4()) for _ in ids]
     return dialect_for(conn).replay(conn, table, ids, selection.statuses, new_keys)
+
+
+# -- what the dashboard reads --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    """One row as an operator reads it: where the event is in its life, and why.
+
+    ``data`` is the payload as stored, except on encrypted channels: their rows hold the plaintext
+    until it is sealed at send time, so it is never read out of the table (``data`` is None and
+    ``encrypted`` True).
+    """
+
+    id: int
+    event_id: uuid.UUID
+    idempotency_key: str
+    channel: str
+    event: str
+    status: str
+    #: Times the row was claimed to be sent.
+    attempts: int
+    #: Failed attempts charged to the event (its budget).
+    failures: int
+    created_at: dt.datetime
+    #: When it last entered the queue: enqueue, or a replay.
+    queued_at: dt.datetime
+    next_attempt_at: dt.datetime
+    lease_expires_at: dt.datetime | None
+    published_at: dt.datetime | None
+    acknowledgement_id: str | None
+    message_serial: str | None
+    history_serial: str | None
+    last_error_status: int | None
+    last_error_code: str | None
+    last_error_message: str | None
+    last_error_at: dt.datetime | None
+    socket_id: str | None
+    info: str | None
+    tags: str | None
+    extras: str | None
+    encrypted: bool
+    data: str | None
+
+
+_STORED_FIELDS = [f.name for f in fields(EventRecord) if f.name not in ("encrypted", "data")]
+
+
+def _record_columns(table: sa.Table) -> list[sa.ColumnElement[Any]]:
+    t = table
+    # substr, not LIKE: SQLite's LIKE ignores case, and the prefix is case-sensitive.
+    encrypted = sa.func.substr(t.c.channel, 1, len(ENCRYPTED_PREFIX)) == ENCRYPTED_PREFIX
+    return [
+        *(t.c[name] for name in _STORED_FIELDS),
+        encrypted.label("encrypted"),
+        sa.case((encrypted, sa.null()), else_=t.c.data).label("data"),
+    ]
+
+
+def _records(conn: sa.Connection, query: sa.Select[Any]) -> list[EventRecord]:
+    return [
+        EventRecord(**{**r._mapping, "encrypted": bool(r.encrypted)}) for r in conn.execute(query)
+    ]
+
+
+#: Largest row id a search text is compared with (a BIGINT).
+_MAX_ROW_ID = 2**63 - 1
+
+
+def find_events(
+    conn: sa.Connection, table: sa.Table, text: str, limit: int = 50
+) -> list[EventRecord]:
+    """The rows whose event id, idempotency key, channel or row id is exactly ``text``, newest
+    first, at most ``limit``: an event's whole life (all its channels' rows), or a channel's."""
+    text = text.strip()
+    if not text:
+        return []
+    t = table
+    matches = [t.c.idempotency_key == text, t.c.channel == text]
+    with contextlib.suppress(ValueError):
+        matches.append(t.c.event_id == uuid.UUID(text))
+    if text.isascii() and text.isdigit() and int(text) <= _MAX_ROW_ID:
+        matches.append(t.c.id == int(text))
+    query = sa.select(*_record_columns(t)).where(sa.or_(*matches)).order_by(t.c.id.desc())
+    return _records(conn, query.limit(limit))
+
+
+def dead_events(
+    conn: sa.Connection,
+    table: sa.Table,
+    selection: ReplayFilter = ReplayFilter(),
+    limit: int = 50,
+    after_id: int = 0,
+) -> list[EventRecord]:
+    """The rows ``selection`` matches (dead ones unless it names other statuses) with an id above
+    ``after_id``, oldest first, at most ``limit``: the page a replay of ``selection`` starts with.
+    """
+    return _records(conn, _matching(table, selection, _record_columns(table), limit, after_id))
+
+
+@dataclass(frozen=True)
+class ThroughputBucket:
+    """What happened to events in ``[start, start + bucket_seconds)``."""
+
+    start: dt.datetime
+    published: int
+    retried: int
+    dead: int
+
+
+def throughput(
+    conn: sa.Connection,
+    table: sa.Table,
+    since: dt.datetime,
+    bucket_seconds: int,
+    until: dt.datetime | None = None,
+) -> list[ThroughputBucket]:
+    """Published, retried and dead events per ``bucket_seconds`` from ``since`` to ``until`` (now).
+
+    ``published`` counts rows by ``published_at``. The table keeps only each row's **last** error
+    time, so the other two are approximations read from it: ``dead`` counts dead rows by their
+    last error (the failure that made them dead), and ``retried`` counts every other row whose
+    last error falls in the bucket, once, however many times it failed before (and a replay
+    clears a row's errors). Rows deleted by retention are not counted. The last bucket ends at
+    ``until`` and may be shorter than the others.
+    """
+    if bucket_seconds <= 0:
+        raise ValueError(f"bucket_seconds must be positive, got {bucket_seconds}")
+    until = dt.datetime.now(dt.UTC) if until is None else until
+    step = dt.timedelta(seconds=bucket_seconds)
+    count = max(1, -(-(until - since) // step))
+    starts = [since + i * step for i in range(count)]
+    t = table
+    published = _per_bucket(
+        conn, t.c.published_at, starts, until, t.c.status == Status.PUBLISHED.value
+    )
+    dead_rows = t.c.status == Status.DEAD.value
+    dead = _per_bucket(conn, t.c.last_error_at, starts, until, dead_rows)
+    retried = _per_bucket(conn, t.c.last_error_at, starts, until, sa.not_(dead_rows))
+    return [
+        ThroughputBucket(start, published[i], retried[i], dead[i]) for i, start in enumerate(starts)
+    ]
+
+
+def _per_bucket(
+    conn: sa.Connection,
+    column: sa.ColumnElement[dt.datetime],
+    starts: list[dt.datetime],
+    until: dt.datetime,
+    where: sa.ColumnElement[bool],
+) -> list[int]:
+    """Rows matching ``where`` counted by the bucket ``column`` falls in (one scan, portable)."""
+    # The bucket number as a CASE over the bucket edges: no dialect's date arithmetic needed.
+    last = len(starts) - 1
+    edges = [(column < start, i) for i, start in enumerate(starts[1:])]
+    index = sa.case(*edges, else_=last) if edges else sa.literal(last)
+    inner = (
+        sa.select(index.label("bucket"))
+        .where(where, column >= starts[0], column < until)
+        .subquery()
+    )
+    counts = [0] * len(starts)
+    for bucket, n in conn.execute(
+        sa.select(inner.c.bucket, sa.func.count()).group_by(inner.c.bucket)
+    ):
+        counts[int(bucket)] = int(n)
+    return counts
 
 
 # -- leases -------------------------------------------------------------------------------------

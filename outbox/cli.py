@@ -172,6 +172,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int, default=20, help="leases to list (default 20)")
     p.set_defaults(handler=cmd_leases)
 
+    p = commands.add_parser(
+        "web",
+        help="serve the operator's dashboard (needs the web extra)",
+        description="Serve a dashboard for the outbox database: counts, a live chart of the last "
+        "hour, the dead events and a search. Read-only unless --write. Bound to 127.0.0.1 by "
+        "default; any other address needs OUTBOX_WEB_TOKEN or OUTBOX_WEB_BASIC_AUTH=user:password "
+        "(environment only). Reads no SOCKUDO_* setting.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8025, help="port (default 8025)")
+    p.add_argument("--write", action="store_true", help="allow replays from the page")
+    p.add_argument(
+        "--refresh", type=float, default=5.0, help="seconds between live updates (default 5)"
+    )
+    p.set_defaults(handler=cmd_web)
+
     commands.add_parser("bench", help="the benchmark harness (see `outbox bench --help`)")
 
     p = commands.add_parser("enqueue", help="write one event (operators, smoke tests)")
@@ -338,6 +354,28 @@ def cmd_leases(args: argparse.Namespace) -> int:
         print(f"  ... and {total - len(listed)} more")
     if expired:
         print("release them with: outbox leases --release-expired")
+    return EXIT_OK
+
+
+def cmd_web(args: argparse.Namespace) -> int:
+    try:
+        from . import web
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").partition(".")[0]
+        if missing not in ("starlette", "uvicorn", "jinja2"):
+            raise
+        raise CommandError(
+            f"outbox web needs the web extra ({missing} is missing): "
+            "pip install 'sockudo-outbox[web]'",
+            EXIT_USAGE,
+        ) from None
+    # Credentials from the environment, and only the database settings beside them: the page
+    # has no business with the Sockudo secret or the encryption key, so they are never read.
+    options = web.WebOptions.from_env(
+        os.environ, host=args.host, port=args.port, write=args.write, refresh_seconds=args.refresh
+    )
+    with _outbox(args) as (_settings, engine, table):
+        web.serve(engine, table, options)
     return EXIT_OK
 
 

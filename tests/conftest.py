@@ -7,6 +7,7 @@ pytest_plugins = [
     "tests.plugins.databases",
     "tests.plugins.processes",
     "tests.plugins.browser",
+    "tests.plugins.dashboard",
     # Runs pytest inside a test, to prove what a plugin's fixture does to the tests that use it.
     "pytester",
 ]

@@ -31,7 +31,14 @@ def compose() -> dict[str, Any]:
 def test_compose_v1_compatible(compose):
     assert "name" not in compose, "a top-level name: breaks Compose v1"
     assert str(compose["version"]).startswith("2.")
-    assert set(compose["services"]) == {"postgres", "redis", "sockudo", "migrate", "worker"}
+    assert set(compose["services"]) == {
+        "postgres",
+        "redis",
+        "sockudo",
+        "migrate",
+        "worker",
+        "web",
+    }
 
 
 def test_sockudo_app_matches_the_worker_default(compose):
@@ -101,6 +108,27 @@ def test_start_order_and_healthchecks(compose):
     assert services["migrate"]["command"] == ["outbox", "migrate"]
     assert services["worker"]["build"] == "."
     assert (ROOT / "Dockerfile").is_file()
+
+
+def test_the_dashboard_service_needs_a_token_and_sees_only_the_database(compose):
+    web = compose["services"]["web"]
+    assert web["build"] == "." and web["profiles"] == ["web"]
+    command = web["command"]
+    assert command[:2] == ["outbox", "web"] and "--write" not in command  # read-only
+    # Listening on every address inside the network: a token is required (from the environment).
+    assert command[command.index("--host") + 1] == "0.0.0.0"
+    env = web["environment"]
+    assert set(env) == {"OUTBOX_DATABASE_URL", "OUTBOX_WEB_TOKEN"}  # no SOCKUDO_* at all
+    assert (
+        env["OUTBOX_DATABASE_URL"]
+        == compose["services"]["worker"]["environment"]["OUTBOX_DATABASE_URL"]
+    )
+    assert env["OUTBOX_WEB_TOKEN"].startswith("${OUTBOX_WEB_TOKEN")
+    port = command[command.index("--port") + 1]
+    assert web["ports"] == [f"127.0.0.1:{port}:{port}"]  # the host's loopback only
+    assert web["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert f"127.0.0.1:{port}/healthz" in " ".join(web["healthcheck"]["test"])
+    assert 'pip install ".[web]"' in (ROOT / "Dockerfile").read_text()
 
 
 def test_docker_compose_config_validates():

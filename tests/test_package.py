@@ -139,6 +139,10 @@ def source_modules() -> set[str]:
         expected.add(path.relative_to(REPO).as_posix())
     for path in (REPO / "migrations").rglob("*.py"):
         expected.add("outbox/_migrations/" + path.relative_to(REPO / "migrations").as_posix())
+    # The dashboard's pages and its script and style (package data in pyproject.toml).
+    for folder in ("templates", "static"):
+        for path in (REPO / "outbox" / "web" / folder).iterdir():
+            expected.add(path.relative_to(REPO).as_posix())
     return expected
 
 
@@ -188,7 +192,7 @@ def test_one_version_number(dist: Dist, installed: Installed) -> None:
 
 def test_outbox_help(installed: Installed) -> None:
     shown = run([str(installed.bin / "outbox"), "--help"], cwd=installed.workdir).stdout
-    for command in ("migrate", "worker", "status", "replay", "enqueue", "demo"):
+    for command in ("migrate", "worker", "status", "replay", "enqueue", "demo", "web"):
         assert command in shown, shown
 
 

@@ -1,0 +1,383 @@
+"""The dashboard's ASGI app (Starlette): pages rendered on the server, one static script for the
+live chart, every read and the replay through :mod:`outbox.admin`.
+
+Read-only unless built with ``write=True``. Every answer carries the security headers; every
+request passes :class:`Guard` (Host, credentials, session); every POST is checked for its origin
+and CSRF token before anything else reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import parse_qs
+
+import jinja2
+import sqlalchemy as sa
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.requests import Request
+from starlette.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+)
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from .. import __version__, admin
+from . import views
+from .security import (
+    SESSION_COOKIE,
+    Session,
+    Sessions,
+    WebOptions,
+    host_allowed,
+    same_origin,
+    security_headers,
+)
+
+log = logging.getLogger("outbox.web")
+HERE = Path(__file__).resolve().parent
+#: Paths served to anyone: the login form, the health check and the static files (no data).
+OPEN_PATHS = ("/login", "/healthz")
+#: Largest form body accepted (a page of ticked ids is a few kilobytes).
+MAX_FORM_BYTES = 64 * 1024
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class Dashboard:
+    """What the routes share: the database, the options and the session keys."""
+
+    engine: sa.Engine
+    table: sa.Table
+    options: WebOptions
+    database: str
+    sessions: Sessions
+    templates: jinja2.Environment
+
+    async def read(self, query: Callable[..., T], *args: Any) -> T:
+        """Run ``admin.<query>(conn, table, *args)`` on a connection, off the event loop."""
+
+        def run() -> T:
+            with self.engine.connect() as conn:
+                return query(conn, self.table, *args)
+
+        return await run_in_threadpool(run)
+
+    def page(
+        self, request: Request, template: str, status_code: int = 200, **context: Any
+    ) -> HTMLResponse:
+        session: Session | None = request.state.session
+        html = self.templates.get_template(template).render(
+            write=self.options.write,
+            database=self.database,
+            refresh_ms=int(self.options.refresh_seconds * 1000),
+            csrf=self.sessions.csrf_token(session) if session else "",
+            logged_in=bool(session and session.authenticated),
+            version=__version__,
+            **context,
+        )
+        return HTMLResponse(html, status_code)
+
+
+def create_app(engine: sa.Engine, table: sa.Table, options: WebOptions) -> Starlette:
+    """The dashboard for one outbox table."""
+    templates = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(HERE / "templates"),
+        autoescape=True,  # every template, whatever its name: events write attacker-controlled text
+        undefined=jinja2.StrictUndefined,
+    )
+    templates.filters.update(when=views.when, age=views.age, error_text=views.error_text)
+    templates.globals.update(payload=views.payload, timeline=views.timeline)
+    database = views.database_label(engine.url)
+    dash = Dashboard(engine, table, options, database, Sessions(), templates)
+    routes = [
+        Route("/", _bind(dash, dashboard)),
+        Route("/api/summary", _bind(dash, summary)),
+        Route("/search", _bind(dash, search)),
+        Route("/replay/preview", _bind(dash, replay_preview), methods=["POST"]),
+        Route("/replay", _bind(dash, replay), methods=["POST"]),
+        Route("/login", _bind(dash, login), methods=["GET", "POST"]),
+        Route("/logout", _bind(dash, logout), methods=["POST"]),
+        Route("/healthz", healthz),
+        Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+    ]
+
+    async def refused(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return dash.page(
+            request, "message.html", exc.status_code, title="Refused", message=exc.detail
+        )
+
+    async def unavailable(request: Request, exc: Exception) -> Response:
+        # One line for the log (no SQL parameters); the page says only what the operator can act on.
+        log.error("database error: %s", _first_line(exc))
+        message = "the database did not answer as expected; see the dashboard's log"
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": message}, 503)
+        return dash.page(request, "message.html", 503, title="Database error", message=message)
+
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(Guard, dashboard=dash)],
+        exception_handlers={HTTPException: refused, sa.exc.SQLAlchemyError: unavailable},
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+def _bind(
+    dash: Dashboard, endpoint: Callable[[Dashboard, Request], Any]
+) -> Callable[[Request], Any]:
+    async def bound(request: Request) -> Response:
+        return await endpoint(dash, request)
+
+    return bound
+
+
+class Guard(BaseHTTPMiddleware):
+    """Host check, session cookie, credentials and security headers, for every request."""
+
+    def __init__(self, app: Any, dashboard: Dashboard) -> None:
+        super().__init__(app)
+        self.dash = dashboard
+
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        static = request.url.path.startswith("/static/")
+        credentials = self.dash.options.credentials
+        if not host_allowed(request.headers.get("host"), credentials):
+            response: Response = PlainTextResponse(
+                "this dashboard answers to 127.0.0.1 and localhost only", 421
+            )
+        else:
+            sessions = self.dash.sessions
+            session = sessions.read(request.cookies.get(SESSION_COOKIE))
+            cookie = None
+            if session is None and not static and request.url.path != "/healthz":
+                session, cookie = sessions.issue(authenticated=False)
+            request.state.session = session
+            if static or request.url.path in OPEN_PATHS or _authorized(self.dash, request, session):
+                response = await call_next(request)
+            else:
+                response = _ask_for_credentials(self.dash, request)
+            if cookie is not None:
+                _set_session_cookie(request, response, cookie, sessions.max_age)
+        response.headers.update(security_headers(static))
+        return response
+
+
+def _authorized(dash: Dashboard, request: Request, session: Session | None) -> bool:
+    credentials = dash.options.credentials
+    if not credentials.required or (session is not None and session.authenticated):
+        return True
+    return credentials.accepts_authorization(request.headers.get("authorization"))
+
+
+def _ask_for_credentials(dash: Dashboard, request: Request) -> Response:
+    credentials = dash.options.credentials
+    if (
+        credentials.token
+        and request.method == "GET"
+        and "text/html" in request.headers.get("accept", "")
+    ):
+        return RedirectResponse("/login", 303)
+    headers = (
+        {"www-authenticate": 'Basic realm="outbox", charset="UTF-8"'}
+        if credentials.basic_password
+        else {}
+    )
+    return PlainTextResponse("credentials required", 401, headers=headers)
+
+
+def _set_session_cookie(request: Request, response: Response, cookie: str, max_age: float) -> None:
+    response.set_cookie(
+        SESSION_COOKIE,
+        cookie,
+        max_age=int(max_age),
+        path="/",
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
+
+
+async def checked_form(dash: Dashboard, request: Request) -> views.Form:
+    """The fields of a POST from one of our own pages; anything else is refused before use."""
+    if not same_origin(request.headers):
+        log.warning("cross-site %s %s refused", request.method, request.url.path)
+        raise HTTPException(403, "cross-site request refused")
+    if (
+        request.headers.get("content-type", "").split(";")[0].strip()
+        != "application/x-www-form-urlencoded"
+    ):
+        raise HTTPException(415, "a form post is expected")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            raise HTTPException(413, "form too large")
+    try:
+        form = parse_qs(
+            body.decode("utf-8"), keep_blank_values=True, max_num_fields=1000, strict_parsing=False
+        )
+    except (UnicodeDecodeError, ValueError):
+        raise HTTPException(400, "malformed form") from None
+    if not dash.sessions.accepts_csrf(request.state.session, views.first(form, "csrf")):
+        raise HTTPException(
+            403, "the form's token is missing or stale: reload the page and try again"
+        )
+    return form
+
+
+def _require_write(dash: Dashboard) -> None:
+    if not dash.options.write:
+        raise HTTPException(
+            403, "this dashboard is read-only: start `outbox web --write` to replay"
+        )
+
+
+# -- pages --------------------------------------------------------------------------------------
+
+
+async def healthz(request: Request) -> Response:
+    return PlainTextResponse("ok")
+
+
+def _query(request: Request) -> views.Form:
+    params = request.query_params
+    return {name: params.getlist(name) for name in params}
+
+
+async def dashboard(dash: Dashboard, request: Request) -> Response:
+    form = _query(request)
+    query = views.DeadQuery.from_form(form)
+    try:
+        selection = query.selection()
+        after = views.parse_after(views.first(form, "after"))
+    except views.FormError as exc:
+        return dash.page(request, "message.html", 400, title="Bad filter", message=str(exc))
+
+    def read(conn: sa.Connection, table: sa.Table) -> tuple[Any, ...]:
+        report = admin.status(conn, table, errors=0)
+        matched = admin.count_for_replay(conn, table, selection)
+        # One more than a page: whether there is a next one.
+        rows = admin.dead_events(conn, table, selection, views.PAGE_SIZE + 1, after)
+        return report, matched, rows
+
+    report, matched, rows = await dash.read(read)
+    more = len(rows) > views.PAGE_SIZE
+    rows = rows[: views.PAGE_SIZE]
+    return dash.page(
+        request,
+        "dashboard.html",
+        report=report,
+        query=query,
+        matched=matched,
+        rows=rows,
+        after=after,
+        next_after=rows[-1].id if more else None,
+        list_payload_chars=views.LIST_PAYLOAD_CHARS,
+    )
+
+
+async def summary(dash: Dashboard, request: Request) -> Response:
+    def read(conn: sa.Connection, table: sa.Table) -> dict[str, Any]:
+        now = dt.datetime.now(dt.UTC)
+        report = admin.status(conn, table, errors=0)
+        since = views.window_start(now)
+        buckets = admin.throughput(conn, table, since, views.BUCKET_SECONDS, now)
+        return views.summary(report, buckets)
+
+    return JSONResponse(await dash.read(read))
+
+
+async def search(dash: Dashboard, request: Request) -> Response:
+    text = views.first(_query(request), "q")
+    records = await dash.read(admin.find_events, text, views.SEARCH_LIMIT) if text else []
+    return dash.page(request, "search.html", q=text, records=records, limit=views.SEARCH_LIMIT)
+
+
+async def replay_preview(dash: Dashboard, request: Request) -> Response:
+    """The dry run: how many events the replay would move, and a sample; then the choice."""
+    _require_write(dash)
+    form = await checked_form(dash, request)
+    ask = _replay_request(form)
+    selection = ask.selection()
+
+    def read(conn: sa.Connection, table: sa.Table) -> tuple[int, list[admin.EventRecord]]:
+        matched = admin.count_for_replay(conn, table, selection)
+        return matched, admin.dead_events(conn, table, selection, views.SAMPLE)
+
+    matched, sample = await dash.read(read)
+    return dash.page(request, "preview.html", ask=ask, matched=matched, sample=sample)
+
+
+async def replay(dash: Dashboard, request: Request) -> Response:
+    _require_write(dash)
+    form = await checked_form(dash, request)
+    ask = _replay_request(form)
+    if ask.expected is None:
+        raise HTTPException(400, "preview the replay first: its count is part of the request")
+    selection = ask.selection()
+
+    def run() -> int:
+        # A page per transaction, as `outbox replay` does: short locks, flat memory.
+        return sum(admin.replay_in_pages(dash.engine, dash.table, selection, key=ask.key))
+
+    replayed = await run_in_threadpool(run)
+    log.info(
+        "replay from the dashboard by %s: %d of %d previewed dead event(s), %s keys",
+        request.client.host if request.client else "?",
+        replayed,
+        ask.expected,
+        ask.key,
+    )
+    return dash.page(request, "replayed.html", ask=ask, replayed=replayed)
+
+
+def _replay_request(form: views.Form) -> views.ReplayRequest:
+    try:
+        ask = views.ReplayRequest.from_form(form)
+        ask.selection()  # a bad time in the filter is the operator's to fix
+    except views.FormError as exc:
+        raise HTTPException(400, str(exc)) from None
+    return ask
+
+
+async def login(dash: Dashboard, request: Request) -> Response:
+    credentials = dash.options.credentials
+    if request.method == "GET":
+        return dash.page(request, "login.html", failed=False, token_login=bool(credentials.token))
+    form = await checked_form(dash, request)
+    if not credentials.accepts_token(views.first_secret(form, "token")):
+        log.warning(
+            "dashboard login refused from %s", request.client.host if request.client else "?"
+        )
+        return dash.page(
+            request, "login.html", 401, failed=True, token_login=bool(credentials.token)
+        )
+    _, cookie = dash.sessions.issue(authenticated=True)
+    response = RedirectResponse("/", 303)
+    _set_session_cookie(request, response, cookie, dash.sessions.max_age)
+    return response
+
+
+async def logout(dash: Dashboard, request: Request) -> Response:
+    await checked_form(dash, request)
+    response = RedirectResponse("/login" if dash.options.credentials.token else "/", 303)
+    response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
+    return response

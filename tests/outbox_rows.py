@@ -1,0 +1,78 @@
+"""Rows in a given state for tests of what operators see: enqueued normally, then set by hand.
+
+The worker reaches these states through its own statements (tested in test_worker.py); here a
+test needs a dead row with a given error, a published row with given serials, a row in flight with
+a lease nobody will take back, without running a worker for each.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import sqlalchemy as sa
+
+from outbox import enqueue, outbox_table
+
+T = outbox_table()
+#: Longer than any test: a row leased until then stays in flight while a worker runs.
+FAR_FUTURE = dt.datetime(2999, 1, 1, tzinfo=dt.UTC)
+
+
+def set_row(engine: sa.Engine, row_id: int, **values: Any) -> None:
+    with engine.begin() as conn:
+        conn.execute(sa.update(T).where(T.c.id == row_id).values(**values))
+
+
+def add(
+    engine: sa.Engine,
+    channel: str = "orders",
+    event: str = "created",
+    data: Any = None,
+    **values: Any,
+) -> int:
+    """One event enqueued on ``channel`` (its row id), then given the column ``values``."""
+    with engine.begin() as conn:
+        event_id = enqueue(conn, channel, event, {"c": channel} if data is None else data)
+        row_id = conn.execute(sa.select(T.c.id).where(T.c.event_id == event_id)).scalar_one()
+    if values:
+        set_row(engine, row_id, **values)
+    return row_id
+
+
+def add_dead(
+    engine: sa.Engine, channel: str = "orders", event: str = "created", **values: Any
+) -> int:
+    """A row the server refused (413 by default), dead now."""
+    refused = {
+        "status": "dead",
+        "attempts": 1,
+        "failures": 1,
+        "last_error_status": 413,
+        "last_error_code": "payload_too_large",
+        "last_error_message": "payload too large",
+        "last_error_at": dt.datetime.now(dt.UTC),
+    }
+    return add(engine, channel, event, **{**refused, **values})
+
+
+def add_published(engine: sa.Engine, channel: str = "orders", **values: Any) -> int:
+    """A row the server accepted now, with an acknowledgement id."""
+    accepted = {
+        "status": "published",
+        "attempts": 1,
+        "published_at": dt.datetime.now(dt.UTC),
+        "acknowledgement_id": "ack-1",
+    }
+    return add(engine, channel, **{**accepted, **values})
+
+
+def add_in_flight(engine: sa.Engine, channel: str = "orders", **values: Any) -> int:
+    """A row leased by a worker whose lease outlives the test (no worker takes it back)."""
+    leased = {"status": "in_flight", "attempts": 1, "lease_expires_at": FAR_FUTURE}
+    return add(engine, channel, **{**leased, **values})
+
+
+def row(engine: sa.Engine, row_id: int) -> Any:
+    with engine.connect() as conn:
+        return conn.execute(sa.select(T).where(T.c.id == row_id)).one()

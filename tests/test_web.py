@@ -1,0 +1,403 @@
+"""The dashboard over HTTP: ``outbox web`` in its own process on 127.0.0.1, asked with httpx.
+
+Who may see it (a token or basic auth beyond loopback, the login cookie), what a POST must carry
+(same origin, the CSRF token of its session), read-only mode, replays with both key choices, the
+headers on every answer, and what never reaches a page: the Sockudo secret, the encryption key and
+the plaintext of an encrypted channel. The browser tests are in test_web_browser.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import sys
+import uuid
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from outbox.cli import main
+from outbox.settings import ENVIRONMENT
+from tests.outbox_rows import add, add_dead, row
+from tests.plugins.dashboard import csrf_token
+
+TOKEN = "t0ken-" + "x" * 26
+sqlite_only = pytest.mark.parametrize("backend", ["sqlite"])  # HTTP rules, not database ones
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for variable in [v for v, _ in ENVIRONMENT.values()] + ["OUTBOX_WEB_TOKEN"]:
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.delenv("OUTBOX_WEB_BASIC_AUTH", raising=False)
+
+
+def replay_form(csrf: str, **fields: str | list[str]) -> dict[str, str | list[str]]:
+    return {"csrf": csrf, **fields}
+
+
+# -- starting -----------------------------------------------------------------------------------
+
+
+@sqlite_only
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.10", "::", "example.internal"])
+def test_refuses_to_start_beyond_loopback_without_credentials(
+    database_url, host, capsys, monkeypatch
+):
+    code = main(["--database-url", database_url, "web", "--host", host])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert err.startswith(f"outbox: error: refusing to serve the dashboard on {host}")
+    assert "OUTBOX_WEB_TOKEN" in err and err.count("\n") == 1
+
+    monkeypatch.setenv("OUTBOX_WEB_TOKEN", "short-Secret")
+    code = main(["--database-url", database_url, "web", "--host", host])
+    err = capsys.readouterr().err
+    assert code == 2 and "at least 16 characters" in err and "short-Secret" not in err
+
+    monkeypatch.delenv("OUTBOX_WEB_TOKEN")
+    monkeypatch.setenv("OUTBOX_WEB_BASIC_AUTH", "ops-only-a-user-no-password")
+    code = main(["--database-url", database_url, "web", "--host", host])
+    err = capsys.readouterr().err
+    assert code == 2 and "user:password" in err and "ops-only" not in err
+
+
+@sqlite_only
+def test_without_the_web_extra_the_command_says_how_to_get_it(database_url, capsys, monkeypatch):
+    import outbox
+
+    for name in [m for m in sys.modules if m == "outbox.web" or m.startswith("outbox.web.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.delattr(outbox, "web", raising=False)
+    # As if not installed: None in sys.modules makes an import fail. uvicorn too, so that a
+    # regression fails this test (exit 1) instead of serving forever.
+    for name in [m for m in sys.modules if m.split(".")[0] in ("starlette", "uvicorn")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "starlette", None)
+    monkeypatch.setitem(sys.modules, "uvicorn", None)
+    code = main(["--database-url", database_url, "web"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err == (
+        "outbox: error: outbox web needs the web extra (starlette is missing): "
+        "pip install 'sockudo-outbox[web]'\n"
+    )
+
+
+# -- credentials --------------------------------------------------------------------------------
+
+
+@sqlite_only
+def test_beyond_loopback_every_request_needs_the_token(database_url, engine, serve_dashboard):
+    dead = add_dead(engine)
+    served = serve_dashboard(
+        database_url, "--write", host="0.0.0.0", env={"OUTBOX_WEB_TOKEN": TOKEN}
+    )
+    with served.client() as client:
+        # A browser is sent to the login form; anything else is refused outright.
+        page = client.get("/", headers={"accept": "text/html"})
+        assert (page.status_code, page.headers["location"]) == (303, "/login")
+        for path in ("/", "/api/summary", f"/search?q={dead}"):
+            assert client.get(path).status_code == 401, path
+        for authorization in (f"Bearer {TOKEN}x", "Bearer x", TOKEN, _basic("ops", TOKEN)):
+            assert client.get("/", headers={"authorization": authorization}).status_code == 401
+        refused = client.post(
+            "/replay",
+            data={"scope": "ids", "ids": str(dead), "expected": "1"},
+            headers=served.same_origin(),
+        )
+        assert refused.status_code == 401
+        # Open to all, holding no data: the health check, the static files, the login form.
+        assert client.get("/healthz").text == "ok"
+        assert client.get("/static/dashboard.js").status_code == 200
+        assert client.get("/login").status_code == 200
+
+        bearer = {"authorization": f"Bearer {TOKEN}"}
+        assert "Dead events" in client.get("/", headers=bearer).text
+        assert client.get("/api/summary", headers=bearer).json()["counts"]["dead"] == 1
+    assert row(engine, dead).status == "dead"
+    assert TOKEN not in served.process.log
+
+
+@sqlite_only
+def test_the_login_form_sets_an_httponly_strict_cookie_and_only_for_the_token(
+    database_url, serve_dashboard
+):
+    served = serve_dashboard(database_url, host="0.0.0.0", env={"OUTBOX_WEB_TOKEN": TOKEN})
+    with served.client() as client:
+        csrf = csrf_token(client.get("/login"))
+        wrong = client.post(
+            "/login", data={"csrf": csrf, "token": TOKEN[:-1]}, headers=served.same_origin()
+        )
+        assert wrong.status_code == 401 and "That is not the token" in wrong.text
+        assert client.get("/api/summary").status_code == 401
+
+        # A cookie of our own making is not a session: the signature is checked.
+        forged = client.cookies["outbox_session"].split(".")
+        forged[2] = "1"
+        assert (
+            httpx.get(
+                f"{served.url}/api/summary",
+                cookies={"outbox_session": ".".join(forged)},
+                trust_env=False,
+            ).status_code
+            == 401
+        )
+
+        # Without the session's CSRF token, even the right token does not log in.
+        stale = client.post(
+            "/login", data={"csrf": "x" + csrf, "token": TOKEN}, headers=served.same_origin()
+        )
+        assert stale.status_code == 403
+
+        answer = client.post(
+            "/login", data={"csrf": csrf, "token": TOKEN}, headers=served.same_origin()
+        )
+        assert (answer.status_code, answer.headers["location"]) == (303, "/")
+        cookie = answer.headers["set-cookie"]
+        assert cookie.startswith("outbox_session=")
+        assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/" in cookie
+        assert client.get("/api/summary").status_code == 200
+        logged_in = client.get("/")
+        assert logged_in.status_code == 200 and "Log out" in logged_in.text
+
+        out = client.post(
+            "/logout", data={"csrf": csrf_token(logged_in)}, headers=served.same_origin()
+        )
+        assert out.status_code == 303
+        assert client.get("/api/summary").status_code == 401
+    assert TOKEN not in served.process.log
+
+
+@sqlite_only
+def test_basic_auth_credentials_beyond_loopback(database_url, serve_dashboard):
+    password = "correct horse battery staple"
+    served = serve_dashboard(
+        database_url, host="0.0.0.0", env={"OUTBOX_WEB_BASIC_AUTH": f"ops:{password}"}
+    )
+    with served.client() as client:
+        refused = client.get("/")
+        assert refused.status_code == 401
+        assert refused.headers["www-authenticate"].startswith('Basic realm="outbox"')
+        for user, secret in (("ops", password + "!"), ("root", password), ("ops", "")):
+            assert (
+                client.get("/", headers={"authorization": _basic(user, secret)}).status_code == 401
+            )
+        assert client.get("/", auth=("ops", password)).status_code == 200
+    assert password not in served.process.log
+
+
+@sqlite_only
+def test_without_credentials_only_loopback_host_names_are_served(database_url, serve_dashboard):
+    served = serve_dashboard(database_url)
+    port = served.url.rsplit(":", 1)[1]
+    with served.client() as client:
+        # A name rebound to 127.0.0.1 by another site's DNS: its pages must not read ours.
+        assert client.get("/", headers={"host": f"rebound.example:{port}"}).status_code == 421
+        for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}"):
+            assert client.get("/", headers={"host": host}).status_code == 200, host
+
+
+# -- requests that change something ------------------------------------------------------------
+
+
+@sqlite_only
+def test_a_cross_site_post_is_refused(database_url, engine, serve_dashboard):
+    dead = add_dead(engine)
+    served = serve_dashboard(database_url, "--write")
+    with served.client() as client, served.client() as other:
+        csrf = csrf_token(client.get("/"))
+        fields = replay_form(csrf, scope="ids", ids=str(dead), expected="1")
+        for headers in (
+            {"origin": "http://evil.example"},
+            {"origin": "null"},
+            {"origin": served.url, "sec-fetch-site": "cross-site"},
+            {"origin": served.url, "sec-fetch-site": "same-site"},
+            {"sec-fetch-site": "cross-site"},
+        ):
+            for path in ("/replay/preview", "/replay"):
+                answer = client.post(path, data=fields, headers=headers)
+                assert answer.status_code == 403, (path, headers)
+                assert "cross-site request refused" in answer.text
+        # Same origin, but no token, another session's token, or no session at all.
+        other_csrf = csrf_token(other.get("/"))
+        for bad in ({**fields, "csrf": ""}, {**fields, "csrf": other_csrf}):
+            answer = client.post("/replay", data=bad, headers=served.same_origin())
+            assert answer.status_code == 403 and "token is missing or stale" in answer.text
+        cookieless = httpx.post(
+            f"{served.url}/replay", data=fields, headers=served.same_origin(), trust_env=False
+        )
+        assert cookieless.status_code == 403
+        assert row(engine, dead).status == "dead"
+        # The same request from our own page goes through: the refusals were about origin.
+        answer = client.post("/replay", data=fields, headers=served.same_origin())
+        assert answer.status_code == 200, answer.text
+    assert row(engine, dead).status == "pending"
+
+
+@sqlite_only
+def test_read_only_mode_refuses_replay_and_offers_none(database_url, engine, serve_dashboard):
+    dead = add_dead(engine)
+    served = serve_dashboard(database_url)
+    with served.client() as client:
+        page = client.get("/")
+        assert f'data-row-id="{dead}"' in page.text
+        assert "Replay" not in page.text and 'name="ids"' not in page.text
+        assert "read-only" in page.text
+        fields = replay_form(csrf_token(page), scope="ids", ids=str(dead), expected="1")
+        for path in ("/replay/preview", "/replay"):
+            answer = client.post(path, data=fields, headers=served.same_origin())
+            assert answer.status_code == 403 and "read-only" in answer.text
+    assert row(engine, dead).status == "dead"
+
+
+def test_replay_over_http_dry_run_first_then_fresh_or_kept_keys(
+    database_url, engine, serve_dashboard
+):
+    fresh, kept = add_dead(engine, "orders"), add_dead(engine, "orders")
+    audit = [add_dead(engine, "audit") for _ in range(3)]
+    keys = {row_id: row(engine, row_id).idempotency_key for row_id in [fresh, kept, *audit]}
+    served = serve_dashboard(database_url, "--write")
+    with served.client() as client:
+        csrf = csrf_token(client.get("/"))
+
+        def post(path: str, **fields: str | list[str]) -> httpx.Response:
+            answer = client.post(
+                path, data=replay_form(csrf, **fields), headers=served.same_origin()
+            )
+            assert answer.status_code == 200, answer.text
+            return answer
+
+        # One event: the dry run counts it and changes nothing.
+        preview = post("/replay/preview", one=str(fresh))
+        assert dry_run_count(preview) == 1 and row(engine, fresh).status == "dead"
+        done = post("/replay", scope="ids", ids=str(fresh), key="fresh", expected="1")
+        assert 'data-count="1"' in done.text
+        replayed = row(engine, fresh)
+        assert replayed.status == "pending" and replayed.idempotency_key != keys[fresh]
+
+        post("/replay", scope="ids", ids=str(kept), key="keep", expected="1")
+        replayed = row(engine, kept)
+        assert replayed.status == "pending" and replayed.idempotency_key == keys[kept]
+        assert replayed.attempts == 1  # a kept key goes alone through /events
+
+        # A filter: the dry run counts what matches; the replay moves at most that many.
+        assert dry_run_count(post("/replay/preview", scope="filter", channel="audit")) == 3
+        post("/replay", scope="filter", channel="audit", expected="2")
+        assert [row(engine, i).status for i in audit] == ["pending", "pending", "dead"]
+
+        # Nothing changes without a previewed count, or with a filter it cannot read.
+        fields = replay_form(csrf, scope="filter", channel="audit")
+        assert client.post("/replay", data=fields, headers=served.same_origin()).status_code == 400
+        bad_time = replay_form(csrf, scope="filter", since="yesterday", expected="1")
+        answer = client.post("/replay", data=bad_time, headers=served.same_origin())
+        assert answer.status_code == 400 and "since: not an ISO 8601 time" in answer.text
+        assert row(engine, audit[2]).status == "dead"
+
+
+def dry_run_count(page: httpx.Response) -> int:
+    found = re.search(r'id="dry-run" data-count="(\d+)"', page.text)
+    assert found, page.text
+    return int(found.group(1))
+
+
+# -- what every page carries and never carries --------------------------------------------------
+
+
+@sqlite_only
+def test_every_answer_carries_the_security_headers(database_url, engine, serve_dashboard):
+    add_dead(engine)
+    served = serve_dashboard(database_url, "--write")
+    with served.client() as client:
+        for path in ("/", "/api/summary", "/search?q=orders", "/login", "/nowhere"):
+            headers = client.get(path).headers
+            csp = headers["content-security-policy"]
+            assert "script-src 'self'" in csp and "unsafe-inline" not in csp, path
+            assert "frame-ancestors 'none'" in csp and "default-src 'none'" in csp
+            assert headers["x-frame-options"] == "DENY"
+            assert headers["x-content-type-options"] == "nosniff"
+            assert headers["cache-control"] == "no-store", path
+        assert client.get("/static/dashboard.js").headers["cache-control"] == "no-cache"
+        page = client.get("/").text
+        # The one script is a file: no inline script or handler for the policy to allow.
+        assert re.findall(r"<script[^>]*>", page) == ['<script src="/static/dashboard.js" defer>']
+        assert not re.search(r"\son[a-z]+=", page) and "style=" not in page
+
+
+@sqlite_only
+def test_no_page_shows_the_sockudo_secret_the_master_key_or_an_encrypted_payload(
+    database_url, engine, serve_dashboard
+):
+    secret = f"sockudo-secret-{uuid.uuid4().hex}"
+    master_key = base64.b64encode(uuid.uuid4().bytes * 2).decode()
+    plaintext = f"card-number-{uuid.uuid4().hex}"
+    sealed = add_dead(engine, "private-encrypted-payments", data=plaintext)
+    add(engine, "private-encrypted-payments", data=plaintext)
+    env = {
+        "SOCKUDO_URL": f"http://app-key:{secret}@127.0.0.1:6001/apps/app-id",
+        "SOCKUDO_ENCRYPTION_MASTER_KEY_BASE64": master_key,
+    }
+    served = serve_dashboard(database_url, "--write", env=env)
+    with served.client() as client:
+        csrf = csrf_token(client.get("/"))
+        pages = [
+            client.get(path)
+            for path in (
+                "/",
+                "/api/summary",
+                "/search?q=private-encrypted-payments",
+                f"/search?q={row(engine, sealed).event_id}",
+                "/static/dashboard.js",
+                "/static/dashboard.css",
+                "/login",
+            )
+        ]
+        fields = replay_form(csrf, one=str(sealed))
+        pages.append(client.post("/replay/preview", data=fields, headers=served.same_origin()))
+    assert all(page.status_code == 200 for page in pages)
+    assert "encrypted channel: the payload is not shown" in pages[0].text
+    for page in pages:
+        for hidden in (secret, master_key, plaintext, "app-key"):
+            assert hidden not in page.text, (page.url, hidden)
+    for hidden in (secret, master_key, plaintext):
+        assert hidden not in served.process.log
+
+
+@sqlite_only
+def test_a_database_error_is_a_503_page_not_a_traceback(database_url, engine, serve_dashboard):
+    served = serve_dashboard(database_url)
+    with served.client() as client:
+        assert client.get("/api/summary").status_code == 200
+        with engine.begin() as conn:
+            conn.execute(sa.text("DROP TABLE outbox_events"))
+        page, data = client.get("/"), client.get("/api/summary")
+    assert page.status_code == 503 and "the database did not answer" in page.text
+    assert page.headers["cache-control"] == "no-store" and "Traceback" not in page.text
+    assert data.status_code == 503 and "error" in data.json()
+    log = served.process.log
+    assert "database error: no such table: outbox_events" in log and "Traceback" not in log
+
+
+@sqlite_only
+def test_event_text_is_escaped_in_the_html(database_url, engine, serve_dashboard):
+    markup = '<script>window.pwned=1</script><img src=x onerror="window.pwned=2">'
+    dead = add_dead(engine, "orders", "<b>event</b>", data=markup, last_error_message=markup)
+    served = serve_dashboard(database_url, "--write")
+    with served.client() as client:
+        pages = [client.get("/"), client.get("/search?q=orders")]
+        pages.append(
+            client.post(
+                "/replay/preview",
+                data=replay_form(csrf_token(pages[0]), one=str(dead)),
+                headers=served.same_origin(),
+            )
+        )
+    for page in pages:
+        assert "<script>window" not in page.text and "<img" not in page.text
+        assert "<b>event" not in page.text and "&lt;b&gt;event&lt;/b&gt;" in page.text
+    assert "&lt;script&gt;window.pwned=1&lt;/script&gt;" in pages[1].text
+
+
+def _basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()

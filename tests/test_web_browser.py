@@ -1,0 +1,342 @@
+"""The dashboard in a real browser (Debian's headless chromium), against a real database.
+
+``outbox web`` and ``python worker.py`` run as processes, the worker publishing to the
+Sockudo-faithful test server. The page must show every state, follow a draining worker without
+being reloaded, replay dead events (dry run first) until they are published, show event text that
+is markup as text without running it, and log a browser in with the token. One test seeds an hour
+of traffic and saves the screenshots the README shows (docs/dashboard*.png).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+
+from outbox import OutboxEvent, admin, enqueue_many
+from outbox.testing.server import TestServer
+from tests.outbox_rows import T, add, add_dead, add_in_flight, add_published, row, set_row
+from tests.plugins.browser import wait_until
+from tests.plugins.processes import Child, Spawn, child_environment
+
+pytestmark = pytest.mark.browser
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs"
+sqlite_only = pytest.mark.parametrize("backend", ["sqlite"])  # page behaviour, not the database
+
+
+def counts(page: WebDriver) -> dict[str, str]:
+    """The state counts the page shows now."""
+    return page.execute_script(
+        "return Object.fromEntries(['pending', 'in_flight', 'published', 'dead']"
+        ".map(s => [s, document.getElementById('count-' + s).textContent]));"
+    )
+
+
+def chart(page: WebDriver) -> dict[str, str]:
+    """The chart's totals over the hour and its number of bars, as drawn."""
+    return page.execute_script(
+        "const d = document.getElementById('throughput').dataset;"
+        "return {published: d.published, retried: d.retried, dead: d.dead, buckets: d.buckets};"
+    )
+
+
+def updates(page: WebDriver) -> int:
+    return int(page.execute_script("return document.body.dataset.updates || '0'"))
+
+
+def start_worker(spawn: Spawn, database_url: str, server: TestServer) -> Child:
+    env = child_environment(
+        OUTBOX_DATABASE_URL=database_url,
+        SOCKUDO_URL=server.url,
+        OUTBOX_POLL_INTERVAL="0.1",
+        OUTBOX_BACKOFF_MIN="0.05",
+        OUTBOX_BACKOFF_MAX="0.2",
+    )
+    return spawn("worker", [sys.executable, "worker.py"], env, REPO)
+
+
+def statuses(engine: sa.Engine) -> dict[str, int]:
+    with engine.connect() as conn:
+        return admin.status(conn, T, errors=0).counts
+
+
+def test_counts_and_chart_follow_a_draining_worker(
+    database_url, engine, browser, serve_dashboard, spawn
+):
+    now = dt.datetime.now(dt.UTC)
+    for n in range(3):
+        add(engine, "orders", "created", {"n": n})
+    add(engine, "orders", "created", {"blob": "x" * 2000})  # over this server's limit
+    add_in_flight(engine)  # leased until long after the test: it stays in flight
+    for _ in range(2):
+        add_published(engine, published_at=now - dt.timedelta(minutes=10))
+    add_dead(engine, last_error_at=now - dt.timedelta(minutes=5))
+    served = serve_dashboard(database_url, "--refresh", "0.3")
+
+    browser.get(served.url)
+    wait_until(browser, lambda page: updates(page) >= 1, "the first live update")
+    assert counts(browser) == {"pending": "4", "in_flight": "1", "published": "2", "dead": "1"}
+    assert chart(browser) == {"published": "2", "retried": "0", "dead": "1", "buckets": "60"}
+    assert browser.find_element(By.ID, "oldest-pending").text.endswith(" s")
+    browser.execute_script("window.sameDocument = true;")
+
+    # The first request (the batch of four) fails before any key is taken: all four are
+    # retried alone; three are published, the fourth is refused (413) and dead.
+    with TestServer(max_payload_kb=1) as server:
+        server.fail_next(1, status=500, stage="received")
+        worker = start_worker(spawn, database_url, server)
+        final = {"pending": 0, "in_flight": 1, "published": 5, "dead": 2}
+        wait_until(browser, lambda _: statuses(engine) == final, "the worker to drain the outbox")
+        drained = {"pending": "0", "in_flight": "1", "published": "5", "dead": "2"}
+        drawn = {"published": "5", "retried": "3", "dead": "2", "buckets": "60"}
+        wait_until(
+            browser,
+            lambda page: counts(page) == drained and chart(page) == drawn,
+            "the page to show the drained outbox",
+        )
+        # Updated in place: the same document all along, never reloaded.
+        assert browser.execute_script("return window.sameDocument") is True
+        assert server.delivered_count("orders") == 3
+        worker.check_alive()
+
+
+def test_replay_dead_events_from_the_page_and_see_them_published(
+    database_url, engine, browser, serve_dashboard, sockudo_server, spawn
+):
+    first = add_dead(engine, "orders", "order-created")
+    ticked = [add_dead(engine, "audit", "logged") for _ in range(2)]
+    keys = {row_id: row(engine, row_id).idempotency_key for row_id in [first, *ticked]}
+    served = serve_dashboard(database_url, "--write")
+    worker = start_worker(spawn, database_url, sockudo_server)
+
+    # One event, with a fresh key (the default).
+    browser.get(served.url)
+    browser.find_element(By.CSS_SELECTOR, f'tbody[data-row-id="{first}"] .replay-one').click()
+    [dry_run] = wait_until(browser, lambda page: page.find_elements(By.ID, "dry-run"), "dry run")
+    assert dry_run.get_attribute("data-count") == "1"
+    assert row(engine, first).status == "dead"  # the dry run changed nothing
+    assert browser.find_element(By.CSS_SELECTOR, "input[name=key][value=fresh]").is_selected()
+    browser.find_element(By.ID, "confirm-replay").click()
+    [done] = wait_until(browser, lambda page: page.find_elements(By.ID, "replayed"), "the replay")
+    assert done.get_attribute("data-count") == "1"
+    wait_until(browser, lambda _: row(engine, first).status == "published", "it to be published")
+    browser.find_element(By.LINK_TEXT, f"follow row {first}").click()
+    record = browser.find_element(By.CSS_SELECTOR, f'article.record[data-row-id="{first}"]')
+    assert record.get_attribute("data-status") == "published"
+    assert "queued again (replayed)" in record.text and "published (acknowledgement" in record.text
+    [delivery] = sockudo_server.deliveries("orders")
+    assert delivery.idempotency_key == row(engine, first).idempotency_key != keys[first]
+
+    # The ticked ones, keeping their keys.
+    browser.get(served.url)
+    browser.find_element(By.ID, "tick-all").click()
+    browser.find_element(By.ID, "replay-ticked").click()
+    [dry_run] = wait_until(browser, lambda page: page.find_elements(By.ID, "dry-run"), "dry run")
+    assert dry_run.get_attribute("data-count") == "2"
+    browser.find_element(By.CSS_SELECTOR, "input[name=key][value=keep]").click()
+    browser.find_element(By.ID, "confirm-replay").click()
+    [done] = wait_until(browser, lambda page: page.find_elements(By.ID, "replayed"), "the replay")
+    assert done.get_attribute("data-count") == "2"
+    wait_until(
+        browser,
+        lambda _: all(row(engine, i).status == "published" for i in ticked),
+        "the ticked events to be published",
+    )
+    assert sorted(d.idempotency_key for d in sockudo_server.deliveries("audit")) == sorted(
+        keys[i] for i in ticked
+    )
+    browser.get(served.url)
+    assert browser.find_element(By.CSS_SELECTOR, "p.empty").text == "No dead event."
+    worker.check_alive()
+
+
+@sqlite_only
+def test_event_text_that_is_markup_is_shown_as_text_and_never_runs(
+    database_url, engine, browser, serve_dashboard
+):
+    script = "<script>window.pwned = 'data'</script>"
+    image = "<img src=x onerror=\"window.pwned = 'event'\">"
+    vector = "<svg onload=\"window.pwned = 'channel'\"></svg>"
+    error = "<img src=x onerror=\"window.pwned = 'error'\"><b>refused</b>"
+    dead = add_dead(engine, "orders", image, data=script, last_error_message=error)
+    # Channel names are checked at enqueue; a row changed behind the outbox's back is not.
+    set_row(engine, dead, channel=vector, last_error_code="<i>code</i>")
+    add_published(engine, data=script, acknowledgement_id=image, message_serial=vector)
+    served = serve_dashboard(database_url, "--write")
+
+    def assert_inert(page: WebDriver, svgs: int) -> None:
+        assert page.execute_script("return typeof window.pwned") == "undefined"
+        found = page.execute_script(
+            "const main = document.querySelector('main');"
+            "return [main.querySelectorAll('script, img, b, i').length,"
+            " main.querySelectorAll('svg').length];"
+        )
+        assert found == [0, svgs], "markup from an event became elements"
+
+    browser.get(served.url)
+    event = browser.find_element(By.CSS_SELECTOR, f'tbody[data-row-id="{dead}"]')
+    event.find_element(By.TAG_NAME, "summary").click()
+    assert event.find_element(By.CSS_SELECTOR, "td.event-name").text == image
+    assert event.find_element(By.CSS_SELECTOR, "td.channel").text == vector
+    assert event.find_element(By.CSS_SELECTOR, "td.error").text == f"413 <i>code</i>: {error}"
+    assert event.find_element(By.CSS_SELECTOR, "pre.payload").text == script
+    assert_inert(browser, svgs=1)  # the chart alone
+
+    browser.find_element(By.ID, "search-q").send_keys("orders\n")
+    wait_until(browser, lambda page: page.find_elements(By.CSS_SELECTOR, "article.record"), "hits")
+    published = browser.find_element(By.CSS_SELECTOR, 'article.record[data-status="published"]')
+    assert image in published.text and vector in published.text and script in published.text
+    assert_inert(browser, svgs=0)
+
+    browser.get(served.url)
+    browser.find_element(By.CSS_SELECTOR, f'tbody[data-row-id="{dead}"] .replay-one').click()
+    wait_until(browser, lambda page: page.find_elements(By.ID, "dry-run"), "the dry run")
+    sample = browser.find_element(By.CSS_SELECTOR, f'tr[data-row-id="{dead}"]')
+    assert image in sample.text and vector in sample.text
+    assert_inert(browser, svgs=0)
+    assert not [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+
+
+@sqlite_only
+def test_a_browser_logs_in_with_the_token(database_url, engine, browser, serve_dashboard):
+    token = "browser-token-" + "k" * 20
+    add_dead(engine)
+    served = serve_dashboard(database_url, env={"OUTBOX_WEB_TOKEN": token})
+    browser.get(served.url)
+    assert browser.current_url == f"{served.url}/login"
+    browser.find_element(By.ID, "token").send_keys(token + "-wrong")
+    browser.find_element(By.ID, "login").click()
+    wait_until(browser, lambda page: page.find_elements(By.ID, "login-refused"), "the refusal")
+    browser.find_element(By.ID, "token").send_keys(token)
+    browser.find_element(By.ID, "login").click()
+    wait_until(browser, lambda page: page.find_elements(By.ID, "count-dead"), "the dashboard")
+    assert counts(browser)["dead"] == "1"
+    wait_until(browser, lambda page: updates(page) >= 1, "a live update with the session cookie")
+    # HttpOnly: the page's scripts cannot read the session.
+    assert browser.execute_script("return document.cookie") == ""
+    browser.find_element(By.CSS_SELECTOR, "form.logout button").click()
+    wait_until(browser, lambda page: page.find_elements(By.ID, "token"), "the login form again")
+
+
+# -- the README's screenshots -------------------------------------------------------------------
+
+
+def seed_an_hour(engine: sa.Engine, now: dt.datetime) -> dict[str, int]:
+    """A plausible last hour: a daily-ish wave of orders, retries in a bad patch, a few refusals,
+    some events still waiting; returns the totals the chart must show."""
+    plan: list[dict[str, Any]] = []
+    for minute in range(4, 58):  # whole minutes well inside the window, whatever the second
+        at = now - dt.timedelta(minutes=minute, seconds=20)
+        wave = 18 + 12 * math.sin(minute / 7) + (25 if 20 <= minute <= 24 else 0)
+        for n in range(int(wave)):
+            retried = 20 <= minute <= 24 and n % 4 == 0
+            plan.append({"status": "published", "published_at": at, "error_at": retried})
+        if minute in (21, 22, 23, 40):
+            plan.append({"status": "dead", "published_at": None, "error_at": True, "at": at})
+    for _ in range(7):
+        plan.append({"status": "pending", "published_at": None, "error_at": False})
+    events = [
+        OutboxEvent(
+            "orders" if i % 3 else "invoices",
+            "order-created" if i % 5 else "order-shipped",
+            {"order": 1000 + i, "total": round(12.5 + i % 40 * 3.25, 2)},
+        )
+        for i in range(len(plan))
+    ]
+    with engine.begin() as conn:
+        enqueue_many(conn, events)
+        ids = list(conn.execute(sa.select(T.c.id).order_by(T.c.id)).scalars())
+        values = []
+        for row_id, step in zip(ids, plan, strict=True):
+            error_at = step.get("at", step["published_at"]) if step["error_at"] else None
+            dead = step["status"] == "dead"
+            created = (step.get("at") or step["published_at"] or now) - dt.timedelta(seconds=3)
+            values.append(
+                {
+                    "row_id": row_id,
+                    "new_created_at": created,
+                    "new_status": step["status"],
+                    "new_attempts": 0 if step["status"] == "pending" else 1 + bool(error_at),
+                    "new_failures": int(dead),
+                    "new_published_at": step["published_at"],
+                    "new_ack": f"ack-{row_id}" if step["published_at"] else None,
+                    "new_error_status": (413 if dead else 503) if error_at else None,
+                    "new_error_code": ("payload_too_large" if dead else "backpressure")
+                    if error_at
+                    else None,
+                    "new_error_message": (
+                        "Event payload size exceeds limit" if dead else "try again later"
+                    )
+                    if error_at
+                    else None,
+                    "new_error_at": error_at,
+                }
+            )
+        conn.execute(
+            sa.update(T)
+            .where(T.c.id == sa.bindparam("row_id"))
+            .values(
+                created_at=sa.bindparam("new_created_at"),
+                queued_at=sa.bindparam("new_created_at"),
+                next_attempt_at=sa.bindparam("new_created_at"),
+                status=sa.bindparam("new_status"),
+                attempts=sa.bindparam("new_attempts"),
+                failures=sa.bindparam("new_failures"),
+                published_at=sa.bindparam("new_published_at"),
+                acknowledgement_id=sa.bindparam("new_ack"),
+                last_error_status=sa.bindparam("new_error_status"),
+                last_error_code=sa.bindparam("new_error_code"),
+                last_error_message=sa.bindparam("new_error_message"),
+                last_error_at=sa.bindparam("new_error_at"),
+            ),
+            values,
+        )
+    return {
+        "published": sum(step["status"] == "published" for step in plan),
+        "retried": sum(step["status"] == "published" and step["error_at"] for step in plan),
+        "dead": sum(step["status"] == "dead" for step in plan),
+    }
+
+
+@sqlite_only
+def test_screenshots_of_the_dashboard(database_url, engine, browser, serve_dashboard):
+    totals = seed_an_hour(engine, dt.datetime.now(dt.UTC))
+    served = serve_dashboard(database_url, "--write")
+    browser.set_window_size(1280, 1000)
+    browser.get(served.url)
+    wait_until(browser, lambda page: updates(page) >= 1, "the chart")
+    assert chart(browser) == {**{k: str(v) for k, v in totals.items()}, "buckets": "60"}
+    # Every bar is the count admin gives for its minute.
+    bars = browser.execute_script(
+        "return [...document.querySelectorAll('#throughput g.bucket')]"
+        ".map(g => [g.dataset.start, g.querySelector('title').textContent]);"
+    )
+    since = dt.datetime.fromisoformat(bars[0][0])
+    with engine.connect() as conn:
+        buckets = admin.throughput(conn, T, since, 60, since + dt.timedelta(minutes=60))
+    assert [title.split(" UTC: ")[1] for _, title in bars] == [
+        f"{b.published} published, {b.retried} retried, {b.dead} dead" for b in buckets
+    ]
+    DOCS.mkdir(exist_ok=True)
+    browser.save_screenshot(str(DOCS / "dashboard.png"))
+
+    browser.get(f"{served.url}/?error=413")
+    [first, *_] = browser.find_elements(By.CSS_SELECTOR, "tbody.event")
+    first.find_element(By.CSS_SELECTOR, "input[name=ids]").click()
+    first.find_element(By.TAG_NAME, "summary").click()
+    browser.execute_script(
+        "document.getElementById('dead-heading').scrollIntoView({block: 'start'});"
+    )
+    assert browser.find_element(By.ID, "matched").text == str(totals["dead"])
+    browser.save_screenshot(str(DOCS / "dashboard-dead.png"))
+    for name in ("dashboard.png", "dashboard-dead.png"):
+        assert (DOCS / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
