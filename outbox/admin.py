@@ -2,7 +2,9 @@
 and what the dashboard reads (``throughput``, ``find_events``, ``dead_events``).
 
 Portable SQLAlchemy Core: nothing here is on the hot path, so no dialect-specific SQL is needed.
-Every read the CLI and the dashboard make goes through these functions and their dataclasses.
+Every read the CLI and the dashboard make goes through these functions and their dataclasses. An
+event lives in one of three tables (hot, dead, published log); :func:`events` reads them as one,
+with the ``status`` each row has where it is.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from .dialects import dialect_for
-from .schema import Status, utc_now
+from .schema import EVENT_COLUMNS, Status, dead_table, published_table, utc_now
 from .sockudo.crypto import ENCRYPTED_PREFIX
 
 #: How a replayed event is identified to the server (see :func:`replay`).
@@ -36,35 +38,70 @@ class StatusReport:
         return asdict(self)
 
 
+def events(table: sa.Table) -> sa.Subquery:
+    """Every row of the outbox's three tables as one, with a ``status`` column.
+
+    A hot row is ``in_flight`` while its lease holds and ``pending`` otherwise (an expired lease
+    is claimable again). Filters on the result reach each table's own indexes.
+    """
+    hot, dead, log = table, dead_table(table), published_table(table)
+    leased = sa.case(
+        (hot.c.lease_expires_at > utc_now(), Status.IN_FLIGHT.value), else_=Status.PENDING.value
+    )
+    return sa.union_all(
+        sa.select(*(hot.c[c] for c in EVENT_COLUMNS), leased.label("status")),
+        sa.select(
+            *(dead.c[c] for c in EVENT_COLUMNS), sa.literal(Status.DEAD.value).label("status")
+        ),
+        sa.select(
+            *(log.c[c] for c in EVENT_COLUMNS), sa.literal(Status.PUBLISHED.value).label("status")
+        ),
+    ).subquery("events")
+
+
 def status(conn: sa.Connection, table: sa.Table, errors: int = 5) -> StatusReport:
-    """Counts per status, age of the oldest pending event, and the most recent errors."""
-    t = table
+    """Counts per status, age of the oldest unsent event, and the most recent errors.
+
+    Errors are read from unsent and dead rows only: a published row's old error is history.
+    """
+    hot, dead = table, dead_table(table)
     counts = {s.value: 0 for s in Status}
-    for state, count in conn.execute(sa.select(t.c.status, sa.func.count()).group_by(t.c.status)):
-        counts[state] = count
-    oldest = conn.execute(
-        sa.select(sa.func.min(t.c.created_at)).where(
-            t.c.status.in_([Status.PENDING.value, Status.IN_FLIGHT.value])
+    leased = hot.c.lease_expires_at > utc_now()
+    in_flight, total, oldest = conn.execute(
+        sa.select(
+            sa.func.coalesce(sa.func.sum(sa.case((leased, 1), else_=0)), 0),
+            sa.func.count(),
+            sa.func.min(hot.c.created_at),
         )
-    ).scalar()
+    ).one()
+    counts[Status.IN_FLIGHT.value] = int(in_flight)
+    counts[Status.PENDING.value] = int(total) - int(in_flight)
+    counts[Status.DEAD.value] = conn.execute(
+        sa.select(sa.func.count()).select_from(dead)
+    ).scalar_one()
+    log = published_table(table)
+    counts[Status.PUBLISHED.value] = conn.execute(
+        sa.select(sa.func.count()).select_from(log)
+    ).scalar_one()
     age = None
     if oldest is not None:
         age = max(0.0, (dt.datetime.now(dt.UTC) - oldest).total_seconds())
+    ev = events(table)
     rows = conn.execute(
         sa.select(
-            t.c.id,
-            t.c.event_id,
-            t.c.channel,
-            t.c.event,
-            t.c.status,
-            t.c.attempts,
-            t.c.last_error_status,
-            t.c.last_error_code,
-            t.c.last_error_message,
-            t.c.last_error_at,
+            ev.c.id,
+            ev.c.event_id,
+            ev.c.channel,
+            ev.c.event,
+            ev.c.status,
+            ev.c.attempts,
+            ev.c.last_error_status,
+            ev.c.last_error_code,
+            ev.c.last_error_message,
+            ev.c.last_error_at,
         )
-        .where(t.c.last_error_at.is_not(None))
-        .order_by(t.c.last_error_at.desc(), t.c.id.desc())
+        .where(ev.c.last_error_at.is_not(None), ev.c.status != Status.PUBLISHED.value)
+        .order_by(ev.c.last_error_at.desc(), ev.c.id.desc())
         .limit(errors)
     )
     last_errors = [_jsonable(dict(r._mapping)) for r in rows]
@@ -85,7 +122,7 @@ class ReplayFilter:
     until: dt.datetime | None = None
     limit: int | None = None
 
-    def where(self, t: sa.Table) -> list[sa.ColumnElement[bool]]:
+    def where(self, t: sa.Table | sa.Subquery) -> list[sa.ColumnElement[bool]]:
         clauses: list[sa.ColumnElement[bool]] = [t.c.status.in_(list(self.statuses))]
         if self.ids or self.event_ids:
             clauses.append(
@@ -125,18 +162,16 @@ _REPLAY_COLUMNS = (
 
 
 def _matching(
-    table: sa.Table,
+    rows: sa.Subquery,
     selection: ReplayFilter,
     columns: Sequence[sa.ColumnElement[Any]],
     limit: int | None = None,
     after_id: int = 0,
 ) -> sa.Select[Any]:
-    """``columns`` of the rows ``selection`` matches above ``after_id``, oldest first, at most
-    ``limit`` and ``selection.limit`` of them."""
+    """``columns`` of the :func:`events` ``rows`` that ``selection`` matches above ``after_id``,
+    oldest first, at most ``limit`` and ``selection.limit`` of them."""
     query = (
-        sa.select(*columns)
-        .where(*selection.where(table), table.c.id > after_id)
-        .order_by(table.c.id)
+        sa.select(*columns).where(*selection.where(rows), rows.c.id > after_id).order_by(rows.c.id)
     )
     bound = [n for n in (limit, selection.limit) if n is not None]
     if bound:
@@ -146,7 +181,8 @@ def _matching(
 
 def count_for_replay(conn: sa.Connection, table: sa.Table, selection: ReplayFilter) -> int:
     """How many rows ``selection`` matches (``limit`` included), without loading them."""
-    matching = sa.select(table.c.id).where(*selection.where(table))
+    ev = events(table)
+    matching = sa.select(ev.c.id).where(*selection.where(ev))
     if selection.limit is not None:
         matching = matching.limit(selection.limit)
     return conn.execute(sa.select(sa.func.count()).select_from(matching.subquery())).scalar_one()
@@ -160,8 +196,9 @@ def select_for_replay(
     after_id: int = 0,
 ) -> list[dict[str, Any]]:
     """The selected rows with an id above ``after_id``, oldest first, at most ``limit`` of them."""
-    columns = [table.c[name] for name in _REPLAY_COLUMNS]
-    query = _matching(table, selection, columns, limit, after_id)
+    ev = events(table)
+    columns = [ev.c[name] for name in _REPLAY_COLUMNS]
+    query = _matching(ev, selection, columns, limit, after_id)
     return [_jsonable(dict(r._mapping)) for r in conn.execute(query)]
 
 
@@ -228,7 +265,8 @@ def _replay_pages(
 def _page_ids(
     conn: sa.Connection, table: sa.Table, selection: ReplayFilter, size: int, after_id: int
 ) -> list[int]:
-    return list(conn.execute(_matching(table, selection, [table.c.id], size, after_id)).scalars())
+    ev = events(table)
+    return list(conn.execute(_matching(ev, selection, [ev.c.id], size, after_id)).scalars())
 
 
 def _replay_ids(
@@ -284,7 +322,7 @@ class EventRecord:
 _STORED_FIELDS = [f.name for f in fields(EventRecord) if f.name not in ("encrypted", "data")]
 
 
-def _record_columns(table: sa.Table) -> list[sa.ColumnElement[Any]]:
+def _record_columns(table: sa.Subquery) -> list[sa.ColumnElement[Any]]:
     t = table
     # substr, not LIKE: SQLite's LIKE ignores case, and the prefix is case-sensitive.
     encrypted = sa.func.substr(t.c.channel, 1, len(ENCRYPTED_PREFIX)) == ENCRYPTED_PREFIX
@@ -313,7 +351,7 @@ def find_events(
     text = text.strip()
     if not text:
         return []
-    t = table
+    t = events(table)
     matches = [t.c.idempotency_key == text, t.c.channel == text]
     with contextlib.suppress(ValueError):
         matches.append(t.c.event_id == uuid.UUID(text))
@@ -333,7 +371,8 @@ def dead_events(
     """The rows ``selection`` matches (dead ones unless it names other statuses) with an id above
     ``after_id``, oldest first, at most ``limit``: the page a replay of ``selection`` starts with.
     """
-    return _records(conn, _matching(table, selection, _record_columns(table), limit, after_id))
+    ev = events(table)
+    return _records(conn, _matching(ev, selection, _record_columns(ev), limit, after_id))
 
 
 @dataclass(frozen=True)
@@ -368,7 +407,7 @@ def throughput(
     step = dt.timedelta(seconds=bucket_seconds)
     count = max(1, -(-(until - since) // step))
     starts = [since + i * step for i in range(count)]
-    t = table
+    t = events(table)
     published = _per_bucket(
         conn, t.c.published_at, starts, until, t.c.status == Status.PUBLISHED.value
     )
@@ -421,10 +460,13 @@ class Lease:
 
 
 def leases(conn: sa.Connection, table: sa.Table, limit: int = 100) -> tuple[int, int, list[Lease]]:
-    """(rows leased, of which expired, the oldest ``limit`` leases) by expiry."""
+    """(rows leased, of which expired, the oldest ``limit`` leases) by expiry.
+
+    An expired lease stays on its row until a worker claims the row again or clears it.
+    """
     t = table
     now = utc_now()
-    in_flight = t.c.status == Status.IN_FLIGHT.value
+    in_flight = t.c.lease_expires_at.is_not(None)
     total, expired = conn.execute(
         sa.select(
             sa.func.count(),

@@ -22,6 +22,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError as AlembicCommandError
 
+from . import schema
 from .schema import DEFAULT_TABLE_NAME
 
 #: Our own version table, so an application's Alembic history in the same database is untouched.
@@ -41,6 +42,16 @@ def alembic_config(
     config.attributes["connection"] = connection
     config.attributes["table_name"] = table_name
     return config
+
+
+def owned_tables(table_name: str = DEFAULT_TABLE_NAME) -> set[str]:
+    """The tables ``outbox migrate`` owns for one outbox: an app's autogenerate must skip them."""
+    return {
+        table_name,
+        table_name + schema.DEAD_SUFFIX,
+        table_name + schema.PUBLISHED_SUFFIX,
+        VERSION_TABLE,
+    }
 
 
 class SchemaError(ValueError):

@@ -1,8 +1,9 @@
 """The outbox table: everything needed to publish an event exactly as written and to explain its fate.
 
-One row per (event, channel). A row moves ``pending -> in_flight -> published`` (or ``dead``); an
-``in_flight`` row whose lease expired is taken back by any worker. The pending set sits behind a
-partial index, so a claim reads O(batch) index entries however much published history is kept.
+One row per (event, channel), in one of three tables with the same columns: the **hot** table holds
+what is still to be sent (pending, or in flight while a lease holds it), ``<name>_dead`` what was
+dead-lettered, ``<name>_published`` the log of what was published. The hot table stays as small
+as the backlog however much history is kept, and a claim rewrites a row without touching an index.
 """
 
 from __future__ import annotations
@@ -90,14 +91,30 @@ def _id_type() -> sa.types.TypeEngine[int]:
     return sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
-@cache
-def outbox_table(name: str = DEFAULT_TABLE_NAME, schema: str | None = None) -> sa.Table:
-    """The outbox :class:`~sqlalchemy.Table` (one per name; cached so every caller shares it)."""
-    metadata = sa.MetaData(schema=schema)
-    return sa.Table(
-        name,
-        metadata,
-        sa.Column("id", _id_type(), primary_key=True, autoincrement=True),
+#: Suffixes of the two tables beside the hot table: dead-lettered rows and the published log.
+DEAD_SUFFIX = "_dead"
+PUBLISHED_SUFFIX = "_published"
+
+#: PostgreSQL storage settings of the hot table (set by migration 0004 and by ``create_all``).
+#: A claim rewrites a row in place: with half of each page free it stays a HOT update (no index
+#: entry written). Every published row leaves a dead tuple behind, so autovacuum must visit the
+#: table after a fixed number of them, not after a share of a table that is mostly empty.
+HOT_TABLE_STORAGE = {
+    "fillfactor": "50",
+    "autovacuum_vacuum_scale_factor": "0",
+    "autovacuum_vacuum_threshold": "10000",
+    "autovacuum_vacuum_insert_scale_factor": "0",
+    "autovacuum_vacuum_insert_threshold": "10000",
+    "autovacuum_analyze_scale_factor": "0",
+    "autovacuum_analyze_threshold": "10000",
+    "autovacuum_vacuum_cost_delay": "0",
+}
+
+
+def _event_columns(*, autoincrement: bool) -> list[sa.Column[object]]:
+    """The columns every outbox table has: an event as written, where it is, and why."""
+    return [
+        sa.Column("id", _id_type(), primary_key=True, autoincrement=autoincrement),
         # The event's stable identity; rows of one multi-channel enqueue share it.
         sa.Column("event_id", sa.Uuid(as_uuid=True), nullable=False),
         # Sent as idempotency_key and message_id on every attempt of this row.
@@ -108,23 +125,24 @@ def outbox_table(name: str = DEFAULT_TABLE_NAME, schema: str | None = None) -> s
         sa.Column("data", sa.Text(), nullable=False),
         sa.Column("socket_id", sa.String(64), nullable=True),
         sa.Column("info", sa.String(200), nullable=True),
-        # Compact JSON text, kept as text so the bytes sent never depend on a JSON column's rendering.
+        # Compact JSON text, kept as text so the bytes sent never depend on a JSON column's
+        # rendering.
         sa.Column("tags", sa.Text(), nullable=True),
         sa.Column("extras", sa.Text(), nullable=True),
         # Fixed at enqueue for private-encrypted- channels: every attempt seals to the same bytes.
         sa.Column("encryption_nonce", sa.LargeBinary(24), nullable=True),
-        sa.Column("status", sa.String(16), nullable=False, server_default=Status.PENDING.value),
-        # Times the row was claimed to be sent. A row claimed once is on its first attempt and may
-        # go in a batch; a claim whose request provably never left is taken back.
+        # Times the row was claimed to be sent. A row claimed once is on its first attempt and
+        # may go in a batch; a claim whose request provably never left is taken back.
         sa.Column("attempts", sa.Integer(), nullable=False, server_default="0"),
-        # Failed attempts charged to the event itself: its budget (OUTBOX_MAX_ATTEMPTS). Outages,
-        # rate limits, backpressure and requests that never left are not the event's failures.
+        # Failed attempts charged to the event itself: its budget (OUTBOX_MAX_ATTEMPTS).
+        # Outages, rate limits, backpressure and requests that never left are not the event's.
         sa.Column("failures", sa.Integer(), nullable=False, server_default="0"),
         sa.Column("next_attempt_at", UTCDateTime(), nullable=False, server_default=utc_now()),
         sa.Column("lease_token", sa.Uuid(as_uuid=True), nullable=True),
         sa.Column("lease_expires_at", UTCDateTime(), nullable=True),
         sa.Column("created_at", UTCDateTime(), nullable=False, server_default=utc_now()),
-        # When the event last entered the queue (enqueue or replay): its age limit counts from here.
+        # When the event last entered the queue (enqueue or replay): its age limit counts from
+        # here.
         sa.Column("queued_at", UTCDateTime(), nullable=False, server_default=utc_now()),
         sa.Column("published_at", UTCDateTime(), nullable=True),
         sa.Column("acknowledgement_id", sa.String(ACK_ID_MAX), nullable=True),
@@ -134,29 +152,67 @@ def outbox_table(name: str = DEFAULT_TABLE_NAME, schema: str | None = None) -> s
         sa.Column("last_error_code", sa.String(ERROR_CODE_MAX), nullable=True),
         sa.Column("last_error_message", sa.String(ERROR_MESSAGE_MAX), nullable=True),
         sa.Column("last_error_at", UTCDateTime(), nullable=True),
+    ]
+
+
+#: The names of the columns all three tables share, in table order (rows move between them).
+EVENT_COLUMNS: tuple[str, ...] = tuple(c.name for c in _event_columns(autoincrement=False))
+
+
+@cache
+def outbox_table(name: str = DEFAULT_TABLE_NAME, schema: str | None = None) -> sa.Table:
+    """The hot outbox :class:`~sqlalchemy.Table`: events not yet published or dead.
+
+    One per name, cached so every caller shares it; its :class:`~sqlalchemy.MetaData` also holds
+    :func:`dead_table` and :func:`published_table`. A row here is pending, or leased while its
+    ``lease_expires_at`` is in the future; an expired lease is simply claimable again. Published
+    rows move to the published log, dead rows to the dead table, each in the statement that
+    decides it, so nothing the claim reads or changes is indexed except the due order.
+    """
+    metadata = sa.MetaData(schema=schema)
+    hot = sa.Table(
+        name,
+        metadata,
+        *_event_columns(autoincrement=True),
         sa.UniqueConstraint("idempotency_key", name=f"uq_{name}_idempotency_key"),
-        sa.CheckConstraint(
-            "status IN ('pending', 'in_flight', 'published', 'dead')", name=f"ck_{name}_status"
-        ),
-        # The claim reads this index in order and stops after one batch.
-        sa.Index(
-            f"ix_{name}_pending",
-            "next_attempt_at",
-            "id",
-            postgresql_where=sa.text("status = 'pending'"),
-            sqlite_where=sa.text("status = 'pending'"),
-        ),
-        # Reclaiming expired leases looks only at rows in flight.
-        sa.Index(
-            f"ix_{name}_in_flight",
-            "lease_expires_at",
-            postgresql_where=sa.text("status = 'in_flight'"),
-            sqlite_where=sa.text("status = 'in_flight'"),
-        ),
-        # Operators list and replay dead rows; retention deletes old published ones.
-        sa.Index(f"ix_{name}_status_created", "status", "created_at"),
+        # The claim reads this index in order and stops after one batch. It holds no column a
+        # claim changes, so a claim is a HOT update on PostgreSQL.
+        sa.Index(f"ix_{name}_due", "next_attempt_at", "id"),
         sa.Index(f"ix_{name}_event_id", "event_id"),
+        # SQLite would otherwise reuse the largest id after it moved out to the log.
+        sqlite_autoincrement=True,
     )
+    sa.Table(
+        name + DEAD_SUFFIX,
+        metadata,
+        *_event_columns(autoincrement=False),
+        sa.Index(f"ix_{name}{DEAD_SUFFIX}_event_id", "event_id"),
+        sa.Index(f"ix_{name}{DEAD_SUFFIX}_key", "idempotency_key"),
+    )
+    # Append-only: only the primary key, so keeping history costs the drain one index entry.
+    # Retention deletes by published_at with a scan; searches by event id or key scan too.
+    sa.Table(name + PUBLISHED_SUFFIX, metadata, *_event_columns(autoincrement=False))
+    sa.event.listen(hot, "after_create", _hot_table_storage(hot))
+    return hot
+
+
+def _hot_table_storage(hot: sa.Table) -> sa.DDLElement:
+    options = ", ".join(f"{k} = {v}" for k, v in HOT_TABLE_STORAGE.items())
+    return sa.DDL(f"ALTER TABLE %(fullname)s SET ({options})").execute_if(dialect="postgresql")
+
+
+def dead_table(hot: sa.Table) -> sa.Table:
+    """Where rows of ``hot`` go when they are dead-lettered (same columns)."""
+    return hot.metadata.tables[_qualified(hot, DEAD_SUFFIX)]
+
+
+def published_table(hot: sa.Table) -> sa.Table:
+    """The append-only log of rows of ``hot`` that were published (same columns)."""
+    return hot.metadata.tables[_qualified(hot, PUBLISHED_SUFFIX)]
+
+
+def _qualified(hot: sa.Table, suffix: str) -> str:
+    return f"{hot.schema}.{hot.name}{suffix}" if hot.schema else hot.name + suffix
 
 
 _PLAIN_NAME = re.compile(r"[a-z_][a-z0-9_]{0,53}")

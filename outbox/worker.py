@@ -281,7 +281,7 @@ class Worker:
         started = time.perf_counter()
         # Rows sent alone go a few at a time: a claim can take longer than one request, so its
         # lease is renewed while it is being published (a killed worker stops renewing).
-        renewal = asyncio.create_task(self._keep_leased(token))
+        renewal = asyncio.create_task(self._keep_leased(token, [row.id for row in rows]))
         try:
             outcome = await deliverer.deliver(rows)
         finally:
@@ -313,12 +313,12 @@ class Worker:
             (time.perf_counter() - started) * 1000,
         )
 
-    async def _keep_leased(self, token: uuid.UUID) -> None:
+    async def _keep_leased(self, token: uuid.UUID, ids: list[int]) -> None:
         lease = self.settings.lease_seconds
         while True:
             await asyncio.sleep(lease / 3)
             try:
-                await self._statement(self.dialect.extend_lease, token, lease)
+                await self._statement(self.dialect.extend_lease, token, lease, ids)
             except sa.exc.DBAPIError as exc:
                 log.warning("could not renew a lease (%s); it may expire", short_error(exc))
 

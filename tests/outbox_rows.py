@@ -13,15 +13,56 @@ from typing import Any
 import sqlalchemy as sa
 
 from outbox import enqueue, outbox_table
+from outbox.admin import events
+from outbox.schema import dead_table, published_table
 
 T = outbox_table()
+#: The three tables read as one, with each row's ``status`` (see :func:`outbox.admin.events`).
+EV = events(T)
+#: Where a row in each state lives.
+TABLE_OF = {
+    "pending": T,
+    "in_flight": T,
+    "dead": dead_table(T),
+    "published": published_table(T),
+}
 #: Longer than any test: a row leased until then stays in flight while a worker runs.
 FAR_FUTURE = dt.datetime(2999, 1, 1, tzinfo=dt.UTC)
 
 
 def set_row(engine: sa.Engine, row_id: int, **values: Any) -> None:
+    """Give a row column ``values``; a ``status`` moves it to the table of that state."""
     with engine.begin() as conn:
-        conn.execute(sa.update(T).where(T.c.id == row_id).values(**values))
+        set_row_in(conn, row_id, **values)
+
+
+def set_row_in(conn: sa.Connection, row_id: int, **values: Any) -> None:
+    status = values.pop("status", None)
+    source = table_holding(conn, row_id)
+    target = source if status is None else TABLE_OF[status]
+    if status == "pending":
+        values = {"lease_token": None, "lease_expires_at": None, **values}
+    if target is source:
+        if values:
+            conn.execute(sa.update(source).where(source.c.id == row_id).values(**values))
+        return
+    moved = {**conn.execute(sa.select(source).where(source.c.id == row_id)).one()._mapping}
+    conn.execute(sa.insert(target).values(**{**moved, **values}))
+    conn.execute(sa.delete(source).where(source.c.id == row_id))
+
+
+def table_holding(conn: sa.Connection, row_id: int) -> sa.Table:
+    """The table a row is in now."""
+    for table in (T, TABLE_OF["dead"], TABLE_OF["published"]):
+        if conn.execute(sa.select(table.c.id).where(table.c.id == row_id)).first():
+            return table
+    raise LookupError(f"no row {row_id}")
+
+
+def counts(conn: sa.Connection) -> dict[str, int]:
+    """Rows per status, over the three tables."""
+    query = sa.select(EV.c.status, sa.func.count()).group_by(EV.c.status)
+    return {status: int(n) for status, n in conn.execute(query)}
 
 
 def add(
@@ -74,5 +115,6 @@ def add_in_flight(engine: sa.Engine, channel: str = "orders", **values: Any) -> 
 
 
 def row(engine: sa.Engine, row_id: int) -> Any:
+    """A row wherever it is, with its ``status``."""
     with engine.connect() as conn:
-        return conn.execute(sa.select(T).where(T.c.id == row_id)).one()
+        return conn.execute(sa.select(EV).where(EV.c.id == row_id)).one()

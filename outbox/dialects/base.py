@@ -1,8 +1,10 @@
 """The database seam: what every database must provide, and the values that cross it.
 
 Each statement does one whole step of the flow (claim a batch, ack a batch, reschedule, bury,
-release, renew, reclaim, trim) in a single round trip, guarded by the lease token where it acts on
-a claim. The worker calls them inside short transactions and never holds one open across HTTP.
+release, renew, reclaim, trim) in as few round trips as the database allows, guarded by the lease
+token where it acts on a claim. The hot table holds only what is still to be sent: an ack moves
+its rows to the published log and a burial to the dead table, in the same statement or
+transaction, so the claim never has to step over history. The worker calls them inside short transactions and never holds one open across HTTP.
 A database module (:mod:`.postgresql`, :mod:`.sqlite`) subclasses :class:`Dialect` and writes
 only these statements; ``tests/test_dialects.py`` runs each of them against every database.
 """
@@ -23,9 +25,12 @@ from ..schema import (
     ACK_ID_MAX,
     ERROR_CODE_MAX,
     ERROR_MESSAGE_MAX,
+    EVENT_COLUMNS,
     SERIAL_MAX,
     Status,
     UTCDateTime,
+    dead_table,
+    published_table,
     utc_now,
 )
 
@@ -137,7 +142,7 @@ class Dialect(abc.ABC):
         lease_seconds: float,
         token: uuid.UUID,
     ) -> list[ClaimedRow]:
-        """Lease up to ``limit`` due rows (pending and due, oldest first) under ``token``.
+        """Lease up to ``limit`` due rows (due, not leased or lease expired; oldest first).
 
         Each claimed row counts one more attempt; the lease expires ``lease_seconds`` from now
         by the database clock. Rows come back in id order.
@@ -145,9 +150,14 @@ class Dialect(abc.ABC):
 
     @abc.abstractmethod
     def extend_lease(
-        self, conn: sa.Connection, table: sa.Table, token: uuid.UUID, lease_seconds: float
+        self,
+        conn: sa.Connection,
+        table: sa.Table,
+        token: uuid.UUID,
+        lease_seconds: float,
+        ids: Sequence[int],
     ) -> int:
-        """Push the expiry of every row still leased under ``token`` to now + ``lease_seconds``."""
+        """Push the expiry of the rows ``ids`` still leased under ``token`` to now + ``lease_seconds``."""
 
     # -- the outcome of a claim (every statement is guarded by the claim's token) -------------
 
@@ -155,8 +165,9 @@ class Dialect(abc.ABC):
     def ack_published(
         self, conn: sa.Connection, table: sa.Table, token: uuid.UUID, acks: Sequence[Ack]
     ) -> int:
-        """Mark leased rows published with their acknowledgements; returns rows changed."""
+        """Move leased rows to the published log with their acknowledgements; returns how many."""
 
+    @abc.abstractmethod
     def reschedule(
         self,
         conn: sa.Connection,
@@ -165,30 +176,17 @@ class Dialect(abc.ABC):
         failures: Sequence[Failure],
         refund: bool = False,
     ) -> int:
-        """Put leased rows back to pending, due after each failure's delay, with the error kept.
+        """Give leased rows back to the queue, due after each failure's delay, with the error kept.
 
         ``refund`` takes back the attempt counted at claim (no request carried the row to the
         server's idempotency layer), so a first attempt may go in a batch again.
         """
-        return self._finish(conn, table, token, failures, Status.PENDING, refund)
 
+    @abc.abstractmethod
     def mark_dead(
         self, conn: sa.Connection, table: sa.Table, token: uuid.UUID, failures: Sequence[Failure]
     ) -> int:
-        """Dead-letter leased rows with the reason."""
-        return self._finish(conn, table, token, failures, Status.DEAD, False)
-
-    @abc.abstractmethod
-    def _finish(
-        self,
-        conn: sa.Connection,
-        table: sa.Table,
-        token: uuid.UUID,
-        failures: Sequence[Failure],
-        status: Status,
-        refund: bool,
-    ) -> int:
-        """The one statement behind :meth:`reschedule` and :meth:`mark_dead`."""
+        """Move leased rows to the dead table with the reason; returns how many."""
 
     @abc.abstractmethod
     def release(
@@ -205,36 +203,35 @@ class Dialect(abc.ABC):
         claim carried (its batch went out), which must stay a retry and go alone.
         """
 
-    # -- upkeep -------------------------------------------------------------------------------
+    # -- upkeep (portable) --------------------------------------------------------------------
 
-    @abc.abstractmethod
     def reclaim_expired(self, conn: sa.Connection, table: sa.Table) -> int:
-        """Return rows whose lease expired to pending; they keep their attempt count (sent alone)."""
+        """Clear leases that expired (a killed worker's); returns how many.
+
+        The claim already takes rows whose lease expired; this makes them read as pending
+        again for operators and counts the takeovers. They keep their attempt count, so they
+        go alone next time (they may have been sent).
+        """
+        t = table
+        stmt = (
+            sa.update(t)
+            .where(t.c.lease_expires_at <= utc_now())
+            .values(lease_token=None, lease_expires_at=None)
+        )
+        return conn.execute(stmt).rowcount
 
     def delete_published_before(
         self, conn: sa.Connection, table: sa.Table, cutoff: dt.datetime, limit: int
     ) -> int:
-        """Delete up to ``limit`` rows published before ``cutoff``; returns how many.
+        """Delete up to ``limit`` rows of the published log published before ``cutoff``.
 
-        The status is re-checked on the row itself, after any wait for its lock: a row that
-        ``replay --published`` just put back is not published any more and must survive.
+        Only the log is touched: a row ``replay --published`` put back lives in the hot table,
+        out of retention's reach.
         """
-        # Under READ COMMITTED a DELETE that waited for a row lock re-checks only its own WHERE
-        # on the new row version, not the subquery's: hence the status test in both.
-        t = quoted(conn, table)
-        published = literal(Status.PUBLISHED)
-        stmt = sa.text(
-            f"""
-            DELETE FROM {t}
-            WHERE id IN (
-                SELECT id FROM {t}
-                WHERE status = {published} AND published_at < :cutoff
-                LIMIT :limit
-            )
-            AND status = {published} AND published_at < :cutoff
-            """
-        ).bindparams(CUTOFF)
-        return conn.execute(stmt, {"cutoff": cutoff, "limit": limit}).rowcount
+        log = published_table(table)
+        page = sa.select(log.c.id).where(log.c.published_at < cutoff).limit(limit)
+        stmt = sa.delete(log).where(log.c.id.in_(page.scalar_subquery()))
+        return conn.execute(stmt).rowcount
 
     #: Whether :meth:`listen` can wake a worker on commit (else workers only poll).
     notifies: ClassVar[bool] = False
@@ -256,69 +253,76 @@ class Dialect(abc.ABC):
         statuses: Sequence[str],
         new_keys: Sequence[str] | None,
     ) -> int:
-        """Put rows back to pending as a new delivery: a fresh budget, age limit and error state.
+        """Move rows back to the hot table as a new delivery: a fresh budget, age and error state.
 
-        ``new_keys`` (one per id) replaces each row's idempotency key; None keeps the keys, and
-        then each row counts one attempt already, so it goes alone (a batch could skip a key
-        the server still knows and answer 200 without delivering). A row whose status is no
-        longer one of ``statuses`` is left alone.
+        Rows are taken from the dead table and/or the published log, as ``statuses`` names them;
+        a row no longer there (replayed or trimmed meanwhile) is left alone. ``new_keys`` (one
+        per id) replaces each row's idempotency key; None keeps the keys, and then each row
+        counts one attempt already, so it goes alone (a batch could skip a key the server still
+        knows and answer 200 without delivering). Returns how many rows moved.
         """
-        t = table
-        values: dict[str, Any] = {
-            "status": Status.PENDING.value,
-            "attempts": 0 if new_keys is not None else 1,
-            "failures": 0,
-            "queued_at": utc_now(),
-            "next_attempt_at": utc_now(),
-            "lease_token": None,
-            "lease_expires_at": None,
-            "published_at": None,
-            "acknowledgement_id": None,
-            "message_serial": None,
-            "history_serial": None,
-            "last_error_status": None,
-            "last_error_code": None,
-            "last_error_message": None,
-            "last_error_at": None,
-        }
-        # One statement executed per row (executemany): an IN list would be an "expanding"
-        # parameter, which executemany refuses.
-        guard = sa.and_(
-            t.c.id == sa.bindparam("row_id"), sa.or_(*(t.c.status == str(s) for s in statuses))
-        )
-        if new_keys is None:
-            stmt = sa.update(t).where(guard).values(**values)
-            params = [{"row_id": i} for i in ids]
-        else:
-            stmt = sa.update(t).where(guard).values(**values, idempotency_key=sa.bindparam("key"))
-            params = [{"row_id": i, "key": k} for i, k in zip(ids, new_keys, strict=True)]
-        if not params:
-            return 0
-        result = conn.execute(stmt, params)
-        return result.rowcount if result.rowcount >= 0 else len(params)
+        keys = dict(zip(ids, new_keys, strict=True)) if new_keys is not None else None
+        moved = 0
+        for source in _sources(table, statuses):
+            rows = [
+                dict(r._mapping)
+                for r in conn.execute(
+                    sa.select(source).where(source.c.id.in_(list(ids))).with_for_update()
+                )
+            ]
+            if not rows:
+                continue
+            now = dt.datetime.now(dt.UTC)
+            for row in rows:
+                row.update(_REPLAYED, attempts=0 if keys is not None else 1)
+                row.update(queued_at=now, next_attempt_at=now)
+                if keys is not None:
+                    row["idempotency_key"] = keys[row["id"]]
+            conn.execute(sa.insert(table), rows)
+            taken = [r["id"] for r in rows]
+            conn.execute(sa.delete(source).where(source.c.id.in_(taken)))
+            moved += len(rows)
+        return moved
 
     def release_leases(self, conn: sa.Connection, table: sa.Table, expired_only: bool) -> int:
-        """Put leased rows back to pending, due now; they keep their attempt count."""
+        """Clear leases (only expired ones, or all), due now; rows keep their attempt count."""
         t = table
-        where = [t.c.status == Status.IN_FLIGHT.value]
+        where = [t.c.lease_expires_at.is_not(None)]
         if expired_only:
             where.append(t.c.lease_expires_at <= utc_now())
         stmt = (
             sa.update(t)
             .where(*where)
-            .values(
-                status=Status.PENDING.value,
-                next_attempt_at=utc_now(),
-                lease_token=None,
-                lease_expires_at=None,
-            )
+            .values(next_attempt_at=utc_now(), lease_token=None, lease_expires_at=None)
         )
         return conn.execute(stmt).rowcount
 
 
-def literal(status: Status) -> str:
-    """A status as an SQL string literal, for statements that a partial index must match."""
-    return f"'{status.value}'"
+#: What a replay resets: the row starts over as a new delivery.
+_REPLAYED: dict[str, Any] = {
+    "failures": 0,
+    "lease_token": None,
+    "lease_expires_at": None,
+    "published_at": None,
+    "acknowledgement_id": None,
+    "message_serial": None,
+    "history_serial": None,
+    "last_error_status": None,
+    "last_error_code": None,
+    "last_error_message": None,
+    "last_error_at": None,
+}
+
+
+def _sources(table: sa.Table, statuses: Sequence[str]) -> list[sa.Table]:
+    """The tables holding rows in ``statuses`` that a replay may take from."""
+    sources = {Status.DEAD.value: dead_table(table), Status.PUBLISHED.value: published_table(table)}
+    return [sources[s] for s in sources if s in statuses]
+
+
+def moved_columns(prefix: str = "") -> str:
+    """Every column, as a list for an INSERT ... SELECT that moves rows between the tables."""
+    return ", ".join(prefix + name for name in EVENT_COLUMNS)
 
 
 def quoted(conn: sa.Connection | sa.Engine, table: sa.Table) -> str:

@@ -1,9 +1,16 @@
-"""PostgreSQL statements: ``SKIP LOCKED`` claims, array-driven batch updates, LISTEN/NOTIFY.
+"""PostgreSQL statements: ``SKIP LOCKED`` claims, array-driven batch statements, LISTEN/NOTIFY.
 
-Times come from ``statement_timestamp()`` (the database clock, shared by every worker), so leases
-and backoff do not depend on the clocks of the hosts running workers. Status values are written
-into the SQL as literals (from :class:`~outbox.schema.Status`) rather than bound: the planner can
-only use a partial index (``WHERE status = 'pending'``) when it sees the literal.
+The hot statements go to psycopg directly, as prepared statements on the connection SQLAlchemy's
+pool lent for the transaction: per row they cost a tuple, not a result-processing pass (measured:
+SQLAlchemy's ``text()`` on the hot path cost a third of the worker's time). Times come from
+``statement_timestamp()`` (the database clock, shared by every worker), so leases and backoff do
+not depend on the clocks of the hosts running workers.
+
+The shape that keeps PostgreSQL's share small (see docs/performance.md): the claim changes only
+columns no index holds, so it is a HOT update on a table with free space in each page
+(``fillfactor`` 50); the ack and the burial are one ``DELETE ... RETURNING`` feeding an
+``INSERT`` into the published log or the dead table, which writes no entry in the hot table's
+indexes. A lost claim is never a problem: an expired lease is claimable as it stands.
 """
 
 from __future__ import annotations
@@ -11,33 +18,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from functools import cache
+from typing import Any
 
 import sqlalchemy as sa
 
 from .. import schema
 from ..database import libpq_conninfo
-from ..schema import Status
+from ..schema import dead_table, published_table
 from .base import (
-    TOKEN,
+    CLAIM_COLUMNS,
+    EVENT_COLUMNS,
     Ack,
     ClaimedRow,
     Dialect,
     Failure,
     OnNotify,
-    claim_columns,
-    claimed_rows,
-    literal,
     quoted,
 )
 
 log = logging.getLogger("outbox.worker")
 
-PENDING, IN_FLIGHT, PUBLISHED = (
-    literal(s) for s in (Status.PENDING, Status.IN_FLIGHT, Status.PUBLISHED)
-)
 #: Seconds between attempts to re-open a lost LISTEN connection (the worker polls meanwhile).
 LISTEN_RETRY = 1.0
+_NOW = "statement_timestamp()"
 
 
 def notify_channel(table: sa.Table) -> str:
@@ -45,9 +50,130 @@ def notify_channel(table: sa.Table) -> str:
     return schema.notify_channel(table.name)
 
 
+def _moved(prefix: str, overrides: Mapping[str, str]) -> str:
+    """The SELECT list that moves a row to another table, some columns replaced."""
+    return ", ".join(overrides.get(c, prefix + c) for c in EVENT_COLUMNS)
+
+
+@cache
+def _statements(hot: str, published: str, dead: str) -> dict[str, str]:
+    """The hot statements of one table, as psycopg SQL (prepared once per connection)."""
+    lease = f"{_NOW} + make_interval(secs => %(lease)s)"
+    cleared = {"lease_token": "NULL", "lease_expires_at": "NULL"}
+    errors = """unnest(%(ids)s::bigint[], %(delays)s::float8[], %(statuses)s::integer[],
+                       %(codes)s::text[], %(messages)s::text[], %(charges)s::integer[])
+                AS f(id, delay, status, code, message, charge)"""
+    return {
+        # SKIP LOCKED lets concurrent workers take disjoint batches without waiting on each
+        # other. After the row lock, READ COMMITTED re-checks the lease test on the newest
+        # version, so a row another worker just claimed is passed over, not claimed twice.
+        "claim": f"""
+            WITH due AS (
+                SELECT id FROM {hot}
+                WHERE next_attempt_at <= {_NOW}
+                  AND (lease_expires_at IS NULL OR lease_expires_at <= {_NOW})
+                ORDER BY next_attempt_at, id
+                LIMIT %(limit)s
+                FOR UPDATE SKIP LOCKED
+            )
+            UPDATE {hot} AS o
+            SET lease_token = %(token)s, lease_expires_at = {lease}, attempts = o.attempts + 1
+            FROM due
+            WHERE o.id = due.id
+            RETURNING {", ".join("o." + c for c in CLAIM_COLUMNS)}
+        """,
+        "extend": f"""
+            UPDATE {hot} SET lease_expires_at = {lease}
+            WHERE id = ANY(%(ids)s::bigint[]) AND lease_token = %(token)s
+        """,
+        # The token guard makes a stale worker's ack (its lease expired and was re-taken)
+        # change nothing: the DELETE finds no row, so nothing reaches the log either.
+        "ack": f"""
+            WITH a AS (
+                SELECT * FROM unnest(%(ids)s::bigint[], %(acks)s::text[],
+                                     %(message_serials)s::text[], %(history_serials)s::text[])
+                    AS a(id, ack, message_serial, history_serial)
+            ), done AS (
+                DELETE FROM {hot} AS o USING a
+                WHERE o.id = a.id AND o.lease_token = %(token)s
+                RETURNING o.*, a.ack AS a_ack, a.message_serial AS a_message_serial,
+                          a.history_serial AS a_history_serial
+            )
+            INSERT INTO {published} ({", ".join(EVENT_COLUMNS)})
+            SELECT {
+            _moved(
+                "",
+                {
+                    **cleared,
+                    "published_at": _NOW,
+                    "acknowledgement_id": "a_ack",
+                    "message_serial": "a_message_serial",
+                    "history_serial": "a_history_serial",
+                },
+            )
+        }
+            FROM done
+        """,
+        "reschedule": f"""
+            UPDATE {hot} AS o
+            SET next_attempt_at = {_NOW} + make_interval(secs => f.delay),
+                attempts = o.attempts - %(refund)s,
+                failures = o.failures + f.charge,
+                lease_token = NULL,
+                lease_expires_at = NULL,
+                last_error_status = f.status,
+                last_error_code = f.code,
+                last_error_message = f.message,
+                last_error_at = {_NOW}
+            FROM {errors}
+            WHERE o.id = f.id AND o.lease_token = %(token)s
+        """,
+        "bury": f"""
+            WITH done AS (
+                DELETE FROM {hot} AS o USING {errors}
+                WHERE o.id = f.id AND o.lease_token = %(token)s
+                RETURNING o.*, f.status AS f_status, f.code AS f_code, f.message AS f_message,
+                          f.charge AS f_charge
+            )
+            INSERT INTO {dead} ({", ".join(EVENT_COLUMNS)})
+            SELECT {
+            _moved(
+                "",
+                {
+                    **cleared,
+                    "failures": "failures + f_charge",
+                    "last_error_status": "f_status",
+                    "last_error_code": "f_code",
+                    "last_error_message": "f_message",
+                    "last_error_at": _NOW,
+                },
+            )
+        }
+            FROM done
+        """,
+        "release": f"""
+            UPDATE {hot}
+            SET attempts = attempts - %(refund)s, next_attempt_at = {_NOW},
+                lease_token = NULL, lease_expires_at = NULL
+            WHERE id = ANY(%(ids)s::bigint[]) AND lease_token = %(token)s
+        """,
+    }
+
+
 class PostgresDialect(Dialect):
     name = "postgresql"
     notifies = True
+
+    def _run(
+        self, conn: sa.Connection, table: sa.Table, name: str, params: Mapping[str, Any]
+    ) -> Any:
+        """Execute one hot statement on the driver's connection; returns its psycopg cursor."""
+        # psycopg reads % as a placeholder: a table name holding one must be escaped.
+        names = (quoted(conn, t).replace("%", "%%") for t in _tables(table))
+        sql = _statements(*names)[name]
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        cursor.execute(sql, params, prepare=True)
+        return cursor
 
     def claim_batch(
         self,
@@ -57,70 +183,28 @@ class PostgresDialect(Dialect):
         lease_seconds: float,
         token: uuid.UUID,
     ) -> list[ClaimedRow]:
-        # SKIP LOCKED lets concurrent workers take disjoint batches without waiting on each
-        # other; the CTE and the UPDATE are one statement, so a claim is atomic.
-        t = quoted(conn, table)
-        stmt = sa.text(
-            f"""
-            WITH due AS (
-                SELECT id FROM {t}
-                WHERE status = {PENDING} AND next_attempt_at <= statement_timestamp()
-                ORDER BY next_attempt_at, id
-                LIMIT :limit
-                FOR UPDATE SKIP LOCKED
-            )
-            UPDATE {t} AS o
-            SET status = {IN_FLIGHT},
-                lease_token = :token,
-                lease_expires_at = statement_timestamp() + make_interval(secs => :lease),
-                attempts = o.attempts + 1
-            FROM due
-            WHERE o.id = due.id
-            RETURNING {claim_columns("o.")}
-            """
-        ).bindparams(TOKEN)
-        stmt = stmt.columns(queued_at=schema.UTCDateTime())
         params = {"limit": limit, "token": token, "lease": float(lease_seconds)}
-        return claimed_rows(conn.execute(stmt, params))
+        with self._run(conn, table, "claim", params) as cursor:
+            rows = [ClaimedRow(*values) for values in cursor.fetchall()]
+        return sorted(rows, key=lambda r: r.id)
 
     def extend_lease(
-        self, conn: sa.Connection, table: sa.Table, token: uuid.UUID, lease_seconds: float
+        self,
+        conn: sa.Connection,
+        table: sa.Table,
+        token: uuid.UUID,
+        lease_seconds: float,
+        ids: Sequence[int],
     ) -> int:
-        # Reads the small in-flight partial index; a lease already taken over is not touched.
-        t = quoted(conn, table)
-        stmt = sa.text(
-            f"""
-            UPDATE {t}
-            SET lease_expires_at = statement_timestamp() + make_interval(secs => :lease)
-            WHERE status = {IN_FLIGHT} AND lease_token = :token
-            """
-        ).bindparams(TOKEN)
-        return conn.execute(stmt, {"token": token, "lease": float(lease_seconds)}).rowcount
+        params = {"ids": list(ids), "token": token, "lease": float(lease_seconds)}
+        with self._run(conn, table, "extend", params) as cursor:
+            return int(cursor.rowcount)
 
     def ack_published(
         self, conn: sa.Connection, table: sa.Table, token: uuid.UUID, acks: Sequence[Ack]
     ) -> int:
         if not acks:
             return 0
-        # One statement for the whole batch: parallel arrays unnested into rows. The token
-        # guard makes a stale worker's ack (its lease expired and was re-taken) change nothing.
-        t = quoted(conn, table)
-        stmt = sa.text(
-            f"""
-            UPDATE {t} AS o
-            SET status = {PUBLISHED},
-                published_at = statement_timestamp(),
-                acknowledgement_id = a.ack,
-                message_serial = a.message_serial,
-                history_serial = a.history_serial,
-                lease_token = NULL,
-                lease_expires_at = NULL
-            FROM unnest(CAST(:ids AS bigint[]), CAST(:acks AS text[]),
-                        CAST(:message_serials AS text[]), CAST(:history_serials AS text[]))
-                 AS a(id, ack, message_serial, history_serial)
-            WHERE o.id = a.id AND o.lease_token = :token AND o.status = {IN_FLIGHT}
-            """
-        ).bindparams(TOKEN)
         params = {
             "ids": [a.id for a in acks],
             "acks": [a.acknowledgement_id for a in acks],
@@ -128,52 +212,29 @@ class PostgresDialect(Dialect):
             "history_serials": [a.history_serial for a in acks],
             "token": token,
         }
-        return conn.execute(stmt, params).rowcount
+        with self._run(conn, table, "ack", params) as cursor:
+            return int(cursor.rowcount)
 
-    def _finish(
+    def reschedule(
         self,
         conn: sa.Connection,
         table: sa.Table,
         token: uuid.UUID,
         failures: Sequence[Failure],
-        status: Status,
-        refund: bool,
+        refund: bool = False,
     ) -> int:
         if not failures:
             return 0
-        t = quoted(conn, table)
-        stmt = sa.text(
-            f"""
-            UPDATE {t} AS o
-            SET status = :status,
-                next_attempt_at = statement_timestamp() + make_interval(secs => f.delay),
-                attempts = o.attempts - :refund,
-                failures = o.failures + f.charge,
-                lease_token = NULL,
-                lease_expires_at = NULL,
-                last_error_status = f.status,
-                last_error_code = f.code,
-                last_error_message = f.message,
-                last_error_at = statement_timestamp()
-            FROM unnest(CAST(:ids AS bigint[]), CAST(:delays AS float8[]),
-                        CAST(:statuses AS integer[]), CAST(:codes AS text[]),
-                        CAST(:messages AS text[]), CAST(:charges AS integer[]))
-                 AS f(id, delay, status, code, message, charge)
-            WHERE o.id = f.id AND o.lease_token = :token AND o.status = {IN_FLIGHT}
-            """
-        ).bindparams(TOKEN)
-        params = {
-            "status": status.value,
-            "refund": int(refund),
-            "ids": [f.id for f in failures],
-            "delays": [float(f.delay) for f in failures],
-            "statuses": [f.status for f in failures],
-            "codes": [f.code for f in failures],
-            "messages": [f.message for f in failures],
-            "charges": [int(f.charged) for f in failures],
-            "token": token,
-        }
-        return conn.execute(stmt, params).rowcount
+        with self._run(conn, table, "reschedule", _failure_params(token, failures, refund)) as c:
+            return int(c.rowcount)
+
+    def mark_dead(
+        self, conn: sa.Connection, table: sa.Table, token: uuid.UUID, failures: Sequence[Failure]
+    ) -> int:
+        if not failures:
+            return 0
+        with self._run(conn, table, "bury", _failure_params(token, failures, False)) as c:
+            return int(c.rowcount)
 
     def release(
         self,
@@ -185,32 +246,9 @@ class PostgresDialect(Dialect):
     ) -> int:
         if not ids:
             return 0
-        t = quoted(conn, table)
-        stmt = sa.text(
-            f"""
-            UPDATE {t}
-            SET status = {PENDING}, attempts = attempts - :refund,
-                next_attempt_at = statement_timestamp(),
-                lease_token = NULL, lease_expires_at = NULL
-            WHERE id = ANY(CAST(:ids AS bigint[])) AND lease_token = :token
-              AND status = {IN_FLIGHT}
-            """
-        ).bindparams(TOKEN)
         params = {"ids": list(ids), "token": token, "refund": int(refund)}
-        return conn.execute(stmt, params).rowcount
-
-    def reclaim_expired(self, conn: sa.Connection, table: sa.Table) -> int:
-        # The row keeps its attempt count: it may have been sent, so it goes alone next time.
-        t = quoted(conn, table)
-        stmt = sa.text(
-            f"""
-            UPDATE {t}
-            SET status = {PENDING}, next_attempt_at = statement_timestamp(),
-                lease_token = NULL, lease_expires_at = NULL
-            WHERE status = {IN_FLIGHT} AND lease_expires_at <= statement_timestamp()
-            """
-        )
-        return conn.execute(stmt).rowcount
+        with self._run(conn, table, "release", params) as cursor:
+            return int(cursor.rowcount)
 
     async def listen(self, engine: sa.Engine, table: sa.Table, on_notify: OnNotify) -> None:
         """LISTEN on the table's channel with an asyncio psycopg connection of its own.
@@ -236,3 +274,20 @@ class PostgresDialect(Dialect):
             except psycopg.Error as exc:
                 log.debug("LISTEN connection lost (%s); polling until it is back", exc)
                 await asyncio.sleep(LISTEN_RETRY)
+
+
+def _tables(hot: sa.Table) -> tuple[sa.Table, sa.Table, sa.Table]:
+    return hot, published_table(hot), dead_table(hot)
+
+
+def _failure_params(token: uuid.UUID, failures: Sequence[Failure], refund: bool) -> dict[str, Any]:
+    return {
+        "ids": [f.id for f in failures],
+        "delays": [float(f.delay) for f in failures],
+        "statuses": [f.status for f in failures],
+        "codes": [f.code for f in failures],
+        "messages": [f.message for f in failures],
+        "charges": [int(f.charged) for f in failures],
+        "refund": int(refund),
+        "token": token,
+    }

@@ -1,39 +1,54 @@
-"""SQLite statements: one ``UPDATE ... RETURNING`` claim, JSON-driven batch updates.
+"""SQLite statements: one ``UPDATE ... RETURNING`` claim, JSON-driven batch statements.
 
 SQLite has a single writer: a write transaction excludes every other, so the claim needs no
-``SKIP LOCKED`` to keep two workers off the same rows. Being embedded, its clock is this host's
-clock; times are computed in SQL all the same, in the fixed-width text form the table stores.
+``SKIP LOCKED`` to keep two workers off the same rows, and moving rows to the published log or the
+dead table takes two statements (an ``INSERT ... SELECT`` and a ``DELETE``) in one transaction
+without any other writer seeing the gap. Being embedded, its clock is this host's clock; times
+are computed in SQL all the same, in the fixed-width text form the tables store.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import sqlite3
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import sqlalchemy as sa
 
-from ..schema import Status, UTCDateTime
+from ..schema import UTCDateTime, dead_table, published_table
 from .base import (
+    EVENT_COLUMNS,
     TOKEN,
     Ack,
     ClaimedRow,
     Dialect,
     Failure,
+    OnNotify,
     claim_columns,
     claimed_rows,
-    literal,
     quoted,
 )
 
-PENDING, IN_FLIGHT, PUBLISHED = (
-    literal(s) for s in (Status.PENDING, Status.IN_FLIGHT, Status.PUBLISHED)
-)
+log = logging.getLogger("outbox.worker")
+
 _NOW = "strftime('%Y-%m-%d %H:%M:%f000', 'now')"
+#: How often a worker looks whether another connection committed (``PRAGMA data_version``).
+WATCH_INTERVAL = 0.01
 
 
 def _now_plus(seconds_sql: str) -> str:
     return f"strftime('%Y-%m-%d %H:%M:%f000', 'now', printf('%+.6f seconds', {seconds_sql}))"
+
+
+def _moved(overrides: Mapping[str, str]) -> str:
+    """The SELECT list that moves a row of ``o`` to another table, some columns replaced."""
+    return ", ".join(overrides.get(c, "o." + c) for c in EVENT_COLUMNS)
+
+
+_CLEARED = {"lease_token": "NULL", "lease_expires_at": "NULL"}
 
 
 class SQLiteDialect(Dialect):
@@ -48,21 +63,19 @@ class SQLiteDialect(Dialect):
         token: uuid.UUID,
     ) -> list[ClaimedRow]:
         t = quoted(conn, table)
-        # Without statistics SQLite prefers the (status, created_at) index and sorts every
-        # pending row on each claim (measured: 10 ms for 20,000 pending rows, growing with the
-        # backlog). INDEXED BY pins the partial index, which yields due rows already in order:
-        # one batch read per claim (1.4 ms), however long the backlog or the history.
-        pending_index = conn.dialect.identifier_preparer.quote(f"ix_{table.name}_pending")
+        # INDEXED BY pins the due index, which yields due rows already in order: one batch read
+        # per claim however long the backlog (without statistics SQLite may sort them all).
+        due_index = conn.dialect.identifier_preparer.quote(f"ix_{table.name}_due")
         stmt = sa.text(
             f"""
             UPDATE {t}
-            SET status = {IN_FLIGHT},
-                lease_token = :token,
+            SET lease_token = :token,
                 lease_expires_at = {_now_plus(":lease")},
                 attempts = attempts + 1
             WHERE id IN (
-                SELECT id FROM {t} INDEXED BY {pending_index}
-                WHERE status = {PENDING} AND next_attempt_at <= {_NOW}
+                SELECT id FROM {t} INDEXED BY {due_index}
+                WHERE next_attempt_at <= {_NOW}
+                  AND (lease_expires_at IS NULL OR lease_expires_at <= {_NOW})
                 ORDER BY next_attempt_at, id
                 LIMIT :limit
             )
@@ -73,72 +86,120 @@ class SQLiteDialect(Dialect):
         params = {"limit": limit, "token": token, "lease": float(lease_seconds)}
         return claimed_rows(conn.execute(stmt, params))
 
+    def extend_lease(
+        self,
+        conn: sa.Connection,
+        table: sa.Table,
+        token: uuid.UUID,
+        lease_seconds: float,
+        ids: Sequence[int],
+    ) -> int:
+        t = quoted(conn, table)
+        stmt = sa.text(
+            f"""
+            UPDATE {t}
+            SET lease_expires_at = {_now_plus(":lease")}
+            WHERE id IN (SELECT value FROM json_each(:ids)) AND lease_token = :token
+            """
+        ).bindparams(TOKEN)
+        params = {"ids": json.dumps(list(ids)), "token": token, "lease": float(lease_seconds)}
+        return conn.execute(stmt, params).rowcount
+
     def ack_published(
         self, conn: sa.Connection, table: sa.Table, token: uuid.UUID, acks: Sequence[Ack]
     ) -> int:
         if not acks:
             return 0
-        # The batch travels as one JSON array parameter and is joined with json_each: one
-        # statement whatever the batch size. The token guard ignores a stale worker's ack.
-        # NOT INDEXED keeps SQLite from walking the (status, created_at) index and re-reading
-        # the JSON for every row in flight; rows are then found by primary key (6 ms -> 1.6 ms
-        # for 100 rows). The same holds for the other statements driven by a JSON list.
-        t = quoted(conn, table)
+        # The batch travels as one JSON array parameter joined with json_each: one statement
+        # whatever the batch size. The token guard ignores a stale worker's ack.
         payload = json.dumps(
             [[a.id, a.acknowledgement_id, a.message_serial, a.history_serial] for a in acks]
         )
-        stmt = sa.text(
-            f"""
-            UPDATE {t} NOT INDEXED
-            SET status = {PUBLISHED},
-                published_at = {_NOW},
-                acknowledgement_id = json_extract(a.value, '$[1]'),
-                message_serial = json_extract(a.value, '$[2]'),
-                history_serial = json_extract(a.value, '$[3]'),
-                lease_token = NULL,
-                lease_expires_at = NULL
-            FROM json_each(:payload) AS a
-            WHERE {t}.id = json_extract(a.value, '$[0]')
-              AND {t}.lease_token = :token AND {t}.status = {IN_FLIGHT}
-            """
-        ).bindparams(TOKEN)
-        return conn.execute(stmt, {"payload": payload, "token": token}).rowcount
+        overrides = {
+            **_CLEARED,
+            "published_at": _NOW,
+            "acknowledgement_id": "json_extract(a.value, '$[1]')",
+            "message_serial": "json_extract(a.value, '$[2]')",
+            "history_serial": "json_extract(a.value, '$[3]')",
+        }
+        return self._move(conn, table, published_table(table), token, payload, overrides)
 
-    def _finish(
+    def reschedule(
         self,
         conn: sa.Connection,
         table: sa.Table,
         token: uuid.UUID,
         failures: Sequence[Failure],
-        status: Status,
-        refund: bool,
+        refund: bool = False,
     ) -> int:
         if not failures:
             return 0
         t = quoted(conn, table)
-        payload = json.dumps(
-            [[f.id, float(f.delay), f.status, f.code, f.message, int(f.charged)] for f in failures]
-        )
+        # NOT INDEXED: rows are found by primary key, not by walking an index and re-reading
+        # the JSON for every row (6 ms -> 1.6 ms for 100 rows).
         stmt = sa.text(
             f"""
             UPDATE {t} NOT INDEXED
-            SET status = :status,
-                next_attempt_at = {_now_plus("json_extract(f.value, '$[1]')")},
+            SET next_attempt_at = {_now_plus("json_extract(a.value, '$[1]')")},
                 attempts = attempts - :refund,
-                failures = failures + json_extract(f.value, '$[5]'),
+                failures = failures + json_extract(a.value, '$[5]'),
                 lease_token = NULL,
                 lease_expires_at = NULL,
-                last_error_status = json_extract(f.value, '$[2]'),
-                last_error_code = json_extract(f.value, '$[3]'),
-                last_error_message = json_extract(f.value, '$[4]'),
+                last_error_status = json_extract(a.value, '$[2]'),
+                last_error_code = json_extract(a.value, '$[3]'),
+                last_error_message = json_extract(a.value, '$[4]'),
                 last_error_at = {_NOW}
-            FROM json_each(:payload) AS f
-            WHERE {t}.id = json_extract(f.value, '$[0]')
-              AND {t}.lease_token = :token AND {t}.status = {IN_FLIGHT}
+            FROM json_each(:payload) AS a
+            WHERE {t}.id = json_extract(a.value, '$[0]') AND {t}.lease_token = :token
             """
         ).bindparams(TOKEN)
-        params = {"status": status.value, "refund": int(refund), "payload": payload, "token": token}
+        params = {"refund": int(refund), "payload": _failures(failures), "token": token}
         return conn.execute(stmt, params).rowcount
+
+    def mark_dead(
+        self, conn: sa.Connection, table: sa.Table, token: uuid.UUID, failures: Sequence[Failure]
+    ) -> int:
+        if not failures:
+            return 0
+        overrides = {
+            **_CLEARED,
+            "failures": "o.failures + json_extract(a.value, '$[5]')",
+            "last_error_status": "json_extract(a.value, '$[2]')",
+            "last_error_code": "json_extract(a.value, '$[3]')",
+            "last_error_message": "json_extract(a.value, '$[4]')",
+            "last_error_at": _NOW,
+        }
+        return self._move(conn, table, dead_table(table), token, _failures(failures), overrides)
+
+    def _move(
+        self,
+        conn: sa.Connection,
+        table: sa.Table,
+        target: sa.Table,
+        token: uuid.UUID,
+        payload: str,
+        overrides: Mapping[str, str],
+    ) -> int:
+        """Copy the leased rows ``payload`` names into ``target``, then delete them here."""
+        t, into = quoted(conn, table), quoted(conn, target)
+        copy = sa.text(
+            f"""
+            INSERT INTO {into} ({", ".join(EVENT_COLUMNS)})
+            SELECT {_moved(overrides)}
+            FROM json_each(:payload) AS a JOIN {t} AS o ON o.id = json_extract(a.value, '$[0]')
+            WHERE o.lease_token = :token
+            """
+        ).bindparams(TOKEN)
+        moved = conn.execute(copy, {"payload": payload, "token": token}).rowcount
+        delete = sa.text(
+            f"""
+            DELETE FROM {t}
+            WHERE id IN (SELECT json_extract(value, '$[0]') FROM json_each(:payload))
+              AND lease_token = :token
+            """
+        ).bindparams(TOKEN)
+        conn.execute(delete, {"payload": payload, "token": token})
+        return moved
 
     def release(
         self,
@@ -153,37 +214,54 @@ class SQLiteDialect(Dialect):
         t = quoted(conn, table)
         stmt = sa.text(
             f"""
-            UPDATE {t} NOT INDEXED
-            SET status = {PENDING}, attempts = attempts - :refund, next_attempt_at = {_NOW},
+            UPDATE {t}
+            SET attempts = attempts - :refund, next_attempt_at = {_NOW},
                 lease_token = NULL, lease_expires_at = NULL
-            WHERE id IN (SELECT value FROM json_each(:ids))
-              AND lease_token = :token AND status = {IN_FLIGHT}
+            WHERE id IN (SELECT value FROM json_each(:ids)) AND lease_token = :token
             """
         ).bindparams(TOKEN)
         params = {"ids": json.dumps(list(ids)), "token": token, "refund": int(refund)}
         return conn.execute(stmt, params).rowcount
 
-    def extend_lease(
-        self, conn: sa.Connection, table: sa.Table, token: uuid.UUID, lease_seconds: float
-    ) -> int:
-        t = quoted(conn, table)
-        stmt = sa.text(
-            f"""
-            UPDATE {t}
-            SET lease_expires_at = {_now_plus(":lease")}
-            WHERE status = {IN_FLIGHT} AND lease_token = :token
-            """
-        ).bindparams(TOKEN)
-        return conn.execute(stmt, {"token": token, "lease": float(lease_seconds)}).rowcount
+    notifies = True
 
-    def reclaim_expired(self, conn: sa.Connection, table: sa.Table) -> int:
-        t = quoted(conn, table)
-        stmt = sa.text(
-            f"""
-            UPDATE {t}
-            SET status = {PENDING}, next_attempt_at = {_NOW},
-                lease_token = NULL, lease_expires_at = NULL
-            WHERE status = {IN_FLIGHT} AND lease_expires_at <= {_NOW}
-            """
-        )
-        return conn.execute(stmt).rowcount
+    async def listen(self, engine: sa.Engine, table: sa.Table, on_notify: OnNotify) -> None:
+        """Wake the worker when another connection commits to the database file.
+
+        ``PRAGMA data_version`` changes whenever another connection commits and costs a few
+        microseconds to read, so it is watched every 10 ms on a connection of its own: an
+        enqueue is seen within milliseconds instead of at the next poll. ``on_notify`` is called
+        once when the watch begins, for what was committed before. A database without a
+        file (``:memory:``) has no other connection to watch; the worker then only polls.
+        """
+        database = engine.url.database
+        if not database or database == ":memory:" or database.startswith("file::memory:"):
+            await asyncio.Event().wait()
+        # No busy timeout: a reading that meets a lock is skipped, never waited for on the loop.
+        uri = database.startswith("file:")
+        watcher = sqlite3.connect(database, timeout=0, check_same_thread=False, uri=uri)
+        try:
+            last = _data_version(watcher)
+            on_notify()  # whatever was committed before the watch began
+            while True:
+                await asyncio.sleep(WATCH_INTERVAL)
+                try:
+                    version = _data_version(watcher)
+                except sqlite3.Error as exc:
+                    log.debug("cannot read data_version (%s); trying again", exc)
+                    continue
+                if version != last:
+                    last = version
+                    on_notify()
+        finally:
+            watcher.close()
+
+
+def _data_version(connection: sqlite3.Connection) -> int:
+    return int(connection.execute("PRAGMA data_version").fetchone()[0])
+
+
+def _failures(failures: Sequence[Failure]) -> str:
+    return json.dumps(
+        [[f.id, float(f.delay), f.status, f.code, f.message, int(f.charged)] for f in failures]
+    )
