@@ -17,7 +17,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from outbox import outbox_table
+from tests.outbox_rows import EV, counts
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,14 +55,12 @@ def worker_config(database_url: str, sockudo_url: str, **settings: object) -> di
 
 
 def status_counts(engine: sa.Engine) -> Counter[str]:
-    t = outbox_table()
     with engine.connect() as conn:
-        rows = conn.execute(sa.select(t.c.status, sa.func.count()).group_by(t.c.status)).all()
-    return Counter({status: count for status, count in rows})
+        return Counter(counts(conn))
 
 
 def all_rows(engine: sa.Engine) -> list[sa.Row[Any]]:
-    t = outbox_table()
+    t = EV
     with engine.connect() as conn:
         return list(
             conn.execute(
@@ -86,7 +84,7 @@ def all_rows(engine: sa.Engine) -> list[sa.Row[Any]]:
 
 def in_flight(engine: sa.Engine) -> dict[int, tuple[Any, Any]]:
     """Rows leased right now: id -> (lease token, lease expiry)."""
-    t = outbox_table()
+    t = EV
     with engine.connect() as conn:
         rows = conn.execute(
             sa.select(t.c.id, t.c.lease_token, t.c.lease_expires_at).where(

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from outbox import enqueue, outbox_table
 from outbox.admin import events
-from outbox.schema import dead_table, published_table
+from outbox.schema import EVENT_COLUMNS, dead_table, published_table
 
 T = outbox_table()
 #: The three tables read as one, with each row's ``status`` (see :func:`outbox.admin.events`).
@@ -49,6 +49,20 @@ def set_row_in(conn: sa.Connection, row_id: int, **values: Any) -> None:
     moved = {**conn.execute(sa.select(source).where(source.c.id == row_id)).one()._mapping}
     conn.execute(sa.insert(target).values(**{**moved, **values}))
     conn.execute(sa.delete(source).where(source.c.id == row_id))
+
+
+def move_where(
+    conn: sa.Connection, where: sa.ColumnElement[bool], status: str, **values: Any
+) -> None:
+    """Give the hot rows matching ``where`` the column ``values``, then move them to ``status``."""
+    if values:
+        conn.execute(sa.update(T).where(where).values(**values))
+    target = TABLE_OF[status]
+    if target is T:
+        return
+    rows = sa.select(*(T.c[c] for c in EVENT_COLUMNS)).where(where)
+    conn.execute(sa.insert(target).from_select(EVENT_COLUMNS, rows))
+    conn.execute(sa.delete(T).where(where))
 
 
 def table_holding(conn: sa.Connection, row_id: int) -> sa.Table:

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 
 from outbox import admin, enqueue
 from outbox.admin import EventRecord, ReplayFilter, ThroughputBucket
-from tests.outbox_rows import T, add, add_dead, add_published, row, set_row
+from tests.outbox_rows import EV, T, add, add_dead, add_published, row, set_row
 
 T0 = dt.datetime(2026, 1, 1, 10, 0, tzinfo=dt.UTC)
 
@@ -200,7 +200,7 @@ def test_dead_events_lists_exactly_what_a_replay_of_the_selection_changes(engine
         assert admin.count_for_replay(conn, T, selection) == len(listed) == 2
         assert admin.replay(conn, T, selection) == 2
     with engine.connect() as conn:
-        pending = set(conn.execute(sa.select(T.c.id).where(T.c.status == "pending")).scalars())
+        pending = set(conn.execute(sa.select(EV.c.id).where(EV.c.status == "pending")).scalars())
     assert pending == listed
 
 

@@ -18,6 +18,7 @@ from outbox import derive_channel_key, enqueue, outbox_table
 from outbox.cli import main
 from outbox.database import create_engine
 from outbox.settings import ENVIRONMENT
+from tests.outbox_rows import EV, move_where, set_row
 
 T = outbox_table()
 OUTBOX = Path(sys.executable).with_name("outbox")
@@ -48,12 +49,7 @@ def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 
 def rows(engine: sa.Engine) -> dict[int, Any]:
     with engine.connect() as conn:
-        return {r.id: r for r in conn.execute(sa.select(T).order_by(T.c.id))}
-
-
-def set_row(engine: sa.Engine, row_id: int, **values: Any) -> None:
-    with engine.begin() as conn:
-        conn.execute(sa.update(T).where(T.c.id == row_id).values(**values))
+        return {r.id: r for r in conn.execute(sa.select(EV).order_by(EV.c.id))}
 
 
 def add(engine: sa.Engine, channel: str = "orders", event: str = "created", **row: Any) -> int:
@@ -542,7 +538,7 @@ def test_replay_and_its_dry_run_run_in_constant_memory(env, engine, capsys):
     n = 30_000
     with engine.begin() as conn:
         enqueue_many(conn, [OutboxEvent("orders", "created", "x" * 200) for _ in range(n)])
-        conn.execute(sa.update(T).values(status="dead", last_error_message="m" * 400))
+        move_where(conn, sa.true(), "dead", last_error_message="m" * 400)
     for args in (["replay", "--all", "--dry-run"], ["replay", "--all"]):
         tracemalloc.start()
         try:

@@ -23,10 +23,10 @@ import sqlalchemy as sa
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 
-from outbox import outbox_table
 from outbox.database import create_engine
 from outbox.testing.soketi import SoketiServer, free_port
 from outbox.testing.worker import WorkerProcess
+from tests.outbox_rows import EV
 from tests.plugins.browser import wait_until
 from tests.plugins.processes import Child, Spawn, child_environment
 
@@ -102,7 +102,7 @@ def feed(browser: WebDriver) -> list[tuple[str, int]]:
 
 def outbox_rows(engine: sa.Engine) -> list[tuple[str, str, str]]:
     """Every row of the outbox: (event, status, data)."""
-    t = outbox_table()
+    t = EV
     with engine.connect() as conn:
         rows = conn.execute(sa.select(t.c.event, t.c.status, t.c.data).order_by(t.c.id)).all()
     return [(event, str(status), data) for event, status, data in rows]

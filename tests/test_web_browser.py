@@ -22,7 +22,16 @@ from selenium.webdriver.remote.webdriver import WebDriver
 
 from outbox import OutboxEvent, admin, enqueue_many
 from outbox.testing.server import TestServer
-from tests.outbox_rows import T, add, add_dead, add_in_flight, add_published, row, set_row
+from tests.outbox_rows import (
+    T,
+    add,
+    add_dead,
+    add_in_flight,
+    add_published,
+    move_where,
+    row,
+    set_row,
+)
 from tests.plugins.browser import wait_until
 from tests.plugins.processes import Child, Spawn, child_environment
 
@@ -288,7 +297,6 @@ def seed_an_hour(engine: sa.Engine, now: dt.datetime) -> dict[str, int]:
                 created_at=sa.bindparam("new_created_at"),
                 queued_at=sa.bindparam("new_created_at"),
                 next_attempt_at=sa.bindparam("new_created_at"),
-                status=sa.bindparam("new_status"),
                 attempts=sa.bindparam("new_attempts"),
                 failures=sa.bindparam("new_failures"),
                 published_at=sa.bindparam("new_published_at"),
@@ -300,6 +308,9 @@ def seed_an_hour(engine: sa.Engine, now: dt.datetime) -> dict[str, int]:
             ),
             values,
         )
+        for status in ("published", "dead"):
+            moved = [i for i, step in zip(ids, plan, strict=True) if step["status"] == status]
+            move_where(conn, T.c.id.in_(moved), status)
     return {
         "published": sum(step["status"] == "published" for step in plan),
         "retried": sum(step["status"] == "published" and step["error_at"] for step in plan),

@@ -29,6 +29,7 @@ from outbox.sockudo import AsyncSockudo
 from outbox.sockudo.events import Limits
 from outbox.testing.server import TestServer
 from outbox.worker import Worker
+from tests.outbox_rows import EV
 
 T = outbox_table()
 MASTER_KEY = bytes(range(32))
@@ -57,7 +58,7 @@ def fast_settings(database_url: str, sockudo_url: str, **overrides: Any) -> Sett
 
 def table_rows(engine: sa.Engine) -> list[Any]:
     with engine.connect() as conn:
-        return list(conn.execute(sa.select(T).order_by(T.c.id)))
+        return list(conn.execute(sa.select(EV).order_by(EV.c.id)))
 
 
 def by_status(engine: sa.Engine) -> dict[str, int]:

@@ -21,6 +21,7 @@ from outbox.database import create_engine
 from outbox.settings import Settings
 from outbox.testing.worker import WorkerProcess
 from outbox.worker import Worker
+from tests.outbox_rows import counts
 
 REPO = Path(__file__).resolve().parents[1]
 T = outbox_table()
@@ -51,7 +52,7 @@ CLI_WORKER = [str(Path(sys.executable).with_name("outbox")), "worker"]
 
 def statuses(engine: sa.Engine) -> dict[str, int]:
     with engine.connect() as conn:
-        return dict(conn.execute(sa.select(T.c.status, sa.func.count()).group_by(T.c.status)).all())
+        return counts(conn)
 
 
 def rows(engine: sa.Engine) -> list[Any]:
