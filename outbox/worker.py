@@ -133,7 +133,9 @@ class Worker:
     async def run(self, *, once: bool = False) -> None:
         config = self.settings.sockudo_config()
         limits = Limits(max_batch_size=self.settings.server_batch_limit)
-        client = self._client or AsyncSockudo(config, limits=limits)
+        client = self._client or AsyncSockudo(
+            config, limits=limits, transport=self.settings.transport
+        )
         deliverer = Deliverer(
             client,
             master_key=config.master_key,

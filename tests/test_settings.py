@@ -47,6 +47,29 @@ def test_malformed_values_are_named(variable, value, words):
     assert words in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("url", "chosen", "expected"),
+    [
+        ("http://k:s@127.0.0.1:6001/apps/1", "auto", "h11"),
+        ("https://k:s@sockudo.example:443/apps/1", "auto", "httpx"),
+        ("http://k:s@127.0.0.1:6001/apps/1", "httpx", "httpx"),
+        ("http://k:s@127.0.0.1:6001/apps/1", "h11", "h11"),
+    ],
+)
+def test_the_http_client_is_h11_for_plain_http_unless_chosen(url, chosen, expected):
+    settings = Settings.from_env({"SOCKUDO_URL": url, "OUTBOX_HTTP_CLIENT": chosen})
+    assert settings.transport == expected
+
+
+def test_an_unknown_http_client_or_h11_over_tls_is_refused():
+    with pytest.raises(SettingsError, match="OUTBOX_HTTP_CLIENT must be one of auto, h11, httpx"):
+        Settings.from_env({"OUTBOX_HTTP_CLIENT": "curl"})
+    with pytest.raises(SettingsError, match="plain http:// only"):
+        Settings.from_env(
+            {"SOCKUDO_URL": "https://k:s@sockudo.example/apps/1", "OUTBOX_HTTP_CLIENT": "h11"}
+        )
+
+
 def test_a_lease_shorter_than_two_request_timeouts_is_refused():
     with pytest.raises(SettingsError, match="lease"):
         Settings.from_env({"OUTBOX_LEASE_SECONDS": "15", "OUTBOX_REQUEST_TIMEOUT": "10"})
