@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
 
+from .dialects import dialect_for
 from .schema import outbox_table
 from .sockudo import crypto
 from .sockudo.errors import InvalidEvent
@@ -98,7 +99,8 @@ def enqueue_many(
     limits: Limits = DEFAULT_LIMITS,
     table: sa.Table | None = None,
 ) -> list[uuid.UUID] | Awaitable[list[uuid.UUID]]:
-    """Enqueue many events with one INSERT statement (executemany); all are validated before any SQL."""
+    """Enqueue many events in one statement (COPY on PostgreSQL, else one executemany INSERT);
+    all are validated before any SQL runs."""
     ids: list[uuid.UUID] = []
     rows: list[dict[str, Any]] = []
     for index, item in enumerate(events):
@@ -194,14 +196,14 @@ def _insert(target: Target, table: sa.Table, rows: list[dict[str, Any]], result:
             "expected a SQLAlchemy Session, Connection, AsyncSession or AsyncConnection, "
             f"got {type(target).__name__}"
         )
-    # One INSERT statement with every row as a parameter set: the driver sends them as one
-    # executemany (pipelined by psycopg, stepped in C by sqlite3), and SQLAlchemy compiles the
-    # statement once per table instead of once per call. On PostgreSQL a trigger on the table
-    # (migration 0002) wakes the workers when the caller commits.
+    # The database's own way to write many rows at once (see Dialect.insert_many), on the
+    # connection of the caller's transaction. On PostgreSQL a trigger on the table (migration
+    # 0002) wakes the workers when the caller commits.
     if isinstance(target, AsyncSession | AsyncConnection):
         return _run_async(target, table, rows, result)
     if rows:
-        target.execute(table.insert(), rows)
+        conn = target if isinstance(target, sa.Connection) else target.connection()
+        dialect_for(conn).insert_many(conn, table, rows)
     return result
 
 
@@ -209,7 +211,8 @@ async def _run_async(
     target: AsyncTarget, table: sa.Table, rows: list[dict[str, Any]], result: Any
 ) -> Any:
     if rows:
-        await target.execute(table.insert(), rows)
+        conn = target if isinstance(target, AsyncConnection) else await target.connection()
+        await conn.run_sync(lambda sync: dialect_for(sync).insert_many(sync, table, rows))
     return result
 
 

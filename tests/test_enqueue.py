@@ -17,15 +17,17 @@ from sqlalchemy.orm import Session
 from outbox import InvalidEvent, OutboxEvent, derive_channel_key, enqueue, enqueue_many
 from outbox import outbox_table as _outbox_table
 from outbox.database import normalize_url
+from outbox.dialects.postgresql import COPY_FROM_ROWS
 from outbox.sockudo import crypto
 from outbox.sockudo.events import Limits
+from tests.outbox_rows import EV
 
 T = _outbox_table()
 
 
 def all_rows(engine: sa.Engine) -> list[Any]:
     with engine.connect() as conn:
-        return conn.execute(sa.select(T).order_by(T.c.id)).all()
+        return conn.execute(sa.select(EV).order_by(EV.c.id)).all()
 
 
 @pytest.fixture
@@ -50,6 +52,11 @@ def statements(engine: sa.Engine) -> Iterator[list[str]]:
 
 def inserts(statements: list[str]) -> list[str]:
     return [s for s in statements if s.lstrip().upper().startswith("INSERT INTO OUTBOX_EVENTS")]
+
+
+def bulk_statements(engine: sa.Engine) -> int:
+    """Statements SQLAlchemy sees for a bulk enqueue: PostgreSQL's COPY goes by the driver."""
+    return 0 if engine.dialect.name == "postgresql" else 1
 
 
 # -- the caller's transaction -----------------------------------------------------------------
@@ -215,7 +222,7 @@ def test_enqueue_many_writes_many_events_in_one_statement(engine, statements):
     with engine.begin() as conn:
         statements.clear()
         ids = enqueue_many(conn, events)
-    assert len(inserts(statements)) == 1
+    assert len(inserts(statements)) == len(statements) == bulk_statements(engine)
     assert len(ids) == 51 and len(set(ids)) == 51
     rows = all_rows(engine)
     assert len(rows) == 52
@@ -234,15 +241,68 @@ def test_enqueue_is_one_insert_statement_even_for_several_channels(engine, state
     assert len(inserts(statements)) == 1
 
 
-def test_enqueue_many_2500_events_go_in_one_executemany_statement(engine, statements):
+def test_enqueue_many_2500_events_go_in_one_statement(engine, statements):
     with engine.begin() as conn:
         statements.clear()
         ids = enqueue_many(conn, (OutboxEvent("bulk", "e", str(i)) for i in range(2500)))
     assert len(ids) == 2500
-    assert len(inserts(statements)) == 1
+    assert len(inserts(statements)) == len(statements) == bulk_statements(engine)
     with engine.connect() as conn:
         data = conn.execute(sa.select(T.c.data).order_by(T.c.id)).scalars().all()
     assert data == [str(i) for i in range(2500)]
+
+
+BULK = [OutboxEvent("orders", "bulk", {"n": i}) for i in range(3 * COPY_FROM_ROWS)]
+
+
+@pytest.mark.parametrize("commit", [True, False], ids=["commit", "rollback"])
+@pytest.mark.parametrize("kind", ["connection", "session", "begun connection"])
+def test_bulk_enqueue_commits_and_rolls_back_with_the_caller(engine, kind, commit):
+    """On PostgreSQL enough rows go by COPY; the caller's transaction still decides."""
+    if kind == "session":
+        with Session(engine) as session:
+            ids = enqueue_many(session, BULK)
+            session.commit() if commit else session.rollback()
+    else:
+        with engine.connect() as conn:
+            if kind == "begun connection":
+                conn.begin()
+            ids = enqueue_many(conn, BULK)
+            conn.commit() if commit else conn.rollback()
+    rows = all_rows(engine)
+    assert [r.event_id for r in rows] == (ids if commit else [])
+    assert [r.data for r in rows] == ([f'{{"n":{i}}}' for i in range(len(BULK))] if commit else [])
+
+
+@pytest.mark.parametrize("commit", [True, False], ids=["commit", "rollback"])
+@pytest.mark.parametrize("kind", ["connection", "session"])
+async def test_async_bulk_enqueue_commits_and_rolls_back_with_the_caller(
+    engine, async_engine, kind, commit
+):
+    if kind == "connection":
+        async with async_engine.connect() as conn:
+            ids = await enqueue_many(conn, BULK)
+            await (conn.commit() if commit else conn.rollback())
+    else:
+        async with AsyncSession(async_engine) as session:
+            ids = await enqueue_many(session, BULK)
+            await (session.commit() if commit else session.rollback())
+    assert [r.event_id for r in all_rows(engine)] == (ids if commit else [])
+
+
+def test_a_duplicate_key_in_a_bulk_enqueue_is_an_integrity_error_and_nothing_is_written(engine):
+    with engine.begin() as conn:
+        enqueue(conn, "orders", "created", "1", idempotency_key="dup")
+    events = [*BULK, OutboxEvent("orders", "created", "2", idempotency_key="dup")]
+    with engine.connect() as conn, pytest.raises(sa.exc.IntegrityError):
+        enqueue_many(conn, events)
+    assert len(all_rows(engine)) == 1
+    # In a savepoint, the caller's transaction survives the refusal and goes on.
+    with engine.begin() as conn:
+        with pytest.raises(sa.exc.IntegrityError), conn.begin_nested():
+            enqueue_many(conn, events)
+        enqueue(conn, "orders", "after", "3")
+    assert [r.event for r in all_rows(engine)] == ["created", "after"]
 
 
 def test_enqueue_many_refuses_the_whole_call_for_one_bad_event(engine):

@@ -131,6 +131,16 @@ class Dialect(abc.ABC):
 
     name: ClassVar[str]
 
+    # -- enqueue (inside the caller's transaction) ---------------------------------------------
+
+    def insert_many(self, conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
+        """Insert enqueued rows in the caller's transaction (all with the same keys).
+
+        One INSERT with every row as a parameter set: the driver sends them as one executemany,
+        and SQLAlchemy compiles the statement once per table.
+        """
+        conn.execute(table.insert(), rows)
+
     # -- the claim ----------------------------------------------------------------------------
 
     @abc.abstractmethod
