@@ -56,7 +56,7 @@ class WorkerStats:
     database_errors: int = 0
     #: Times publishing paused (the breaker opened, or the server refused the credentials).
     pauses: int = 0
-    #: Rows taken back from expired leases (a killed worker's).
+    #: Rows taken over from expired leases (a killed worker's), by a claim or by upkeep.
     reclaimed: int = 0
 
     def as_dict(self) -> dict[str, int]:
@@ -230,6 +230,11 @@ class Worker:
                 await self._idle(once)
                 continue
             self.stats.claimed += len(rows)
+            taken_over = sum(row.taken_over for row in rows)
+            if taken_over:
+                # A killed or stalled worker's lease expired: its rows go out again, alone.
+                log.warning("took over %d row(s) whose lease expired", taken_over)
+                self.stats.reclaimed += taken_over
             task = asyncio.create_task(self._deliver(deliverer, token, rows))
             self._tasks.add(task)
             task.add_done_callback(lambda t: (self._tasks.discard(t), slots.release()))

@@ -31,11 +31,12 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from outbox import enqueue, outbox_table
+from outbox import enqueue
 from outbox.sockudo import Sockudo
 from outbox.testing.pusher_ws import PusherSubscriber, ReceivedEvent
 from outbox.testing.soketi import SoketiServer
 from outbox.testing.worker import WorkerProcess
+from tests.outbox_rows import EV
 
 pytestmark = [pytest.mark.soketi]
 
@@ -136,9 +137,8 @@ async def wait_for_all(
 
 
 def rows(engine: sa.Engine) -> list[sa.Row[Any]]:
-    t = outbox_table()
     with engine.connect() as conn:
-        return list(conn.execute(sa.select(t).order_by(t.c.id)).all())
+        return list(conn.execute(sa.select(EV).order_by(EV.c.id)).all())
 
 
 def statuses(engine: sa.Engine) -> Counter[str]:

@@ -21,7 +21,7 @@ from outbox.database import create_engine
 from outbox.settings import Settings
 from outbox.testing.worker import WorkerProcess
 from outbox.worker import Worker
-from tests.outbox_rows import counts
+from tests.outbox_rows import EV, counts
 
 REPO = Path(__file__).resolve().parents[1]
 T = outbox_table()
@@ -57,7 +57,7 @@ def statuses(engine: sa.Engine) -> dict[str, int]:
 
 def rows(engine: sa.Engine) -> list[Any]:
     with engine.connect() as conn:
-        return list(conn.execute(sa.select(T).order_by(T.c.id)))
+        return list(conn.execute(sa.select(EV).order_by(EV.c.id)))
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:

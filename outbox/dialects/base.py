@@ -15,7 +15,7 @@ import abc
 import asyncio
 import datetime as dt
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -52,11 +52,13 @@ class ClaimedRow:
     attempts: int
     failures: int
     queued_at: dt.datetime
+    #: The row was leased by another claim whose lease expired (a killed or stalled worker's).
+    taken_over: bool = False
 
     @classmethod
-    def from_mapping(cls, row: Mapping[str, Any]) -> ClaimedRow:
+    def from_mapping(cls, row: Mapping[str, Any], taken_over: bool = False) -> ClaimedRow:
         """Build from a result row by column name (never by position)."""
-        return cls(**{name: row[name] for name in CLAIM_COLUMNS})
+        return cls(**{name: row[name] for name in CLAIM_COLUMNS}, taken_over=taken_over)
 
     @property
     def first_attempt(self) -> bool:
@@ -65,7 +67,7 @@ class ClaimedRow:
 
 
 #: The columns a claim returns, in the order its SQL lists them.
-CLAIM_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(ClaimedRow))
+CLAIM_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(ClaimedRow))[:-1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +157,8 @@ class Dialect(abc.ABC):
         """Lease up to ``limit`` due rows (due, not leased or lease expired; oldest first).
 
         Each claimed row counts one more attempt; the lease expires ``lease_seconds`` from now
-        by the database clock. Rows come back in id order.
+        by the database clock. Rows come back in id order, each saying whether it was
+        ``taken_over`` from an expired lease.
         """
 
     @abc.abstractmethod
@@ -345,6 +348,7 @@ def claim_columns(prefix: str = "") -> str:
     return ", ".join(prefix + name for name in CLAIM_COLUMNS)
 
 
-def claimed_rows(result: sa.CursorResult[Any]) -> list[ClaimedRow]:
+def claimed_rows(result: sa.CursorResult[Any], taken_over: Container[int] = ()) -> list[ClaimedRow]:
     """The rows a claim statement returned, by column name, in id order."""
-    return sorted((ClaimedRow.from_mapping(r._mapping) for r in result), key=lambda r: r.id)
+    rows = (ClaimedRow.from_mapping(r._mapping, r.id in taken_over) for r in result)
+    return sorted(rows, key=lambda r: r.id)

@@ -71,9 +71,10 @@ def _statements(hot: str, published: str, dead: str) -> dict[str, str]:
         # SKIP LOCKED lets concurrent workers take disjoint batches without waiting on each
         # other. After the row lock, READ COMMITTED re-checks the lease test on the newest
         # version, so a row another worker just claimed is passed over, not claimed twice.
+        # A due row still holding a token holds an expired one (every outcome clears it).
         "claim": f"""
             WITH due AS (
-                SELECT id FROM {hot}
+                SELECT id, lease_token IS NOT NULL AS taken_over FROM {hot}
                 WHERE next_attempt_at <= {_NOW}
                   AND (lease_expires_at IS NULL OR lease_expires_at <= {_NOW})
                 ORDER BY next_attempt_at, id
@@ -84,7 +85,7 @@ def _statements(hot: str, published: str, dead: str) -> dict[str, str]:
             SET lease_token = %(token)s, lease_expires_at = {lease}, attempts = o.attempts + 1
             FROM due
             WHERE o.id = due.id
-            RETURNING {", ".join("o." + c for c in CLAIM_COLUMNS)}
+            RETURNING {", ".join("o." + c for c in CLAIM_COLUMNS)}, due.taken_over
         """,
         "extend": f"""
             UPDATE {hot} SET lease_expires_at = {lease}

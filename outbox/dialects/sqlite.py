@@ -66,25 +66,38 @@ class SQLiteDialect(Dialect):
         # INDEXED BY pins the due index, which yields due rows already in order: one batch read
         # per claim however long the backlog (without statistics SQLite may sort them all).
         due_index = conn.dialect.identifier_preparer.quote(f"ix_{table.name}_due")
+        claimable = f"next_attempt_at <= {_NOW} AND (lease_expires_at IS NULL OR lease_expires_at <= {_NOW})"
+        # SQLite's RETURNING shows only the new values: which candidates held an (expired) lease
+        # is read first. The UPDATE re-checks that each is still claimable, so a row another
+        # worker claimed in between is left to it.
+        candidates = conn.execute(
+            sa.text(
+                f"""
+                SELECT id, lease_token IS NOT NULL FROM {t} INDEXED BY {due_index}
+                WHERE {claimable}
+                ORDER BY next_attempt_at, id
+                LIMIT :limit
+                """
+            ),
+            {"limit": limit},
+        ).all()
+        if not candidates:
+            return []
         stmt = sa.text(
             f"""
             UPDATE {t}
             SET lease_token = :token,
                 lease_expires_at = {_now_plus(":lease")},
                 attempts = attempts + 1
-            WHERE id IN (
-                SELECT id FROM {t} INDEXED BY {due_index}
-                WHERE next_attempt_at <= {_NOW}
-                  AND (lease_expires_at IS NULL OR lease_expires_at <= {_NOW})
-                ORDER BY next_attempt_at, id
-                LIMIT :limit
-            )
+            WHERE id IN (SELECT value FROM json_each(:ids)) AND {claimable}
             RETURNING {claim_columns()}
             """
         ).bindparams(TOKEN)
         stmt = stmt.columns(queued_at=UTCDateTime())
-        params = {"limit": limit, "token": token, "lease": float(lease_seconds)}
-        return claimed_rows(conn.execute(stmt, params))
+        ids = json.dumps([row_id for row_id, _ in candidates])
+        params = {"ids": ids, "token": token, "lease": float(lease_seconds)}
+        taken_over = {row_id for row_id, held in candidates if held}
+        return claimed_rows(conn.execute(stmt, params), taken_over)
 
     def extend_lease(
         self,
