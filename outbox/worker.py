@@ -18,15 +18,16 @@ import datetime as dt
 import logging
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import asdict, dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import sqlalchemy as sa
 
-from .database import create_engine, display_url, in_transaction, short_error
+from .database import create_engine, display_url, short_error
 from .delivery import Deliverer
 from .dialects import ClaimedRow, Dialect, dialect_for
+from .dialects.hotpath import Recording
 from .maintenance import Maintenance
 from .plan import EndpointVerdict, Plan, endpoint_verdict, plan_outcome
 from .retry import EndpointBreaker, RetryPolicy
@@ -36,7 +37,6 @@ from .sockudo import AsyncSockudo
 from .sockudo.events import Limits
 
 log = logging.getLogger("outbox.worker")
-T = TypeVar("T")
 
 #: How many times a finished publish tries to record its outcome before leaving it to the lease.
 RECORD_TRIES = 5
@@ -86,6 +86,7 @@ class Worker:
         self.engine = engine or create_engine(settings.database_url)
         self.table = outbox_table(settings.table_name)
         self.dialect: Dialect = dialect_for(self.engine)
+        self.hot_path = self.dialect.hot_path(self.engine, self.table)
         self.policy = RetryPolicy(
             min_delay=settings.backoff_min_seconds,
             max_delay=settings.backoff_max_seconds,
@@ -167,6 +168,7 @@ class Worker:
             await asyncio.gather(*side_tasks, return_exceptions=True)
             if self._client is None:
                 await client.aclose()
+            await self.hot_path.aclose()
             log.info(
                 "worker stopped: %d published, %d retried, %d dead",
                 self.stats.published,
@@ -216,9 +218,8 @@ class Worker:
             # claim runs must still wake the idle wait that follows it.
             self._wake.clear()
             try:
-                rows = await self._statement(
-                    self.dialect.claim_batch, limit, self.settings.lease_seconds, token
-                )
+                rows = await self.hot_path.claim(limit, self.settings.lease_seconds, token)
+                self._database_errors_in_a_row = 0
             except sa.exc.DBAPIError as exc:
                 slots.release()
                 await self._database_trouble("claim", exc)
@@ -325,7 +326,7 @@ class Worker:
         while True:
             await asyncio.sleep(lease / 3)
             try:
-                await self._statement(self.dialect.extend_lease, token, lease, ids)
+                await self.hot_path.extend_lease(token, lease, ids)
             except sa.exc.DBAPIError as exc:
                 log.warning("could not renew a lease (%s); it may expire", short_error(exc))
 
@@ -357,22 +358,19 @@ class Worker:
     async def _record(self, token: uuid.UUID, plan: Plan) -> None:
         """Write the plan in one short transaction, retrying while the database is away."""
         acked = 0
-
-        def write(conn: sa.Connection) -> None:
-            nonlocal acked
-            d, t = self.dialect, self.table
-            # Rows whose lease expired and were taken over are not acked (token guard): count
-            # only the rows this ack really changed.
-            acked = d.ack_published(conn, t, token, plan.published)
-            d.reschedule(conn, t, token, plan.retry)
-            d.reschedule(conn, t, token, plan.retry_refund, refund=True)
-            d.mark_dead(conn, t, token, plan.dead)
-            d.release(conn, t, token, plan.give_back)
-            d.release(conn, t, token, plan.give_back_carried, refund=False)
-
+        recording = Recording(
+            published=plan.published,
+            retry=plan.retry,
+            retry_refund=plan.retry_refund,
+            dead=plan.dead,
+            give_back=plan.give_back,
+            give_back_carried=plan.give_back_carried,
+        )
         for attempt in range(1, RECORD_TRIES + 1):
             try:
-                await in_transaction(self.engine, write)
+                # Rows whose lease expired and were taken over are not acked (token guard):
+                # ``acked`` counts only the rows this ack really moved.
+                acked = await self.hot_path.record(token, recording)
                 self._database_errors_in_a_row = 0
                 break
             except sa.exc.DBAPIError as exc:
@@ -395,12 +393,6 @@ class Worker:
         self.stats.dead += len(plan.dead)
 
     # -- database helpers ---------------------------------------------------------------------
-
-    async def _statement(self, statement: Callable[..., T], *args: object) -> T:
-        """One seam statement on this worker's table, in its own short transaction."""
-        result = await in_transaction(self.engine, lambda conn: statement(conn, self.table, *args))
-        self._database_errors_in_a_row = 0
-        return result
 
     async def _database_trouble(self, what: str, exc: BaseException) -> None:
         self.stats.database_errors += 1

@@ -17,7 +17,7 @@ import datetime as dt
 import uuid
 from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import sqlalchemy as sa
 
@@ -33,6 +33,9 @@ from ..schema import (
     published_table,
     utc_now,
 )
+
+if TYPE_CHECKING:
+    from .hotpath import HotPath
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +248,12 @@ class Dialect(abc.ABC):
         page = sa.select(log.c.id).where(log.c.published_at < cutoff).limit(limit)
         stmt = sa.delete(log).where(log.c.id.in_(page.scalar_subquery()))
         return conn.execute(stmt).rowcount
+
+    def hot_path(self, engine: sa.Engine, table: sa.Table) -> HotPath:
+        """The worker's claim, renewal and recording for ``table`` (see :mod:`.hotpath`)."""
+        from .hotpath import ThreadedHotPath
+
+        return ThreadedHotPath(engine, self, table)
 
     #: Whether :meth:`listen` can wake a worker on commit (else workers only poll).
     notifies: ClassVar[bool] = False

@@ -16,6 +16,7 @@ indexes. A lost claim is never a problem: an expired lease is claimable as it st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import Mapping, Sequence
@@ -37,6 +38,7 @@ from .base import (
     OnNotify,
     quoted,
 )
+from .hotpath import Recording
 
 log = logging.getLogger("outbox.worker")
 
@@ -169,6 +171,9 @@ class PostgresDialect(Dialect):
     name = "postgresql"
     notifies = True
 
+    def hot_path(self, engine: sa.Engine, table: sa.Table) -> PostgresHotPath:
+        return PostgresHotPath(engine, table)
+
     def insert_many(self, conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
         """COPY for many rows, on the caller's connection and in its transaction.
 
@@ -242,14 +247,7 @@ class PostgresDialect(Dialect):
     ) -> int:
         if not acks:
             return 0
-        params = {
-            "ids": [a.id for a in acks],
-            "acks": [a.acknowledgement_id for a in acks],
-            "message_serials": [a.message_serial for a in acks],
-            "history_serials": [a.history_serial for a in acks],
-            "token": token,
-        }
-        with self._run(conn, table, "ack", params) as cursor:
+        with self._run(conn, table, "ack", _ack_params(token, acks)) as cursor:
             return int(cursor.rowcount)
 
     def reschedule(
@@ -311,6 +309,110 @@ class PostgresDialect(Dialect):
             except psycopg.Error as exc:
                 log.debug("LISTEN connection lost (%s); polling until it is back", exc)
                 await asyncio.sleep(LISTEN_RETRY)
+
+
+class PostgresHotPath:
+    """The worker's claim, renewal and recording on psycopg asyncio connections of its own.
+
+    The same statements as :class:`PostgresDialect`, prepared once per connection, with no thread
+    hand-off and no SQLAlchemy transaction around them. Connections are opened on demand, one per
+    concurrent call, and kept for reuse; a broken one is dropped and the next call opens another.
+    Connections run in autocommit: a claim or a renewal is one statement and commits at once
+    (synchronously: a claim lost in a crash after its batch went out would let the row be batched
+    again), a recording is one explicit transaction.
+    """
+
+    def __init__(self, engine: sa.Engine, table: sa.Table) -> None:
+        self._conninfo = libpq_conninfo(engine.url)
+        names = (quoted(engine, t).replace("%", "%%") for t in _tables(table))
+        self._sql = _statements(*names)
+        self._idle: list[Any] = []
+
+    async def claim(self, limit: int, lease_seconds: float, token: uuid.UUID) -> list[ClaimedRow]:
+        params = {"limit": limit, "token": token, "lease": float(lease_seconds)}
+        rows = await self._execute([("claim", params)], fetch=True)
+        return sorted((ClaimedRow(*values) for values in rows), key=lambda r: r.id)
+
+    async def extend_lease(self, token: uuid.UUID, lease_seconds: float, ids: Sequence[int]) -> int:
+        params = {"ids": list(ids), "token": token, "lease": float(lease_seconds)}
+        return await self._execute([("extend", params)])
+
+    async def record(self, token: uuid.UUID, recording: Recording) -> int:
+        r = recording
+        steps: list[tuple[str, dict[str, Any]]] = []
+        if r.published:
+            steps.append(("ack", _ack_params(token, r.published)))
+        for name, failures, refund in (
+            ("reschedule", r.retry, False),
+            ("reschedule", r.retry_refund, True),
+            ("bury", r.dead, False),
+        ):
+            if failures:
+                steps.append((name, _failure_params(token, failures, refund)))
+        for ids, refund in ((r.give_back, True), (r.give_back_carried, False)):
+            if ids:
+                steps.append(("release", {"ids": list(ids), "token": token, "refund": int(refund)}))
+        if not steps:
+            return 0
+        first = await self._execute(steps, transaction=True)
+        # The count of the first statement: the ack's, when there is one.
+        return first if r.published else 0
+
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, []
+        for pg in idle:
+            await pg.close()
+
+    async def _execute(
+        self,
+        steps: list[tuple[str, dict[str, Any]]],
+        *,
+        fetch: bool = False,
+        transaction: bool = False,
+    ) -> Any:
+        """Run ``steps`` on one connection; the first one's rows (``fetch``) or row count."""
+        import psycopg
+
+        sql = self._sql[steps[0][0]]
+        pg = None
+        try:
+            pg = (
+                self._idle.pop()
+                if self._idle
+                else await psycopg.AsyncConnection.connect(
+                    self._conninfo, autocommit=True, connect_timeout=10
+                )
+            )
+            async with pg.transaction() if transaction else contextlib.nullcontext():
+                first = None
+                for index, (name, params) in enumerate(steps):
+                    sql = self._sql[name]
+                    cursor = await pg.execute(sql, params, prepare=True)
+                    if index == 0:
+                        first = await cursor.fetchall() if fetch else int(cursor.rowcount)
+        except psycopg.Error as exc:
+            if pg is not None and not pg.broken:
+                self._idle.append(pg)
+            elif pg is not None:
+                await pg.close()
+            raise sa.exc.DBAPIError.instance(sql, None, exc, psycopg.Error) from exc
+        except BaseException:
+            # Cancelled mid-statement: the connection's state is unknown, so it is not reused.
+            if pg is not None:
+                await pg.close()
+            raise
+        self._idle.append(pg)
+        return first
+
+
+def _ack_params(token: uuid.UUID, acks: Sequence[Ack]) -> dict[str, Any]:
+    return {
+        "ids": [a.id for a in acks],
+        "acks": [a.acknowledgement_id for a in acks],
+        "message_serials": [a.message_serial for a in acks],
+        "history_serials": [a.history_serial for a in acks],
+        "token": token,
+    }
 
 
 def _copy(pg: Any, copy_sql: Any, values: list[tuple[Any, ...]]) -> None:

@@ -1,0 +1,98 @@
+"""The worker's side of the seam: its three hot calls (claim, renew, record) as coroutines.
+
+The worker calls only these, once per claimed batch. By default each runs the database module's
+synchronous statements in one short transaction on a thread (:class:`ThreadedHotPath`); a module
+may provide its own, as PostgreSQL does with psycopg's asyncio connections, so the hot path runs
+without a thread hand-off or SQLAlchemy's per-transaction work (a third of the worker's CPU when
+measured). Either way a database failure surfaces as SQLAlchemy's ``DBAPIError``, which the
+worker retries.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import sqlalchemy as sa
+
+from ..database import in_transaction
+from .base import Ack, ClaimedRow, Failure
+
+if TYPE_CHECKING:
+    from .base import Dialect
+
+
+@dataclass(frozen=True)
+class Recording:
+    """The outcome of one claim, written in one transaction guarded by the claim's token."""
+
+    published: Sequence[Ack] = ()
+    retry: Sequence[Failure] = ()
+    #: Retried with the claim's attempt taken back (no request carried the row).
+    retry_refund: Sequence[Failure] = ()
+    dead: Sequence[Failure] = ()
+    #: Not sent (shutdown): given back with the attempt refunded ...
+    give_back: Sequence[int] = ()
+    #: ... or kept (a request of this claim carried the row: it must go alone next time).
+    give_back_carried: Sequence[int] = field(default=())
+
+
+class HotPath(Protocol):
+    async def claim(self, limit: int, lease_seconds: float, token: uuid.UUID) -> list[ClaimedRow]:
+        """Lease up to ``limit`` due rows (see :meth:`Dialect.claim_batch`); committed on return."""
+        ...
+
+    async def extend_lease(self, token: uuid.UUID, lease_seconds: float, ids: Sequence[int]) -> int:
+        """Renew the lease of the rows ``ids`` still held under ``token``."""
+        ...
+
+    async def record(self, token: uuid.UUID, recording: Recording) -> int:
+        """Write a claim's outcome in one transaction; returns the rows this ack published."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release what the hot path holds (connections); it is not used afterwards."""
+        ...
+
+
+def write_recording(
+    dialect: Dialect, conn: sa.Connection, table: sa.Table, token: uuid.UUID, r: Recording
+) -> int:
+    """The statements of :meth:`HotPath.record`, in the caller's transaction."""
+    acked = dialect.ack_published(conn, table, token, r.published)
+    dialect.reschedule(conn, table, token, r.retry)
+    dialect.reschedule(conn, table, token, r.retry_refund, refund=True)
+    dialect.mark_dead(conn, table, token, r.dead)
+    dialect.release(conn, table, token, r.give_back)
+    dialect.release(conn, table, token, r.give_back_carried, refund=False)
+    return acked
+
+
+class ThreadedHotPath:
+    """The database module's statements, each call a short transaction on a thread."""
+
+    def __init__(self, engine: sa.Engine, dialect: Dialect, table: sa.Table) -> None:
+        self.engine, self.dialect, self.table = engine, dialect, table
+
+    async def claim(self, limit: int, lease_seconds: float, token: uuid.UUID) -> list[ClaimedRow]:
+        return await in_transaction(
+            self.engine,
+            lambda conn: self.dialect.claim_batch(conn, self.table, limit, lease_seconds, token),
+        )
+
+    async def extend_lease(self, token: uuid.UUID, lease_seconds: float, ids: Sequence[int]) -> int:
+        return await in_transaction(
+            self.engine,
+            lambda conn: self.dialect.extend_lease(conn, self.table, token, lease_seconds, ids),
+        )
+
+    async def record(self, token: uuid.UUID, recording: Recording) -> int:
+        return await in_transaction(
+            self.engine,
+            lambda conn: write_recording(self.dialect, conn, self.table, token, recording),
+        )
+
+    async def aclose(self) -> None:
+        pass
