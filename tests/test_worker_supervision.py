@@ -54,16 +54,16 @@ async def test_the_database_backoff_resets_after_a_success(
     pause is the short one again: errors long past do not keep slowing the worker down."""
     enqueue_n(engine, 1)
     worker = Worker(fast_settings(database_url, sockudo_server.url), engine=engine)
-    real_claim = worker.dialect.claim_batch
+    real_claim = worker.hot_path.claim
     script = ["fail"] * 5 + ["real"] + ["fail"] + ["real"] * 1000
 
-    def claim(*args):  # type: ignore[no-untyped-def]
+    async def claim(*args):  # type: ignore[no-untyped-def]
         step = script.pop(0)
         if step == "fail":
             raise sa.exc.OperationalError("SELECT", {}, Exception("connection lost"))
-        return real_claim(*args)
+        return await real_claim(*args)
 
-    monkeypatch.setattr(worker.dialect, "claim_batch", claim)
+    monkeypatch.setattr(worker.hot_path, "claim", claim)
     caplog.set_level(logging.WARNING, logger="outbox.worker")
     task = asyncio.create_task(worker.run())
     try:
