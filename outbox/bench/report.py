@@ -67,6 +67,12 @@ def _cpu(extra: dict[str, Any]) -> str:
     return " ".join(parts) + (f" ({other:.2f})" if other is not None else "")
 
 
+def _busy(result: Measurement) -> str:
+    """A note when processes not ours loaded the machine during a measurement."""
+    other = result.extra.get("other_cores")
+    return f"; other processes used {other:.2f} cores meanwhile" if other and other > 0.2 else ""
+
+
 def _ms(value: float | None) -> str:
     return f"{value:>8.1f}" if value is not None else f"{'-':>8}"
 
@@ -83,13 +89,14 @@ def evaluate_targets(results: list[Measurement]) -> list[dict[str, Any]]:
     pg = _find(results, "outbox drain, 1 worker(s)", "postgresql")
     if pg and ceiling and baseline:
         add(
-            "PostgreSQL drain, 1 worker >= 50% of the ceiling",
-            f"{pg.rate / ceiling.rate:.0%} ({pg.rate:,.0f} of {ceiling.rate:,.0f} events/s)",
-            pg.rate >= 0.5 * ceiling.rate,
+            "PostgreSQL drain, 1 worker >= 0.8x the httpx ceiling",
+            f"{pg.rate / ceiling.rate:.2f}x ({pg.rate:,.0f} of {ceiling.rate:,.0f} events/s)"
+            + _busy(pg),
+            pg.rate >= 0.8 * ceiling.rate,
         )
         add(
             "PostgreSQL drain, 1 worker >= 25,000 events/s",
-            f"{pg.rate:,.0f} events/s",
+            f"{pg.rate:,.0f} events/s" + _busy(pg),
             pg.rate >= 25_000,
         )
         add(
@@ -116,13 +123,14 @@ def evaluate_targets(results: list[Measurement]) -> list[dict[str, Any]]:
                 f"{bulk.rate:,.0f} events/s",
                 bulk.rate >= 50_000,
             )
-    lat = _find_prefix(results, "latency at", "postgresql")
-    if lat:
-        add(
-            f"PostgreSQL p99 commit-to-ack at {lat.scenario[11:]} <= 50 ms",
-            f"p99 {lat.extra['p99_ms']:.1f} ms",
-            lat.extra["p99_ms"] <= 50,
-        )
+    for backend, name, bound in (("postgresql", "PostgreSQL", 30), ("sqlite", "SQLite", 100)):
+        lat = _find_prefix(results, "latency at", backend)
+        if lat:
+            add(
+                f"{name} p99 commit-to-ack at {lat.scenario[11:]} <= {bound} ms",
+                f"p99 {lat.extra['p99_ms']:.1f} ms",
+                lat.extra["p99_ms"] <= bound,
+            )
     for backend in ("postgresql", "sqlite"):
         hist = _find_prefix(results, "outbox drain, 1 worker, ", backend)
         plain = _find(results, "outbox drain, 1 worker(s)", backend)

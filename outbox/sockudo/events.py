@@ -7,6 +7,7 @@ the same bytes on every attempt.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -114,7 +115,13 @@ CHANNEL_TYPE_PREFIXES = (
 
 def validate_channel_name(channel: object, limits: Limits = DEFAULT_LIMITS) -> str:
     """Check one channel name as Sockudo does (characters, length, namespace, ``#`` syntax)."""
-    name = check_text(channel, "channel")
+    return _valid_channel_name(check_text(channel, "channel"), limits)
+
+
+# Bulk enqueues name the same few channels over and over: each name is checked once per limits
+# (a refused name raises every time, as exceptions are not cached).
+@functools.lru_cache(maxsize=4096)
+def _valid_channel_name(name: str, limits: Limits) -> str:
     if utf8_len(name) > limits.max_channel_name_bytes:
         raise InvalidEvent(
             f"channel name is {utf8_len(name)} bytes, over the limit of "
