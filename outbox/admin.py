@@ -25,31 +25,93 @@ KEY_FRESH = "fresh"
 KEY_KEEP = "keep"
 
 
+#: The states of a row that is not yet (or never will be) published: what the gauges watch.
+UNSENT_STATES = (Status.PENDING.value, Status.IN_FLIGHT.value, Status.DEAD.value)
+
+
 @dataclass
 class StatusReport:
+    """What is in the outbox now (see :func:`snapshot`).
+
+    ``oldest_age_seconds`` is, per state, how long ago its oldest row was created (None when the
+    state is empty): the lag of that state. ``published`` appears in ``counts`` and
+    ``oldest_age_seconds`` only for a full report; ``published_last_minute`` is None unless asked.
+    """
+
     counts: dict[str, int]
+    #: Age of the oldest event not yet published (pending or in flight): the figure to alert on.
     oldest_pending_age_seconds: float | None
     dead: int
     last_errors: list[dict[str, Any]] = field(default_factory=list)
+    oldest_age_seconds: dict[str, float | None] = field(default_factory=dict)
+    published_last_minute: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def status(conn: sa.Connection, table: sa.Table, errors: int = 5) -> StatusReport:
-    """Counts per status, age of the oldest pending event, and the most recent errors."""
+def snapshot(
+    conn: sa.Connection,
+    table: sa.Table,
+    *,
+    published: bool = True,
+    errors: int = 0,
+    now: dt.datetime | None = None,
+) -> StatusReport:
+    """Counts and lags per state, and (``errors``) the most recent errors of unsent rows.
+
+    The one place that reads the outbox's state: ``outbox status``, the dashboard and the
+    worker's gauges all come here. With ``published=False`` (the gauges) it reads only the
+    unsent states, through the ``(status, created_at)`` index: its cost follows the rows waiting
+    or dead, not the published history (measured by ``python -m outbox.bench``). A full report
+    (``published=True``) also counts the published rows and those published in the last minute,
+    which reads the published history.
+    """
     t = table
-    counts = {s.value: 0 for s in Status}
-    for state, count in conn.execute(sa.select(t.c.status, sa.func.count()).group_by(t.c.status)):
-        counts[state] = count
-    oldest = conn.execute(
-        sa.select(sa.func.min(t.c.created_at)).where(
-            t.c.status.in_([Status.PENDING.value, Status.IN_FLIGHT.value])
-        )
-    ).scalar()
-    age = None
-    if oldest is not None:
-        age = max(0.0, (dt.datetime.now(dt.UTC) - oldest).total_seconds())
+    now = dt.datetime.now(dt.UTC) if now is None else now
+    states = [s.value for s in Status] if published else list(UNSENT_STATES)
+    counts = dict.fromkeys(states, 0)
+    oldest: dict[str, dt.datetime | None] = dict.fromkeys(states)
+    for state, count, first in conn.execute(
+        sa.select(t.c.status, sa.func.count(), sa.func.min(t.c.created_at))
+        .where(t.c.status.in_(states))
+        .group_by(t.c.status)
+    ):
+        counts[state], oldest[state] = int(count), first
+    ages = {state: _age(now, first) for state, first in oldest.items()}
+    unsent = [
+        a for a in (ages[Status.PENDING.value], ages[Status.IN_FLIGHT.value]) if a is not None
+    ]
+    report = StatusReport(
+        counts=counts,
+        oldest_pending_age_seconds=max(unsent) if unsent else None,
+        dead=counts[Status.DEAD.value],
+        oldest_age_seconds=ages,
+    )
+    if published:
+        since = now - dt.timedelta(seconds=60)
+        report.published_last_minute = conn.execute(
+            sa.select(sa.func.count()).where(
+                t.c.status == Status.PUBLISHED.value, t.c.published_at >= since
+            )
+        ).scalar_one()
+    if errors:
+        report.last_errors = _last_errors(conn, t, errors)
+    return report
+
+
+def status(conn: sa.Connection, table: sa.Table, errors: int = 5) -> StatusReport:
+    """The full report: counts and lag of every state, throughput, the most recent errors."""
+    return snapshot(conn, table, published=True, errors=errors)
+
+
+def _age(now: dt.datetime, then: dt.datetime | None) -> float | None:
+    return None if then is None else max(0.0, (now - then).total_seconds())
+
+
+def _last_errors(conn: sa.Connection, t: sa.Table, limit: int) -> list[dict[str, Any]]:
+    """The most recent errors of rows not published: a published row's old error (a retry that
+    then succeeded) is history, not a problem to show."""
     rows = conn.execute(
         sa.select(
             t.c.id,
@@ -63,12 +125,11 @@ def status(conn: sa.Connection, table: sa.Table, errors: int = 5) -> StatusRepor
             t.c.last_error_message,
             t.c.last_error_at,
         )
-        .where(t.c.last_error_at.is_not(None))
+        .where(t.c.last_error_at.is_not(None), t.c.status.in_(UNSENT_STATES))
         .order_by(t.c.last_error_at.desc(), t.c.id.desc())
-        .limit(errors)
+        .limit(limit)
     )
-    last_errors = [_jsonable(dict(r._mapping)) for r in rows]
-    return StatusReport(counts, age, counts[Status.DEAD.value], last_errors)
+    return [_jsonable(dict(r._mapping)) for r in rows]
 
 
 @dataclass(frozen=True)

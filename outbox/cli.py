@@ -24,11 +24,11 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from . import admin, migrate
+from . import admin, logs, migrate
 from .database import DatabaseURLError, create_engine, display_url
 from .enqueue import enqueue
 from .schema import Status, outbox_table
-from .settings import ENVIRONMENT, SPECS, Settings, SettingsError
+from .settings import ENVIRONMENT, LOG_FORMATS, SPECS, Settings, SettingsError
 from .sockudo.crypto import is_encrypted_channel
 from .sockudo.errors import InvalidEvent
 
@@ -65,11 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return bench_main(arguments[1:])
     parser = build_parser()
     args = parser.parse_args(arguments)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    if args.log_format not in LOG_FORMATS:
+        _fail(f"OUTBOX_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, got {args.log_format!r}")
+        return EXIT_USAGE
+    logs.configure(args.log_level, args.log_format)
     # Alembic announces every schema check and httpx every request at INFO: the worker's own
     # lines say what matters (one per batch, one per failure).
     for noisy in ("alembic", "httpx"):
@@ -98,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="outbox", description="Transactional outbox publisher for Sockudo."
     )
     parser.add_argument("--log-level", default=os.environ.get("OUTBOX_LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--log-format",
+        default=os.environ.get("OUTBOX_LOG_FORMAT") or "text",
+        help="text (default) or json: one object per line (env OUTBOX_LOG_FORMAT)",
+    )
     parser.add_argument(
         "--database-url",
         help="database URL (env OUTBOX_DATABASE_URL, default sqlite:///outbox.db)",
@@ -416,9 +420,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 MASTER_KEY_VARIABLE = ENVIRONMENT["encryption_master_key_base64"][0]
-#: Settings ``outbox worker`` takes as flags: all but the database (a global flag) and secrets
+#: Settings ``outbox worker`` takes as flags: all but the database and the log format (global
+#: flags) and secrets
 #: (a flag shows in the process list).
-WORKER_FLAGS = tuple(s for s in SPECS if s.name != "database_url" and not s.secret)
+WORKER_FLAGS = tuple(
+    s for s in SPECS if s.name not in ("database_url", "log_format") and not s.secret
+)
 #: Seconds between two writes of ``--stats-file``.
 STATS_INTERVAL = 1.0
 #: What the commands that never publish read from the environment.
@@ -435,7 +442,9 @@ def _outbox(
 ) -> Iterator[tuple[Settings, sa.Engine, sa.Table]]:
     """The settings, an engine (disposed after) and the table of one command."""
     if worker:
-        settings = Settings.from_env(database_url=args.database_url, **overrides)
+        settings = Settings.from_env(
+            database_url=args.database_url, log_format=args.log_format, **overrides
+        )
     else:
         # Commands that never publish only need the database: a malformed SOCKUDO_URL or worker
         # tuning variable must not stop an operator from looking at (or fixing) the outbox.
