@@ -16,6 +16,7 @@ This module decides and sends; it does not touch the database. The worker applie
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +34,7 @@ from .sockudo.errors import (
 )
 from .sockudo.events import batch_body, dump_body, event_item, seal_for_channel
 from .sockudo.responses import ChannelAck, Result
+from .tracing import PublishSpans
 
 BACKPRESSURE = "backpressure"
 #: The two publish endpoints, as the metrics name them.
@@ -109,8 +111,10 @@ class Deliverer:
         stopping: Callable[[], bool] = lambda: False,
         paused: Callable[[], bool] = lambda: False,
         on_request: RequestHook = lambda endpoint, exc, seconds: None,
+        spans: PublishSpans | None = None,
     ) -> None:
         self._client = client
+        self._spans = spans
         self._on_request = on_request
         self._master_key = master_key
         self._alone = asyncio.Semaphore(alone_concurrency)
@@ -242,12 +246,14 @@ class Deliverer:
         self, endpoint: str, request: PreparedRequest, rows: Sequence[ClaimedRow]
     ) -> Result:
         """One publish request, reported to ``on_request`` (the worker's metrics) as it ends."""
+        span = self._spans.request(endpoint, rows) if self._spans else contextlib.nullcontext()
         started = time.perf_counter()
-        try:
-            result = await self._client.send(request)
-        except BaseException as exc:
-            self._on_request(endpoint, exc, time.perf_counter() - started)
-            raise
+        with span:
+            try:
+                result = await self._client.send(request)
+            except BaseException as exc:
+                self._on_request(endpoint, exc, time.perf_counter() - started)
+                raise
         self._on_request(endpoint, None, time.perf_counter() - started)
         return result
 

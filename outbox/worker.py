@@ -37,6 +37,7 @@ from .schema import outbox_table
 from .settings import Settings
 from .sockudo import AsyncSockudo
 from .sockudo.events import Limits
+from .tracing import publish_spans
 
 log = logging.getLogger("outbox.worker")
 T = TypeVar("T")
@@ -204,6 +205,7 @@ class Worker:
             stopping=self._stopping.is_set,
             paused=lambda: self.breaker.is_open,
             on_request=self.metrics.request,
+            spans=publish_spans(config.host, config.port),
         )
         slots = asyncio.Semaphore(self.settings.in_flight)
         side_tasks = [self._supervise("maintenance", self.maintenance.run(self._stopping.is_set))]

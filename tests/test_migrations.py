@@ -96,7 +96,7 @@ def test_plain_alembic_upgrade_head_creates_the_schema_and_twice_is_a_noop(empty
     )
     assert first.returncode == 0, first.stderr
     assert "Running upgrade  -> 0001" in first.stderr
-    assert f"Running upgrade 0002 -> {HEAD}" in first.stderr
+    assert f"Running upgrade 0003 -> {HEAD}" in first.stderr
     assert tables(empty_database_url) == {TABLE, VERSION_TABLE}
     assert index_names(empty_database_url) == INDEXES
     assert version_rows(empty_database_url, VERSION_TABLE) == [HEAD]
@@ -470,5 +470,36 @@ async def test_any_table_name_migrates_and_wakes_workers_on_commit(
         finally:
             worker.stop()
             await task
+    finally:
+        engine.dispose()
+
+
+def test_0004_adds_an_empty_traceparent_and_keeps_the_rows(empty_database_url):
+    """Rows written before 0004 get no trace context; a downgrade drops the column only."""
+    engine = create_engine(empty_database_url)
+    try:
+        migrate.upgrade(engine, "0003")
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO outbox_events (event_id, idempotency_key, channel, event, data) "
+                    "VALUES (:e, 'k-1', 'orders', 'created', '{}')"
+                ),
+                {"e": uuid.uuid4().hex if engine.dialect.name == "sqlite" else str(uuid.uuid4())},
+            )
+        migrate.upgrade(engine)
+        assert migrate.current_revision(engine) == HEAD == "0004"
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT idempotency_key, traceparent FROM outbox_events"))
+            assert rows.all() == [("k-1", None)]
+        columns = {c["name"]: c for c in sa.inspect(engine).get_columns("outbox_events")}
+        assert columns["traceparent"]["nullable"] is True
+        assert columns["traceparent"]["type"].length == 55
+        with migrate._migrating(engine) as conn:
+            config = migrate.alembic_config(conn)
+            command.downgrade(config, "0003")
+        assert "traceparent" not in {c["name"] for c in sa.inspect(engine).get_columns(TABLE)}
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM outbox_events")).scalar() == 1
     finally:
         engine.dispose()

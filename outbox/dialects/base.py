@@ -47,6 +47,8 @@ class ClaimedRow:
     attempts: int
     failures: int
     queued_at: dt.datetime
+    #: The enqueuing transaction's trace context (W3C traceparent), if it had one.
+    traceparent: str | None = None
 
     @classmethod
     def from_mapping(cls, row: Mapping[str, Any]) -> ClaimedRow:
