@@ -92,13 +92,24 @@ def secrets_in(environ: Mapping[str, str]) -> list[str]:
 
 
 def configure(level: str, log_format: str, secrets: Iterable[str] | None = None) -> None:
-    """Log to stderr at ``level`` in ``log_format`` (``text`` or ``json``)."""
+    """Log to stderr at ``level`` in ``log_format`` (``text`` or ``json``).
+
+    Like :func:`logging.basicConfig`, it leaves a root logger that someone else configured alone
+    (a host application, a test runner); a second call replaces only what the first installed.
+    """
+    root = logging.getLogger()
+    if any(not getattr(h, _OURS, False) for h in root.handlers):
+        return
     secrets = secrets_in(os.environ) if secrets is None else list(secrets)
     formatter = JsonFormatter(secrets) if log_format == "json" else TextFormatter(secrets)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
-    root = logging.getLogger()
+    setattr(handler, _OURS, True)
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
+
+
+#: Marks the handler :func:`configure` installed.
+_OURS = "_outbox_handler"

@@ -706,3 +706,10 @@ def test_status_watch_into_a_pipe_prints_frames_one_after_another(env, engine):
     frames = text.split("\n\nt  ")
     assert len(frames) == 3 and text.count("status       count   oldest") == 3
     assert "pending          0   -" in frames[0] and "pending          1   " in frames[2]
+
+
+def test_an_unknown_log_format_is_a_usage_error(env, monkeypatch, capsys):
+    monkeypatch.setenv("OUTBOX_LOG_FORMAT", "xml")
+    code, out, err = cli(capsys, "status")
+    assert code == 2 and out == ""
+    assert err == "outbox: error: OUTBOX_LOG_FORMAT must be one of text, json, got 'xml'\n"
