@@ -28,6 +28,7 @@ import sqlalchemy as sa
 from . import admin, logs, migrate, status_view
 from .database import DatabaseURLError, create_engine, display_url
 from .enqueue import enqueue
+from .progress import Progress
 from .schema import Status, outbox_table
 from .settings import ENVIRONMENT, LOG_FORMATS, SPECS, Settings, SettingsError
 from .sockudo.crypto import is_encrypted_channel
@@ -366,7 +367,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
         replayed = 0
         if not args.dry_run:
             # A page per transaction: flat memory and short locks, however many rows match.
-            replayed = sum(admin.replay_in_pages(engine, table, selection, key=key))
+            # More than a page shows its progress on stderr as it goes.
+            progress = Progress("replayed", matched) if matched > admin.REPLAY_PAGE else None
+            for page in admin.replay_in_pages(engine, table, selection, key=key):
+                replayed += page
+                if progress is not None:
+                    progress.update(replayed)
+            if progress is not None:
+                progress.done()
     _print_replay(matched, sample, args.json, dry_run=args.dry_run, replayed=replayed, key=key)
     return EXIT_OK
 

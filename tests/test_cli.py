@@ -19,9 +19,18 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from outbox import admin, derive_channel_key, enqueue, outbox_table, status_view
+from outbox import (
+    OutboxEvent,
+    admin,
+    derive_channel_key,
+    enqueue,
+    enqueue_many,
+    outbox_table,
+    status_view,
+)
 from outbox.cli import main
 from outbox.database import create_engine
+from outbox.progress import Progress
 from outbox.settings import ENVIRONMENT
 
 T = outbox_table()
@@ -713,3 +722,52 @@ def test_an_unknown_log_format_is_a_usage_error(env, monkeypatch, capsys):
     code, out, err = cli(capsys, "status")
     assert code == 2 and out == ""
     assert err == "outbox: error: OUTBOX_LOG_FORMAT must be one of text, json, got 'xml'\n"
+
+
+# -- progress of long work ------------------------------------------------------------------
+
+
+def test_a_replay_of_more_than_a_page_shows_its_progress(env, engine, capsys):
+    rows_to_replay = admin.REPLAY_PAGE * 2 + 500
+    with engine.begin() as conn:
+        enqueue_many(conn, [OutboxEvent("orders", "created", i) for i in range(rows_to_replay)])
+        conn.execute(sa.update(T).values(status="dead", last_error_at=NOW))
+    code, out, err = cli(capsys, "replay", "--all")
+    assert code == 0, err
+    assert out.startswith(f"replayed {rows_to_replay} of {rows_to_replay} event(s)")
+    lines = err.splitlines()
+    # Into a non-terminal: the first page, then (seconds later) more, and always the end.
+    assert lines[0] == f"replayed 1,000 of {rows_to_replay:,} (40%)"
+    assert lines[-1] == f"replayed {rows_to_replay:,} of {rows_to_replay:,} (100%)"
+    # A replay of one page says nothing on stderr.
+    with engine.begin() as conn:
+        conn.execute(sa.update(T).where(T.c.id <= 10).values(status="dead"))
+    code, out, err = cli(capsys, "replay", "--all")
+    assert code == 0 and err == ""
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_rewrites_its_line_on_a_terminal_and_thins_out_elsewhere():
+    clock = iter([0.0, 0.5, 1.0, 2.5, 3.0])
+    log = io.StringIO()
+    progress = Progress("replayed", 5000, out=log, every=2.0, clock=lambda: next(clock))
+    for done in (1000, 2000, 3000, 4000, 5000):
+        progress.update(done)
+    progress.done()
+    assert log.getvalue().splitlines() == [
+        "replayed 1,000 of 5,000 (20%)",
+        "replayed 4,000 of 5,000 (80%)",  # 2.5 s after the first line
+        "replayed 5,000 of 5,000 (100%)",  # the end, always
+    ]
+    screen = _Terminal()
+    progress = Progress("replayed", 2, out=screen)
+    progress.update(1)
+    progress.update(2)
+    progress.done()
+    assert screen.getvalue() == (
+        "\rreplayed 1 of 2 (50%)\rreplayed 2 of 2 (100%)\rreplayed 2 of 2 (100%)\n"
+    )
