@@ -201,27 +201,34 @@ class PrometheusRecorder(Recorder):
         for reason in ("endpoint", "misconfigured"):
             self.pauses.labels(table, reason)
         r.register(_StateCollector(table, queue, breaker, in_flight))
+        # The children the hot path updates, looked up once (a labels() call costs about as
+        # much as the update itself).
+        self._published = self.events.labels(table, "published")
+        self._retried = self.events.labels(table, "retried")
+        self._dead = self.events.labels(table, "dead")
+        self._latency = self.latency.labels(table)
+        self._claim_seconds = self.claim_seconds.labels(table)
+        self._batch_size = self.batch_size.labels(table)
+        self._ack_seconds = self.ack_seconds.labels(table)
 
     def claimed(self, rows: int, seconds: float) -> None:
-        self.claim_seconds.labels(self.table).observe(seconds)
+        self._claim_seconds.observe(seconds)
         if rows:
-            self.batch_size.labels(self.table).observe(rows)
+            self._batch_size.observe(rows)
 
     def request(self, endpoint: str, exc: BaseException | None, seconds: float) -> None:
         self.requests.labels(self.table, endpoint, request_result(exc)).inc()
         self.request_seconds.labels(self.table, endpoint).observe(seconds)
 
     def recorded(self, plan: Plan, rows: Sequence[ClaimedRow], acked: int, seconds: float) -> None:
-        table = self.table
-        self.ack_seconds.labels(table).observe(seconds)
-        self.events.labels(table, "published").inc(acked)
-        self.events.labels(table, "retried").inc(plan.retried)
-        self.events.labels(table, "dead").inc(len(plan.dead))
+        self._ack_seconds.observe(seconds)
+        self._published.inc(acked)
+        self._retried.inc(plan.retried)
+        self._dead.inc(len(plan.dead))
         if acked < len(plan.published):
-            self.leases.labels(table, "lost").inc(len(plan.published) - acked)
-        latency = self.latency.labels(table)
+            self.leases.labels(self.table, "lost").inc(len(plan.published) - acked)
         for seconds_to_ack in ack_latencies(plan, rows, dt.datetime.now(dt.UTC)):
-            latency.observe(seconds_to_ack)
+            self._latency.observe(seconds_to_ack)
 
     def reclaimed(self, rows: int) -> None:
         self.leases.labels(self.table, "taken_over").inc(rows)
