@@ -256,6 +256,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from .health import PortUnavailable
     from .worker import SideTaskFailed, Worker
 
     overrides = {spec.name: getattr(args, spec.name) for spec in WORKER_FLAGS}
@@ -265,6 +266,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
             asyncio.run(_run_with_signals(worker, once=args.once, stats_file=args.stats_file))
         except SideTaskFailed as exc:
             raise CommandError(f"the worker stopped: {exc}") from None
+        except PortUnavailable as exc:
+            raise CommandError(str(exc)) from None
     return EXIT_OK
 
 

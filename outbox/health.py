@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -24,6 +25,10 @@ log = logging.getLogger("outbox.worker")
 READ_TIMEOUT = 5.0
 #: Largest request head accepted (probes and scrapers send a few hundred bytes).
 MAX_HEAD = 16 * 1024
+
+
+class PortUnavailable(RuntimeError):
+    """The metrics port cannot be opened (in use, or an address this host does not have)."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,14 @@ class HealthServer:
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        try:
+            self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        except OSError as exc:
+            raise PortUnavailable(
+                f"cannot serve metrics on {self.host}:{self.port} "
+                f"(OUTBOX_METRICS_HOST/OUTBOX_METRICS_PORT): "
+                f"{os.strerror(exc.errno) if exc.errno else exc}"
+            ) from exc
         self.port = self._server.sockets[0].getsockname()[1]
         log.info(
             "metrics and health on http://%s:%d (/metrics, /healthz, /readyz)",

@@ -184,7 +184,8 @@ class Worker:
                 QUEUE_SNAPSHOT_TIMEOUT,
             )
         except (sa.exc.DBAPIError, TimeoutError) as exc:
-            log.warning("could not read the queue gauges: %s", short_error(exc))
+            if self._queue is not None:  # once per failure, not once per scrape
+                log.warning("could not read the queue gauges: %s", short_error(exc))
             self._queue = None
         self._queue_read_at = time.monotonic()
 
@@ -208,11 +209,8 @@ class Worker:
             spans=publish_spans(config.host, config.port),
         )
         slots = asyncio.Semaphore(self.settings.in_flight)
-        side_tasks = [self._supervise("maintenance", self.maintenance.run(self._stopping.is_set))]
-        if self.dialect.notifies:
-            listen = self.dialect.listen(self.engine, self.table, self.wake)
-            side_tasks.append(self._supervise("LISTEN", listen))
         if self.settings.metrics_port is not None:
+            # First: a port that cannot be opened stops the worker before it claims anything.
             self.health = HealthServer(
                 self.settings.metrics_host,
                 self.settings.metrics_port,
@@ -220,6 +218,10 @@ class Worker:
                 metrics=self._metrics_page,
             )
             await self.health.start()
+        side_tasks = [self._supervise("maintenance", self.maintenance.run(self._stopping.is_set))]
+        if self.dialect.notifies:
+            listen = self.dialect.listen(self.engine, self.table, self.wake)
+            side_tasks.append(self._supervise("LISTEN", listen))
         # A killed run leaves rows leased: take back the expired leases before the first claim,
         # so a cron-style --once run (the usual next run after a crash) publishes them too.
         await self.maintenance.reclaim_expired()

@@ -426,3 +426,33 @@ def test_log_formatters_mask_a_secret_in_every_form():
     assert text.endswith("ERROR outbox.worker: secret ***")
     # Short values would blank out ordinary words: not treated as secrets.
     assert JsonFormatter(["ab"]).format(_record("ab cd")).count("ab cd") == 1
+
+
+def test_a_metrics_port_in_use_stops_the_worker_with_one_line(database_url, tmp_path):
+    """Before any claim: nothing is taken from the queue by a worker that cannot be watched."""
+    engine = create_engine(database_url)
+    enqueue_events(engine, 1)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        worker = WorkerProcess(
+            database_url,
+            "http://app-key:app-secret@127.0.0.1:9/apps/app-id",
+            tmp_path / "worker.log",
+            metrics_port=port,
+        ).start()
+        try:
+            code = worker.wait(timeout=60)
+        finally:
+            worker.close()
+    assert code == 1
+    errors = [line for line in worker.log_text().splitlines() if line.startswith("outbox: error:")]
+    assert errors == [
+        f"outbox: error: cannot serve metrics on 127.0.0.1:{port} "
+        "(OUTBOX_METRICS_HOST/OUTBOX_METRICS_PORT): Address already in use"
+    ]
+    assert "Traceback" not in worker.log_text()
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(T.c.status)).scalars().all() == ["pending"]
+    engine.dispose()
