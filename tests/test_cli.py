@@ -665,17 +665,19 @@ def _read_until(fd: int, needle: str, seen: list[str], timeout: float = 30.0) ->
     return "".join(seen)
 
 
-def test_status_watch_refreshes_in_place_on_a_terminal(env, engine):
+def test_status_watch_refreshes_in_place_on_a_terminal(env, engine, tmp_path):
     """On a terminal each frame clears the screen and redraws: new rows show up in the next
     frame, and Ctrl-C leaves with exit 0."""
     primary, secondary = pty.openpty()
-    process = subprocess.Popen(
-        [OUTBOX, "status", "--watch", "--interval", "0.2"],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=secondary,
-        stderr=subprocess.PIPE,
-    )
+    errors = tmp_path / "stderr.txt"
+    with open(errors, "wb") as stderr:
+        process = subprocess.Popen(
+            [OUTBOX, "status", "--watch", "--interval", "0.2"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=secondary,
+            stderr=stderr,
+        )
     os.close(secondary)
     seen: list[str] = []
     try:
@@ -689,7 +691,7 @@ def test_status_watch_refreshes_in_place_on_a_terminal(env, engine):
         (latest,) = [f for f in frames if "pending          3   " in f][:1]
         assert "pending          0" not in latest
         process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=30) == 0, process.stderr.read() if process.stderr else ""
+        assert process.wait(timeout=30) == 0, errors.read_text()
     finally:
         if process.poll() is None:
             process.kill()
