@@ -9,8 +9,9 @@ WORKDIR /app
 COPY pyproject.toml README.md LICENSE alembic.ini worker.py ./
 COPY outbox ./outbox
 COPY migrations ./migrations
-# With the web extra: the compose stack's dashboard service runs `outbox web` on this image.
-RUN pip install ".[web]" && useradd --system --uid 10001 outbox
+# With the web extra (the compose stack's dashboard service runs `outbox web` on this image) and
+# the metrics extra (the worker serves /metrics on OUTBOX_METRICS_PORT).
+RUN pip install ".[web,metrics]" && useradd --system --uid 10001 outbox
 USER outbox
 
 # SIGTERM drains in-flight batches and exits 0 (see README); give it the shutdown timeout.

@@ -27,12 +27,26 @@ KEY_FRESH = "fresh"
 KEY_KEEP = "keep"
 
 
+#: The states of a row that is not yet (or never will be) published: what the gauges watch.
+UNSENT_STATES = (Status.PENDING.value, Status.IN_FLIGHT.value, Status.DEAD.value)
+
+
 @dataclass
 class StatusReport:
+    """What is in the outbox now (see :func:`snapshot`).
+
+    ``oldest_age_seconds`` is, per state, how long ago its oldest row was created (None when the
+    state is empty): the lag of that state. ``published`` appears in ``counts`` and
+    ``oldest_age_seconds`` only for a full report; ``published_last_minute`` is None unless asked.
+    """
+
     counts: dict[str, int]
+    #: Age of the oldest event not yet published (pending or in flight): the figure to alert on.
     oldest_pending_age_seconds: float | None
     dead: int
     last_errors: list[dict[str, Any]] = field(default_factory=list)
+    oldest_age_seconds: dict[str, float | None] = field(default_factory=dict)
+    published_last_minute: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -45,11 +59,8 @@ def events(table: sa.Table) -> sa.Subquery:
     is claimable again). Filters on the result reach each table's own indexes.
     """
     hot, dead, log = table, dead_table(table), published_table(table)
-    leased = sa.case(
-        (hot.c.lease_expires_at > utc_now(), Status.IN_FLIGHT.value), else_=Status.PENDING.value
-    )
     return sa.union_all(
-        sa.select(*(hot.c[c] for c in EVENT_COLUMNS), leased.label("status")),
+        sa.select(*(hot.c[c] for c in EVENT_COLUMNS), _hot_state(hot).label("status")),
         sa.select(
             *(dead.c[c] for c in EVENT_COLUMNS), sa.literal(Status.DEAD.value).label("status")
         ),
@@ -59,33 +70,78 @@ def events(table: sa.Table) -> sa.Subquery:
     ).subquery("events")
 
 
-def status(conn: sa.Connection, table: sa.Table, errors: int = 5) -> StatusReport:
-    """Counts per status, age of the oldest unsent event, and the most recent errors.
-
-    Errors are read from unsent and dead rows only: a published row's old error is history.
-    """
-    hot, dead = table, dead_table(table)
-    counts = {s.value: 0 for s in Status}
+def _hot_state(hot: sa.Table) -> sa.ColumnElement[str]:
     leased = hot.c.lease_expires_at > utc_now()
-    in_flight, total, oldest = conn.execute(
-        sa.select(
-            sa.func.coalesce(sa.func.sum(sa.case((leased, 1), else_=0)), 0),
-            sa.func.count(),
-            sa.func.min(hot.c.created_at),
+    return sa.case((leased, Status.IN_FLIGHT.value), else_=Status.PENDING.value)
+
+
+def snapshot(
+    conn: sa.Connection,
+    table: sa.Table,
+    *,
+    published: bool = True,
+    errors: int = 0,
+    now: dt.datetime | None = None,
+) -> StatusReport:
+    """Counts and lags per state, and (``errors``) the most recent errors of unsent rows.
+
+    The one place that reads the outbox's state: ``outbox status``, the dashboard and the
+    worker's gauges all come here. With ``published=False`` (the gauges) it reads only the hot
+    table and the dead table: its cost follows the rows waiting or dead, never the published
+    history (measured by ``python -m outbox.bench``). A full report (``published=True``) also
+    counts the published log and what it gained in the last minute, which scans the log.
+    """
+    hot, dead, log = table, dead_table(table), published_table(table)
+    now = dt.datetime.now(dt.UTC) if now is None else now
+    states = [s.value for s in Status] if published else list(UNSENT_STATES)
+    counts = dict.fromkeys(states, 0)
+    oldest: dict[str, dt.datetime | None] = dict.fromkeys(states)
+    state = _hot_state(hot).label("state")
+    per_state = [
+        sa.select(state, sa.func.count(), sa.func.min(hot.c.created_at)).group_by(state),
+        sa.select(sa.literal(Status.DEAD.value), sa.func.count(), sa.func.min(dead.c.created_at)),
+    ]
+    if published:
+        per_state.append(
+            sa.select(
+                sa.literal(Status.PUBLISHED.value), sa.func.count(), sa.func.min(log.c.created_at)
+            )
         )
-    ).one()
-    counts[Status.IN_FLIGHT.value] = int(in_flight)
-    counts[Status.PENDING.value] = int(total) - int(in_flight)
-    counts[Status.DEAD.value] = conn.execute(
-        sa.select(sa.func.count()).select_from(dead)
-    ).scalar_one()
-    log = published_table(table)
-    counts[Status.PUBLISHED.value] = conn.execute(
-        sa.select(sa.func.count()).select_from(log)
-    ).scalar_one()
-    age = None
-    if oldest is not None:
-        age = max(0.0, (dt.datetime.now(dt.UTC) - oldest).total_seconds())
+    for query in per_state:
+        for name, count, first in conn.execute(query):
+            counts[name], oldest[name] = int(count), first
+    ages = {name: _age(now, first) for name, first in oldest.items()}
+    unsent = [
+        a for a in (ages[Status.PENDING.value], ages[Status.IN_FLIGHT.value]) if a is not None
+    ]
+    report = StatusReport(
+        counts=counts,
+        oldest_pending_age_seconds=max(unsent) if unsent else None,
+        dead=counts[Status.DEAD.value],
+        oldest_age_seconds=ages,
+    )
+    if published:
+        since = now - dt.timedelta(seconds=60)
+        report.published_last_minute = conn.execute(
+            sa.select(sa.func.count()).where(log.c.published_at >= since)
+        ).scalar_one()
+    if errors:
+        report.last_errors = _last_errors(conn, table, errors)
+    return report
+
+
+def status(conn: sa.Connection, table: sa.Table, errors: int = 5) -> StatusReport:
+    """The full report: counts and lag of every state, throughput, the most recent errors."""
+    return snapshot(conn, table, published=True, errors=errors)
+
+
+def _age(now: dt.datetime, then: dt.datetime | None) -> float | None:
+    return None if then is None else max(0.0, (now - then).total_seconds())
+
+
+def _last_errors(conn: sa.Connection, table: sa.Table, limit: int) -> list[dict[str, Any]]:
+    """The most recent errors of rows not published: a published row's old error (a retry that
+    then succeeded) is history, not a problem to show."""
     ev = events(table)
     rows = conn.execute(
         sa.select(
@@ -100,12 +156,11 @@ def status(conn: sa.Connection, table: sa.Table, errors: int = 5) -> StatusRepor
             ev.c.last_error_message,
             ev.c.last_error_at,
         )
-        .where(ev.c.last_error_at.is_not(None), ev.c.status != Status.PUBLISHED.value)
+        .where(ev.c.last_error_at.is_not(None), ev.c.status.in_(UNSENT_STATES))
         .order_by(ev.c.last_error_at.desc(), ev.c.id.desc())
-        .limit(errors)
+        .limit(limit)
     )
-    last_errors = [_jsonable(dict(r._mapping)) for r in rows]
-    return StatusReport(counts, age, counts[Status.DEAD.value], last_errors)
+    return [_jsonable(dict(r._mapping)) for r in rows]
 
 
 @dataclass(frozen=True)

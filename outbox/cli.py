@@ -1,7 +1,8 @@
 """The ``outbox`` command: migrate, worker, status, replay, enqueue.
 
 Exit codes: 0 success; 1 the operation failed (database unreachable, ...); 2 bad usage, settings or
-input; 3 ``status --check`` found dead events. Errors are one line on stderr, never a traceback,
+input; 3 ``status --check`` found dead events; 4 ``status --check --max-age`` found an unsent event
+older than that. Errors are one line on stderr, never a traceback,
 and never show a secret.
 """
 
@@ -24,15 +25,16 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from . import admin, migrate
+from . import admin, logs, migrate, status_view
 from .database import DatabaseURLError, create_engine, display_url
 from .enqueue import enqueue
+from .progress import Progress
 from .schema import Status, outbox_table
-from .settings import ENVIRONMENT, SPECS, Settings, SettingsError
+from .settings import ENVIRONMENT, LOG_FORMATS, SPECS, Settings, SettingsError
 from .sockudo.crypto import is_encrypted_channel
 from .sockudo.errors import InvalidEvent
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DEAD = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DEAD, EXIT_TOO_OLD = 0, 1, 2, 3, 4
 
 REPLAY_HELP = """\
 Move dead events (or, with --published, published ones) back to pending with a fresh attempt
@@ -65,11 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return bench_main(arguments[1:])
     parser = build_parser()
     args = parser.parse_args(arguments)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    if args.log_format not in LOG_FORMATS:
+        _fail(f"OUTBOX_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, got {args.log_format!r}")
+        return EXIT_USAGE
+    logs.configure(args.log_level, args.log_format)
     # Alembic announces every schema check and httpx every request at INFO: the worker's own
     # lines say what matters (one per batch, one per failure).
     for noisy in ("alembic", "httpx"):
@@ -99,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-level", default=os.environ.get("OUTBOX_LOG_LEVEL", "INFO"))
     parser.add_argument(
+        "--log-format",
+        default=os.environ.get("OUTBOX_LOG_FORMAT") or "text",
+        help="text (default) or json: one object per line (env OUTBOX_LOG_FORMAT)",
+    )
+    parser.add_argument(
         "--database-url",
         help="database URL (env OUTBOX_DATABASE_URL, default sqlite:///outbox.db)",
     )
@@ -127,10 +133,29 @@ def build_parser() -> argparse.ArgumentParser:
         )
     p.set_defaults(handler=cmd_worker)
 
-    p = commands.add_parser("status", help="counts per status, oldest pending, last errors")
+    p = commands.add_parser(
+        "status", help="counts and lag per status, throughput, last errors (--watch: live)"
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--errors", type=int, default=5, help="how many recent errors to show")
-    p.add_argument("--check", action="store_true", help=f"exit {EXIT_DEAD} if any event is dead")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help=f"exit {EXIT_DEAD} if any event is dead, else {EXIT_TOO_OLD} if one is older than "
+        "--max-age",
+    )
+    p.add_argument(
+        "--max-age",
+        type=_positive_float,
+        metavar="SECONDS",
+        help=f"with --check: exit {EXIT_TOO_OLD} if the oldest unsent event is older than this",
+    )
+    p.add_argument(
+        "--watch", action="store_true", help="refresh in place until Ctrl-C (an incident view)"
+    )
+    p.add_argument(
+        "--interval", type=_positive_float, default=2.0, help="seconds between refreshes (2)"
+    )
     p.set_defaults(handler=cmd_status)
 
     p = commands.add_parser(
@@ -231,6 +256,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from .health import PortUnavailable
     from .worker import SideTaskFailed, Worker
 
     overrides = {spec.name: getattr(args, spec.name) for spec in WORKER_FLAGS}
@@ -240,6 +266,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
             asyncio.run(_run_with_signals(worker, once=args.once, stats_file=args.stats_file))
         except SideTaskFailed as exc:
             raise CommandError(f"the worker stopped: {exc}") from None
+        except PortUnavailable as exc:
+            raise CommandError(str(exc)) from None
     return EXIT_OK
 
 
@@ -289,13 +317,27 @@ def _write_stats(worker: Any, path: Path, running: bool) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    with _outbox(args) as (_settings, engine, table), engine.connect() as conn:
-        report = admin.status(conn, table, errors=args.errors)
+    if args.max_age is not None and not args.check:
+        raise CommandError("--max-age goes with --check", EXIT_USAGE)
+    if args.watch and (args.check or args.json):
+        raise CommandError("--watch is a view: not with --check or --json", EXIT_USAGE)
+    with _outbox(args) as (settings, engine, table):
+
+        def read() -> admin.StatusReport:
+            with engine.connect() as conn:
+                return admin.status(conn, table, errors=args.errors)
+
+        if args.watch:
+            title = f"outbox status: {display_url(settings.database_url)} {table.name}"
+            with contextlib.suppress(KeyboardInterrupt):
+                status_view.watch(read, sys.stdout, interval=args.interval, title=title)
+            return EXIT_OK
+        report = read()
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
     else:
-        print(_render_status(report))
-    return EXIT_DEAD if args.check and report.dead else EXIT_OK
+        print(status_view.render(report))
+    return status_view.check_exit(report, args.max_age) if args.check else EXIT_OK
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -328,7 +370,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
         replayed = 0
         if not args.dry_run:
             # A page per transaction: flat memory and short locks, however many rows match.
-            replayed = sum(admin.replay_in_pages(engine, table, selection, key=key))
+            # More than a page shows its progress on stderr as it goes.
+            progress = Progress("replayed", matched) if matched > admin.REPLAY_PAGE else None
+            for page in admin.replay_in_pages(engine, table, selection, key=key):
+                replayed += page
+                if progress is not None:
+                    progress.update(replayed)
+            if progress is not None:
+                progress.done()
     _print_replay(matched, sample, args.json, dry_run=args.dry_run, replayed=replayed, key=key)
     return EXIT_OK
 
@@ -416,9 +465,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 MASTER_KEY_VARIABLE = ENVIRONMENT["encryption_master_key_base64"][0]
-#: Settings ``outbox worker`` takes as flags: all but the database (a global flag) and secrets
+#: Settings ``outbox worker`` takes as flags: all but the database and the log format (global
+#: flags) and secrets
 #: (a flag shows in the process list).
-WORKER_FLAGS = tuple(s for s in SPECS if s.name != "database_url" and not s.secret)
+WORKER_FLAGS = tuple(
+    s for s in SPECS if s.name not in ("database_url", "log_format") and not s.secret
+)
 #: Seconds between two writes of ``--stats-file``.
 STATS_INTERVAL = 1.0
 #: What the commands that never publish read from the environment.
@@ -435,7 +487,9 @@ def _outbox(
 ) -> Iterator[tuple[Settings, sa.Engine, sa.Table]]:
     """The settings, an engine (disposed after) and the table of one command."""
     if worker:
-        settings = Settings.from_env(database_url=args.database_url, **overrides)
+        settings = Settings.from_env(
+            database_url=args.database_url, log_format=args.log_format, **overrides
+        )
     else:
         # Commands that never publish only need the database: a malformed SOCKUDO_URL or worker
         # tuning variable must not stop an operator from looking at (or fixing) the outbox.
@@ -502,28 +556,22 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return number
+
+
 def _timestamp(value: str) -> dt.datetime:
     try:
         parsed = dt.datetime.fromisoformat(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {value!r}") from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
-
-
-def _render_status(report: admin.StatusReport) -> str:
-    lines = ["status       count"]
-    lines += [f"{state:<12} {count:>5}" for state, count in report.counts.items()]
-    age = report.oldest_pending_age_seconds
-    lines.append(f"oldest pending: {'none' if age is None else f'{age:.1f} s'}")
-    if report.last_errors:
-        lines.append("last errors:")
-        for e in report.last_errors:
-            code = " ".join(str(x) for x in (e["last_error_status"], e["last_error_code"]) if x)
-            lines.append(
-                f"  row {e['id']} {e['status']} {e['channel']} {e['event']} "
-                f"(attempts {e['attempts']}) [{code}] {e['last_error_message']}"
-            )
-    return "\n".join(lines)
 
 
 def _print_replay(

@@ -16,13 +16,15 @@ This module decides and sends; it does not touch the database. The worker applie
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .dialects import Ack, ClaimedRow, Failure
-from .sockudo import AsyncSockudo
+from .sockudo import AsyncSockudo, PreparedRequest
 from .sockudo.errors import (
     ClientMisconfigured,
     EndpointUnavailable,
@@ -31,9 +33,16 @@ from .sockudo.errors import (
     PublishFailed,
 )
 from .sockudo.events import batch_body, dump_body, event_item, seal_for_channel
-from .sockudo.responses import ChannelAck
+from .sockudo.responses import ChannelAck, Result
+from .tracing import PublishSpans
 
 BACKPRESSURE = "backpressure"
+#: The two publish endpoints, as the metrics name them.
+BATCH_ENDPOINT = "batch_events"
+EVENTS_ENDPOINT = "events"
+
+#: Called after every publish request: (endpoint, the exception it raised or None, seconds).
+RequestHook = Callable[[str, BaseException | None, float], None]
 SERVICE_UNAVAILABLE = "service_unavailable"
 NO_MASTER_KEY = "no_master_key"
 
@@ -101,8 +110,12 @@ class Deliverer:
         alone_concurrency: int = 8,
         stopping: Callable[[], bool] = lambda: False,
         paused: Callable[[], bool] = lambda: False,
+        on_request: RequestHook = lambda endpoint, exc, seconds: None,
+        spans: PublishSpans | None = None,
     ) -> None:
         self._client = client
+        self._spans = spans
+        self._on_request = on_request
         self._master_key = master_key
         self._alone = asyncio.Semaphore(alone_concurrency)
         self._stopping = stopping
@@ -145,7 +158,7 @@ class Deliverer:
         outcome.requests += 1
         outcome.sent_as_batch += len(rows)
         try:
-            result = await self._client.send(self._client.prepare_batch_body(body))
+            result = await self._send(BATCH_ENDPOINT, self._client.prepare_batch_body(body), rows)
         except EventRefused as exc:
             # Which item was bad is not said, and the items before it were published: re-send
             # each alone (their repeats are answered from the server's cache).
@@ -196,7 +209,8 @@ class Deliverer:
             outcome.requests += 1
             outcome.sent_alone += 1
             try:
-                result = await self._client.send(self._client.prepare_events_body(dump_body(item)))
+                request = self._client.prepare_events_body(dump_body(item))
+                result = await self._send(EVENTS_ENDPOINT, request, [row])
             except EventRefused as exc:
                 outcome.refused.append((row, exc))
                 return
@@ -227,6 +241,21 @@ class Deliverer:
                     outcome.endpoint_errors.append(exc)
                 return
         outcome.published.append(_ack(row, result.channels.get(row.channel, ChannelAck())))
+
+    async def _send(
+        self, endpoint: str, request: PreparedRequest, rows: Sequence[ClaimedRow]
+    ) -> Result:
+        """One publish request, reported to ``on_request`` (the worker's metrics) as it ends."""
+        span = self._spans.request(endpoint, rows) if self._spans else contextlib.nullcontext()
+        started = time.perf_counter()
+        with span:
+            try:
+                result = await self._client.send(request)
+            except BaseException as exc:
+                self._on_request(endpoint, exc, time.perf_counter() - started)
+                raise
+        self._on_request(endpoint, None, time.perf_counter() - started)
+        return result
 
 
 _PAUSED = EndpointUnavailable(

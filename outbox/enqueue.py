@@ -24,6 +24,7 @@ from .sockudo import crypto
 from .sockudo.errors import InvalidEvent
 from .sockudo.events import DEFAULT_LIMITS, CheckedEvent, Limits, check_event
 from .sockudo.jsontext import compact_json
+from .tracing import current_traceparent
 
 SyncTarget = Session | sa.Connection
 AsyncTarget = AsyncSession | AsyncConnection
@@ -81,6 +82,7 @@ def enqueue(
     """
     one = OutboxEvent(channel, event, data, idempotency_key, socket_id, info, tags, extras)
     event_id, rows = build_rows(one, limits)
+    _add_trace_context(rows)
     return _insert(target, table if table is not None else outbox_table(), rows, event_id)
 
 
@@ -110,6 +112,7 @@ def enqueue_many(
             raise InvalidEvent(f"event #{index}: {exc}", field=exc.field) from exc
         ids.append(event_id)
         rows.extend(item_rows)
+    _add_trace_context(rows)
     return _insert(target, table if table is not None else outbox_table(), rows, ids)
 
 
@@ -188,6 +191,16 @@ def _column_width(name: str) -> int:
 def derive_channel_key(key: str, channel: str) -> str:
     """The key of one channel's row of a multi-channel event: stable, distinct per channel."""
     return str(uuid.uuid5(_CHANNEL_KEY_NAMESPACE, f"{key}\n{channel}"))
+
+
+def _add_trace_context(rows: list[dict[str, Any]]) -> None:
+    """Store the caller's trace context on its rows (OpenTelemetry in use and a span current):
+    the worker links the publish to it. Every row of one call gets the same, so executemany
+    sees one set of columns."""
+    traceparent = current_traceparent()
+    if traceparent is not None:
+        for row in rows:
+            row["traceparent"] = traceparent
 
 
 def _insert(target: Target, table: sa.Table, rows: list[dict[str, Any]], result: Any) -> Any:

@@ -23,6 +23,7 @@ ERROR_MESSAGE_MAX = 500
 ERROR_CODE_MAX = 64
 ACK_ID_MAX = 200
 SERIAL_MAX = 64
+TRACEPARENT_MAX = 55
 
 
 class Status(enum.StrEnum):
@@ -152,6 +153,9 @@ def _event_columns(*, autoincrement: bool) -> list[sa.Column[object]]:
         sa.Column("last_error_code", sa.String(ERROR_CODE_MAX), nullable=True),
         sa.Column("last_error_message", sa.String(ERROR_MESSAGE_MAX), nullable=True),
         sa.Column("last_error_at", UTCDateTime(), nullable=True),
+        # The W3C trace context current when the event was enqueued (OpenTelemetry, optional):
+        # the worker links each publish request's span to it. 55 = "00-" + 32 + "-" + 16 + "-" + 2.
+        sa.Column("traceparent", sa.String(TRACEPARENT_MAX), nullable=True),
     ]
 
 

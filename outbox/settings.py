@@ -18,6 +18,9 @@ class SettingsError(ValueError):
     """A setting is missing or malformed; the message names it (and never shows a secret)."""
 
 
+#: What OUTBOX_LOG_FORMAT accepts.
+LOG_FORMATS = ("text", "json")
+
 #: Longest OUTBOX_TABLE: the index and constraint names derived from it must fit PostgreSQL's
 #: 63-byte identifiers (``uq_<table>_idempotency_key``), or two of them would be truncated alike.
 MAX_TABLE_NAME = 40
@@ -59,6 +62,12 @@ class Settings:
     #: How the worker sends requests: "auto" (h11 for http://, httpx for https://), "h11" or
     #: "httpx" (see outbox.sockudo.transport; h11 costs a third to a half of httpx's CPU).
     http_client: str = "auto"
+    #: Serve /metrics, /healthz and /readyz on this port (None: off; 0: any free port).
+    metrics_port: int | None = None
+    #: The address they listen on; 0.0.0.0 for a scraper in another container.
+    metrics_host: str = "127.0.0.1"
+    #: ``text`` (the default) or ``json``: one JSON object per log line.
+    log_format: str = "text"
 
     def __repr__(self) -> str:
         # Built by hand so no secret can reach it: the database password and the Sockudo secret
@@ -108,6 +117,14 @@ class Settings:
         ):
             if not getattr(self, name) > 0:
                 raise SettingsError(f"{name} must be positive")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise SettingsError(
+                f"OUTBOX_METRICS_PORT must be between 0 and 65535, got {self.metrics_port}"
+            )
+        if self.log_format not in LOG_FORMATS:
+            raise SettingsError(
+                f"OUTBOX_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}"
+            )
         if self.backoff_min_seconds > self.backoff_max_seconds:
             raise SettingsError("backoff min must not exceed backoff max")
         if self.lease_seconds < 2 * self.request_timeout:
@@ -223,6 +240,14 @@ SPECS: tuple[SettingSpec, ...] = (
     ),
     SettingSpec("shutdown_timeout", "OUTBOX_SHUTDOWN_TIMEOUT", float, "how long SIGTERM waits"),
     SettingSpec("http_client", "OUTBOX_HTTP_CLIENT", str, "auto, h11 or httpx"),
+    SettingSpec(
+        "metrics_port",
+        "OUTBOX_METRICS_PORT",
+        int,
+        "serve /metrics, /healthz, /readyz on this port (metrics extra)",
+    ),
+    SettingSpec("metrics_host", "OUTBOX_METRICS_HOST", str, "address of the metrics port"),
+    SettingSpec("log_format", "OUTBOX_LOG_FORMAT", str, "text or json (one object per line)"),
 )
 
 #: Setting name -> (environment variable, type).

@@ -24,17 +24,21 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from .database import create_engine, display_url, short_error
+from . import admin
+from .database import create_engine, display_url, in_transaction, short_error
 from .delivery import Deliverer
 from .dialects import ClaimedRow, Dialect, dialect_for
 from .dialects.hotpath import Recording
+from .health import HealthServer, Readiness, readiness
 from .maintenance import Maintenance
+from .metrics import Recorder
 from .plan import EndpointVerdict, Plan, endpoint_verdict, plan_outcome
 from .retry import EndpointBreaker, RetryPolicy
 from .schema import outbox_table
 from .settings import Settings
 from .sockudo import AsyncSockudo
 from .sockudo.events import Limits
+from .tracing import publish_spans
 
 log = logging.getLogger("outbox.worker")
 
@@ -42,6 +46,12 @@ log = logging.getLogger("outbox.worker")
 RECORD_TRIES = 5
 #: The longest pause after database errors in a row (seconds).
 MAX_DATABASE_PAUSE = 30.0
+#: A scrape reuses a queue snapshot younger than this (seconds): scrapers at once cost one read.
+QUEUE_SNAPSHOT_REUSE = 1.0
+#: Longest wait for the queue snapshot of a scrape; without it the gauges are left out.
+QUEUE_SNAPSHOT_TIMEOUT = 5.0
+#: /readyz turns red when the claim loop made no progress for this long (at least).
+READY_WINDOW_MIN = 15.0
 
 
 @dataclass
@@ -109,6 +119,21 @@ class Worker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._database_errors_in_a_row = 0
         self._side_failure: BaseException | None = None
+        #: When the claim loop last completed a claim or recorded an outcome (monotonic).
+        self._last_progress: float | None = None
+        self._queue: admin.StatusReport | None = None
+        self._queue_read_at = -QUEUE_SNAPSHOT_REUSE
+        self.metrics: Recorder = Recorder()
+        if settings.metrics_port is not None:
+            from .metrics import PrometheusRecorder
+
+            self.metrics = PrometheusRecorder(
+                settings.table_name,
+                queue=lambda: self._queue,
+                breaker=self._breaker_state,
+                in_flight=lambda: len(self._tasks),
+            )
+        self.health: HealthServer | None = None
 
     # -- control ------------------------------------------------------------------------------
 
@@ -123,7 +148,47 @@ class Worker:
 
     def _reclaimed(self, rows: int) -> None:
         self.stats.reclaimed += rows
+        self.metrics.reclaimed(rows)
         self.wake()
+
+    # -- what it tells an operator ------------------------------------------------------------
+
+    def readiness(self) -> Readiness:
+        """Whether this worker is doing its job (``/readyz``), and if not, why."""
+        s = self.settings
+        since = None if self._last_progress is None else time.monotonic() - self._last_progress
+        return readiness(
+            since_progress=since,
+            window=max(READY_WINDOW_MIN, 3 * s.poll_interval, 2 * s.request_timeout),
+            database_errors_in_a_row=self._database_errors_in_a_row,
+            paused_because=self.breaker.reason if self.breaker.tripped else None,
+        )
+
+    def _breaker_state(self) -> int:
+        if self.breaker.is_open:
+            return 1
+        return 2 if self.breaker.tripped else 0
+
+    async def _metrics_page(self) -> tuple[bytes, str]:
+        await self._read_queue()
+        return self.metrics.exposition()
+
+    async def _read_queue(self) -> None:
+        """Refresh the queue gauges (the unsent states), at most once per QUEUE_SNAPSHOT_REUSE."""
+        if time.monotonic() - self._queue_read_at < QUEUE_SNAPSHOT_REUSE:
+            return
+        try:
+            self._queue = await asyncio.wait_for(
+                in_transaction(
+                    self.engine, lambda conn: admin.snapshot(conn, self.table, published=False)
+                ),
+                QUEUE_SNAPSHOT_TIMEOUT,
+            )
+        except (sa.exc.DBAPIError, TimeoutError) as exc:
+            if self._queue is not None:  # once per failure, not once per scrape
+                log.warning("could not read the queue gauges: %s", short_error(exc))
+            self._queue = None
+        self._queue_read_at = time.monotonic()
 
     @property
     def stopping(self) -> bool:
@@ -143,8 +208,19 @@ class Worker:
             alone_concurrency=self.settings.alone_concurrency,
             stopping=self._stopping.is_set,
             paused=lambda: self.breaker.is_open,
+            on_request=self.metrics.request,
+            spans=publish_spans(config.host, config.port),
         )
         slots = asyncio.Semaphore(self.settings.in_flight)
+        if self.settings.metrics_port is not None:
+            # First: a port that cannot be opened stops the worker before it claims anything.
+            self.health = HealthServer(
+                self.settings.metrics_host,
+                self.settings.metrics_port,
+                ready=self.readiness,
+                metrics=self._metrics_page,
+            )
+            await self.health.start()
         side_tasks = [self._supervise("maintenance", self.maintenance.run(self._stopping.is_set))]
         if self.dialect.notifies:
             listen = self.dialect.listen(self.engine, self.table, self.wake)
@@ -166,6 +242,8 @@ class Worker:
             for task in side_tasks:
                 task.cancel()
             await asyncio.gather(*side_tasks, return_exceptions=True)
+            if self.health is not None:
+                await self.health.close()
             if self._client is None:
                 await client.aclose()
             await self.hot_path.aclose()
@@ -217,6 +295,7 @@ class Worker:
             # Cleared before the claim, not after an empty one: a NOTIFY that lands while the
             # claim runs must still wake the idle wait that follows it.
             self._wake.clear()
+            claim_started = time.perf_counter()
             try:
                 rows = await self.hot_path.claim(limit, self.settings.lease_seconds, token)
                 self._database_errors_in_a_row = 0
@@ -224,6 +303,8 @@ class Worker:
                 slots.release()
                 await self._database_trouble("claim", exc)
                 continue
+            self.metrics.claimed(len(rows), time.perf_counter() - claim_started)
+            self._last_progress = time.monotonic()
             if not rows:
                 slots.release()
                 if once and not self._tasks:
@@ -236,6 +317,7 @@ class Worker:
                 # A killed or stalled worker's lease expired: its rows go out again, alone.
                 log.warning("took over %d row(s) whose lease expired", taken_over)
                 self.stats.reclaimed += taken_over
+                self.metrics.reclaimed(taken_over)
             task = asyncio.create_task(self._deliver(deliverer, token, rows))
             self._tasks.add(task)
             task.add_done_callback(lambda t: (self._tasks.discard(t), slots.release()))
@@ -307,7 +389,7 @@ class Worker:
         )
         for note in plan.notes:
             log.log(note.level, note.message, *note.args)
-        await self._record(token, plan)
+        await self._record(token, plan, rows)
         log.info(
             "batch of %d: %d published (%d in a batch, %d alone), %d to retry, %d dead, "
             "%d given back, in %.1f ms",
@@ -341,12 +423,14 @@ class Worker:
             log.error(reason)
             self.breaker.pause_for(wait, reason)
             self.stats.pauses += 1
+            self.metrics.paused("misconfigured")
             return
         was_tripped = self.breaker.tripped
         failures = [(str(exc), exc.retry_after) for exc in verdict.failures]
         pause = self.breaker.observe(failures, verdict.served)
         if pause is not None:
             self.stats.pauses += 1
+            self.metrics.paused("endpoint")
             log.warning(
                 "endpoint unavailable (%s): pausing publishing for %.1f s",
                 self.breaker.reason,
@@ -355,7 +439,7 @@ class Worker:
         elif was_tripped and not self.breaker.tripped:
             log.info("endpoint is back: resuming publishing")
 
-    async def _record(self, token: uuid.UUID, plan: Plan) -> None:
+    async def _record(self, token: uuid.UUID, plan: Plan, rows: list[ClaimedRow]) -> None:
         """Write the plan in one short transaction, retrying while the database is away."""
         acked = 0
         recording = Recording(
@@ -367,11 +451,14 @@ class Worker:
             give_back_carried=plan.give_back_carried,
         )
         for attempt in range(1, RECORD_TRIES + 1):
+            started = time.perf_counter()
             try:
                 # Rows whose lease expired and were taken over are not acked (token guard):
                 # ``acked`` counts only the rows this ack really moved.
                 acked = await self.hot_path.record(token, recording)
                 self._database_errors_in_a_row = 0
+                self._last_progress = time.monotonic()
+                self.metrics.recorded(plan, rows, acked, time.perf_counter() - started)
                 break
             except sa.exc.DBAPIError as exc:
                 if attempt == RECORD_TRIES:

@@ -38,3 +38,42 @@ def test_the_bench_drains_through_the_test_server(tmp_path: Path) -> None:
     drains = [r for r in results if r["scenario"].startswith("outbox drain")]
     assert {r["backend"] for r in drains} == {"sqlite", "postgresql"}
     assert all(r["events"] > 0 and r["events_per_s"] > 0 for r in drains)
+
+
+def test_the_bench_prices_the_metrics_and_times_the_gauges(tmp_path: Path) -> None:
+    report = tmp_path / "bench.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "outbox.bench",
+            "--smoke",
+            "--server",
+            "test-server",
+            "--backends",
+            "sqlite",
+            "--scenarios",
+            "metrics,gauges",
+            "--events",
+            "3000",
+            "--gauge-history",
+            "2000",
+            "--json",
+            str(report),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = {r["scenario"]: r for r in json.loads(report.read_text())["results"]}
+    off = results["metrics off: outbox drain, 1 worker"]
+    on = results["metrics on, scraped every second: outbox drain, 1 worker"]
+    assert off["events_per_s"] > 0 and on["events_per_s"] > 0
+    assert "metrics_scrapes" in on and "metrics_scrapes" not in off
+    gauges = results["queue gauges read, 2,000 published rows"]
+    assert gauges["published_rows"] == 2000 and gauges["unsent_rows"] == 1000
+    assert gauges["read_median_ms"] > 0
+    assert "full status read (outbox status), 2,000 published rows" in results
+    targets = [t["target"] for t in json.loads(report.read_text())["targets"]]
+    assert any("within 5% of off" in t for t in targets)

@@ -1,12 +1,17 @@
-"""The `outbox` command: enqueue, status, replay, worker; exit codes 0/1/2/3; one-line errors."""
+"""The `outbox` command: enqueue, status, replay, worker; exit codes 0/1/2/3/4; one-line errors."""
 
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import os
+import pty
+import select
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -14,11 +19,20 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from outbox import derive_channel_key, enqueue, outbox_table
+from outbox import (
+    OutboxEvent,
+    admin,
+    derive_channel_key,
+    enqueue,
+    enqueue_many,
+    outbox_table,
+    status_view,
+)
 from outbox.cli import main
 from outbox.database import create_engine
+from outbox.progress import Progress
 from outbox.settings import ENVIRONMENT
-from tests.outbox_rows import EV, move_where, set_row
+from tests.outbox_rows import EV, TABLE_OF, move_where, set_row
 
 T = outbox_table()
 OUTBOX = Path(sys.executable).with_name("outbox")
@@ -169,11 +183,14 @@ def test_status_text(env, populated, capsys):
     code, out, err = cli(capsys, "status")
     assert code == 0, err
     lines = out.splitlines()
-    assert "pending          1" in lines
-    assert "in_flight        1" in lines
-    assert "published        1" in lines
-    assert "dead             2" in lines
-    assert any(line.startswith("oldest pending: 36") and line.endswith(" s") for line in lines)
+    assert lines[0] == "status       count   oldest"
+    # Each state's count and the age of its oldest row (the pending one was created 1 h ago).
+    assert any(line.startswith("pending          1   60.") for line in lines)
+    assert any(line.startswith("in_flight        1   ") for line in lines)
+    assert any(line.startswith("published        1   ") for line in lines)
+    assert any(line.startswith("dead             2   ") for line in lines)
+    assert any(line.startswith("oldest pending: 60.") and line.endswith(" min") for line in lines)
+    assert "published in the last minute: 1 (0.0/s)" in lines
     assert "last errors:" in lines
     assert any("413 payload_too_large] too big" in line for line in lines)
     assert any("400 invalid_input] bad name" in line for line in lines)
@@ -187,7 +204,65 @@ def test_status_of_an_empty_outbox(env, capsys):
         "oldest_pending_age_seconds": None,
         "dead": 0,
         "last_errors": [],
+        "oldest_age_seconds": {"pending": None, "in_flight": None, "published": None, "dead": None},
+        "published_last_minute": 0,
     }
+
+
+def test_status_lists_no_old_error_of_a_published_row(env, engine, capsys):
+    """A row that failed, was retried and then published keeps its last error in the table;
+    it is history, not a problem: "last errors" shows only rows not published."""
+    retried_then_published = add(
+        engine,
+        status="published",
+        attempts=2,
+        published_at=NOW,
+        last_error_status=503,
+        last_error_code="backpressure",
+        last_error_message="busy",
+        last_error_at=NOW,
+    )
+    dead_row = dead(engine, last_error_at=NOW - dt.timedelta(minutes=1))
+    _, out, _ = cli(capsys, "status", "--json")
+    assert [e["id"] for e in json.loads(out)["last_errors"]] == [dead_row]
+    set_row(engine, dead_row, status="published")
+    _, out, _ = cli(capsys, "status")
+    assert "last errors:" not in out and "busy" not in out
+    assert retried_then_published  # the row is there, counted as published
+    assert json.loads(cli(capsys, "status", "--json")[1])["counts"]["published"] == 2
+
+
+def test_status_json_reports_each_states_lag_and_the_last_minute(env, populated, capsys):
+    report = json.loads(cli(capsys, "status", "--json")[1])
+    ages = report["oldest_age_seconds"]
+    assert 3600 <= ages["pending"] < 3600 + 120
+    assert 0 <= ages["in_flight"] < 120 and 0 <= ages["dead"] < 120
+    # The published row was published NOW (in the last minute).
+    assert report["published_last_minute"] == 1
+
+
+def test_status_check_max_age_exit_codes(env, engine, capsys):
+    """--check --max-age N: 4 once the oldest unsent event is older than N s; dead rows (3) win."""
+    assert cli(capsys, "status", "--check", "--max-age", "60")[0] == 0  # empty: nothing is old
+    row_id = add(engine, created_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=600))
+    assert cli(capsys, "status", "--check", "--max-age", "3600")[0] == 0
+    assert cli(capsys, "status", "--check", "--max-age", "300")[0] == 4
+    assert cli(capsys, "status", "--check")[0] == 0  # no threshold: age alone is no failure
+    # An in-flight row is not yet sent either: it counts.
+    set_row(engine, row_id, status="in_flight", lease_expires_at=NOW)
+    assert cli(capsys, "status", "--check", "--max-age", "300")[0] == 4
+    dead(engine)
+    assert cli(capsys, "status", "--check", "--max-age", "300")[0] == 3
+    set_row(engine, row_id, status="published", published_at=NOW)
+    code, _, err = cli(capsys, "status", "--check", "--max-age", "300")
+    assert code == 3, err
+
+
+def test_status_max_age_needs_check_and_watch_refuses_check(env, capsys):
+    code, _, err = cli(capsys, "status", "--max-age", "5")
+    assert code == 2 and err == "outbox: error: --max-age goes with --check\n"
+    code, _, err = cli(capsys, "status", "--watch", "--check")
+    assert code == 2 and "--watch is a view" in err and err.count("\n") == 1
 
 
 def test_status_check_exits_3_when_dead_rows_exist(env, engine, capsys):
@@ -204,7 +279,16 @@ def test_status_check_subprocess(env, engine, backend):
     dead(engine)
     done = run(env, "status", "--check")
     assert done.returncode == 3, done.stderr
-    assert "dead             1" in done.stdout
+    assert "dead             1   " in done.stdout
+    done = run(env, "status", "--check", "--max-age", "0.5")
+    assert done.returncode == 3, done.stderr
+    with engine.begin() as conn:
+        for table in {*TABLE_OF.values()}:
+            conn.execute(sa.delete(table))
+    add(engine, created_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=10))
+    done = run(env, "status", "--check", "--max-age", "5")
+    assert done.returncode == 4, done.stderr
+    assert run(env, "status", "--check", "--max-age", "300").returncode == 0
 
 
 # -- unmigrated database --------------------------------------------------------------------
@@ -561,3 +645,128 @@ def test_enqueue_to_an_encrypted_channel_needs_the_master_key(env, engine, capsy
     code, _, err = cli(capsys, "enqueue", "private-encrypted-orders", "created", "{}")
     assert code == 0, err
     assert len(rows(engine)) == 1
+
+
+# -- status --watch -------------------------------------------------------------------------
+
+
+def _read_until(fd: int, needle: str, seen: list[str], timeout: float = 30.0) -> str:
+    """Read a pseudo-terminal until everything read so far contains ``needle``."""
+    deadline = time.monotonic() + timeout
+    while needle not in "".join(seen):
+        left = deadline - time.monotonic()
+        assert left > 0, f"{needle!r} never shown; screen so far:\n{''.join(seen)[-2000:]}"
+        ready, _, _ = select.select([fd], [], [], min(left, 0.5))
+        if ready:
+            seen.append(os.read(fd, 65536).decode("utf-8", "replace"))
+    return "".join(seen)
+
+
+def test_status_watch_refreshes_in_place_on_a_terminal(env, engine, tmp_path):
+    """On a terminal each frame clears the screen and redraws: new rows show up in the next
+    frame, and Ctrl-C leaves with exit 0."""
+    primary, secondary = pty.openpty()
+    errors = tmp_path / "stderr.txt"
+    with open(errors, "wb") as stderr:
+        process = subprocess.Popen(
+            [OUTBOX, "status", "--watch", "--interval", "0.2"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=secondary,
+            stderr=stderr,
+        )
+    os.close(secondary)
+    seen: list[str] = []
+    try:
+        _read_until(primary, "pending          0   -", seen)
+        for _ in range(3):
+            add(engine)
+        screen = _read_until(primary, "pending          3   ", seen)
+        frames = screen.split(status_view.CLEAR)
+        assert len(frames) >= 3  # (nothing before the first clear)
+        # Each frame is drawn on a cleared screen: the new count replaces the old one.
+        (latest,) = [f for f in frames if "pending          3   " in f][:1]
+        assert "pending          0" not in latest
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0, errors.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(primary)
+
+
+def test_status_watch_into_a_pipe_prints_frames_one_after_another(env, engine):
+    out = io.StringIO()
+    read_count = 0
+
+    def read() -> Any:
+        nonlocal read_count
+        read_count += 1
+        if read_count == 2:
+            add(engine)
+        with engine.connect() as conn:
+            return admin.status(conn, T)
+
+    status_view.watch(read, out, interval=0.01, title="t", frames=3, sleep=lambda s: None)
+    text = out.getvalue()
+    assert status_view.CLEAR not in text
+    frames = text.split("\n\nt  ")
+    assert len(frames) == 3 and text.count("status       count   oldest") == 3
+    assert "pending          0   -" in frames[0] and "pending          1   " in frames[2]
+
+
+def test_an_unknown_log_format_is_a_usage_error(env, monkeypatch, capsys):
+    monkeypatch.setenv("OUTBOX_LOG_FORMAT", "xml")
+    code, out, err = cli(capsys, "status")
+    assert code == 2 and out == ""
+    assert err == "outbox: error: OUTBOX_LOG_FORMAT must be one of text, json, got 'xml'\n"
+
+
+# -- progress of long work ------------------------------------------------------------------
+
+
+def test_a_replay_of_more_than_a_page_shows_its_progress(env, engine, capsys):
+    rows_to_replay = admin.REPLAY_PAGE * 2 + 500
+    with engine.begin() as conn:
+        enqueue_many(conn, [OutboxEvent("orders", "created", i) for i in range(rows_to_replay)])
+        move_where(conn, sa.true(), "dead", last_error_at=NOW)
+    code, out, err = cli(capsys, "replay", "--all")
+    assert code == 0, err
+    assert out.startswith(f"replayed {rows_to_replay} of {rows_to_replay} event(s)")
+    lines = err.splitlines()
+    # Into a non-terminal: the first page, then (seconds later) more, and always the end.
+    assert lines[0] == f"replayed 1,000 of {rows_to_replay:,} (40%)"
+    assert lines[-1] == f"replayed {rows_to_replay:,} of {rows_to_replay:,} (100%)"
+    # A replay of one page says nothing on stderr.
+    with engine.begin() as conn:
+        move_where(conn, T.c.id.in_(sa.select(T.c.id).order_by(T.c.id).limit(10)), "dead")
+    code, out, err = cli(capsys, "replay", "--all")
+    assert code == 0 and err == ""
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_rewrites_its_line_on_a_terminal_and_thins_out_elsewhere():
+    clock = iter([0.0, 0.5, 1.0, 2.5, 3.0])
+    log = io.StringIO()
+    progress = Progress("replayed", 5000, out=log, every=2.0, clock=lambda: next(clock))
+    for done in (1000, 2000, 3000, 4000, 5000):
+        progress.update(done)
+    progress.done()
+    assert log.getvalue().splitlines() == [
+        "replayed 1,000 of 5,000 (20%)",
+        "replayed 4,000 of 5,000 (80%)",  # 2.5 s after the first line
+        "replayed 5,000 of 5,000 (100%)",  # the end, always
+    ]
+    screen = _Terminal()
+    progress = Progress("replayed", 2, out=screen)
+    progress.update(1)
+    progress.update(2)
+    progress.done()
+    assert screen.getvalue() == (
+        "\rreplayed 1 of 2 (50%)\rreplayed 2 of 2 (100%)\rreplayed 2 of 2 (100%)\n"
+    )

@@ -128,7 +128,24 @@ def test_the_dashboard_service_needs_a_token_and_sees_only_the_database(compose)
     assert web["ports"] == [f"127.0.0.1:{port}:{port}"]  # the host's loopback only
     assert web["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     assert f"127.0.0.1:{port}/healthz" in " ".join(web["healthcheck"]["test"])
-    assert 'pip install ".[web]"' in (ROOT / "Dockerfile").read_text()
+    assert 'pip install ".[web,metrics]"' in (ROOT / "Dockerfile").read_text()
+
+
+def test_the_worker_serves_metrics_and_its_healthcheck_asks_readyz(compose):
+    worker = compose["services"]["worker"]
+    env = worker["environment"]
+    # The shared settings (merged from x-outbox-env) and the metrics port, open to the network.
+    assert (
+        env["OUTBOX_DATABASE_URL"]
+        == compose["services"]["migrate"]["environment"]["OUTBOX_DATABASE_URL"]
+    )
+    settings = Settings.from_env({k: str(v) for k, v in env.items()})
+    assert settings.metrics_port == 9464 and settings.metrics_host == "0.0.0.0"
+    probe = " ".join(worker["healthcheck"]["test"])
+    assert f"http://127.0.0.1:{settings.metrics_port}/readyz" in probe
+    assert "ports" not in worker  # scraped inside the network, not published on the host
+    # The image has what the metrics port needs.
+    assert "metrics" in (ROOT / "Dockerfile").read_text().split('pip install ".[')[1].split("]")[0]
 
 
 def test_docker_compose_config_validates():

@@ -514,3 +514,36 @@ async def test_any_table_name_migrates_and_wakes_workers_on_commit(
             await task
     finally:
         engine.dispose()
+
+
+def test_0005_adds_an_empty_traceparent_and_keeps_the_rows(empty_database_url):
+    """Rows written before 0005 get no trace context; a downgrade drops the column only."""
+    engine = create_engine(empty_database_url)
+    try:
+        migrate.upgrade(engine, "0004")
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO outbox_events (event_id, idempotency_key, channel, event, data) "
+                    "VALUES (:e, 'k-1', 'orders', 'created', '{}')"
+                ),
+                {"e": uuid.uuid4().hex if engine.dialect.name == "sqlite" else str(uuid.uuid4())},
+            )
+        migrate.upgrade(engine)
+        assert migrate.current_revision(engine) == HEAD == "0005"
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT idempotency_key, traceparent FROM outbox_events"))
+            assert rows.all() == [("k-1", None)]
+        for table in OUTBOX_TABLES:
+            columns = {c["name"]: c for c in sa.inspect(engine).get_columns(table)}
+            assert columns["traceparent"]["nullable"] is True
+            assert columns["traceparent"]["type"].length == 55
+        with migrate._migrating(engine) as conn:
+            config = migrate.alembic_config(conn)
+            command.downgrade(config, "0004")
+        for table in OUTBOX_TABLES:
+            assert "traceparent" not in {c["name"] for c in sa.inspect(engine).get_columns(table)}
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM outbox_events")).scalar() == 1
+    finally:
+        engine.dispose()

@@ -158,3 +158,19 @@ def test_a_mistyped_database_url_is_never_echoed_with_its_password(url, capsys, 
 def test_an_overlong_table_name_is_refused():
     with pytest.raises(SettingsError, match="OUTBOX_TABLE"):
         Settings.from_env({"OUTBOX_TABLE": "t" * 41})
+
+
+def test_metrics_port_and_log_format():
+    settings = Settings.from_env({"OUTBOX_METRICS_PORT": "9464", "OUTBOX_LOG_FORMAT": "json"})
+    assert (settings.metrics_port, settings.metrics_host, settings.log_format) == (
+        9464,
+        "127.0.0.1",
+        "json",
+    )
+    assert Settings.from_env({}).metrics_port is None  # off by default
+    with pytest.raises(SettingsError, match="OUTBOX_METRICS_PORT must be between 0 and 65535"):
+        Settings.from_env({"OUTBOX_METRICS_PORT": "70000"})
+    with pytest.raises(SettingsError, match="OUTBOX_METRICS_PORT must be an integer"):
+        Settings.from_env({"OUTBOX_METRICS_PORT": "http"})
+    with pytest.raises(SettingsError, match="OUTBOX_LOG_FORMAT must be one of text, json"):
+        Settings.from_env({"OUTBOX_LOG_FORMAT": "xml"})

@@ -21,8 +21,9 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
@@ -39,10 +40,24 @@ DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 #: name -> (events, baseline events, single-commit transactions, latency rate, latency seconds, history rows)
 SIZES = {
     "smoke": dict(
-        events=2_000, baseline=200, transactions=200, rate=200, latency_s=3, history=5_000
+        events=2_000,
+        baseline=200,
+        transactions=200,
+        rate=200,
+        latency_s=3,
+        history=5_000,
+        gauge_history=5_000,
+        metrics_rounds=1,
     ),
     "default": dict(
-        events=20_000, baseline=1_000, transactions=1_000, rate=1_000, latency_s=10, history=200_000
+        events=20_000,
+        baseline=1_000,
+        transactions=1_000,
+        rate=1_000,
+        latency_s=10,
+        history=200_000,
+        gauge_history=1_000_000,
+        metrics_rounds=3,
     ),
     "long": dict(
         events=1_000_000,
@@ -51,11 +66,25 @@ SIZES = {
         rate=1_000,
         latency_s=30,
         history=1_000_000,
+        gauge_history=1_000_000,
+        metrics_rounds=3,
     ),
 }
+#: Pending rows beside the published history when the gauges are timed (a small backlog).
+GAUGE_BACKLOG = 1_000
 
 
-SCENARIOS = ("ceiling", "intake", "baseline", "enqueue", "drain", "latency", "history")
+SCENARIOS = (
+    "ceiling",
+    "intake",
+    "baseline",
+    "enqueue",
+    "drain",
+    "metrics",
+    "latency",
+    "history",
+    "gauges",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-rate", type=float, help="events/s for the latency run")
     p.add_argument("--history", type=int, help="published rows kept for the history run (0: skip)")
     p.add_argument(
+        "--gauge-history", type=int, help="published rows under the gauge timing (0: skip)"
+    )
+    p.add_argument(
         "--scenarios",
         default=",".join(SCENARIOS),
         help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)",
@@ -93,6 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         size["rate"] = args.latency_rate
     if args.history is not None:
         size["history"] = args.history
+    if args.gauge_history is not None:
+        size["gauge_history"] = args.gauge_history
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     chosen = {c.strip() for c in args.scenarios.split(",") if c.strip()}
     unknown = chosen - set(SCENARIOS)
@@ -151,12 +185,37 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 count,
                                 workdir,
                                 server_pid=pid,
+                                progress=lambda line, backend=backend: say(
+                                    f"{backend}: drain: {line}"
+                                ),
                                 **settings,
                             )
                         )
                         say(
                             f"{backend}: drain, {count} worker(s): {results[-1].rate:,.0f} events/s"
                         )
+            if "metrics" in chosen:
+                results.extend(
+                    metrics_pair(
+                        backend,
+                        url,
+                        pid,
+                        size["events"],
+                        settings,
+                        args.postgres_url,
+                        workdir,
+                        say,
+                        size["metrics_rounds"],
+                    )
+                )
+            if "gauges" in chosen and size["gauge_history"]:
+                with database(backend, args.postgres_url, workdir) as db:
+                    say(f"{backend}: gauges: adding {size['gauge_history']:,} published rows")
+                    for m in scenarios.gauge_cost(
+                        db, backend, size["gauge_history"], GAUGE_BACKLOG
+                    ):
+                        results.append(m)
+                        say(f"{backend}: {m.scenario}: {m.extra['read_median_ms']:.2f} ms (median)")
             if "latency" in chosen:
                 with database(backend, args.postgres_url, workdir) as db:
                     results.append(
@@ -213,6 +272,52 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.json.write_text(json.dumps(report, indent=2))
         print(f"JSON written to {args.json}", file=sys.stderr)
     return 0
+
+
+def metrics_pair(
+    backend: str,
+    url: str,
+    server_pid: int | None,
+    events: int,
+    settings: dict[str, Any],
+    postgres_url: str,
+    workdir: Path,
+    say: Callable[[str], None],
+    rounds: int,
+) -> list[Measurement]:
+    """The same one-worker drain with metrics off and on (scraped every second), ``rounds`` times
+    in alternating order; for each, the round with the median rate (its rates in ``extra``).
+
+    On a shared machine one drain can run a third faster or slower than the next: a single pair
+    would price the noise, not the metrics."""
+    runs: dict[str, list[Measurement]] = {scenarios.METRICS_OFF: [], scenarios.METRICS_ON: []}
+    for round_number in range(rounds):
+        order = [scenarios.METRICS_OFF, scenarios.METRICS_ON]
+        for label in order if round_number % 2 == 0 else order[::-1]:
+            extra = {"metrics_port": scenarios.free_port()} if label == scenarios.METRICS_ON else {}
+            with database(backend, postgres_url, workdir) as db:
+                run = scenarios.drain(
+                    db,
+                    url,
+                    backend,
+                    events,
+                    1,
+                    workdir,
+                    label=label,
+                    server_pid=server_pid,
+                    progress=lambda line, label=label: say(f"{backend}: {label}: {line}"),
+                    **settings,
+                    **extra,
+                )
+            runs[label].append(run)
+            say(f"{backend}: {label} (round {round_number + 1}): {run.rate:,.0f} events/s")
+    chosen = []
+    for measured in runs.values():
+        ranked = sorted(measured, key=lambda m: m.rate)
+        median = ranked[len(ranked) // 2]
+        median.extra["rounds_events_per_s"] = [round(m.rate) for m in measured]
+        chosen.append(median)
+    return chosen
 
 
 @contextlib.contextmanager

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .scenarios import CEILING, INTAKE, Measurement
+from .scenarios import CEILING, GAUGES, INTAKE, METRICS_OFF, METRICS_ON, Measurement
 
 BASELINE = "per-event trigger (outbox.sockudo)"
 
@@ -140,6 +140,25 @@ def evaluate_targets(results: list[Measurement]) -> list[dict[str, Any]]:
                 f"{backend} drain with published history drops < 10%",
                 f"{drop:+.0%} ({hist.rate:,.0f} vs {plain.rate:,.0f} events/s)",
                 drop < 0.10,
+            )
+    for backend in ("postgresql", "sqlite"):
+        off = _find(results, METRICS_OFF, backend)
+        on = _find(results, METRICS_ON, backend)
+        if off and on and off.rate:
+            cost = 1 - on.rate / off.rate
+            add(
+                f"{backend} drain with metrics on (scraped every second) within 5% of off",
+                f"{cost:+.1%} ({on.rate:,.0f} vs {off.rate:,.0f} events/s)",
+                cost <= 0.05,
+            )
+        gauges = _find_prefix(results, GAUGES, backend)
+        if gauges:
+            rows = gauges.extra["published_rows"]
+            median = gauges.extra["read_median_ms"]
+            add(
+                f"{backend} queue gauges read < 10 ms with {rows:,} published rows (median)",
+                f"{median:.2f} ms (slowest {gauges.extra['read_max_ms']:.2f} ms)",
+                median < 10,
             )
     growth = [
         r.extra["rss_growth_mb"]

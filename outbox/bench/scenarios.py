@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import statistics
 import subprocess
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,6 +23,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from .. import admin
 from ..database import create_engine
 from ..enqueue import OutboxEvent, enqueue, enqueue_many
 from ..schema import EVENT_COLUMNS, outbox_table, published_table
@@ -266,6 +269,68 @@ def add_history(url: str, rows: int) -> float:
     return time.perf_counter() - started
 
 
+def scrape_metrics(port: int) -> None:
+    """One Prometheus scrape of a worker (the gauges read the table)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        response.read()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- the cost of the queue gauges on a long published history ---------------------------------
+
+GAUGES = "queue gauges read"
+#: The drain pair that prices the metrics (one worker each, same sizes, one after the other).
+METRICS_OFF = "metrics off: outbox drain, 1 worker"
+METRICS_ON = "metrics on, scraped every second: outbox drain, 1 worker"
+FULL_STATUS = "full status read (outbox status)"
+
+
+def gauge_cost(
+    url: str, backend: str, history: int, unsent: int, repeats: int = 20
+) -> list[Measurement]:
+    """Time the read behind the worker's gauges, and the full ``outbox status`` report, on a
+    table holding ``history`` published rows and ``unsent`` pending ones (a small backlog).
+
+    ``events`` is the number of reads; the figures are the median and slowest read in ms."""
+    add_history(url, history)
+    bulk_enqueue(url, backend, unsent)
+    engine = create_engine(url)
+    t = outbox_table()
+    results = []
+    try:
+        for label, published, count in ((GAUGES, False, repeats), (FULL_STATUS, True, 3)):
+            times = []
+            for _ in range(count):
+                with engine.connect() as conn:
+                    started = time.perf_counter()
+                    report = admin.snapshot(conn, t, published=published, errors=5 * published)
+                    times.append(time.perf_counter() - started)
+            assert report.counts["pending"] == unsent
+            times.sort()
+            results.append(
+                Measurement(
+                    f"{label}, {history:,} published rows",
+                    backend,
+                    events=count,
+                    seconds=sum(times),
+                    extra={
+                        "read_median_ms": statistics.median(times) * 1000,
+                        "read_max_ms": times[-1] * 1000,
+                        "published_rows": history,
+                        "unsent_rows": unsent,
+                    },
+                )
+            )
+    finally:
+        engine.dispose()
+    return results
+
+
 def rss_kb(pid: int) -> int:
     """A process's resident memory (kB), 0 once it is gone."""
     try:
@@ -318,12 +383,15 @@ def drain(
     label: str = "",
     timeout: float = 600.0,
     server_pid: int | None = None,
+    progress: Callable[[str], None] = lambda line: None,
     **settings: Any,
 ) -> Measurement:
     """Enqueue ``events`` (not timed), then time ``worker_count`` workers publishing them all.
 
     CPU per event is measured over the same span for the workers, the server (``server_pid``)
-    and, on PostgreSQL, every ``postgres`` process of the machine."""
+    and, on PostgreSQL, every ``postgres`` process of the machine. With a ``metrics_port``
+    setting (one worker), ``/metrics`` is scraped every second as Prometheus would, so the
+    figure includes the queue gauges' reads. ``progress`` gets a line every few seconds."""
     engine = create_engine(database_url)
     t = outbox_table()
     bulk_enqueue(database_url, backend, events)
@@ -333,6 +401,9 @@ def drain(
     target = left_before
     peak_rss = 0
     rss_after_warmup = 0
+    metrics_port = settings.get("metrics_port")
+    scrapes = 0
+    next_scrape = next_progress = time.monotonic() + 1.0
     with workers(worker_count, database_url, sockudo_url, workdir, **settings) as procs:
         first = None
         deadline = time.monotonic() + timeout
@@ -361,6 +432,14 @@ def drain(
                 finished = now
                 used = meter.stop()
                 break
+            # From the first publish on: the worker serves its port before its first claim.
+            if metrics_port is not None and first is not None and time.monotonic() >= next_scrape:
+                scrape_metrics(metrics_port)
+                scrapes += 1
+                next_scrape = time.monotonic() + 1.0
+            if time.monotonic() >= next_progress:
+                progress(f"{published - already:,} of {events:,} published")
+                next_progress = time.monotonic() + 5.0
             for p in procs:
                 if not p.alive:
                     raise RuntimeError(f"worker exited early; see {p.log_path}")
@@ -384,6 +463,7 @@ def drain(
             "worker_peak_rss_mb": peak_rss / 1024,
             "rss_growth_mb": (end_rss - rss_after_warmup) / 1024 if rss_after_warmup else None,
             "workers": worker_count,
+            **({"metrics_scrapes": scrapes} if metrics_port is not None else {}),
             **cpu_figures(used, timed_events, seconds),
         },
     )

@@ -55,6 +55,8 @@ class ClaimedRow:
     attempts: int
     failures: int
     queued_at: dt.datetime
+    #: The enqueuing transaction's trace context (W3C traceparent), if it had one.
+    traceparent: str | None = None
     #: The row was leased by another claim whose lease expired (a killed or stalled worker's).
     taken_over: bool = False
 
@@ -70,7 +72,7 @@ class ClaimedRow:
 
 
 #: The columns a claim returns, in the order its SQL lists them.
-CLAIM_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(ClaimedRow))[:-1]
+CLAIM_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(ClaimedRow) if f.name != "taken_over")
 
 
 @dataclass(frozen=True, slots=True)

@@ -140,4 +140,17 @@ def mask_url(url: str) -> str:
     return url
 
 
-__all__ = ["Config", "ConfigError", "InvalidEvent", "decode_master_key", "mask_url"]
+def url_password(url: str) -> str | None:
+    """The password :func:`mask_url` hides (as written in the URL), or None: for log masking."""
+    match = _CREDENTIALS.match(url)
+    return match.group(2) or None if match is not None else None
+
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "InvalidEvent",
+    "decode_master_key",
+    "mask_url",
+    "url_password",
+]

@@ -1,0 +1,91 @@
+"""What ``outbox status`` prints, what ``--check`` exits with, and the ``--watch`` loop.
+
+The report comes from :func:`outbox.admin.status`; everything here is formatting and decisions
+on it (plain functions, tested without a database), except :func:`watch`, which refreshes it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable
+from typing import TextIO
+
+from .admin import StatusReport
+
+EXIT_OK, EXIT_DEAD, EXIT_TOO_OLD = 0, 3, 4
+#: Clear the terminal and put the cursor home: the next frame replaces the last one in place.
+CLEAR = "\x1b[H\x1b[J"
+
+
+def check_exit(report: StatusReport, max_age: float | None = None) -> int:
+    """``status --check``: 3 if any event is dead, else 4 if the oldest unsent event is older
+    than ``max_age`` seconds, else 0. Dead events come first: they are lost until replayed,
+    while an old event may still go out."""
+    if report.dead:
+        return EXIT_DEAD
+    age = report.oldest_pending_age_seconds
+    if max_age is not None and age is not None and age > max_age:
+        return EXIT_TOO_OLD
+    return EXIT_OK
+
+
+def age_text(seconds: float | None) -> str:
+    """``-`` for none, else seconds below two minutes, then minutes, hours, days."""
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
+
+
+def render(report: StatusReport) -> str:
+    """The text view: per state its count and the age of its oldest row (its lag), the oldest
+    unsent event, the last minute's throughput, and the last errors of unsent rows."""
+    lines = ["status       count   oldest"]
+    for state, count in report.counts.items():
+        oldest = age_text(report.oldest_age_seconds.get(state))
+        lines.append(f"{state:<12} {count:>5}   {oldest}")
+    lines.append(f"oldest pending: {age_text(report.oldest_pending_age_seconds)}")
+    if report.published_last_minute is not None:
+        n = report.published_last_minute
+        lines.append(f"published in the last minute: {n} ({n / 60:.1f}/s)")
+    if report.last_errors:
+        lines.append("last errors:")
+        for e in report.last_errors:
+            code = " ".join(str(x) for x in (e["last_error_status"], e["last_error_code"]) if x)
+            lines.append(
+                f"  row {e['id']} {e['status']} {e['channel']} {e['event']} "
+                f"(attempts {e['attempts']}) [{code}] {e['last_error_message']}"
+            )
+    return "\n".join(lines)
+
+
+def watch(
+    read: Callable[[], StatusReport],
+    out: TextIO,
+    *,
+    interval: float,
+    title: str,
+    frames: int | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """Print a fresh report every ``interval`` seconds until interrupted (or ``frames`` shown).
+
+    On a terminal each frame replaces the last in place; into a pipe or a file frames follow
+    each other, separated by a blank line (a log of the incident).
+    """
+    in_place = out.isatty()
+    shown = 0
+    while frames is None or shown < frames:
+        if shown:
+            sleep(interval)
+        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        frame = f"{title}  {now}  (every {interval:g} s, Ctrl-C to stop)\n\n{render(read())}\n"
+        out.write(CLEAR + frame if in_place else frame + "\n")
+        out.flush()
+        shown += 1
