@@ -14,6 +14,7 @@ import re
 from functools import cache
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
 
@@ -31,14 +32,37 @@ class Status(enum.StrEnum):
     DEAD = "dead"
 
 
+#: SQLAlchemy's names for MariaDB and MySQL (after the URL scheme); one module serves both.
+MYSQL_NAMES = ("mysql", "mariadb")
+
+
+def timestamp_type() -> sa.types.TypeEngine[dt.datetime]:
+    """The column type of a UTC time: ``timestamptz``; ``DATETIME(6)`` on MariaDB and MySQL.
+
+    MySQL's ``DATETIME`` keeps whole seconds unless told otherwise, and ``TIMESTAMP`` converts by
+    the session's time zone and ends in 2038: ``DATETIME(6)`` holding UTC is neither.
+    """
+    return sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), *MYSQL_NAMES)
+
+
+#: Databases whose columns hold naive UTC (SQLite's text, MySQL's DATETIME): no zone is sent.
+_NAIVE_UTC = ("sqlite", *MYSQL_NAMES)
+
+
 class UTCDateTime(sa.TypeDecorator[dt.datetime]):
-    """Timestamps in UTC on every backend: ``timestamptz`` on PostgreSQL, fixed-width text on SQLite.
+    """Timestamps in UTC on every backend: ``timestamptz`` on PostgreSQL, fixed-width text on
+    SQLite, ``DATETIME(6)`` holding UTC on MariaDB and MySQL.
 
     SQLite's text form (``YYYY-MM-DD HH:MM:SS.ffffff``) sorts like time, which the claim relies on.
     """
 
     impl = sa.DateTime(timezone=True)
     cache_ok = True
+
+    def load_dialect_impl(self, dialect: sa.Dialect) -> sa.types.TypeEngine[dt.datetime]:
+        if dialect.name in MYSQL_NAMES:
+            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
+        return dialect.type_descriptor(self.impl)
 
     def process_bind_param(
         self, value: dt.datetime | None, dialect: sa.Dialect
@@ -48,7 +72,7 @@ class UTCDateTime(sa.TypeDecorator[dt.datetime]):
         if value.tzinfo is None:
             raise ValueError("naive datetime given for a UTC column")
         value = value.astimezone(dt.UTC)
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+        return value.replace(tzinfo=None) if dialect.name in _NAIVE_UTC else value
 
     def process_result_value(
         self, value: dt.datetime | None, dialect: sa.Dialect
@@ -85,9 +109,35 @@ def _utc_now_sqlite(element: utc_now, compiler: sa.sql.compiler.SQLCompiler, **k
     return "(strftime('%Y-%m-%d %H:%M:%f000', 'now'))"
 
 
+@compiles(utc_now, "mysql")
+@compiles(utc_now, "mariadb")
+def _utc_now_mysql(element: utc_now, compiler: sa.sql.compiler.SQLCompiler, **kw: object) -> str:
+    # UTC whatever the session's time_zone (DATETIME stores no zone), to the microsecond; fixed
+    # for the whole statement, like PostgreSQL's statement_timestamp().
+    return "UTC_TIMESTAMP(6)"
+
+
+def nonce_type() -> sa.types.TypeEngine[bytes]:
+    """24 bytes: ``bytea`` / BLOB, and ``VARBINARY(24)`` inline in the row on MariaDB and MySQL."""
+    return sa.LargeBinary(24).with_variant(mysql.VARBINARY(24), *MYSQL_NAMES)
+
+
 def _id_type() -> sa.types.TypeEngine[int]:
     # SQLite only autoincrements an INTEGER PRIMARY KEY (the rowid).
     return sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+#: utf8mb4 for any text; a binary collation, so that channels and keys that differ only in case
+#: (or accents) are different values, as on the other databases. (Both prefixes: SQLAlchemy reads
+#: ``mariadb_`` options for a ``mariadb://`` URL and ``mysql_`` ones for ``mysql://``.)
+MYSQL_TABLE_OPTIONS = {
+    f"{prefix}_{option}": value
+    for prefix in MYSQL_NAMES
+    for option, value in (("charset", "utf8mb4"), ("collate", "utf8mb4_bin"))
+}
+
+#: The pending index's columns on MariaDB and MySQL, which cannot make it partial (see above).
+MYSQL_PENDING_INDEX = ("status", "next_attempt_at", "id")
 
 
 @cache
@@ -112,7 +162,7 @@ def outbox_table(name: str = DEFAULT_TABLE_NAME, schema: str | None = None) -> s
         sa.Column("tags", sa.Text(), nullable=True),
         sa.Column("extras", sa.Text(), nullable=True),
         # Fixed at enqueue for private-encrypted- channels: every attempt seals to the same bytes.
-        sa.Column("encryption_nonce", sa.LargeBinary(24), nullable=True),
+        sa.Column("encryption_nonce", nonce_type(), nullable=True),
         sa.Column("status", sa.String(16), nullable=False, server_default=Status.PENDING.value),
         # Times the row was claimed to be sent. A row claimed once is on its first attempt and may
         # go in a batch; a claim whose request provably never left is taken back.
@@ -138,7 +188,9 @@ def outbox_table(name: str = DEFAULT_TABLE_NAME, schema: str | None = None) -> s
         sa.CheckConstraint(
             "status IN ('pending', 'in_flight', 'published', 'dead')", name=f"ck_{name}_status"
         ),
-        # The claim reads this index in order and stops after one batch.
+        # The claim reads this index in order and stops after one batch. MariaDB and MySQL have no
+        # partial indexes: there migration 0001 leads it with status (MYSQL_PENDING_INDEX) so the
+        # pending rows still sit together, in due order, apart from the published history.
         sa.Index(
             f"ix_{name}_pending",
             "next_attempt_at",
@@ -146,7 +198,8 @@ def outbox_table(name: str = DEFAULT_TABLE_NAME, schema: str | None = None) -> s
             postgresql_where=sa.text("status = 'pending'"),
             sqlite_where=sa.text("status = 'pending'"),
         ),
-        # Reclaiming expired leases looks only at rows in flight.
+        # Reclaiming expired leases looks only at rows in flight (elsewhere a plain index: only
+        # rows in flight have an expiry, and NULLs sit apart at its start).
         sa.Index(
             f"ix_{name}_in_flight",
             "lease_expires_at",
@@ -156,6 +209,7 @@ def outbox_table(name: str = DEFAULT_TABLE_NAME, schema: str | None = None) -> s
         # Operators list and replay dead rows; retention deletes old published ones.
         sa.Index(f"ix_{name}_status_created", "status", "created_at"),
         sa.Index(f"ix_{name}_event_id", "event_id"),
+        **MYSQL_TABLE_OPTIONS,
     )
 
 

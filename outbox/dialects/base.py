@@ -3,7 +3,7 @@
 Each statement does one whole step of the flow (claim a batch, ack a batch, reschedule, bury,
 release, renew, reclaim, trim) in a single round trip, guarded by the lease token where it acts on
 a claim. The worker calls them inside short transactions and never holds one open across HTTP.
-A database module (:mod:`.postgresql`, :mod:`.sqlite`) subclasses :class:`Dialect` and writes
+A database module (:mod:`.postgresql`, :mod:`.mysql`, :mod:`.sqlite`) subclasses :class:`Dialect` and writes
 only these statements; ``tests/test_dialects.py`` runs each of them against every database.
 """
 
@@ -118,13 +118,17 @@ OnNotify = Callable[[], None]
 
 
 class Dialect(abc.ABC):
-    """The statements one database provides. Implementations: :mod:`.postgresql`, :mod:`.sqlite`.
+    """The statements one database provides. Implementations: :mod:`.postgresql`, :mod:`.mysql`,
+    :mod:`.sqlite`.
 
     Hot-path statements are written per database; the operator statements at the end are portable
     SQLAlchemy Core, shared by every database.
     """
 
     name: ClassVar[str]
+
+    #: ``create_engine`` options these statements rely on (defaults: a caller's own win).
+    engine_options: ClassVar[Mapping[str, Any]] = {}
 
     # -- the claim ----------------------------------------------------------------------------
 
