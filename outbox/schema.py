@@ -117,6 +117,12 @@ def _utc_now_mysql(element: utc_now, compiler: sa.sql.compiler.SQLCompiler, **kw
     return "UTC_TIMESTAMP(6)"
 
 
+def text_type() -> sa.types.TypeEngine[str]:
+    """Unbounded text: MySQL's TEXT holds only 64 KB, less than an event's data may be, so
+    ``MEDIUMTEXT`` (16 MB) on MariaDB and MySQL."""
+    return sa.Text().with_variant(mysql.MEDIUMTEXT(), *MYSQL_NAMES)
+
+
 def nonce_type() -> sa.types.TypeEngine[bytes]:
     """24 bytes: ``bytea`` / BLOB, and ``VARBINARY(24)`` inline in the row on MariaDB and MySQL."""
     return sa.LargeBinary(24).with_variant(mysql.VARBINARY(24), *MYSQL_NAMES)
@@ -155,12 +161,12 @@ def outbox_table(name: str = DEFAULT_TABLE_NAME, schema: str | None = None) -> s
         sa.Column("channel", sa.String(200), nullable=False),
         sa.Column("event", sa.String(200), nullable=False),
         # The exact data string to send (plaintext for encrypted channels, sealed at send time).
-        sa.Column("data", sa.Text(), nullable=False),
+        sa.Column("data", text_type(), nullable=False),
         sa.Column("socket_id", sa.String(64), nullable=True),
         sa.Column("info", sa.String(200), nullable=True),
         # Compact JSON text, kept as text so the bytes sent never depend on a JSON column's rendering.
-        sa.Column("tags", sa.Text(), nullable=True),
-        sa.Column("extras", sa.Text(), nullable=True),
+        sa.Column("tags", text_type(), nullable=True),
+        sa.Column("extras", text_type(), nullable=True),
         # Fixed at enqueue for private-encrypted- channels: every attempt seals to the same bytes.
         sa.Column("encryption_nonce", nonce_type(), nullable=True),
         sa.Column("status", sa.String(16), nullable=False, server_default=Status.PENDING.value),

@@ -505,10 +505,24 @@ def test_bare_postgresql_urls_work(postgres_url, capsys):
     assert json.loads(out)["counts"]["pending"] == 1
 
 
+def test_bare_mysql_and_mariadb_urls_work(mariadb_url, capsys):
+    """`mysql://` and `mariadb://` (no driver) are given PyMySQL; both reach the same table."""
+    assert mariadb_url.startswith("mariadb://")
+    env = {**os.environ, "OUTBOX_DATABASE_URL": mariadb_url}
+    done = run(env, "enqueue", "orders", "created", "bare")
+    assert done.returncode == 0, done.stderr
+    mysql_style = "mysql://" + mariadb_url.removeprefix("mariadb://")
+    code, out, err = cli(capsys, "--database-url", mysql_style, "enqueue", "orders", "again", "x")
+    assert code == 0, err
+    code, out, err = cli(capsys, "--database-url", mysql_style, "status", "--json")
+    assert code == 0, err
+    assert json.loads(out)["counts"]["pending"] == 2
+
+
 def test_unsupported_database_url_is_exit_2(capsys):
-    code, out, err = cli(capsys, "--database-url", "mysql://root:hunter2@localhost/db", "status")
+    code, out, err = cli(capsys, "--database-url", "mssql://root:hunter2@localhost/db", "status")
     assert code == 2 and out == ""
-    assert "unsupported database 'mysql'" in err and "hunter2" not in err
+    assert "unsupported database 'mssql'" in err and "hunter2" not in err
 
 
 def test_commands_that_never_publish_ignore_a_bad_sockudo_url(env, engine, capsys, monkeypatch):

@@ -4,7 +4,7 @@ Revision ID: 0001
 Revises:
 Create Date: 2026-11-27
 
-On MariaDB and MySQL: DATETIME(6) holding UTC, a VARBINARY nonce, utf8mb4 with a binary
+On MariaDB and MySQL: DATETIME(6) holding UTC, MEDIUMTEXT, a VARBINARY nonce, utf8mb4 with a binary
 collation, defaults from UTC_TIMESTAMP(6) (an expression default: MySQL >= 8.0.13), and plain
 indexes where the others have partial ones (see outbox.schema.MYSQL_PENDING_INDEX).
 """
@@ -19,6 +19,7 @@ from outbox.schema import (
     MYSQL_PENDING_INDEX,
     MYSQL_TABLE_OPTIONS,
     nonce_type,
+    text_type,
     timestamp_type,
 )
 
@@ -51,11 +52,11 @@ def upgrade() -> None:
         sa.Column("idempotency_key", sa.String(128), nullable=False),
         sa.Column("channel", sa.String(200), nullable=False),
         sa.Column("event", sa.String(200), nullable=False),
-        sa.Column("data", sa.Text(), nullable=False),
+        sa.Column("data", text_type(), nullable=False),
         sa.Column("socket_id", sa.String(64), nullable=True),
         sa.Column("info", sa.String(200), nullable=True),
-        sa.Column("tags", sa.Text(), nullable=True),
-        sa.Column("extras", sa.Text(), nullable=True),
+        sa.Column("tags", text_type(), nullable=True),
+        sa.Column("extras", text_type(), nullable=True),
         sa.Column("encryption_nonce", nonce_type(), nullable=True),
         sa.Column("status", sa.String(16), nullable=False, server_default="pending"),
         sa.Column("attempts", sa.Integer(), nullable=False, server_default="0"),
