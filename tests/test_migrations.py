@@ -354,7 +354,7 @@ def test_mariadb_claim_and_ack_read_indexes_not_the_history(mariadb_url):
                 return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
         (claim,) = plan("SKIP LOCKED")
-        ack = plan("JSON_TABLE")
+        ack = plan("published_at = ")
     finally:
         engine.dispose()
     assert claim["key"] == f"ix_{TABLE}_pending", claim
