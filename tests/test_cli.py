@@ -519,6 +519,23 @@ def test_bare_mysql_and_mariadb_urls_work(mariadb_url, capsys):
     assert json.loads(out)["counts"]["pending"] == 2
 
 
+@pytest.mark.parametrize(
+    ("url", "sync_driver", "async_driver"),
+    [
+        ("mysql://u:p@db/app", "mysql+pymysql", "mysql+aiomysql"),
+        ("mariadb://u@db/app", "mariadb+pymysql", "mariadb+aiomysql"),
+        ("mysql+mysqldb://u@db/app", "mysql+mysqldb", "mysql+mysqldb"),  # chosen: left alone
+        ("postgresql://u@db/app", "postgresql+psycopg", "postgresql+psycopg"),
+        ("sqlite:///outbox.db", "sqlite", "sqlite+aiosqlite"),
+    ],
+)
+def test_bare_urls_get_the_drivers_we_depend_on(url, sync_driver, async_driver):
+    from outbox.database import normalize_url
+
+    assert normalize_url(url).drivername == sync_driver
+    assert normalize_url(url, asyncio=True).drivername == async_driver
+
+
 def test_unsupported_database_url_is_exit_2(capsys):
     code, out, err = cli(capsys, "--database-url", "mssql://root:hunter2@localhost/db", "status")
     assert code == 2 and out == ""

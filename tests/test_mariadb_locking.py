@@ -80,6 +80,12 @@ def _add(engine: sa.Engine, n: int) -> None:
         enqueue_many(conn, [OutboxEvent("c", "e", {"n": i}) for i in range(n)])
 
 
+def test_the_worker_engine_reads_committed_and_the_apps_keeps_its_own(worker_engine, app_engine):
+    with worker_engine.connect() as worker, app_engine.connect() as app:
+        assert worker.execute(sa.text("SELECT @@tx_isolation")).scalar_one() == "READ-COMMITTED"
+        assert app.execute(sa.text("SELECT @@tx_isolation")).scalar_one() == "REPEATABLE-READ"
+
+
 @pytest.mark.parametrize(
     "isolation", ["worker default", "REPEATABLE READ"], ids=["read-committed", "repeatable-read"]
 )
