@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -534,6 +535,31 @@ def test_bare_urls_get_the_drivers_we_depend_on(url, sync_driver, async_driver):
 
     assert normalize_url(url).drivername == sync_driver
     assert normalize_url(url, asyncio=True).drivername == async_driver
+
+
+def test_a_pool_error_is_logged_in_one_line():
+    """A connection killed under the pool (MariaDB's KILL CONNECTION at the wrong moment) is
+    logged by SQLAlchemy with a traceback; the CLI's logging makes it one line with the error."""
+    from outbox.cli import PoolErrorsInOneLine
+
+    try:
+        raise OSError("(2013, 'Lost connection to MySQL server during query')\nmore")
+    except OSError:
+        record = logging.LogRecord(
+            "sqlalchemy.pool.impl.QueuePool",
+            logging.ERROR,
+            __file__,
+            1,
+            "Exception during %s",
+            ("reset or similar",),
+            sys.exc_info(),
+        )
+    other = logging.LogRecord("outbox.worker", logging.ERROR, __file__, 1, "x", None, None)
+    assert PoolErrorsInOneLine().filter(record) and PoolErrorsInOneLine().filter(other)
+    text = logging.Formatter().format(record)
+    assert text == (
+        "Exception during reset or similar: (2013, 'Lost connection to MySQL server during query')"
+    )
 
 
 def test_unsupported_database_url_is_exit_2(capsys):
