@@ -75,6 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # lines say what matters (one per batch, one per failure).
     for noisy in ("alembic", "httpx"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    if logging.getLogger().level > logging.DEBUG:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(PoolErrorsInOneLine())
     try:
         return int(args.handler(args) or EXIT_OK)
     except CommandError as exc:
@@ -598,6 +601,21 @@ def _print_replay(
         )
     if matched > len(sample):
         print(f"  ... and {matched - len(sample)} more")
+
+
+class PoolErrorsInOneLine(logging.Filter):
+    """SQLAlchemy's pool logs a connection that the server dropped (killed, restarted) while it
+    was being reset with a whole traceback. The worker already says in one line what failed and
+    carries on, the pool discards the connection: its record becomes one line too, with the
+    driver's error (the traceback stays for ``--log-level debug``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("sqlalchemy.pool") and record.exc_info:
+            error = record.exc_info[1]
+            record.msg = f"{record.getMessage()}: {_first_line(error) if error else '?'}"
+            record.args = None
+            record.exc_info = record.exc_text = None
+        return True
 
 
 def _fail(message: str) -> None:

@@ -1,8 +1,11 @@
-"""Engines from the URLs users type: ``postgresql://user@host/db`` and ``sqlite:///path``.
+"""Engines from the URLs users type: ``postgresql://user@host/db``, ``mysql://user@host/db``,
+``mariadb://user@host/db`` and ``sqlite:///path``.
 
 A bare ``postgresql://`` (or ``postgres://``) URL gets the driver this package depends on
-(psycopg 3). SQLite connections get WAL and a busy timeout, so a worker waits for another writer
-instead of failing at once.
+(psycopg 3); a bare ``mysql://`` or ``mariadb://`` URL gets PyMySQL (aiomysql for asyncio), from
+the ``mysql`` extra. SQLite connections get WAL and a busy timeout, so a worker waits for another
+writer instead of failing at once. Options a database's statements rely on (MariaDB's isolation
+level) come from its dialect module, which says why.
 """
 
 from __future__ import annotations
@@ -34,7 +37,12 @@ def normalize_url(url: str | URL, *, asyncio: bool = False) -> URL:
     except sa.exc.ArgumentError as exc:
         raise DatabaseURLError(f"cannot parse database URL {mask_url(str(url))!r}") from exc
     backend = parsed.get_backend_name()
-    if backend in ("postgresql", "postgres"):
+    if backend in ("mysql", "mariadb"):
+        # SQLAlchemy names the dialect after the URL's scheme ("mariadb" also checks, on connect,
+        # that the server is MariaDB); both are served by outbox.dialects.mysql.
+        if parsed.drivername == backend:
+            parsed = parsed.set(drivername=f"{backend}+{'aiomysql' if asyncio else 'pymysql'}")
+    elif backend in ("postgresql", "postgres"):
         if parsed.drivername in ("postgresql", "postgres", "postgres+psycopg"):
             parsed = parsed.set(drivername="postgresql+psycopg")
     elif backend == "sqlite":
@@ -43,7 +51,7 @@ def normalize_url(url: str | URL, *, asyncio: bool = False) -> URL:
     else:
         raise DatabaseURLError(
             f"unsupported database {backend!r} in {parsed.render_as_string(hide_password=True)}: "
-            "use postgresql:// or sqlite:///"
+            "use postgresql://, mysql://, mariadb:// or sqlite:///"
         )
     return parsed
 
@@ -58,6 +66,10 @@ def create_engine(url: str | URL, **kwargs: Any) -> sa.Engine:
     # No pre-ping: it costs a round trip per transaction, and the worker already retries a
     # statement that meets a dropped connection (SQLAlchemy then replaces the connection).
     kwargs.setdefault("pool_pre_ping", False)
+    from .dialects import dialect_class
+
+    for option, value in dialect_class(parsed.get_dialect().name).engine_options.items():
+        kwargs.setdefault(option, value)
     return sa.create_engine(parsed, **kwargs)
 
 

@@ -15,6 +15,7 @@ import re
 from functools import cache
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
 
@@ -33,14 +34,37 @@ class Status(enum.StrEnum):
     DEAD = "dead"
 
 
+#: SQLAlchemy's names for MariaDB and MySQL (after the URL scheme); one module serves both.
+MYSQL_NAMES = ("mysql", "mariadb")
+
+
+def timestamp_type() -> sa.types.TypeEngine[dt.datetime]:
+    """The column type of a UTC time: ``timestamptz``; ``DATETIME(6)`` on MariaDB and MySQL.
+
+    MySQL's ``DATETIME`` keeps whole seconds unless told otherwise, and ``TIMESTAMP`` converts by
+    the session's time zone and ends in 2038: ``DATETIME(6)`` holding UTC is neither.
+    """
+    return sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), *MYSQL_NAMES)
+
+
+#: Databases whose columns hold naive UTC (SQLite's text, MySQL's DATETIME): no zone is sent.
+_NAIVE_UTC = ("sqlite", *MYSQL_NAMES)
+
+
 class UTCDateTime(sa.TypeDecorator[dt.datetime]):
-    """Timestamps in UTC on every backend: ``timestamptz`` on PostgreSQL, fixed-width text on SQLite.
+    """Timestamps in UTC on every backend: ``timestamptz`` on PostgreSQL, fixed-width text on
+    SQLite, ``DATETIME(6)`` holding UTC on MariaDB and MySQL.
 
     SQLite's text form (``YYYY-MM-DD HH:MM:SS.ffffff``) sorts like time, which the claim relies on.
     """
 
     impl = sa.DateTime(timezone=True)
     cache_ok = True
+
+    def load_dialect_impl(self, dialect: sa.Dialect) -> sa.types.TypeEngine[dt.datetime]:
+        if dialect.name in MYSQL_NAMES:
+            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
+        return dialect.type_descriptor(self.impl)
 
     def process_bind_param(
         self, value: dt.datetime | None, dialect: sa.Dialect
@@ -50,7 +74,7 @@ class UTCDateTime(sa.TypeDecorator[dt.datetime]):
         if value.tzinfo is None:
             raise ValueError("naive datetime given for a UTC column")
         value = value.astimezone(dt.UTC)
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+        return value.replace(tzinfo=None) if dialect.name in _NAIVE_UTC else value
 
     def process_result_value(
         self, value: dt.datetime | None, dialect: sa.Dialect
@@ -87,10 +111,38 @@ def _utc_now_sqlite(element: utc_now, compiler: sa.sql.compiler.SQLCompiler, **k
     return "(strftime('%Y-%m-%d %H:%M:%f000', 'now'))"
 
 
+@compiles(utc_now, "mysql")
+@compiles(utc_now, "mariadb")
+def _utc_now_mysql(element: utc_now, compiler: sa.sql.compiler.SQLCompiler, **kw: object) -> str:
+    # UTC whatever the session's time_zone (DATETIME stores no zone), to the microsecond; fixed
+    # for the whole statement, like PostgreSQL's statement_timestamp().
+    return "UTC_TIMESTAMP(6)"
+
+
+def text_type() -> sa.types.TypeEngine[str]:
+    """Unbounded text: MySQL's TEXT holds only 64 KB, less than an event's data may be, so
+    ``MEDIUMTEXT`` (16 MB) on MariaDB and MySQL."""
+    return sa.Text().with_variant(mysql.MEDIUMTEXT(), *MYSQL_NAMES)
+
+
+def nonce_type() -> sa.types.TypeEngine[bytes]:
+    """24 bytes: ``bytea`` / BLOB, and ``VARBINARY(24)`` inline in the row on MariaDB and MySQL."""
+    return sa.LargeBinary(24).with_variant(mysql.VARBINARY(24), *MYSQL_NAMES)
+
+
 def _id_type() -> sa.types.TypeEngine[int]:
     # SQLite only autoincrements an INTEGER PRIMARY KEY (the rowid).
     return sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
+
+#: utf8mb4 for any text; a binary collation, so that channels and keys that differ only in case
+#: (or accents) are different values, as on the other databases. (Both prefixes: SQLAlchemy reads
+#: ``mariadb_`` options for a ``mariadb://`` URL and ``mysql_`` ones for ``mysql://``.)
+MYSQL_TABLE_OPTIONS = {
+    f"{prefix}_{option}": value
+    for prefix in MYSQL_NAMES
+    for option, value in (("charset", "utf8mb4"), ("collate", "utf8mb4_bin"))
+}
 
 #: Suffixes of the two tables beside the hot table: dead-lettered rows and the published log.
 DEAD_SUFFIX = "_dead"
@@ -123,15 +175,15 @@ def _event_columns(*, autoincrement: bool) -> list[sa.Column[object]]:
         sa.Column("channel", sa.String(200), nullable=False),
         sa.Column("event", sa.String(200), nullable=False),
         # The exact data string to send (plaintext for encrypted channels, sealed at send time).
-        sa.Column("data", sa.Text(), nullable=False),
+        sa.Column("data", text_type(), nullable=False),
         sa.Column("socket_id", sa.String(64), nullable=True),
         sa.Column("info", sa.String(200), nullable=True),
         # Compact JSON text, kept as text so the bytes sent never depend on a JSON column's
         # rendering.
-        sa.Column("tags", sa.Text(), nullable=True),
-        sa.Column("extras", sa.Text(), nullable=True),
+        sa.Column("tags", text_type(), nullable=True),
+        sa.Column("extras", text_type(), nullable=True),
         # Fixed at enqueue for private-encrypted- channels: every attempt seals to the same bytes.
-        sa.Column("encryption_nonce", sa.LargeBinary(24), nullable=True),
+        sa.Column("encryption_nonce", nonce_type(), nullable=True),
         # Times the row was claimed to be sent. A row claimed once is on its first attempt and
         # may go in a batch; a claim whose request provably never left is taken back.
         sa.Column("attempts", sa.Integer(), nullable=False, server_default="0"),
@@ -185,6 +237,7 @@ def outbox_table(name: str = DEFAULT_TABLE_NAME, schema: str | None = None) -> s
         sa.Index(f"ix_{name}_event_id", "event_id"),
         # SQLite would otherwise reuse the largest id after it moved out to the log.
         sqlite_autoincrement=True,
+        **MYSQL_TABLE_OPTIONS,
     )
     sa.Table(
         name + DEAD_SUFFIX,
@@ -192,10 +245,16 @@ def outbox_table(name: str = DEFAULT_TABLE_NAME, schema: str | None = None) -> s
         *_event_columns(autoincrement=False),
         sa.Index(f"ix_{name}{DEAD_SUFFIX}_event_id", "event_id"),
         sa.Index(f"ix_{name}{DEAD_SUFFIX}_key", "idempotency_key"),
+        **MYSQL_TABLE_OPTIONS,
     )
     # Append-only: only the primary key, so keeping history costs the drain one index entry.
     # Retention deletes by published_at with a scan; searches by event id or key scan too.
-    sa.Table(name + PUBLISHED_SUFFIX, metadata, *_event_columns(autoincrement=False))
+    sa.Table(
+        name + PUBLISHED_SUFFIX,
+        metadata,
+        *_event_columns(autoincrement=False),
+        **MYSQL_TABLE_OPTIONS,
+    )
     sa.event.listen(hot, "after_create", _hot_table_storage(hot))
     return hot
 

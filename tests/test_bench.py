@@ -36,7 +36,7 @@ def test_the_bench_drains_through_the_test_server(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(report.read_text())["results"]
     drains = [r for r in results if r["scenario"].startswith("outbox drain")]
-    assert {r["backend"] for r in drains} == {"sqlite", "postgresql"}
+    assert {r["backend"] for r in drains} == {"sqlite", "postgresql", "mariadb"}
     assert all(r["events"] > 0 and r["events_per_s"] > 0 for r in drains)
 
 

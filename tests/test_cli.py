@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import logging
 import os
 import pty
 import select
@@ -585,10 +586,66 @@ def test_bare_postgresql_urls_work(postgres_url, capsys):
     assert json.loads(out)["counts"]["pending"] == 1
 
 
+def test_bare_mysql_and_mariadb_urls_work(mariadb_url, capsys):
+    """`mysql://` and `mariadb://` (no driver) are given PyMySQL; both reach the same table."""
+    assert mariadb_url.startswith("mariadb://")
+    env = {**os.environ, "OUTBOX_DATABASE_URL": mariadb_url}
+    done = run(env, "enqueue", "orders", "created", "bare")
+    assert done.returncode == 0, done.stderr
+    mysql_style = "mysql://" + mariadb_url.removeprefix("mariadb://")
+    code, out, err = cli(capsys, "--database-url", mysql_style, "enqueue", "orders", "again", "x")
+    assert code == 0, err
+    code, out, err = cli(capsys, "--database-url", mysql_style, "status", "--json")
+    assert code == 0, err
+    assert json.loads(out)["counts"]["pending"] == 2
+
+
+@pytest.mark.parametrize(
+    ("url", "sync_driver", "async_driver"),
+    [
+        ("mysql://u:p@db/app", "mysql+pymysql", "mysql+aiomysql"),
+        ("mariadb://u@db/app", "mariadb+pymysql", "mariadb+aiomysql"),
+        ("mysql+mysqldb://u@db/app", "mysql+mysqldb", "mysql+mysqldb"),  # chosen: left alone
+        ("postgresql://u@db/app", "postgresql+psycopg", "postgresql+psycopg"),
+        ("sqlite:///outbox.db", "sqlite", "sqlite+aiosqlite"),
+    ],
+)
+def test_bare_urls_get_the_drivers_we_depend_on(url, sync_driver, async_driver):
+    from outbox.database import normalize_url
+
+    assert normalize_url(url).drivername == sync_driver
+    assert normalize_url(url, asyncio=True).drivername == async_driver
+
+
+def test_a_pool_error_is_logged_in_one_line():
+    """A connection killed under the pool (MariaDB's KILL CONNECTION at the wrong moment) is
+    logged by SQLAlchemy with a traceback; the CLI's logging makes it one line with the error."""
+    from outbox.cli import PoolErrorsInOneLine
+
+    try:
+        raise OSError("(2013, 'Lost connection to MySQL server during query')\nmore")
+    except OSError:
+        record = logging.LogRecord(
+            "sqlalchemy.pool.impl.QueuePool",
+            logging.ERROR,
+            __file__,
+            1,
+            "Exception during %s",
+            ("reset or similar",),
+            sys.exc_info(),
+        )
+    other = logging.LogRecord("outbox.worker", logging.ERROR, __file__, 1, "x", None, None)
+    assert PoolErrorsInOneLine().filter(record) and PoolErrorsInOneLine().filter(other)
+    text = logging.Formatter().format(record)
+    assert text == (
+        "Exception during reset or similar: (2013, 'Lost connection to MySQL server during query')"
+    )
+
+
 def test_unsupported_database_url_is_exit_2(capsys):
-    code, out, err = cli(capsys, "--database-url", "mysql://root:hunter2@localhost/db", "status")
+    code, out, err = cli(capsys, "--database-url", "mssql://root:hunter2@localhost/db", "status")
     assert code == 2 and out == ""
-    assert "unsupported database 'mysql'" in err and "hunter2" not in err
+    assert "unsupported database 'mssql'" in err and "hunter2" not in err
 
 
 def test_commands_that_never_publish_ignore_a_bad_sockudo_url(env, engine, capsys, monkeypatch):

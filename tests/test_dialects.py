@@ -120,7 +120,7 @@ def test_claimed_rows_carry_what_publishing_needs(engine, dialect):
     assert row.failures == 0 and row.queued_at.tzinfo is not None
 
 
-@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb"], indirect=True)
 def test_concurrent_claims_take_disjoint_rows(engine, dialect):
     """Two claims at once, the first holding its locks: the second skips them (SKIP LOCKED)."""
     add(engine, 6)

@@ -1,6 +1,6 @@
 """The worker creates or upgrades the schema itself on SQLite (any ``sqlite://`` URL), and only there.
 
-On PostgreSQL the schema is a deploy step: the worker refuses an unmigrated database with exit 2
+On PostgreSQL and MariaDB the schema is a deploy step: the worker refuses an unmigrated database with exit 2
 and says to run ``outbox migrate``. On SQLite it refuses what an upgrade would break: a table made
 by someone else's migrations, and a schema from a newer release.
 """
@@ -107,11 +107,12 @@ def test_outbox_worker_upgrades_any_sqlite_database_from_an_older_revision(
     assert revision(url) == HEAD
 
 
+@pytest.mark.parametrize("server", ["postgresql", "mariadb"])
 @pytest.mark.parametrize("start", [None, "0001"], ids=["empty", "older"])
-def test_the_worker_refuses_an_unmigrated_postgresql_database(
-    tmp_path: Path, request: pytest.FixtureRequest, start: str | None
+def test_the_worker_refuses_an_unmigrated_server_database(
+    tmp_path: Path, request: pytest.FixtureRequest, start: str | None, server: str
 ) -> None:
-    url = make_database("postgresql", tmp_path, request)
+    url = make_database(server, tmp_path, request)
     if start is not None:
         with opened(url) as engine:
             migrate.upgrade(engine, start)

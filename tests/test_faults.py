@@ -299,25 +299,25 @@ def test_kill9_storm(
 
 
 def test_two_workers_one_killed(
-    postgres_url: str,
+    server_database_url: str,
     tmp_path: Path,
     spawn: Callable[..., WorkerProcess],
     fault_results: Results,
 ) -> None:
-    """Two workers drain one PostgreSQL table; one is SIGKILLed mid-drain. Its leased rows stay
+    """Two workers drain one PostgreSQL (or MariaDB) table; one is SIGKILLed mid-drain. Its leased rows stay
     leased until the lease expires, then the survivor takes them over (sent alone, answered from
     the server's cache where they had reached it): nothing lost, nothing duplicated."""
     started = time.monotonic()
     total = 3000
     lease = 8.0
-    engine = create_engine(postgres_url)
+    engine = create_engine(server_database_url)
     try:
         _enqueue(engine, _events(total, "pair", "shared"))
         with _server(tmp_path) as server:
             # Requests are held 150 ms before publishing, so a worker always has claims in flight.
             server.add_latency(0.15, stage="claimed", endpoints=("batch_events",))
             env = worker_config(
-                postgres_url,
+                server_database_url,
                 server.url,
                 lease_seconds=lease,
                 request_timeout=2,
@@ -360,7 +360,7 @@ def test_two_workers_one_killed(
     by_id = {r.id: r for r in rows}
     fault_results.record(
         "two workers, one killed",
-        "postgresql",
+        make_url(server_database_url).get_backend_name(),
         rows,
         figures,
         started,
@@ -387,25 +387,86 @@ def test_two_workers_one_killed(
 # -- 3. database connection loss / SQLite lock -------------------------------------------------
 
 
-def test_postgres_connections_terminated(
-    postgres_url: str,
-    postgres_admin: sa.Engine,
+@contextlib.contextmanager
+def _worker_connections(
+    backend: str, url: str, request: pytest.FixtureRequest
+) -> Iterator[tuple[str, Callable[[], int]]]:
+    """A URL for the worker whose connections the server can tell apart, and a function that
+    kills them all from an admin connection (returns how many it killed).
+
+    PostgreSQL: an application_name, then pg_terminate_backend. MariaDB has no such name in its
+    process list: the worker logs in as a user of its own, then KILL CONNECTION on each.
+    """
+    tag = f"outbox_fault_{uuid.uuid4().hex[:8]}"
+    if backend == "postgresql":
+        admin = request.getfixturevalue("postgres_admin")
+
+        def terminate() -> int:
+            with admin.begin() as conn:
+                return int(
+                    conn.execute(
+                        sa.text(
+                            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) "
+                            "FROM pg_stat_activity "
+                            "WHERE application_name = :name AND pid <> pg_backend_pid()"
+                        ),
+                        {"name": tag},
+                    ).scalar_one()
+                )
+
+        yield _with_app_name(url, tag), terminate
+        return
+    admin = request.getfixturevalue("mariadb_admin")
+    parsed = make_url(url)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f"CREATE USER '{tag}'@'%' IDENTIFIED BY '{tag}'"))
+        conn.execute(sa.text(f"GRANT ALL ON `{parsed.database}`.* TO '{tag}'@'%'"))
+
+    def kill() -> int:
+        killed = 0
+        with admin.connect() as conn:
+            ids = conn.execute(
+                sa.text("SELECT id FROM information_schema.processlist WHERE user = :user"),
+                {"user": tag},
+            ).scalars()
+            for connection_id in list(ids):
+                try:
+                    conn.execute(sa.text(f"KILL CONNECTION {int(connection_id)}"))
+                    killed += 1
+                except sa.exc.DBAPIError:  # it closed between the list and the kill
+                    pass
+        return killed
+
+    try:
+        yield parsed.set(username=tag, password=tag).render_as_string(hide_password=False), kill
+    finally:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f"DROP USER IF EXISTS '{tag}'@'%'"))
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb"], indirect=True)
+def test_database_connections_killed(
+    backend: str,
+    database_url: str,
+    request: pytest.FixtureRequest,
     tmp_path: Path,
     spawn: Callable[..., WorkerProcess],
     fault_results: Results,
 ) -> None:
-    """pg_terminate_backend on every connection of the worker, 5 times mid-drain: it reconnects
-    and finishes; it never exits on its own; database errors in its log stay bounded."""
+    """Every connection of the worker killed by the server (pg_terminate_backend, MariaDB's
+    KILL CONNECTION), 5 times mid-drain: it reconnects and finishes; it never exits on its own;
+    database errors in its log stay bounded."""
     started = time.monotonic()
     total = 3000
     rounds = 5
-    app_name = f"outbox-fault-{uuid.uuid4().hex[:8]}"
-    url = _with_app_name(postgres_url, app_name)
-    engine = create_engine(postgres_url)
+    engine = create_engine(database_url)
     terminated: list[int] = []
     try:
-        _enqueue(engine, _events(total, "pg", "reconnect"))
-        with _server(tmp_path) as server:
+        _enqueue(engine, _events(total, "db", "reconnect"))
+        with (
+            _server(tmp_path) as server,
+            _worker_connections(backend, database_url, request) as (url, kill_connections),
+        ):
             server.add_latency(0.05, stage="claimed")
             env = worker_config(
                 url,
@@ -418,19 +479,11 @@ def test_postgres_connections_terminated(
                 backoff_max_seconds=2,
                 poll_interval=0.2,
             )
-            worker = spawn(env, "pg-worker")
+            worker = spawn(env, f"{backend}-worker")
             worker.wait_until_started(60)
             wait_until(lambda: server.delivered_count() >= 100, 60, "100 deliveries")
             for _ in range(rounds):
-                with postgres_admin.begin() as conn:
-                    killed = conn.execute(
-                        sa.text(
-                            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) "
-                            "FROM pg_stat_activity "
-                            "WHERE application_name = :name AND pid <> pg_backend_pid()"
-                        ),
-                        {"name": app_name},
-                    ).scalar_one()
+                killed = kill_connections()
                 terminated.append(int(killed))
                 assert worker.alive, (
                     f"worker exited after a termination:\n{worker.log_text()[-3000:]}"
@@ -447,8 +500,8 @@ def test_postgres_connections_terminated(
     log = worker.log_text()
     errors = worker.stats()["database_errors"]
     fault_results.record(
-        "pg_terminate_backend x5",
-        "postgresql",
+        "pg_terminate_backend x5" if backend == "postgresql" else "KILL CONNECTION x5",
+        backend,
         rows,
         figures,
         started,
@@ -555,7 +608,7 @@ def test_sqlite_write_lock_held(
 
 
 def test_endpoint_outage_then_503_then_429(
-    postgres_url: str,
+    server_database_url: str,
     tmp_path: Path,
     spawn: Callable[..., WorkerProcess],
     fault_results: Results,
@@ -568,13 +621,13 @@ def test_endpoint_outage_then_503_then_429(
     backoff_min, backoff_max = 0.2, 2.0
     alone = 8
     outage = 30.0
-    engine = create_engine(postgres_url)
+    engine = create_engine(server_database_url)
     producer_rows = 0
     try:
         _enqueue(engine, _events(400, "outage", "before"))
         with _server(tmp_path) as server:
             env = worker_config(
-                postgres_url,
+                server_database_url,
                 server.url,
                 lease_seconds=3,
                 request_timeout=1,
@@ -650,7 +703,7 @@ def test_endpoint_outage_then_503_then_429(
     windows_429 = [sum(1 for r in requests if a <= r["time"] <= b) for a, b in limited]
     fault_results.record(
         "outage 30s + 503 + 429",
-        "postgresql",
+        make_url(server_database_url).get_backend_name(),
         rows,
         figures,
         started,

@@ -24,9 +24,11 @@ from outbox import admin, enqueue, metadata_for, migrate, outbox_table
 from outbox.cli import main
 from outbox.database import create_engine
 from outbox.dialects import dialect_for
+from outbox.dialects.mysql import MySQLDialect
 from outbox.dialects.postgresql import PostgresDialect, _statements
 from outbox.migrate import VERSION_TABLE
 from outbox.schema import UTCDateTime
+from tests.outbox_rows import move_where
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ALEMBIC = Path(sys.executable).with_name("alembic")
@@ -57,9 +59,11 @@ def version_rows(url: str, table: str) -> list[str]:
 def index_names(url: str) -> set[str]:
     engine = create_engine(url)
     try:
-        # (PostgreSQL also lists the unique constraint's own index; it is not one of ours)
+        # (PostgreSQL and MariaDB also list the unique constraint's own index; not one of ours)
         indexes = sa.inspect(engine).get_indexes(TABLE)
-        return {i["name"] for i in indexes if not i.get("duplicates_constraint")}
+        return {
+            i["name"] for i in indexes if not i.get("duplicates_constraint") and not i["unique"]
+        }
     finally:
         engine.dispose()
 
@@ -154,6 +158,47 @@ def test_drift_check_would_notice_a_change(engine):
     assert [(d[0], d[3].name) for d in diff] == [("add_column", "extra")]
 
 
+@pytest.mark.parametrize("backend", ["mariadb"], indirect=True)
+def test_mariadb_columns_keep_microseconds_bytes_and_case(engine):
+    """DATETIME(6) in UTC, a VARBINARY nonce, utf8mb4 text with a binary collation: channels
+    and keys that differ only in case are two values, as on the other databases."""
+    table = outbox_table()
+    with engine.begin() as conn:
+        enqueue(conn, "private-encrypted-C", "e", "😀")
+        enqueue(conn, "private-encrypted-c", "e", "x")
+        got = conn.execute(sa.select(table).order_by(table.c.id)).all()
+        lower = table.c.channel == "private-encrypted-c"
+        assert conn.execute(sa.select(sa.func.count()).where(lower)).scalar_one() == 1
+        conn.execute(sa.update(table).where(table.c.id == got[0].id).values(idempotency_key="K"))
+        conn.execute(sa.update(table).where(table.c.id == got[1].id).values(idempotency_key="k"))
+        types = dict(
+            conn.execute(
+                sa.text(
+                    "SELECT column_name, column_type FROM information_schema.columns "
+                    "WHERE table_schema = DATABASE() AND table_name = :t"
+                ),
+                {"t": TABLE},
+            ).all()
+        )
+        collation = conn.execute(
+            sa.text(
+                "SELECT table_collation FROM information_schema.tables "
+                "WHERE table_schema = DATABASE() AND table_name = :t"
+            ),
+            {"t": TABLE},
+        ).scalar_one()
+    assert [r.data for r in got] == ["😀", "x"]
+    assert got[0].idempotency_key != got[1].idempotency_key
+    assert len(got[0].encryption_nonce) == 24 and got[0].encryption_nonce != got[1].encryption_nonce
+    assert got[0].created_at.tzinfo is not None
+    assert {types[c] for c in ("created_at", "queued_at", "next_attempt_at")} == {"datetime(6)"}
+    assert types["encryption_nonce"] == "varbinary(24)"
+    assert types["data"] == "mediumtext"  # TEXT stops at 64 KB, below an event's limit
+    assert collation == "utf8mb4_bin"
+    # Defaults come from the database's UTC clock, to the microsecond.
+    assert not all(r.created_at.microsecond == 0 for r in got)
+
+
 def test_hot_table_indexes_hold_nothing_a_claim_changes(engine, backend):
     """A claim sets the lease and the attempt count: no index may hold them, or it is not HOT."""
     with engine.connect() as conn:
@@ -161,6 +206,12 @@ def test_hot_table_indexes_hold_nothing_a_claim_changes(engine, backend):
             query = (
                 "SELECT indexname, indexdef FROM pg_indexes "
                 "WHERE tablename = :t AND schemaname = current_schema()"
+            )
+        elif backend == "mariadb":
+            query = (
+                "SELECT index_name, CONCAT('(', GROUP_CONCAT(column_name ORDER BY seq_in_index"
+                " SEPARATOR ', '), ')') FROM information_schema.statistics"
+                " WHERE table_schema = DATABASE() AND table_name = :t GROUP BY index_name"
             )
         else:
             query = (
@@ -261,6 +312,52 @@ def test_upgrading_a_table_with_rows_in_every_state_keeps_every_row(empty_databa
         assert tables(empty_database_url) == {TABLE, VERSION_TABLE}
     finally:
         engine.dispose()
+
+
+def test_mariadb_claim_and_ack_read_indexes_not_the_history(mariadb_url):
+    """The claim reads the due index in order (no sort: it stops after one batch and locks only
+    what it returns); an ack copies each row found by primary key, driven by its JSON."""
+    engine = create_engine(mariadb_url)
+    table = outbox_table()
+    try:
+        with engine.begin() as conn:
+            for i in range(300):
+                enqueue(conn, "orders", "created", {"n": i})
+            move_where(conn, table.c.id <= 250, "published")
+            conn.execute(sa.text(f"ANALYZE TABLE {TABLE}"))
+        seen: list[tuple[str, object]] = []
+
+        def capture(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+            seen.append((statement, parameters))
+
+        sa.event.listen(engine, "before_cursor_execute", capture)
+        dialect, token = MySQLDialect(), uuid.uuid4()
+        with engine.begin() as conn:
+            claimed = dialect.claim_batch(conn, table, 10, 60.0, token)
+        with engine.begin() as conn:
+            from outbox.dialects import Ack
+
+            assert dialect.ack_published(conn, table, token, [Ack(r.id) for r in claimed]) == 10
+        sa.event.remove(engine, "before_cursor_execute", capture)
+        assert [r.id for r in claimed] == list(range(251, 261))
+
+        def plan(marker: str) -> list[dict[str, object]]:
+            statement, parameters = next(s for s in seen if marker in s[0])
+            with engine.connect() as conn:
+                cursor = conn.connection.cursor()
+                cursor.execute("EXPLAIN " + statement, parameters)
+                names = [d[0] for d in cursor.description]
+                return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+        (claim,) = plan("SKIP LOCKED")
+        ack = plan("INSERT INTO")
+    finally:
+        engine.dispose()
+    assert claim["key"] == f"ix_{TABLE}_due", claim
+    assert "filesort" not in str(claim["Extra"]), claim
+    outbox_row = next(r for r in ack if r["table"] == "o")
+    assert ack[0]["table"] == "f" and outbox_row["key"] == "PRIMARY", ack
+    assert outbox_row["type"] == "eq_ref", ack
 
 
 def test_the_apps_own_alembic_history_is_untouched(empty_database_url, capsys):

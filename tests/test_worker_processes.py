@@ -72,16 +72,17 @@ def enqueue_events(engine: sa.Engine, n: int) -> None:
         enqueue_many(conn, [OutboxEvent("orders", "created", {"n": i}) for i in range(n)])
 
 
-# -- 2. several worker processes, one PostgreSQL table -------------------------------------------
+# -- 2. several worker processes, one table on a database server ----------------------------------
 
 
-def test_two_worker_processes_drain_disjoint_rows(postgres_url, sockudo_server, tmp_path):
+def test_two_worker_processes_drain_disjoint_rows(server_database_url, sockudo_server, tmp_path):
+    """On PostgreSQL and on MariaDB (SKIP LOCKED on both; MariaDB's workers poll)."""
     n = 3000
-    engine = create_engine(postgres_url)
+    engine = create_engine(server_database_url)
     # Latency per request keeps batches in flight (a drain by one worker alone would take 3 s),
     # so both workers get a share even when one of them is scheduled late.
     sockudo_server.add_latency(0.1, stage="claimed")
-    settings = worker_settings(postgres_url, sockudo_server.url, batch_size=50, in_flight=2)
+    settings = worker_settings(server_database_url, sockudo_server.url, batch_size=50, in_flight=2)
     workers = [
         start(PYTHON_WORKER, tmp_path, "python-worker", **settings),
         start(CLI_WORKER, tmp_path, "cli-worker", **settings),
@@ -89,7 +90,7 @@ def test_two_worker_processes_drain_disjoint_rows(postgres_url, sockudo_server, 
     try:
         for w in workers:
             w.wait_for_log("worker started")
-        enqueue_events(engine, n)  # one commit: NOTIFY wakes both workers
+        enqueue_events(engine, n)  # one commit: NOTIFY (or the next poll) wakes both workers
         wait_until(lambda: statuses(engine).get("published", 0) == n, 60, "all published")
         assert [w.terminate() for w in workers] == [0, 0]
     finally:

@@ -7,8 +7,8 @@ Create Date: 2026-11-27
 The trigger fires once per INSERT statement (not per row) and PostgreSQL delivers the
 notification only when the inserting transaction commits, folding repeats within a transaction.
 Doing it in the database spares every ``enqueue`` a second round trip, and wakes workers for
-rows written by any means, not only through ``outbox.enqueue``. SQLite has no notifications:
-workers poll it.
+rows written by any means, not only through ``outbox.enqueue``. SQLite, MariaDB and MySQL have no
+notifications: workers poll them.
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import context, op
 
+from outbox.schema import MYSQL_NAMES, timestamp_type
+
 revision = "0003"
 down_revision = "0002"
 branch_labels = None
@@ -27,12 +29,14 @@ def _now() -> sa.TextClause:
         return sa.text("statement_timestamp()")
     if dialect == "sqlite":
         return sa.text("(strftime('%Y-%m-%d %H:%M:%f000', 'now'))")
+    if dialect in MYSQL_NAMES:
+        return sa.text("(UTC_TIMESTAMP(6))")
     return sa.text("CURRENT_TIMESTAMP")
 
 
 def upgrade() -> None:
     name = context.config.attributes.get("table_name", "outbox_events")
-    ts = sa.DateTime(timezone=True)
+    ts = timestamp_type()
     with op.batch_alter_table(name) as batch:
         batch.add_column(sa.Column("failures", sa.Integer(), nullable=False, server_default="0"))
         batch.add_column(sa.Column("queued_at", ts, nullable=True))

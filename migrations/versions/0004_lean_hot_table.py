@@ -17,6 +17,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import context, op
 
+from outbox.schema import MYSQL_NAMES, MYSQL_TABLE_OPTIONS, nonce_type, text_type, timestamp_type
+
 revision = "0004"
 down_revision = "0003"
 branch_labels = None
@@ -37,19 +39,19 @@ HOT_TABLE_STORAGE = {
 
 def _columns() -> list[sa.Column[object]]:
     big_id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
-    ts = sa.DateTime(timezone=True)
+    ts = timestamp_type()
     return [
         sa.Column("id", big_id, primary_key=True, autoincrement=False),
         sa.Column("event_id", sa.Uuid(), nullable=False),
         sa.Column("idempotency_key", sa.String(128), nullable=False),
         sa.Column("channel", sa.String(200), nullable=False),
         sa.Column("event", sa.String(200), nullable=False),
-        sa.Column("data", sa.Text(), nullable=False),
+        sa.Column("data", text_type(), nullable=False),
         sa.Column("socket_id", sa.String(64), nullable=True),
         sa.Column("info", sa.String(200), nullable=True),
-        sa.Column("tags", sa.Text(), nullable=True),
-        sa.Column("extras", sa.Text(), nullable=True),
-        sa.Column("encryption_nonce", sa.LargeBinary(24), nullable=True),
+        sa.Column("tags", text_type(), nullable=True),
+        sa.Column("extras", text_type(), nullable=True),
+        sa.Column("encryption_nonce", nonce_type(), nullable=True),
         sa.Column("attempts", sa.Integer(), nullable=False, server_default="0"),
         sa.Column("failures", sa.Integer(), nullable=False, server_default="0"),
         sa.Column("next_attempt_at", ts, nullable=False, server_default=_now()),
@@ -74,6 +76,8 @@ def _now() -> sa.TextClause:
         return sa.text("statement_timestamp()")
     if dialect == "sqlite":
         return sa.text("(strftime('%Y-%m-%d %H:%M:%f000', 'now'))")
+    if dialect in MYSQL_NAMES:
+        return sa.text("(UTC_TIMESTAMP(6))")
     return sa.text("CURRENT_TIMESTAMP")
 
 
@@ -100,10 +104,10 @@ def _move(source: str, target: str, where: str, status: str | None = None) -> No
 
 def upgrade() -> None:
     name, dead, published = _names()
-    op.create_table(dead, *_columns())
+    op.create_table(dead, *_columns(), **MYSQL_TABLE_OPTIONS)
     op.create_index(f"ix_{dead}_event_id", dead, ["event_id"])
     op.create_index(f"ix_{dead}_key", dead, ["idempotency_key"])
-    op.create_table(published, *_columns())
+    op.create_table(published, *_columns(), **MYSQL_TABLE_OPTIONS)
     _move(name, dead, "status = 'dead'")
     _move(name, published, "status = 'published'")
     op.drop_index(f"ix_{name}_pending", table_name=name)
@@ -162,10 +166,11 @@ def downgrade() -> None:
     op.drop_table(dead)
     pending = sa.text("status = 'pending'")
     in_flight = sa.text("status = 'in_flight'")
+    mysql = op.get_bind().dialect.name in MYSQL_NAMES
     op.create_index(
         f"ix_{name}_pending",
         name,
-        ["next_attempt_at", "id"],
+        ["status", "next_attempt_at", "id"] if mysql else ["next_attempt_at", "id"],
         postgresql_where=pending,
         sqlite_where=pending,
     )

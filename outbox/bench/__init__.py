@@ -4,7 +4,7 @@ One run measures, against one real server (soketi by default, started on loopbac
 limit of 100; or the bundled test server): the ceiling (pre-signed batches from a bare httpx
 client) and the server's real intake (the same bodies from the lean h11 transport), the per-event
 baseline (our client and the sockudo-http-python SDK), the cost enqueue adds to a transaction,
-outbox drains on SQLite and PostgreSQL with one and two workers, commit-to-ack latency under a
+outbox drains on SQLite, PostgreSQL and MariaDB with one and two workers, commit-to-ack latency under a
 steady load, worker memory, and the drain with a large published history, with CPU per event for
 each process where it applies. It prints a table and writes the same figures as JSON. See
 docs/performance.md.
@@ -36,6 +36,7 @@ from .scenarios import Measurement
 from .servers import SERVERS, server
 
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
+DEFAULT_MARIADB_URL = "mariadb://root@127.0.0.1:3306/test"
 
 #: name -> (events, baseline events, single-commit transactions, latency rate, latency seconds, history rows)
 SIZES = {
@@ -96,11 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=100, help="events per batch (default 100)")
     p.add_argument("--in-flight", type=int, default=4, help="batches in flight (default 4)")
     p.add_argument("--server", choices=SERVERS, default="soketi")
-    p.add_argument("--backends", default="sqlite,postgresql")
+    p.add_argument("--backends", default="sqlite,postgresql,mariadb")
     p.add_argument(
         "--postgres-url",
         default=os.environ.get("OUTBOX_BENCH_POSTGRES_URL", DEFAULT_POSTGRES_URL),
         help="a PostgreSQL database to create a scratch schema in",
+    )
+    p.add_argument(
+        "--mariadb-url",
+        default=os.environ.get("OUTBOX_BENCH_MARIADB_URL", DEFAULT_MARIADB_URL),
+        help="a MariaDB or MySQL server (mariadb:// or mysql://) to create a scratch database on",
     )
     p.add_argument("--latency-rate", type=float, help="events/s for the latency run")
     p.add_argument("--history", type=int, help="published rows kept for the history run (0: skip)")
@@ -118,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    servers = {"postgresql": args.postgres_url, "mariadb": args.mariadb_url}
     size = dict(SIZES["smoke" if args.smoke else "long" if args.long else "default"])
     if args.events:
         size["events"] = args.events
@@ -164,18 +171,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         for backend in backends:
             if "enqueue" in chosen:
                 for per_commit in (1, 10):
-                    with database(backend, args.postgres_url, workdir) as db:
+                    with database(backend, servers, workdir) as db:
                         results.append(
                             scenarios.enqueue_cost(db, backend, size["transactions"], per_commit)
                         )
                         added = results[-1].extra["added_ms_per_commit"]
                         say(f"{backend}: {results[-1].scenario}: +{added:.3f} ms")
-                with database(backend, args.postgres_url, workdir) as db:
+                with database(backend, servers, workdir) as db:
                     results.append(scenarios.bulk_enqueue(db, backend, size["events"]))
                     say(f"{backend}: bulk enqueue {results[-1].rate:,.0f} events/s")
             if "drain" in chosen:
                 for count in (1, 2):
-                    with database(backend, args.postgres_url, workdir) as db:
+                    with database(backend, servers, workdir) as db:
                         results.append(
                             scenarios.drain(
                                 db,
@@ -217,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         results.append(m)
                         say(f"{backend}: {m.scenario}: {m.extra['read_median_ms']:.2f} ms (median)")
             if "latency" in chosen:
-                with database(backend, args.postgres_url, workdir) as db:
+                with database(backend, servers, workdir) as db:
                     results.append(
                         scenarios.latency(
                             db, url, backend, size["rate"], size["latency_s"], workdir, **settings
@@ -225,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     )
                     say(f"{backend}: latency p99 {results[-1].extra['p99_ms']:.1f} ms")
             if "history" in chosen and size["history"]:
-                with database(backend, args.postgres_url, workdir) as db:
+                with database(backend, servers, workdir) as db:
                     took = scenarios.add_history(db, size["history"])
                     say(f"{backend}: {size['history']:,} published rows added in {took:.1f} s")
                     results.append(
@@ -321,8 +328,9 @@ def metrics_pair(
 
 
 @contextlib.contextmanager
-def database(backend: str, postgres_url: str, workdir: Path) -> Iterator[str]:
-    """A fresh, migrated database for one scenario; removed afterwards."""
+def database(backend: str, servers: dict[str, str], workdir: Path) -> Iterator[str]:
+    """A fresh, migrated database for one scenario; removed afterwards (``servers``: the URL of
+    each database server by backend name)."""
     if backend == "sqlite":
         path = workdir / f"bench-{uuid.uuid4().hex[:8]}.db"
         url = f"sqlite:///{path}"
@@ -333,20 +341,27 @@ def database(backend: str, postgres_url: str, workdir: Path) -> Iterator[str]:
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{path}{suffix}").unlink(missing_ok=True)
         return
-    if backend != "postgresql":
-        raise SystemExit(f"unknown backend {backend!r}: use sqlite and/or postgresql")
-    schema = f"bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(postgres_url)
+    if backend not in servers:
+        raise SystemExit(f"unknown backend {backend!r}: use sqlite, postgresql and/or mariadb")
+    name = f"bench_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(servers[backend])
+    if backend == "postgresql":
+        # A schema of its own, selected by search_path (the workers get the same URL).
+        create, drop = f'CREATE SCHEMA "{name}"', f'DROP SCHEMA IF EXISTS "{name}" CASCADE'
+        url = make_url(servers[backend]).update_query_dict({"options": f"-csearch_path={name}"})
+    else:
+        # MariaDB's schemas are databases: one of its own, named in the URL.
+        create, drop = f"CREATE DATABASE `{name}`", f"DROP DATABASE IF EXISTS `{name}`"
+        url = make_url(servers[backend]).set(database=name)
     with admin.begin() as conn:
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    url = make_url(postgres_url).update_query_dict({"options": f"-csearch_path={schema}"})
+        conn.execute(sa.text(create))
     rendered = url.render_as_string(hide_password=False)
     try:
         _migrate(rendered)
         yield rendered
     finally:
         with admin.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+            conn.execute(sa.text(drop))
         admin.dispose()
 
 

@@ -131,7 +131,7 @@ def evaluate_targets(results: list[Measurement]) -> list[dict[str, Any]]:
                 f"p99 {lat.extra['p99_ms']:.1f} ms",
                 lat.extra["p99_ms"] <= bound,
             )
-    for backend in ("postgresql", "sqlite"):
+    for backend in ("postgresql", "sqlite", "mariadb"):
         hist = _find_prefix(results, "outbox drain, 1 worker, ", backend)
         plain = _find(results, "outbox drain, 1 worker(s)", backend)
         if hist and plain and plain.rate:

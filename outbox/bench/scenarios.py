@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from .. import admin
 from ..database import create_engine
 from ..enqueue import OutboxEvent, enqueue, enqueue_many
-from ..schema import EVENT_COLUMNS, outbox_table, published_table
+from ..schema import EVENT_COLUMNS, MYSQL_NAMES, outbox_table, published_table, utc_now
 from ..sockudo import Sockudo
 from ..testing.worker import WorkerProcess
 from . import http_clients
@@ -239,6 +239,27 @@ def add_history(url: str, rows: int) -> float:
                     ),
                     {"rows": rows},
                 )
+            elif conn.dialect.name in MYSQL_NAMES:
+                # No series generator common to MariaDB and MySQL (MySQL caps recursive CTEs
+                # at 1,000 rows): multi-row INSERTs from here, which PyMySQL's executemany
+                # sends as one statement per chunk.
+                now = conn.execute(sa.select(utc_now())).scalar_one()
+                for start in range(0, rows, 10_000):
+                    conn.execute(
+                        sa.insert(t),
+                        [
+                            {
+                                "event_id": uuid.uuid4(),
+                                "idempotency_key": f"history-{n}",
+                                "channel": "bench",
+                                "event": "old",
+                                "data": "{}",
+                                "attempts": 1,
+                                "published_at": now,
+                            }
+                            for n in range(start, min(rows, start + 10_000))
+                        ],
+                    )
             else:
                 conn.execute(
                     sa.text(
@@ -260,6 +281,8 @@ def add_history(url: str, rows: int) -> float:
             columns = [t.c[c] for c in EVENT_COLUMNS]
             conn.execute(sa.insert(log).from_select(EVENT_COLUMNS, sa.select(*columns).where(old)))
             conn.execute(sa.delete(t).where(old))
+            if conn.dialect.name in MYSQL_NAMES:
+                conn.execute(sa.text(f"ANALYZE TABLE {t.name}, {log.name}"))
         if engine.dialect.name == "postgresql":
             with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
                 conn.execute(sa.text(f"VACUUM ANALYZE {t.name}"))
@@ -329,6 +352,16 @@ def gauge_cost(
     finally:
         engine.dispose()
     return results
+
+
+def database_pids(backend: str) -> dict[str, list[int | None]]:
+    """The database server's processes, for the CPU meter (none for SQLite: it runs in the
+    worker). PostgreSQL runs a process per connection; MariaDB one process of threads."""
+    if backend == "postgresql":
+        return {"database": list(pids_named("postgres"))}
+    if backend == "mariadb":
+        return {"database": [*pids_named("mariadbd"), *pids_named("mysqld")]}
+    return {}
 
 
 def rss_kb(pid: int) -> int:
@@ -423,7 +456,7 @@ def drain(
                     {
                         "worker": [p.pid for p in procs],
                         "server": [server_pid] if server_pid else [],
-                        **({"database": pids_named("postgres")} if backend == "postgresql" else {}),
+                        **database_pids(backend),
                     }
                 ).start()
             if not rss_after_warmup and published - already >= events // 10:

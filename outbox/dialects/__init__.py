@@ -7,20 +7,37 @@ import sqlalchemy as sa
 from .base import Ack, ClaimedRow, Dialect, Failure, OnNotify, quoted
 
 
-def dialect_for(bind: sa.Engine | sa.Connection) -> Dialect:
-    """The statements for the database behind ``bind``."""
-    name = bind.dialect.name
+def dialect_class(name: str) -> type[Dialect]:
+    """The statements for a SQLAlchemy dialect name (``engine.dialect.name``)."""
     if name == "postgresql":
         from .postgresql import PostgresDialect
 
-        return PostgresDialect()
+        return PostgresDialect
     if name == "sqlite":
         from .sqlite import SQLiteDialect
 
-        return SQLiteDialect()
+        return SQLiteDialect
+    if name in ("mysql", "mariadb"):
+        from .mysql import MySQLDialect
+
+        return MySQLDialect
     raise NotImplementedError(
-        f"the outbox supports PostgreSQL and SQLite; {name!r} is not supported yet"
+        f"the outbox supports PostgreSQL, MariaDB, MySQL and SQLite; {name!r} is not supported"
     )
 
 
-__all__ = ["Ack", "ClaimedRow", "Dialect", "Failure", "OnNotify", "dialect_for", "quoted"]
+def dialect_for(bind: sa.Engine | sa.Connection) -> Dialect:
+    """The statements for the database behind ``bind``."""
+    return dialect_class(bind.dialect.name)()
+
+
+__all__ = [
+    "Ack",
+    "ClaimedRow",
+    "Dialect",
+    "Failure",
+    "OnNotify",
+    "dialect_class",
+    "dialect_for",
+    "quoted",
+]

@@ -5,7 +5,7 @@ release, renew, reclaim, trim) in as few round trips as the database allows, gua
 token where it acts on a claim. The hot table holds only what is still to be sent: an ack moves
 its rows to the published log and a burial to the dead table, in the same statement or
 transaction, so the claim never has to step over history. The worker calls them inside short transactions and never holds one open across HTTP.
-A database module (:mod:`.postgresql`, :mod:`.sqlite`) subclasses :class:`Dialect` and writes
+A database module (:mod:`.postgresql`, :mod:`.mysql`, :mod:`.sqlite`) subclasses :class:`Dialect` and writes
 only these statements; ``tests/test_dialects.py`` runs each of them against every database.
 """
 
@@ -130,13 +130,17 @@ OnNotify = Callable[[], None]
 
 
 class Dialect(abc.ABC):
-    """The statements one database provides. Implementations: :mod:`.postgresql`, :mod:`.sqlite`.
+    """The statements one database provides. Implementations: :mod:`.postgresql`, :mod:`.mysql`,
+    :mod:`.sqlite`.
 
     Hot-path statements are written per database; the operator statements at the end are portable
     SQLAlchemy Core, shared by every database.
     """
 
     name: ClassVar[str]
+
+    #: ``create_engine`` options these statements rely on (defaults: a caller's own win).
+    engine_options: ClassVar[Mapping[str, Any]] = {}
 
     # -- enqueue (inside the caller's transaction) ---------------------------------------------
 
