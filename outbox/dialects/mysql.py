@@ -338,23 +338,17 @@ class MySQLDialect(Dialect):
     # -- upkeep ---------------------------------------------------------------------------------
 
     def reclaim_expired(self, conn: sa.Connection, table: sa.Table) -> int:
-        # A plain (non-locking) read finds the expired leases; the UPDATE then visits them by
-        # primary key in id order and re-checks the expiry on each locked row, so a lease
-        # renewed or taken over meanwhile is left alone and nothing ever waits while holding
-        # rows it scanned (rule 1).
+        # SKIP LOCKED rather than a searched UPDATE: a row locked right now is being acked or
+        # rescheduled by a late worker, so it is not ours to clear (the next round looks again
+        # if it is still expired). Never waiting, the reclaim can never be one side of a
+        # deadlock (rule 1); READ COMMITTED keeps only the matching rows locked. Then one UPDATE
+        # by primary key of the rows it holds.
         t = quoted(conn, table)
-        expired = list(
-            conn.execute(sa.text(f"SELECT id FROM {t} WHERE lease_expires_at <= {NOW}")).scalars()
-        )
+        find = sa.text(f"SELECT id FROM {t} WHERE lease_expires_at <= {NOW} FOR UPDATE SKIP LOCKED")
+        expired = list(conn.execute(find).scalars())
         if not expired:
             return 0
-        stmt = sa.text(
-            f"""
-            UPDATE {_listed(t)}
-            SET o.lease_token = NULL, o.lease_expires_at = NULL
-            WHERE o.lease_expires_at <= {NOW}
-            """
-        )
+        stmt = sa.text(f"UPDATE {_listed(t)} SET o.lease_token = NULL, o.lease_expires_at = NULL")
         return conn.execute(stmt, {"ids": _ids(expired)}).rowcount
 
     def delete_published_before(
