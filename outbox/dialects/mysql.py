@@ -354,20 +354,26 @@ class MySQLDialect(Dialect):
     def delete_published_before(
         self, conn: sa.Connection, table: sa.Table, cutoff: dt.datetime, limit: int
     ) -> int:
-        # The log is append-only, in id order, so the oldest rows come first in a plain read;
-        # they are then deleted by primary key with the cutoff re-checked (rule 1). (MySQL
-        # refuses LIMIT inside an IN subquery, so the base statement cannot be used.)
+        # SKIP LOCKED, not a searched DELETE: a DELETE that waits for a row (one replay is
+        # moving back to the outbox) while holding the rows it already took could close a
+        # circle with that transaction. A row locked right now is left for a later page; one
+        # that replay moved out is gone by then. The log is in id order, oldest first, and the
+        # scan stops after a page. (MySQL refuses LIMIT inside an IN subquery, so the base
+        # statement cannot be used.)
         log = quoted(conn, published_table(table))
         page = sa.text(
-            f"SELECT id FROM {log} WHERE published_at < :cutoff ORDER BY id LIMIT :limit"
+            f"""
+            SELECT id FROM {log} WHERE published_at < :cutoff
+            ORDER BY id LIMIT :limit
+            FOR UPDATE SKIP LOCKED
+            """
         ).bindparams(CUTOFF)
         ids = list(conn.execute(page, {"cutoff": cutoff, "limit": limit}).scalars())
         if not ids:
             return 0
-        delete = sa.text(f"DELETE o FROM {_listed(log)} WHERE o.published_at < :cutoff")
-        return conn.execute(
-            delete.bindparams(CUTOFF), {"ids": _ids(ids), "cutoff": cutoff}
-        ).rowcount
+        # By primary key, rows this transaction holds since the page was read.
+        delete = sa.text(f"DELETE o FROM {_listed(log)}")
+        return conn.execute(delete, {"ids": _ids(ids)}).rowcount
 
 
 def _failures(failures: Sequence[Failure]) -> str:
