@@ -403,3 +403,33 @@ async def test_listen_wakes_on_commit_where_the_database_notifies(engine, dialec
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_the_sqlite_watch_outlasts_a_locked_database_at_start(tmp_path, dialect):
+    """A database locked when the watch begins (a migration, an exclusive writer) delays the
+    first reading; it must not end the watch (the worker would stop)."""
+    import sqlite3
+
+    path = tmp_path / "locked.db"
+    holder = sqlite3.connect(path, isolation_level=None)  # rollback journal: readers are locked out
+    holder.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN EXCLUSIVE")
+    holder.execute("INSERT INTO t VALUES (1)")
+    engine = sa.create_engine(f"sqlite:///{path}")
+    woken = asyncio.Event()
+    task = asyncio.create_task(dialect.listen(engine, T, woken.set))
+    try:
+        await asyncio.sleep(0.2)
+        assert not task.done() and not woken.is_set()  # locked: no reading yet, still watching
+        holder.execute("COMMIT")
+        await asyncio.wait_for(woken.wait(), 5)  # the first reading, once the lock is gone
+        woken.clear()
+        holder.execute("INSERT INTO t VALUES (2)")  # another connection commits
+        await asyncio.wait_for(woken.wait(), 5)
+        assert not task.done()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        holder.close()
+        engine.dispose()

@@ -254,18 +254,20 @@ class SQLiteDialect(Dialect):
         uri = database.startswith("file:")
         watcher = sqlite3.connect(database, timeout=0, check_same_thread=False, uri=uri)
         try:
-            last = _data_version(watcher)
-            on_notify()  # whatever was committed before the watch began
+            last: int | None = None
             while True:
-                await asyncio.sleep(WATCH_INTERVAL)
                 try:
                     version = _data_version(watcher)
                 except sqlite3.Error as exc:
+                    # Locked (a migration, an exclusive writer): read again at the next tick.
                     log.debug("cannot read data_version (%s); trying again", exc)
+                    await asyncio.sleep(WATCH_INTERVAL)
                     continue
                 if version != last:
+                    # The first reading wakes the worker for what was committed before.
                     last = version
                     on_notify()
+                await asyncio.sleep(WATCH_INTERVAL)
         finally:
             watcher.close()
 
