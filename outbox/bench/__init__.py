@@ -209,14 +209,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         pid,
                         size["events"],
                         settings,
-                        args.postgres_url,
+                        servers,
                         workdir,
                         say,
                         size["metrics_rounds"],
                     )
                 )
             if "gauges" in chosen and size["gauge_history"]:
-                with database(backend, args.postgres_url, workdir) as db:
+                with database(backend, servers, workdir) as db:
                     say(f"{backend}: gauges: adding {size['gauge_history']:,} published rows")
                     for m in scenarios.gauge_cost(
                         db, backend, size["gauge_history"], GAUGE_BACKLOG
@@ -287,7 +287,7 @@ def metrics_pair(
     server_pid: int | None,
     events: int,
     settings: dict[str, Any],
-    postgres_url: str,
+    servers: dict[str, str],
     workdir: Path,
     say: Callable[[str], None],
     rounds: int,
@@ -302,7 +302,7 @@ def metrics_pair(
         order = [scenarios.METRICS_OFF, scenarios.METRICS_ON]
         for label in order if round_number % 2 == 0 else order[::-1]:
             extra = {"metrics_port": scenarios.free_port()} if label == scenarios.METRICS_ON else {}
-            with database(backend, postgres_url, workdir) as db:
+            with database(backend, servers, workdir) as db:
                 run = scenarios.drain(
                     db,
                     url,
