@@ -348,9 +348,10 @@ def _sources(table: sa.Table, statuses: Sequence[str]) -> list[sa.Table]:
     return [sources[s] for s in sources if s in statuses]
 
 
-def moved_columns(prefix: str = "") -> str:
-    """Every column, as a list for an INSERT ... SELECT that moves rows between the tables."""
-    return ", ".join(prefix + name for name in EVENT_COLUMNS)
+def moved_columns(overrides: Mapping[str, str], prefix: str = "") -> str:
+    """The SELECT list of an INSERT ... SELECT that moves a row to another of the outbox's
+    tables: every column (``prefix`` qualifies it, e.g. ``"o."``), some replaced by SQL."""
+    return ", ".join(overrides.get(c, prefix + c) for c in EVENT_COLUMNS)
 
 
 def quoted(conn: sa.Connection | sa.Engine, table: sa.Table) -> str:

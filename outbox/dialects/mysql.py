@@ -63,6 +63,7 @@ from .base import (
     Dialect,
     Failure,
     claim_columns,
+    moved_columns,
     quoted,
 )
 
@@ -95,11 +96,6 @@ def _ids(ids: Sequence[int]) -> str:
 def _microseconds(seconds: float) -> int:
     """A duration for ``INTERVAL n MICROSECOND`` (MySQL has no fractional-second interval)."""
     return round(float(seconds) * 1_000_000)
-
-
-def _moved(overrides: Mapping[str, str]) -> str:
-    """The SELECT list that moves a row of ``o`` to another table, some columns replaced."""
-    return ", ".join(overrides.get(c, "o." + c) for c in EVENT_COLUMNS)
 
 
 #: The failures of a batch as rows, joined by id (see :meth:`MySQLDialect.reschedule`).
@@ -300,7 +296,7 @@ class MySQLDialect(Dialect):
         copy = sa.text(
             f"""
             INSERT INTO {into} ({", ".join(EVENT_COLUMNS)})
-            SELECT {_moved(overrides)}
+            SELECT {moved_columns(overrides, "o.")}
             FROM {rows} STRAIGHT_JOIN {t} AS o FORCE INDEX (PRIMARY) ON o.id = f.id
             WHERE o.lease_token = :token
             """

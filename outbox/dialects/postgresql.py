@@ -36,6 +36,7 @@ from .base import (
     Dialect,
     Failure,
     OnNotify,
+    moved_columns,
     quoted,
 )
 from .hotpath import Recording
@@ -54,11 +55,6 @@ _NOW = "statement_timestamp()"
 def notify_channel(table: sa.Table) -> str:
     """The LISTEN/NOTIFY channel of one outbox table (its INSERT trigger, migration 0002)."""
     return schema.notify_channel(table.name)
-
-
-def _moved(prefix: str, overrides: Mapping[str, str]) -> str:
-    """The SELECT list that moves a row to another table, some columns replaced."""
-    return ", ".join(overrides.get(c, prefix + c) for c in EVENT_COLUMNS)
 
 
 @cache
@@ -108,8 +104,7 @@ def _statements(hot: str, published: str, dead: str) -> dict[str, str]:
             )
             INSERT INTO {published} ({", ".join(EVENT_COLUMNS)})
             SELECT {
-            _moved(
-                "",
+            moved_columns(
                 {
                     **cleared,
                     "published_at": _NOW,
@@ -144,8 +139,7 @@ def _statements(hot: str, published: str, dead: str) -> dict[str, str]:
             )
             INSERT INTO {dead} ({", ".join(EVENT_COLUMNS)})
             SELECT {
-            _moved(
-                "",
+            moved_columns(
                 {
                     **cleared,
                     "failures": "failures + f_charge",

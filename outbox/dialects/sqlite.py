@@ -29,6 +29,7 @@ from .base import (
     OnNotify,
     claim_columns,
     claimed_rows,
+    moved_columns,
     quoted,
 )
 
@@ -41,11 +42,6 @@ WATCH_INTERVAL = 0.01
 
 def _now_plus(seconds_sql: str) -> str:
     return f"strftime('%Y-%m-%d %H:%M:%f000', 'now', printf('%+.6f seconds', {seconds_sql}))"
-
-
-def _moved(overrides: Mapping[str, str]) -> str:
-    """The SELECT list that moves a row of ``o`` to another table, some columns replaced."""
-    return ", ".join(overrides.get(c, "o." + c) for c in EVENT_COLUMNS)
 
 
 _CLEARED = {"lease_token": "NULL", "lease_expires_at": "NULL"}
@@ -198,7 +194,7 @@ class SQLiteDialect(Dialect):
         copy = sa.text(
             f"""
             INSERT INTO {into} ({", ".join(EVENT_COLUMNS)})
-            SELECT {_moved(overrides)}
+            SELECT {moved_columns(overrides, "o.")}
             FROM json_each(:payload) AS a JOIN {t} AS o ON o.id = json_extract(a.value, '$[0]')
             WHERE o.lease_token = :token
             """
