@@ -225,8 +225,10 @@ async def test_a_batch_refused_before_any_key_was_claimed_stays_a_batch(
         Worker(settings, engine=engine), all_published(engine, n), timeout=30, what="all published"
     )
     assert sorted(delivered_keys(sockudo_server)) == sorted(keys)
-    # No row went alone but, at most, the breaker's probe (a claim of one row, sent as one event).
-    assert sockudo_server.request_count("events") <= 1
+    # Had the refusal cost the rows their first attempt, all 300 would have gone alone. A few may
+    # still go through /events legitimately: the breaker's probe, and a claim that found a single
+    # row due (retry delays are jittered, so rows come due one by one over a few milliseconds).
+    assert sockudo_server.request_count("events") <= n // 10
     assert sockudo_server.request_count("batch_events", 200) >= 2
     assert {r.attempts for r in table_rows(engine)} == {1}
 
