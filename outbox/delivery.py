@@ -19,17 +19,19 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .dialects import Ack, ClaimedRow, Failure
+from .schema import Operation
 from .sockudo import AsyncSockudo, PreparedRequest
 from .sockudo.errors import (
     ClientMisconfigured,
     EndpointUnavailable,
     EventRefused,
     InvalidEvent,
+    NotAllowed,
     PublishFailed,
 )
 from .sockudo.events import batch_body, dump_body, event_item, seal_for_channel
@@ -40,6 +42,11 @@ BACKPRESSURE = "backpressure"
 #: The two publish endpoints, as the metrics name them.
 BATCH_ENDPOINT = "batch_events"
 EVENTS_ENDPOINT = "events"
+#: Mutations and annotations of published messages, as the metrics name their requests.
+MESSAGES_ENDPOINT = "messages"
+#: Seconds of clock difference between the database and Sockudo allowed when an annotation
+#: retry looks for an earlier attempt's annotation.
+ANNOTATION_CLOCK_ALLOWANCE = 5.0
 
 #: Called after every publish request: (endpoint, the exception it raised or None, seconds).
 RequestHook = Callable[[str, BaseException | None, float], None]
@@ -77,6 +84,11 @@ class Outcome:
     requests: int = 0
     sent_as_batch: int = 0
     sent_alone: int = 0
+
+    def rows_with_keys(self) -> list[ClaimedRow]:
+        """The rows that failed and have an ordering key (a dead one may park its key)."""
+        failed = [*self.refused, *self.retry, *self.retry_refund]
+        return [row for row, _exc in failed if row.ordering_key is not None]
 
 
 def row_item(row: ClaimedRow, master_key: bytes | None) -> dict[str, Any]:
@@ -121,8 +133,15 @@ class Deliverer:
         self._stopping = stopping
         self._paused = paused
 
-    async def deliver(self, rows: Sequence[ClaimedRow]) -> Outcome:
+    async def deliver(
+        self, rows: Sequence[ClaimedRow], targets: Mapping[int, str | EventRefused] | None = None
+    ) -> Outcome:
+        """Send ``rows``; ``targets`` gives each mutation row (by id) the serial of its message,
+        or why it has none, for those that name their message by an outbox event."""
         outcome = Outcome()
+        mutations = [r for r in rows if r.operation is not None]
+        if mutations:
+            rows = [r for r in rows if r.operation is None]
         items: dict[int, dict[str, Any]] = {}
         for row in rows:
             try:
@@ -142,6 +161,7 @@ class Deliverer:
                 self._publish_alone(r, items[r.id], outcome, after_refusal=outcome.batch_refusal)
                 for r in alone_now
             ),
+            *(self._mutate(r, (targets or {}).get(r.id), outcome) for r in mutations),
         )
         return outcome
 
@@ -192,12 +212,90 @@ class Deliverer:
     ) -> None:
         """Send one row through ``/events``. ``after_refusal``: the refusal of the batch this
         row (on its first attempt) was just sent in."""
+        request = self._client.prepare_events_body(dump_body(item))
+        result = await self._send_alone(row, EVENTS_ENDPOINT, request, outcome, after_refusal)
+        if result is not None:
+            outcome.published.append(_ack(row, result.channels.get(row.channel, ChannelAck())))
+
+    async def _mutate(
+        self, row: ClaimedRow, resolved: str | EventRefused | None, outcome: Outcome
+    ) -> None:
+        """Send one mutation or annotation row to its message, as stored.
+
+        Its message's serial is the one it was enqueued with, else ``resolved`` (from its target
+        event's acknowledgement). A missing message, a feature the server has off, or a policy
+        refusal is the row's end (dead with the reason), never a reason to pause the worker.
+        """
+        serial = row.target_serial or resolved
+        if not isinstance(serial, str):
+            outcome.refused.append((row, serial or _NO_TARGET))
+            return
+        if row.operation == Operation.ANNOTATE and not row.first_attempt:
+            # No idempotency on the server: an earlier attempt may have been applied.
+            found = await self._find_annotation(row, serial, outcome)
+            if found is _LOOKUP_FAILED:
+                return  # the failed lookup put the row where its failure says
+            if found is not None:
+                outcome.published.append(
+                    Ack(row.id, acknowledgement_id=found, message_serial=serial)
+                )
+                return
+        request = self._client.prepare_message_request(row.operation, row.channel, serial, row.data)
+        result = await self._send_alone(row, MESSAGES_ENDPOINT, request, outcome, mutation=True)
+        if result is not None:
+            body = result.body if isinstance(result.body, dict) else {}
+            answer = body.get("version_serial") or body.get("annotationSerial")
+            outcome.published.append(
+                Ack(row.id, acknowledgement_id=_text(answer), message_serial=serial)
+            )
+
+    async def _find_annotation(self, row: ClaimedRow, serial: str, outcome: Outcome) -> str | None:
+        """The serial of an annotation identical to ``row``'s created since it was queued (with
+        a few seconds for the clocks of the database and the server), if the server has one;
+        ``_LOOKUP_FAILED`` if the lookup itself failed (the row is then in ``outcome``)."""
+        wanted = json.loads(row.data)
+        since_ms = (row.queued_at.timestamp() - ANNOTATION_CLOCK_ALLOWANCE) * 1000
+        cursor: str | None = None
+        while True:
+            request = self._client.prepare_annotation_lookup(
+                row.channel, serial, wanted["type"], cursor
+            )
+            result = await self._send_alone(row, MESSAGES_ENDPOINT, request, outcome, mutation=True)
+            if result is None:
+                return _LOOKUP_FAILED
+            page = result.body if isinstance(result.body, dict) else {}
+            for item in page.get("items") or ():
+                if (
+                    item.get("action") == "annotation.create"
+                    and (item.get("timestamp") or 0) >= since_ms
+                    and all(item.get(k) == v for k, v in wanted.items())
+                ):
+                    return _text(item.get("serial"))
+            cursor = page.get("nextCursor")
+            if not page.get("hasMore") or not cursor:
+                return None
+
+    async def _send_alone(
+        self,
+        row: ClaimedRow,
+        endpoint: str,
+        request: PreparedRequest,
+        outcome: Outcome,
+        after_refusal: EventRefused | None = None,
+        *,
+        mutation: bool = False,
+    ) -> Result | None:
+        """Send one row's request; its answer, or None with the row put where its failure says.
+
+        ``mutation``: a server setting that forbids the operation (feature off, policy) ends the
+        row instead of pausing the worker as a credentials problem would.
+        """
         async with self._alone:
             if self._stopping():
                 # Not sent yet: given back, whatever attempt it is on. A row its batch carried
                 # keeps its attempt (the worker releases it without a refund).
                 outcome.unsent.append(row)
-                return
+                return None
             carried = row.id in outcome.carried
             if outcome.endpoint_errors or self._paused():
                 # The endpoint just failed (in this claim, or the worker paused for another
@@ -205,20 +303,25 @@ class Deliverer:
                 # rate limit. They wait for the backoff without a request.
                 exc = outcome.endpoint_errors[-1] if outcome.endpoint_errors else _PAUSED
                 (outcome.retry if carried else outcome.retry_refund).append((row, exc))
-                return
+                return None
             outcome.requests += 1
             outcome.sent_alone += 1
             try:
-                request = self._client.prepare_events_body(dump_body(item))
-                result = await self._send(EVENTS_ENDPOINT, request, [row])
+                return await self._send(endpoint, request, [row])
             except EventRefused as exc:
                 outcome.refused.append((row, exc))
-                return
+                return None
+            except NotAllowed as exc:
+                if mutation:
+                    outcome.refused.append((row, exc))
+                else:
+                    outcome.misconfigured.append((row, exc))
+                return None
             except ClientMisconfigured as exc:
                 # Refused by authentication; the worker takes the attempt back unless the row
                 # is in ``carried`` (see there).
                 outcome.misconfigured.append((row, exc))
-                return
+                return None
             except EndpointUnavailable as exc:
                 if exc.code == BACKPRESSURE and after_refusal is not None:
                     # Sockudo validates a batch item after claiming its key and stops at the
@@ -232,15 +335,19 @@ class Deliverer:
                     # rows and fresh-key replays (kept-key replays are put back as already
                     # tried, so they never go in a batch).
                     outcome.refused.append((row, after_refusal))
-                    return
+                    return None
                 # A refund is safe only if no request ever carried the row: a first attempt
-                # whose batch went out must never become batchable again.
-                refund = nothing_claimed(exc) and not carried
+                # whose batch went out must never become batchable again. A mutation has no
+                # publish idempotency layer in front: only a request that never arrived, or
+                # the rate limiter's answer, provably changed nothing.
+                if mutation:
+                    refund = exc.status == 429 or (exc.status is None and not exc.maybe_delivered)
+                else:
+                    refund = nothing_claimed(exc) and not carried
                 (outcome.retry_refund if refund else outcome.retry).append((row, exc))
                 if exc.code != BACKPRESSURE:
                     outcome.endpoint_errors.append(exc)
-                return
-        outcome.published.append(_ack(row, result.channels.get(row.channel, ChannelAck())))
+                return None
 
     async def _send(
         self, endpoint: str, request: PreparedRequest, rows: Sequence[ClaimedRow]
@@ -257,6 +364,15 @@ class Deliverer:
         self._on_request(endpoint, None, time.perf_counter() - started)
         return result
 
+
+#: What :meth:`Deliverer._find_annotation` returns when its own request failed.
+_LOOKUP_FAILED = "\x00lookup failed"
+
+_NO_TARGET = EventRefused(
+    "the message this mutation names has no message_serial: its event was published without "
+    "one (versioned messages or history off for the channel), or its log row was trimmed",
+    code="target_not_found",
+)
 
 _PAUSED = EndpointUnavailable(
     "not sent: publishing is paused after endpoint failures", maybe_delivered=False

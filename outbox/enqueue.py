@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
 
 from .dialects import dialect_for
-from .schema import outbox_table
+from .schema import ORDERING_KEY_MAX, outbox_table
 from .sockudo import crypto
 from .sockudo.errors import InvalidEvent
 from .sockudo.events import DEFAULT_LIMITS, CheckedEvent, Limits, check_event
@@ -34,6 +34,20 @@ Target = SyncTarget | AsyncTarget
 _CHANNEL_KEY_NAMESPACE = uuid.UUID("5b0c1a3e-8f7d-4e52-9a61-0f2d7c9b4e10")
 
 
+class _ByChannel:
+    """The type of :data:`BY_CHANNEL`."""
+
+    def __repr__(self) -> str:
+        return "outbox.BY_CHANNEL"
+
+
+#: ``ordering_key=BY_CHANNEL``: each channel is the key of its own row (events of a channel go
+#: out in commit order).
+BY_CHANNEL = _ByChannel()
+
+OrderingKey = str | _ByChannel
+
+
 @dataclass(frozen=True)
 class OutboxEvent:
     """One event for :func:`enqueue_many` (the same fields as :func:`enqueue`)."""
@@ -46,6 +60,7 @@ class OutboxEvent:
     info: str | Sequence[str] | None = None
     tags: Mapping[str, str] | None = None
     extras: Mapping[str, Any] | None = None
+    ordering_key: OrderingKey | None = None
 
 
 @overload
@@ -67,6 +82,7 @@ def enqueue(
     info: str | Sequence[str] | None = None,
     tags: Mapping[str, str] | None = None,
     extras: Mapping[str, Any] | None = None,
+    ordering_key: OrderingKey | None = None,
     limits: Limits = DEFAULT_LIMITS,
     table: sa.Table | None = None,
 ) -> uuid.UUID | Awaitable[uuid.UUID]:
@@ -78,9 +94,15 @@ def enqueue(
     from the event's, so each channel is delivered exactly once. ``idempotency_key`` defaults to the
     event id; it is also sent as ``message_id``.
 
+    ``ordering_key`` (a string, or :data:`BY_CHANNEL`) publishes the events of one key one after
+    another in commit order; a second transaction enqueuing on a key waits for the first to end
+    (PostgreSQL; SQLite's writers are serialized anyway).
+
     Raises :class:`~outbox.sockudo.InvalidEvent` (naming the field) for anything Sockudo would refuse.
     """
-    one = OutboxEvent(channel, event, data, idempotency_key, socket_id, info, tags, extras)
+    one = OutboxEvent(
+        channel, event, data, idempotency_key, socket_id, info, tags, extras, ordering_key
+    )
     event_id, rows = build_rows(one, limits)
     _add_trace_context(rows)
     return _insert(target, table if table is not None else outbox_table(), rows, event_id)
@@ -139,6 +161,7 @@ def build_rows(
         # that aborts the caller's PostgreSQL transaction) and publish the event twice.
         raise InvalidEvent("the same channel is listed twice", field="channel")
     _check_storable(checked)
+    ordering_key = check_ordering_key(item.ordering_key)
     event_id = uuid.uuid4()
     base_key = item.idempotency_key if item.idempotency_key is not None else str(event_id)
     tags = None if checked.tags is None else _json_column(checked.tags, "tags")
@@ -161,9 +184,26 @@ def build_rows(
                 "tags": tags,
                 "extras": extras,
                 "encryption_nonce": nonce,
+                "ordering_key": channel if ordering_key is BY_CHANNEL else ordering_key,
             }
         )
     return event_id, rows
+
+
+def check_ordering_key(key: OrderingKey | None) -> OrderingKey | None:
+    """An ordering key as given, or :class:`InvalidEvent` saying what is wrong with it."""
+    if key is None or key is BY_CHANNEL:
+        return key
+    if not isinstance(key, str):
+        raise InvalidEvent(
+            "ordering_key must be a string or outbox.BY_CHANNEL", field="ordering_key"
+        )
+    if not 1 <= len(key) <= ORDERING_KEY_MAX or "\x00" in key:
+        raise InvalidEvent(
+            f"ordering_key must be 1 to {ORDERING_KEY_MAX} characters, without NUL",
+            field="ordering_key",
+        )
+    return key
 
 
 def _check_storable(event: CheckedEvent) -> None:
@@ -216,8 +256,17 @@ def _insert(target: Target, table: sa.Table, rows: list[dict[str, Any]], result:
         return _run_async(target, table, rows, result)
     if rows:
         conn = target if isinstance(target, sa.Connection) else target.connection()
-        dialect_for(conn).insert_many(conn, table, rows)
+        insert_rows(conn, table, rows)
     return result
+
+
+def insert_rows(conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
+    """Insert built rows on the caller's connection, serializing the producers of their keys."""
+    dialect = dialect_for(conn)
+    keys = [row["ordering_key"] for row in rows if row.get("ordering_key") is not None]
+    if keys:
+        dialect.lock_ordering_keys(conn, table, keys)
+    dialect.insert_many(conn, table, rows)
 
 
 async def _run_async(
@@ -225,7 +274,7 @@ async def _run_async(
 ) -> Any:
     if rows:
         conn = target if isinstance(target, AsyncConnection) else await target.connection()
-        await conn.run_sync(lambda sync: dialect_for(sync).insert_many(sync, table, rows))
+        await conn.run_sync(lambda sync: insert_rows(sync, table, rows))
     return result
 
 

@@ -65,6 +65,8 @@ class Plan:
     give_back: list[int] = field(default_factory=list)
     #: ... or kept, for rows a request of this claim carried.
     give_back_carried: list[int] = field(default_factory=list)
+    #: Dead rows whose ordering key parks behind them (the "park" policy).
+    park: list[int] = field(default_factory=list)
     notes: list[Note] = field(default_factory=list)
 
     @property
@@ -79,10 +81,28 @@ def plan_outcome(
     endpoint_serving: bool,
     now: dt.datetime,
     unsendable_retry: float,
+    park_dead_heads: bool = True,
 ) -> Plan:
     """The plan for ``outcome``. ``endpoint_serving``: the endpoint's last answer before this
-    outcome was a success and the breaker was closed. ``now`` is the time the row ages count to."""
+    outcome was a success and the breaker was closed. ``now`` is the time the row ages count to.
+    ``park_dead_heads``: a keyed row that goes dead parks its key (else the key goes on)."""
     plan = Plan(published=list(outcome.published))
+    plan_failures(plan, outcome, policy, endpoint_serving, now, unsendable_retry)
+    if park_dead_heads:
+        keyed = {row.id for row in outcome.rows_with_keys()}
+        plan.park = [f.id for f in plan.dead if f.id in keyed]
+    return plan
+
+
+def plan_failures(
+    plan: Plan,
+    outcome: Outcome,
+    policy: RetryPolicy,
+    endpoint_serving: bool,
+    now: dt.datetime,
+    unsendable_retry: float,
+) -> None:
+    """The retries, burials and give-backs of ``outcome``, added to ``plan``."""
     for row, exc in outcome.refused:
         plan.notes.append(
             Note(
@@ -118,7 +138,6 @@ def plan_outcome(
             )
     for row in outcome.unsent:
         (plan.give_back_carried if row.id in outcome.carried else plan.give_back).append(row.id)
-    return plan
 
 
 def _plan_endpoint_failure(

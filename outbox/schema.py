@@ -25,6 +25,7 @@ ERROR_CODE_MAX = 64
 ACK_ID_MAX = 200
 SERIAL_MAX = 64
 TRACEPARENT_MAX = 55
+ORDERING_KEY_MAX = 200
 
 
 class Status(enum.StrEnum):
@@ -32,6 +33,16 @@ class Status(enum.StrEnum):
     IN_FLIGHT = "in_flight"
     PUBLISHED = "published"
     DEAD = "dead"
+
+
+class Operation(enum.StrEnum):
+    """What a mutation row asks of a message published earlier (``operation`` column)."""
+
+    UPDATE = "update"
+    DELETE = "delete"
+    APPEND = "append"
+    ANNOTATE = "annotate"
+    UNANNOTATE = "unannotate"
 
 
 #: SQLAlchemy's names for MariaDB and MySQL (after the URL scheme); one module serves both.
@@ -144,9 +155,10 @@ MYSQL_TABLE_OPTIONS = {
     for option, value in (("charset", "utf8mb4"), ("collate", "utf8mb4_bin"))
 }
 
-#: Suffixes of the two tables beside the hot table: dead-lettered rows and the published log.
+#: Suffixes of the tables beside the hot table: dead-lettered rows, the published log, parked keys.
 DEAD_SUFFIX = "_dead"
 PUBLISHED_SUFFIX = "_published"
+PARKED_SUFFIX = "_parked"
 
 #: PostgreSQL storage settings of the hot table (set by migration 0004 and by ``create_all``).
 #: A claim rewrites a row in place: with half of each page free it stays a HOT update (no index
@@ -208,6 +220,15 @@ def _event_columns(*, autoincrement: bool) -> list[sa.Column[object]]:
         # The W3C trace context current when the event was enqueued (OpenTelemetry, optional):
         # the worker links each publish request's span to it. 55 = "00-" + 32 + "-" + 16 + "-" + 2.
         sa.Column("traceparent", sa.String(TRACEPARENT_MAX), nullable=True),
+        # Rows with the same key are published one after another, in commit order (opt-in).
+        sa.Column("ordering_key", sa.String(ORDERING_KEY_MAX), nullable=True),
+        # None for a publish; else the mutation this row is (see Operation), whose request body
+        # is ``data`` (for ``unannotate``: the serial of the annotation to delete).
+        sa.Column("operation", sa.String(16), nullable=True),
+        # A mutation's target: an outbox event (published first; its channel is this row's) ...
+        sa.Column("target_event_id", sa.Uuid(as_uuid=True), nullable=True),
+        # ... or a message_serial the application already knows.
+        sa.Column("target_serial", sa.String(SERIAL_MAX), nullable=True),
     ]
 
 
@@ -235,6 +256,14 @@ def outbox_table(name: str = DEFAULT_TABLE_NAME, schema: str | None = None) -> s
         # claim changes, so a claim is a HOT update on PostgreSQL.
         sa.Index(f"ix_{name}_due", "next_attempt_at", "id"),
         sa.Index(f"ix_{name}_event_id", "event_id"),
+        # The claim's "is this row the head of its key" test; only keyed rows are in it.
+        sa.Index(
+            f"ix_{name}_ordering",
+            "ordering_key",
+            "id",
+            postgresql_where=sa.text("ordering_key IS NOT NULL"),
+            sqlite_where=sa.text("ordering_key IS NOT NULL"),
+        ),
         # SQLite would otherwise reuse the largest id after it moved out to the log.
         sqlite_autoincrement=True,
         **MYSQL_TABLE_OPTIONS,
@@ -253,6 +282,25 @@ def outbox_table(name: str = DEFAULT_TABLE_NAME, schema: str | None = None) -> s
         name + PUBLISHED_SUFFIX,
         metadata,
         *_event_columns(autoincrement=False),
+        # A mutation finds its target's message_serial here. Only rows the server gave a serial
+        # (versioned messages on) are in it, so a drain without them pays nothing for it.
+        sa.Index(
+            f"ix_{name}{PUBLISHED_SUFFIX}_serial",
+            "event_id",
+            "channel",
+            postgresql_where=sa.text("message_serial IS NOT NULL"),
+            sqlite_where=sa.text("message_serial IS NOT NULL"),
+        ),
+        **MYSQL_TABLE_OPTIONS,
+    )
+    # Keys whose head went dead under the "park" policy: their later rows wait until the head
+    # is replayed or the key is skipped (``outbox keys``).
+    sa.Table(
+        name + PARKED_SUFFIX,
+        metadata,
+        sa.Column("ordering_key", sa.String(ORDERING_KEY_MAX), primary_key=True),
+        sa.Column("row_id", _id_type(), nullable=False),
+        sa.Column("parked_at", UTCDateTime(), nullable=False, server_default=utc_now()),
         **MYSQL_TABLE_OPTIONS,
     )
     sa.event.listen(hot, "after_create", _hot_table_storage(hot))
@@ -272,6 +320,11 @@ def dead_table(hot: sa.Table) -> sa.Table:
 def published_table(hot: sa.Table) -> sa.Table:
     """The append-only log of rows of ``hot`` that were published (same columns)."""
     return hot.metadata.tables[_qualified(hot, PUBLISHED_SUFFIX)]
+
+
+def parked_table(hot: sa.Table) -> sa.Table:
+    """The ordering keys of ``hot`` parked behind a dead head."""
+    return hot.metadata.tables[_qualified(hot, PARKED_SUFFIX)]
 
 
 def _qualified(hot: sa.Table, suffix: str) -> str:

@@ -28,6 +28,7 @@ MAX_TABLE_NAME = 40
 
 #: The values OUTBOX_HTTP_CLIENT accepts.
 HTTP_CLIENTS = ("auto", "h11", "httpx")
+DEAD_HEAD_POLICIES = ("park", "skip")
 
 
 @dataclass(frozen=True, repr=False)
@@ -68,6 +69,9 @@ class Settings:
     metrics_host: str = "127.0.0.1"
     #: ``text`` (the default) or ``json``: one JSON object per log line.
     log_format: str = "text"
+    #: What a dead head does to the rest of its ordering key: ``park`` (they wait until the head
+    #: is replayed or the key skipped) or ``skip`` (they go on).
+    dead_head: str = "park"
 
     def __repr__(self) -> str:
         # Built by hand so no secret can reach it: the database password and the Sockudo secret
@@ -124,6 +128,11 @@ class Settings:
         if self.log_format not in LOG_FORMATS:
             raise SettingsError(
                 f"OUTBOX_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}"
+            )
+        if self.dead_head not in DEAD_HEAD_POLICIES:
+            raise SettingsError(
+                f"OUTBOX_DEAD_HEAD must be one of {', '.join(DEAD_HEAD_POLICIES)}, "
+                f"got {self.dead_head!r}"
             )
         if self.backoff_min_seconds > self.backoff_max_seconds:
             raise SettingsError("backoff min must not exceed backoff max")
@@ -248,6 +257,9 @@ SPECS: tuple[SettingSpec, ...] = (
     ),
     SettingSpec("metrics_host", "OUTBOX_METRICS_HOST", str, "address of the metrics port"),
     SettingSpec("log_format", "OUTBOX_LOG_FORMAT", str, "text or json (one object per line)"),
+    SettingSpec(
+        "dead_head", "OUTBOX_DEAD_HEAD", str, "park or skip: a dead head's effect on its key"
+    ),
 )
 
 #: Setting name -> (environment variable, type).

@@ -373,7 +373,14 @@ class Worker:
         # lease is renewed while it is being published (a killed worker stops renewing).
         renewal = asyncio.create_task(self._keep_leased(token, [row.id for row in rows]))
         try:
-            outcome = await deliverer.deliver(rows)
+            try:
+                targets = await self._resolve_targets(rows)
+            except sa.exc.DBAPIError as exc:
+                # Nothing was sent: the rows go back as they came, due at once.
+                await self._database_trouble("finding mutation targets", exc)
+                await self._record(token, Plan(give_back=[row.id for row in rows]), rows)
+                return
+            outcome = await deliverer.deliver(rows, targets)
         finally:
             renewal.cancel()
         self.stats.requests += outcome.requests
@@ -386,6 +393,7 @@ class Worker:
             endpoint_serving=endpoint_serving,
             now=dt.datetime.now(dt.UTC),
             unsendable_retry=self.settings.misconfigured_retry_seconds,
+            park_dead_heads=self.settings.dead_head == "park",
         )
         for note in plan.notes:
             log.log(note.level, note.message, *note.args)
@@ -401,6 +409,16 @@ class Worker:
             len(plan.dead),
             len(outcome.unsent),
             (time.perf_counter() - started) * 1000,
+        )
+
+    async def _resolve_targets(self, rows: list[ClaimedRow]) -> dict[int, Any] | None:
+        """The message serial of each mutation row that names its message by an outbox event
+        (or why there is none); the claim let it through only once that event left the queue."""
+        waiting = [r for r in rows if r.target_event_id is not None and r.target_serial is None]
+        if not waiting:
+            return None
+        return await in_transaction(
+            self.engine, lambda conn: self.dialect.resolve_targets(conn, self.table, waiting)
         )
 
     async def _keep_leased(self, token: uuid.UUID, ids: list[int]) -> None:
@@ -449,6 +467,7 @@ class Worker:
             dead=plan.dead,
             give_back=plan.give_back,
             give_back_carried=plan.give_back_carried,
+            park=plan.park,
         )
         for attempt in range(1, RECORD_TRIES + 1):
             started = time.perf_counter()

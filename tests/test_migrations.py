@@ -34,9 +34,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 ALEMBIC = Path(sys.executable).with_name("alembic")
 TABLE = "outbox_events"
 HEAD = migrate.head_revision()
-INDEXES = {f"ix_{TABLE}_due", f"ix_{TABLE}_event_id"}
+INDEXES = {f"ix_{TABLE}_due", f"ix_{TABLE}_event_id", f"ix_{TABLE}_ordering"}
 #: The hot table and the two beside it (dead rows, the published log).
-OUTBOX_TABLES = {TABLE, f"{TABLE}_dead", f"{TABLE}_published"}
+EVENT_TABLES = {TABLE, f"{TABLE}_dead", f"{TABLE}_published"}
+OUTBOX_TABLES = {*EVENT_TABLES, f"{TABLE}_parked"}
 
 
 def tables(url: str) -> set[str]:
@@ -234,7 +235,9 @@ def test_claim_reads_the_due_index_on_postgresql(postgres_url):
                 enqueue(conn, "orders", "created", {"n": i})
         with engine.begin() as conn:
             conn.execute(sa.text(f"ANALYZE {TABLE}"))
-        statement = _statements(TABLE, f"{TABLE}_published", f"{TABLE}_dead")["claim"]
+        statement = _statements(TABLE, f"{TABLE}_published", f"{TABLE}_dead", f"{TABLE}_parked")[
+            "claim"
+        ]
         inner = re.search(r"AS \((.*?)\)\s*UPDATE", statement, re.S)
         assert inner is not None, statement
         select = inner.group(1).strip()
@@ -626,20 +629,57 @@ def test_0005_adds_an_empty_traceparent_and_keeps_the_rows(empty_database_url):
                 ),
                 {"e": uuid.uuid4().hex if engine.dialect.name == "sqlite" else str(uuid.uuid4())},
             )
-        migrate.upgrade(engine)
-        assert migrate.current_revision(engine) == HEAD == "0005"
+        migrate.upgrade(engine, "0005")
+        assert migrate.current_revision(engine) == "0005"
         with engine.connect() as conn:
             rows = conn.execute(sa.text("SELECT idempotency_key, traceparent FROM outbox_events"))
             assert rows.all() == [("k-1", None)]
-        for table in OUTBOX_TABLES:
+        for table in EVENT_TABLES:
             columns = {c["name"]: c for c in sa.inspect(engine).get_columns(table)}
             assert columns["traceparent"]["nullable"] is True
             assert columns["traceparent"]["type"].length == 55
         with migrate._migrating(engine) as conn:
             config = migrate.alembic_config(conn)
             command.downgrade(config, "0004")
-        for table in OUTBOX_TABLES:
+        for table in EVENT_TABLES:
             assert "traceparent" not in {c["name"] for c in sa.inspect(engine).get_columns(table)}
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM outbox_events")).scalar() == 1
+    finally:
+        engine.dispose()
+
+
+def test_0006_adds_ordering_and_mutation_columns_and_keeps_the_rows(empty_database_url):
+    """Rows written before 0006 have no key and are publishes; a downgrade drops what it added."""
+    added = {"ordering_key", "operation", "target_event_id", "target_serial"}
+    engine = create_engine(empty_database_url)
+    try:
+        migrate.upgrade(engine, "0005")
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO outbox_events (event_id, idempotency_key, channel, event, data) "
+                    "VALUES (:e, 'k-1', 'orders', 'created', '{}')"
+                ),
+                {"e": uuid.uuid4().hex if engine.dialect.name == "sqlite" else str(uuid.uuid4())},
+            )
+        migrate.upgrade(engine)
+        assert migrate.current_revision(engine) == HEAD == "0006"
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.text("SELECT idempotency_key, ordering_key, operation FROM outbox_events")
+            )
+            assert rows.all() == [("k-1", None, None)]
+        inspector = sa.inspect(engine)
+        for table in EVENT_TABLES:
+            assert added <= {c["name"] for c in inspector.get_columns(table)}
+        assert f"{TABLE}_parked" in inspector.get_table_names()
+        with migrate._migrating(engine) as conn:
+            command.downgrade(migrate.alembic_config(conn), "0005")
+        inspector = sa.inspect(engine)
+        for table in EVENT_TABLES:
+            assert not added & {c["name"] for c in inspector.get_columns(table)}
+        assert f"{TABLE}_parked" not in inspector.get_table_names()
         with engine.connect() as conn:
             assert conn.execute(sa.text("SELECT count(*) FROM outbox_events")).scalar() == 1
     finally:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import datetime as dt
+import json
 import uuid
 from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -21,15 +22,19 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import sqlalchemy as sa
 
+from ..sockudo.errors import EventRefused, InvalidEvent
+from ..sockudo.events import dump_body
 from ..schema import (
     ACK_ID_MAX,
     ERROR_CODE_MAX,
     ERROR_MESSAGE_MAX,
     EVENT_COLUMNS,
     SERIAL_MAX,
+    Operation,
     Status,
     UTCDateTime,
     dead_table,
+    parked_table,
     published_table,
     utc_now,
 )
@@ -57,6 +62,13 @@ class ClaimedRow:
     queued_at: dt.datetime
     #: The enqueuing transaction's trace context (W3C traceparent), if it had one.
     traceparent: str | None = None
+    #: Rows of one key go out one after another (the claim returns only a key's head).
+    ordering_key: str | None = None
+    #: None for a publish; else the mutation (:class:`~outbox.schema.Operation`) ``data`` carries.
+    operation: str | None = None
+    #: A mutation's message: an outbox event (published by now) or a known serial.
+    target_event_id: uuid.UUID | None = None
+    target_serial: str | None = None
     #: The row was leased by another claim whose lease expired (a killed or stalled worker's).
     taken_over: bool = False
 
@@ -152,6 +164,18 @@ class Dialect(abc.ABC):
         """
         conn.execute(table.insert(), rows)
 
+    def lock_ordering_keys(self, conn: sa.Connection, table: sa.Table, keys: Sequence[str]) -> None:
+        """Before keyed rows are inserted: make the producers of one key commit in id order.
+
+        Per key the claim goes by id, so a transaction that took a smaller id must not commit
+        after one that took a larger: each database serializes the transactions that enqueue
+        on a key until they end. Databases that cannot refuse ordering keys and mutations.
+        """
+        raise InvalidEvent(
+            f"ordering keys and message mutations need PostgreSQL or SQLite (not {self.name})",
+            field="ordering_key",
+        )
+
     # -- the claim ----------------------------------------------------------------------------
 
     @abc.abstractmethod
@@ -210,6 +234,24 @@ class Dialect(abc.ABC):
     ) -> int:
         """Move leased rows to the dead table with the reason; returns how many."""
 
+    def park_keys(self, conn: sa.Connection, table: sa.Table, ids: Sequence[int]) -> int:
+        """Park the ordering keys of rows ``ids`` just buried (in the same transaction).
+
+        Only rows that reached the dead table park their key (a stale worker's burial moved
+        nothing); a key parked already stays parked by its first dead head.
+        """
+        if not ids:
+            return 0
+        dead, parked = dead_table(table), parked_table(table)
+        taken = sa.select(parked.c.ordering_key)
+        heads = sa.select(dead.c.ordering_key, dead.c.id, utc_now()).where(
+            dead.c.id.in_(list(ids)),
+            dead.c.ordering_key.is_not(None),
+            dead.c.ordering_key.not_in(taken.scalar_subquery()),
+        )
+        stmt = sa.insert(parked).from_select(["ordering_key", "row_id", "parked_at"], heads)
+        return conn.execute(stmt).rowcount
+
     @abc.abstractmethod
     def release(
         self,
@@ -254,6 +296,40 @@ class Dialect(abc.ABC):
         page = sa.select(log.c.id).where(log.c.published_at < cutoff).limit(limit)
         stmt = sa.delete(log).where(log.c.id.in_(page.scalar_subquery()))
         return conn.execute(stmt).rowcount
+
+    def resolve_targets(
+        self, conn: sa.Connection, table: sa.Table, rows: Sequence[ClaimedRow]
+    ) -> dict[int, str | EventRefused]:
+        """For each mutation row naming its message by an outbox event: that event's
+        ``message_serial`` on the row's channel, from the published log, or why it has none."""
+        log, dead = published_table(table), dead_table(table)
+        event_ids = list({r.target_event_id for r in rows})
+        serials = {
+            (found.event_id, found.channel): found.message_serial
+            for found in conn.execute(
+                sa.select(log.c.event_id, log.c.channel, log.c.message_serial).where(
+                    log.c.event_id.in_(event_ids), log.c.message_serial.is_not(None)
+                )
+            )
+        }
+        buried = {
+            (found.event_id, found.channel): found.last_error_message
+            for found in conn.execute(
+                sa.select(dead.c.event_id, dead.c.channel, dead.c.last_error_message).where(
+                    dead.c.event_id.in_(event_ids)
+                )
+            )
+        }
+        answers: dict[int, str | EventRefused] = {}
+        for row in rows:
+            key = (row.target_event_id, row.channel)
+            if key in serials:
+                answers[row.id] = serials[key]
+            elif key in buried:
+                answers[row.id] = EventRefused(
+                    f"the event this mutation acts on is dead ({buried[key]})", code="target_dead"
+                )
+        return answers
 
     def hot_path(self, engine: sa.Engine, table: sa.Table) -> HotPath:
         """The worker's claim, renewal and recording for ``table`` (see :mod:`.hotpath`)."""
@@ -306,11 +382,24 @@ class Dialect(abc.ABC):
                 row.update(queued_at=now, next_attempt_at=now)
                 if keys is not None:
                     row["idempotency_key"] = keys[row["id"]]
+                    row["data"] = with_new_op_id(row["operation"], row["data"], keys[row["id"]])
             conn.execute(sa.insert(table), rows)
             taken = [r["id"] for r in rows]
             conn.execute(sa.delete(source).where(source.c.id.in_(taken)))
             moved += len(rows)
+        # A replayed head takes its place at the front of its key again (it kept its id): the
+        # key it parked goes on behind it.
+        parked = parked_table(table)
+        conn.execute(sa.delete(parked).where(parked.c.row_id.in_(list(ids))))
         return moved
+
+    def unpark(self, conn: sa.Connection, table: sa.Table, keys: Sequence[str] | None) -> int:
+        """Let parked keys go on without their dead head (None: every parked key)."""
+        parked = parked_table(table)
+        stmt = sa.delete(parked)
+        if keys is not None:
+            stmt = stmt.where(parked.c.ordering_key.in_(list(keys)))
+        return conn.execute(stmt).rowcount
 
     def release_leases(self, conn: sa.Connection, table: sa.Table, expired_only: bool) -> int:
         """Clear leases (only expired ones, or all), due now; rows keep their attempt count."""
@@ -342,10 +431,42 @@ _REPLAYED: dict[str, Any] = {
 }
 
 
+def with_new_op_id(operation: str | None, data: str, key: str) -> str:
+    """A mutation row's stored body with the ``op_id`` of a fresh-key replay (other rows'
+    data unchanged): Sockudo would answer the old one as a duplicate and apply nothing."""
+    if operation not in _OP_ID_OPERATIONS:
+        return data
+    body = json.loads(data)
+    body["op_id"] = key
+    return dump_body(body).decode()
+
+
+_OP_ID_OPERATIONS = (Operation.UPDATE.value, Operation.DELETE.value, Operation.APPEND.value)
+
+
 def _sources(table: sa.Table, statuses: Sequence[str]) -> list[sa.Table]:
     """The tables holding rows in ``statuses`` that a replay may take from."""
     sources = {Status.DEAD.value: dead_table(table), Status.PUBLISHED.value: published_table(table)}
     return [sources[s] for s in sources if s in statuses]
+
+
+def claimable_in_order(row: str, hot: str, parked: str) -> str:
+    """SQL: whether the hot row aliased ``row`` may go now as far as order is concerned.
+
+    A keyed row goes only as the head of its key (no row of the key with a smaller id is still
+    in the hot table, whether pending, leased or waiting for a retry) and while its key is not
+    parked; a mutation of an outbox event only once that event left the hot table. Ids follow
+    commit order within a key: enqueue serializes the producers of one key (see
+    ``Dialect.lock_ordering_keys``).
+    """
+    return f"""(
+        ({row}.ordering_key IS NULL OR (
+            NOT EXISTS (SELECT 1 FROM {hot} AS h
+                        WHERE h.ordering_key = {row}.ordering_key AND h.id < {row}.id)
+            AND NOT EXISTS (SELECT 1 FROM {parked} AS k WHERE k.ordering_key = {row}.ordering_key)))
+        AND ({row}.target_event_id IS NULL OR NOT EXISTS (
+            SELECT 1 FROM {hot} AS t
+            WHERE t.event_id = {row}.target_event_id AND t.channel = {row}.channel)))"""
 
 
 def moved_columns(overrides: Mapping[str, str], prefix: str = "") -> str:

@@ -33,6 +33,8 @@ class Recording:
     #: Retried with the claim's attempt taken back (no request carried the row).
     retry_refund: Sequence[Failure] = ()
     dead: Sequence[Failure] = ()
+    #: Rows of ``dead`` whose ordering key parks (the "park" policy): the rest of the key waits.
+    park: Sequence[int] = ()
     #: Not sent (shutdown): given back with the attempt refunded ...
     give_back: Sequence[int] = ()
     #: ... or kept (a request of this claim carried the row: it must go alone next time).
@@ -65,6 +67,7 @@ def write_recording(
     dialect.reschedule(conn, table, token, r.retry)
     dialect.reschedule(conn, table, token, r.retry_refund, refund=True)
     dialect.mark_dead(conn, table, token, r.dead)
+    dialect.park_keys(conn, table, r.park)
     dialect.release(conn, table, token, r.give_back)
     dialect.release(conn, table, token, r.give_back_carried, refund=False)
     return acked

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import uuid
 from collections.abc import Mapping, Sequence
@@ -27,7 +28,7 @@ import sqlalchemy as sa
 
 from .. import schema
 from ..database import libpq_conninfo
-from ..schema import dead_table, published_table
+from ..schema import dead_table, parked_table, published_table
 from .base import (
     CLAIM_COLUMNS,
     EVENT_COLUMNS,
@@ -36,6 +37,7 @@ from .base import (
     Dialect,
     Failure,
     OnNotify,
+    claimable_in_order,
     moved_columns,
     quoted,
 )
@@ -58,7 +60,7 @@ def notify_channel(table: sa.Table) -> str:
 
 
 @cache
-def _statements(hot: str, published: str, dead: str) -> dict[str, str]:
+def _statements(hot: str, published: str, dead: str, parked: str) -> dict[str, str]:
     """The hot statements of one table, as psycopg SQL (prepared once per connection)."""
     lease = f"{_NOW} + make_interval(secs => %(lease)s)"
     cleared = {"lease_token": "NULL", "lease_expires_at": "NULL"}
@@ -72,9 +74,10 @@ def _statements(hot: str, published: str, dead: str) -> dict[str, str]:
         # A due row still holding a token holds an expired one (every outcome clears it).
         "claim": f"""
             WITH due AS (
-                SELECT id, lease_token IS NOT NULL AS taken_over FROM {hot}
+                SELECT id, lease_token IS NOT NULL AS taken_over FROM {hot} AS c
                 WHERE next_attempt_at <= {_NOW}
                   AND (lease_expires_at IS NULL OR lease_expires_at <= {_NOW})
+                  AND {claimable_in_order("c", hot, parked)}
                 ORDER BY next_attempt_at, id
                 LIMIT %(limit)s
                 FOR UPDATE SKIP LOCKED
@@ -152,6 +155,13 @@ def _statements(hot: str, published: str, dead: str) -> dict[str, str]:
         }
             FROM done
         """,
+        # Parks the key of each buried row just moved to the dead table (none for a stale ack).
+        "park": f"""
+            INSERT INTO {parked} (ordering_key, row_id, parked_at)
+            SELECT ordering_key, id, {_NOW} FROM {dead}
+            WHERE id = ANY(%(ids)s::bigint[]) AND ordering_key IS NOT NULL
+            ON CONFLICT (ordering_key) DO NOTHING
+        """,
         "release": f"""
             UPDATE {hot}
             SET attempts = attempts - %(refund)s, next_attempt_at = {_NOW},
@@ -167,6 +177,16 @@ class PostgresDialect(Dialect):
 
     def hot_path(self, engine: sa.Engine, table: sa.Table) -> PostgresHotPath:
         return PostgresHotPath(engine, table)
+
+    def lock_ordering_keys(self, conn: sa.Connection, table: sa.Table, keys: Sequence[str]) -> None:
+        """One transaction-scoped advisory lock per key (a 64-bit hash of table and key), taken
+        in a fixed order: a second producer of the key waits for the first to end, so ids of
+        one key are handed out in commit order. A hash collision only serializes two keys."""
+        hashes = sorted({_key_lock(table, key) for key in keys})
+        if hashes:
+            locks = sa.text("SELECT pg_advisory_xact_lock(k) FROM unnest(:keys) AS k")
+            keys = sa.bindparam("keys", type_=sa.ARRAY(sa.BigInteger()))
+            conn.execute(locks.bindparams(keys), {"keys": hashes})
 
     def insert_many(self, conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
         """COPY for many rows, on the caller's connection and in its transaction.
@@ -343,6 +363,8 @@ class PostgresHotPath:
         ):
             if failures:
                 steps.append((name, _failure_params(token, failures, refund)))
+        if r.park:
+            steps.append(("park", {"ids": list(r.park)}))
         for ids, refund in ((r.give_back, True), (r.give_back_carried, False)):
             if ids:
                 steps.append(("release", {"ids": list(ids), "token": token, "refund": int(refund)}))
@@ -399,6 +421,12 @@ class PostgresHotPath:
         return first
 
 
+def _key_lock(table: sa.Table, key: str) -> int:
+    """The advisory lock id of one ordering key of one table (signed 64 bits)."""
+    digest = hashlib.blake2b(f"{table.fullname}\x00{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
 def _ack_params(token: uuid.UUID, acks: Sequence[Ack]) -> dict[str, Any]:
     return {
         "ids": [a.id for a in acks],
@@ -421,8 +449,8 @@ async def _copy_async(pg: Any, copy_sql: Any, values: list[tuple[Any, ...]]) -> 
             await copy.write_row(row)
 
 
-def _tables(hot: sa.Table) -> tuple[sa.Table, sa.Table, sa.Table]:
-    return hot, published_table(hot), dead_table(hot)
+def _tables(hot: sa.Table) -> tuple[sa.Table, sa.Table, sa.Table, sa.Table]:
+    return hot, published_table(hot), dead_table(hot), parked_table(hot)
 
 
 def _failure_params(token: uuid.UUID, failures: Sequence[Failure], refund: bool) -> dict[str, Any]:

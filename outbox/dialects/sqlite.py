@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 
 import sqlalchemy as sa
 
-from ..schema import UTCDateTime, dead_table, published_table
+from ..schema import UTCDateTime, dead_table, parked_table, published_table
 from .base import (
     EVENT_COLUMNS,
     TOKEN,
@@ -28,6 +28,7 @@ from .base import (
     Failure,
     OnNotify,
     claim_columns,
+    claimable_in_order,
     claimed_rows,
     moved_columns,
     quoted,
@@ -50,6 +51,10 @@ _CLEARED = {"lease_token": "NULL", "lease_expires_at": "NULL"}
 class SQLiteDialect(Dialect):
     name = "sqlite"
 
+    def lock_ordering_keys(self, conn: sa.Connection, table: sa.Table, keys: Sequence[str]) -> None:
+        """Nothing to do: SQLite's single writer holds its lock from a transaction's first write
+        to its commit, so ids are handed out in commit order already."""
+
     def claim_batch(
         self,
         conn: sa.Connection,
@@ -62,7 +67,11 @@ class SQLiteDialect(Dialect):
         # INDEXED BY pins the due index, which yields due rows already in order: one batch read
         # per claim however long the backlog (without statistics SQLite may sort them all).
         due_index = conn.dialect.identifier_preparer.quote(f"ix_{table.name}_due")
-        claimable = f"next_attempt_at <= {_NOW} AND (lease_expires_at IS NULL OR lease_expires_at <= {_NOW})"
+        in_order = claimable_in_order(t, t, quoted(conn, parked_table(table)))
+        claimable = (
+            f"next_attempt_at <= {_NOW} AND (lease_expires_at IS NULL OR lease_expires_at <= {_NOW})"
+            f" AND {in_order}"
+        )
         # SQLite's RETURNING shows only the new values: which candidates held an (expired) lease
         # is read first. The UPDATE re-checks that each is still claimable, so a row another
         # worker claimed in between is left to it.
@@ -89,7 +98,7 @@ class SQLiteDialect(Dialect):
             RETURNING {claim_columns()}
             """
         ).bindparams(TOKEN)
-        stmt = stmt.columns(queued_at=UTCDateTime())
+        stmt = stmt.columns(queued_at=UTCDateTime(), target_event_id=sa.Uuid(as_uuid=True))
         ids = json.dumps([row_id for row_id, _ in candidates])
         params = {"ids": ids, "token": token, "lease": float(lease_seconds)}
         taken_over = {row_id for row_id, held in candidates if held}

@@ -449,6 +449,32 @@ class Operations:
             PreparedRequest("DELETE", path, None, query), _typed(AnnotationDeleted.from_json)
         )
 
+    # -- requests built from what an outbox row stored ---------------------------------------
+
+    def prepare_message_request(
+        self, operation: str, channel: str, message_serial: str, stored: str
+    ) -> PreparedRequest:
+        """The request of an outbox mutation row: ``stored`` is its exact body (``op_id``
+        included), or for ``unannotate`` the serial of the annotation to delete."""
+        if operation == "unannotate":
+            serial = quote_path_segment(_check_serial(stored, "annotation_serial"))
+            path = self._message_path(channel, message_serial, f"/annotations/{serial}")
+            return PreparedRequest("DELETE", path, None)
+        suffix = "/annotations" if operation == "annotate" else f"/{operation}"
+        if suffix not in _STORED_SUFFIXES:
+            raise InvalidEvent(f"unknown message operation {operation!r}", field="operation")
+        path = self._message_path(channel, message_serial, suffix)
+        return PreparedRequest("POST", path, stored.encode())
+
+    def prepare_annotation_lookup(
+        self, channel: str, message_serial: str, annotation_type: str, cursor: str | None
+    ) -> PreparedRequest:
+        """One page of a message's annotation events of one type (an outbox retry's lookup)."""
+        query = {"type": annotation_type}
+        if cursor is not None:
+            query["from_serial"] = cursor
+        return self._get(self._message_path(channel, message_serial, "/annotations"), query)
+
     # -- users ------------------------------------------------------------------------------
 
     @operation
@@ -474,6 +500,9 @@ class Operations:
         if self._master_key is None:
             raise InvalidEvent("no encryption master key is configured", field="channel")
         return crypto.channel_key(channel, self._master_key)
+
+
+_STORED_SUFFIXES = ("/update", "/delete", "/append", "/annotations")
 
 
 def params_of(cls: type[Any], given: Any, **keywords: Any) -> dict[str, str]:

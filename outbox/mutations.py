@@ -1,0 +1,249 @@
+"""Message mutations and annotations as outbox rows, written in the caller's transaction.
+
+Sockudo's versioned messages (update, delete, append) and annotations act on a message published
+earlier, named by the ``message_serial`` the server gave it. Here the message is named either by
+that serial or by the outbox event that publishes it (the id :func:`~outbox.enqueue` returned,
+even in the same transaction): the worker sends the mutation only after that event's publish was
+acknowledged, with the serial from the acknowledgement.
+
+Every operation on one message goes out after the one enqueued before it, never beside it (they
+share an ordering key), and each row's request body is fixed here, with ``op_id`` = the row's
+idempotency key: every attempt sends the same bytes, and Sockudo answers a repeat as a
+``duplicate`` without a second version or broadcast. Annotations have no such key on the
+server; see :func:`publish_annotation` for what a retry does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Awaitable, Mapping
+from typing import Any
+
+import sqlalchemy as sa
+
+from .enqueue import Target, _add_trace_context, _insert
+from .schema import ORDERING_KEY_MAX, SERIAL_MAX, Operation, outbox_table
+from .sockudo import crypto, events
+from .sockudo.errors import InvalidEvent
+from .sockudo.events import check_text
+from .sockudo.params import (
+    MessageMutation,
+    PublishAnnotationRequest,
+    annotation_body,
+    mutation_body,
+    with_op_id,
+)
+
+#: A message: the outbox event that publishes it (its id), or its known ``message_serial``.
+MessageRef = uuid.UUID | str
+
+_EVENT_NAMES = {
+    Operation.UPDATE: "message.update",
+    Operation.DELETE: "message.delete",
+    Operation.APPEND: "message.append",
+    Operation.ANNOTATE: "annotation.publish",
+    Operation.UNANNOTATE: "annotation.delete",
+}
+
+
+def update_message(
+    target: Target,
+    channel: str,
+    message: MessageRef,
+    mutation: MessageMutation | Mapping[str, Any] | None = None,
+    *,
+    idempotency_key: str | None = None,
+    table: sa.Table | None = None,
+    **fields: Any,
+) -> uuid.UUID | Awaitable[uuid.UUID]:
+    """Patch a message (``name``, ``data``, ``extras``, ``clear_fields``...) once this commits.
+
+    Last writer wins on the server, and the outbox sends the operations on one message in the
+    order they were enqueued. Returns the mutation's own event id (await it with an async
+    ``target``). ``idempotency_key`` is sent as ``op_id`` (at most 64 bytes; a new one if None).
+    """
+    body = mutation_body(_mutation(mutation, fields), _op_id(idempotency_key), action="update")
+    return _add(target, table, Operation.UPDATE, channel, message, body)
+
+
+def delete_message(
+    target: Target,
+    channel: str,
+    message: MessageRef,
+    mutation: MessageMutation | Mapping[str, Any] | None = None,
+    *,
+    idempotency_key: str | None = None,
+    table: sa.Table | None = None,
+    **fields: Any,
+) -> uuid.UUID | Awaitable[uuid.UUID]:
+    """Soft-delete a message once this commits: its data stays unless ``clear_fields`` lists
+    it, and a later update revives it (Sockudo's semantics)."""
+    body = mutation_body(_mutation(mutation, fields), _op_id(idempotency_key), action="delete")
+    return _add(target, table, Operation.DELETE, channel, message, body)
+
+
+def append_message(
+    target: Target,
+    channel: str,
+    message: MessageRef,
+    data: str,
+    *,
+    extras: Mapping[str, Any] | None = None,
+    client_id: str | None = None,
+    description: str | None = None,
+    metadata: Any = None,
+    idempotency_key: str | None = None,
+    table: sa.Table | None = None,
+) -> uuid.UUID | Awaitable[uuid.UUID]:
+    """Append ``data`` to a message's string data once this commits, after every operation on
+    that message enqueued before it (appends concatenate in that order)."""
+    if not isinstance(data, str) or not data:
+        raise InvalidEvent("append_message data must be a non-empty string", field="data")
+    given = {
+        "data": data,
+        "extras": extras,
+        "client_id": client_id,
+        "description": description,
+        "metadata": metadata,
+    }
+    body = with_op_id({k: v for k, v in given.items() if v is not None}, _op_id(idempotency_key))
+    return _add(target, table, Operation.APPEND, channel, message, body)
+
+
+def publish_annotation(
+    target: Target,
+    channel: str,
+    message: MessageRef,
+    request: PublishAnnotationRequest | Mapping[str, Any] | None = None,
+    *,
+    idempotency_key: str | None = None,
+    table: sa.Table | None = None,
+    **fields: Any,
+) -> uuid.UUID | Awaitable[uuid.UUID]:
+    """Annotate a message once this commits (``type``, ``name``, ``client_id``, ``count``...).
+
+    Sockudo keeps no idempotency key for annotations, so a retry after an attempt that may have
+    reached the server first looks for an identical annotation (same type, name, client id,
+    count and data) created since the row was queued, and sends nothing if it finds one. An
+    identical annotation from elsewhere in that window is therefore taken for this one.
+    """
+    if request is None:
+        request = fields
+    elif fields:
+        raise InvalidEvent("pass either a request or keywords, not both", field="request")
+    if isinstance(request, PublishAnnotationRequest):
+        body = request.to_payload()
+    elif isinstance(request, Mapping):
+        body = annotation_body(request)
+    else:
+        raise InvalidEvent("request must be a PublishAnnotationRequest or a mapping")
+    if "socketId" in body:
+        raise InvalidEvent("the outbox publishes as the server: no socket_id", field="socket_id")
+    _op_id(idempotency_key)  # the row's key: validated like the others, never sent
+    return _add(target, table, Operation.ANNOTATE, channel, message, body, idempotency_key)
+
+
+def delete_annotation(
+    target: Target,
+    channel: str,
+    message: MessageRef,
+    annotation_serial: str,
+    *,
+    idempotency_key: str | None = None,
+    table: sa.Table | None = None,
+) -> uuid.UUID | Awaitable[uuid.UUID]:
+    """Delete an annotation (by the serial its publish answered) once this commits. A repeat is
+    answered 200 by the server and writes nothing."""
+    check_text(annotation_serial, "annotation_serial")
+    if len(annotation_serial) > SERIAL_MAX or any(c.isspace() for c in annotation_serial):
+        raise InvalidEvent(
+            f"annotation_serial must be 1 to {SERIAL_MAX} characters without spaces",
+            field="annotation_serial",
+        )
+    _op_id(idempotency_key)
+    return _add(
+        target,
+        table,
+        Operation.UNANNOTATE,
+        channel,
+        message,
+        annotation_serial,
+        idempotency_key,
+    )
+
+
+def message_ordering_key(channel: str, message: MessageRef) -> str:
+    """The ordering key every operation on one message shares."""
+    key = f"message:{channel}:{message}"
+    if len(key) <= ORDERING_KEY_MAX:
+        return key
+    digest = hashlib.sha256(f"{channel}\x00{message}".encode()).hexdigest()
+    return f"message:{digest}"
+
+
+def _mutation(
+    mutation: MessageMutation | Mapping[str, Any] | None, fields: Mapping[str, Any]
+) -> MessageMutation | Mapping[str, Any] | None:
+    if mutation is not None and fields:
+        raise InvalidEvent("pass either a mutation or keywords, not both", field=next(iter(fields)))
+    if mutation is None and fields:
+        try:
+            return MessageMutation(**fields)
+        except TypeError as exc:
+            raise InvalidEvent(str(exc), field="mutation") from exc
+    return mutation
+
+
+def _op_id(key: str | None) -> str:
+    """The row's idempotency key, also its ``op_id``: the caller's, or a new one (32 bytes)."""
+    return with_op_id({}, key if key is not None else uuid.uuid4().hex)["op_id"]
+
+
+def _add(
+    target: Target,
+    table: sa.Table | None,
+    operation: Operation,
+    channel: str,
+    message: MessageRef,
+    body: Mapping[str, Any] | str,
+    key: str | None = None,
+) -> uuid.UUID | Awaitable[uuid.UUID]:
+    (channel,) = events.validate_channels([channel])
+    if crypto.is_encrypted_channel(channel):
+        raise InvalidEvent("encrypted channels have no versioned messages", field="channel")
+    if isinstance(message, uuid.UUID):
+        target_event_id, target_serial = message, None
+    elif isinstance(message, str):
+        check_text(message, "message")
+        if len(message) > SERIAL_MAX or any(c.isspace() for c in message):
+            raise InvalidEvent(
+                f"a message_serial is 1 to {SERIAL_MAX} characters without spaces",
+                field="message",
+            )
+        target_event_id, target_serial = None, message
+    else:
+        raise InvalidEvent(
+            "message must be an outbox event id (uuid.UUID) or a message_serial (str)",
+            field="message",
+        )
+    if isinstance(body, str):
+        data = body
+    else:
+        data = events.dump_body(body).decode()
+        key = body.get("op_id", key)
+    event_id = uuid.uuid4()
+    row = {
+        "event_id": event_id,
+        "idempotency_key": key if key is not None else uuid.uuid4().hex,
+        "channel": channel,
+        "event": _EVENT_NAMES[operation],
+        "data": data,
+        "ordering_key": message_ordering_key(channel, message),
+        "operation": operation.value,
+        "target_event_id": target_event_id,
+        "target_serial": target_serial,
+    }
+    rows = [row]
+    _add_trace_context(rows)
+    return _insert(target, table if table is not None else outbox_table(), rows, event_id)
