@@ -232,8 +232,9 @@ class Deliverer:
             return
         if row.operation == Operation.ANNOTATE and not row.first_attempt:
             # No idempotency on the server: an earlier attempt may have been applied.
-            found = await self._find_annotation(row, serial, outcome)
-            if found is _LOOKUP_FAILED:
+            try:
+                found = await self._find_annotation(row, serial, outcome)
+            except _LookupFailed:
                 return  # the failed lookup put the row where its failure says
             if found is not None:
                 outcome.published.append(
@@ -251,8 +252,8 @@ class Deliverer:
 
     async def _find_annotation(self, row: ClaimedRow, serial: str, outcome: Outcome) -> str | None:
         """The serial of an annotation identical to ``row``'s created since it was queued (with
-        a few seconds for the clocks of the database and the server), if the server has one;
-        ``_LOOKUP_FAILED`` if the lookup itself failed (the row is then in ``outcome``)."""
+        a few seconds for the clocks of the database and the server), if the server has one.
+        Raises :class:`_LookupFailed` if a lookup request failed (the row is then in ``outcome``)."""
         wanted = json.loads(row.data)
         since_ms = (row.queued_at.timestamp() - ANNOTATION_CLOCK_ALLOWANCE) * 1000
         cursor: str | None = None
@@ -262,7 +263,7 @@ class Deliverer:
             )
             result = await self._send_alone(row, MESSAGES_ENDPOINT, request, outcome, mutation=True)
             if result is None:
-                return _LOOKUP_FAILED
+                raise _LookupFailed
             page = result.body if isinstance(result.body, dict) else {}
             for item in page.get("items") or ():
                 if (
@@ -365,8 +366,9 @@ class Deliverer:
         return result
 
 
-#: What :meth:`Deliverer._find_annotation` returns when its own request failed.
-_LOOKUP_FAILED = "\x00lookup failed"
+class _LookupFailed(Exception):
+    """An annotation lookup's own request failed (see :meth:`Deliverer._find_annotation`)."""
+
 
 _NO_TARGET = EventRefused(
     "the message this mutation names has no message_serial: its event was published without "

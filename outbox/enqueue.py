@@ -265,8 +265,10 @@ def insert_rows(conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]]
     dialect = dialect_for(conn)
     keys = [row["ordering_key"] for row in rows if row.get("ordering_key") is not None]
     if keys:
-        dialect.lock_ordering_keys(conn, table, keys)
-    dialect.insert_many(conn, table, rows)
+        held = dialect.lock_ordering_keys(conn, table, keys)
+        dialect.insert_keyed(conn, table, rows, held)
+    else:
+        dialect.insert_many(conn, table, rows)
 
 
 async def _run_async(

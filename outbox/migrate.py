@@ -50,6 +50,7 @@ def owned_tables(table_name: str = DEFAULT_TABLE_NAME) -> set[str]:
         table_name,
         table_name + schema.DEAD_SUFFIX,
         table_name + schema.PUBLISHED_SUFFIX,
+        table_name + schema.PARKED_SUFFIX,
         VERSION_TABLE,
     }
 

@@ -35,6 +35,12 @@ class Status(enum.StrEnum):
     DEAD = "dead"
 
 
+#: ``next_attempt_at`` of a keyed row enqueued behind an earlier row of its key: out of the front
+#: of the due index, so a long key never sits in a claim's way. The transaction that takes the
+#: key's head out of the table (its ack, burial or skip) makes the next row due.
+WAITING_FOR_KEY = dt.datetime(9999, 1, 1, tzinfo=dt.UTC)
+
+
 class Operation(enum.StrEnum):
     """What a mutation row asks of a message published earlier (``operation`` column)."""
 

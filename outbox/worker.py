@@ -468,6 +468,7 @@ class Worker:
             give_back=plan.give_back,
             give_back_carried=plan.give_back_carried,
             park=plan.park,
+            heads_gone=_keys_of(rows, [a.id for a in plan.published] + [f.id for f in plan.dead]),
         )
         for attempt in range(1, RECORD_TRIES + 1):
             started = time.perf_counter()
@@ -509,3 +510,9 @@ class Worker:
         )
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), timeout=pause)
+
+
+def _keys_of(rows: list[ClaimedRow], ids: list[int]) -> list[str]:
+    """The ordering keys of the rows ``ids`` (each once)."""
+    wanted = set(ids)
+    return sorted({r.ordering_key for r in rows if r.id in wanted and r.ordering_key is not None})

@@ -16,20 +16,19 @@ import asyncio
 import datetime as dt
 import json
 import uuid
-from collections.abc import Callable, Container, Mapping, Sequence
+from collections.abc import Callable, Collection, Container, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import sqlalchemy as sa
 
-from ..sockudo.errors import EventRefused, InvalidEvent
-from ..sockudo.events import dump_body
 from ..schema import (
     ACK_ID_MAX,
     ERROR_CODE_MAX,
     ERROR_MESSAGE_MAX,
     EVENT_COLUMNS,
     SERIAL_MAX,
+    WAITING_FOR_KEY,
     Operation,
     Status,
     UTCDateTime,
@@ -38,6 +37,8 @@ from ..schema import (
     published_table,
     utc_now,
 )
+from ..sockudo.errors import EventRefused, InvalidEvent
+from ..sockudo.events import dump_body
 
 if TYPE_CHECKING:
     from .hotpath import HotPath
@@ -164,17 +165,87 @@ class Dialect(abc.ABC):
         """
         conn.execute(table.insert(), rows)
 
-    def lock_ordering_keys(self, conn: sa.Connection, table: sa.Table, keys: Sequence[str]) -> None:
+    def lock_ordering_keys(
+        self, conn: sa.Connection, table: sa.Table, keys: Sequence[str]
+    ) -> Collection[str] | None:
         """Before keyed rows are inserted: make the producers of one key commit in id order.
 
         Per key the claim goes by id, so a transaction that took a smaller id must not commit
         after one that took a larger: each database serializes the transactions that enqueue
-        on a key until they end. Databases that cannot refuse ordering keys and mutations.
+        on a key until they end. Returns the keys whose newest row this transaction now holds
+        (new rows of those wait behind it), or None where the insert can ask the table itself.
+        This default refuses ordering keys and mutations: a database that cannot serialize its
+        producers so (MariaDB and MySQL, for now) must not pretend to keep their order.
         """
         raise InvalidEvent(
             f"ordering keys and message mutations need PostgreSQL or SQLite (not {self.name})",
             field="ordering_key",
         )
+
+    def insert_keyed(
+        self,
+        conn: sa.Connection,
+        table: sa.Table,
+        rows: list[dict[str, Any]],
+        held: Collection[str] | None,
+    ) -> None:
+        """Insert rows some of which have an ordering key (after :meth:`lock_ordering_keys`,
+        whose answer ``held`` is).
+
+        A keyed row behind an earlier row of its key is inserted waiting (``WAITING_FOR_KEY``),
+        not due, out of the claim's way: the first of a key in this call waits if its key is
+        ``held`` (with None: if the table has a row of the key), the others of that key in this
+        call wait anyway. The first ones go in first, so each key's ids follow the order given.
+        """
+        seen: set[str] = set()
+        first: list[dict[str, Any]] = []
+        waiting: list[dict[str, Any]] = []
+        for row in rows:
+            key = row.get("ordering_key")
+            if key is not None and (key in seen or (held is not None and key in held)):
+                waiting.append({**row, "next_attempt_at": WAITING_FOR_KEY})
+            else:
+                first.append(row)
+            if key is not None:
+                seen.add(key)
+        if first:
+            stmt = table.insert()
+            if held is None:
+                first = [{**row, "wait_key": row.get("ordering_key")} for row in first]
+                earlier = table.alias("earlier")
+                behind = sa.exists().where(earlier.c.ordering_key == sa.bindparam("wait_key"))
+                wait = sa.literal(WAITING_FOR_KEY, UTCDateTime())
+                stmt = stmt.values(next_attempt_at=sa.case((behind, wait), else_=utc_now()))
+            conn.execute(stmt, first)
+        # After the first of each key: a row waiting here always has its key's head before it.
+        if waiting:
+            conn.execute(table.insert(), waiting)
+
+    def promote_heads(self, conn: sa.Connection, table: sa.Table, keys: Sequence[str]) -> int:
+        """Make the new head of each key due (its head just left the table); parked keys wait.
+
+        Runs in the transaction that took the head out, so it sees the head gone and every row
+        committed behind it (a producer of the key commits before, or waits: see
+        :meth:`lock_ordering_keys`).
+        """
+        if not keys:
+            return 0
+        hot, parked = table, parked_table(table)
+        heads = (
+            sa.select(sa.func.min(hot.c.id))
+            .where(hot.c.ordering_key.in_(sorted(set(keys))))
+            .group_by(hot.c.ordering_key)
+        )
+        stmt = (
+            sa.update(hot)
+            .where(
+                hot.c.id.in_(heads.scalar_subquery()),
+                hot.c.next_attempt_at == WAITING_FOR_KEY,
+                hot.c.ordering_key.not_in(sa.select(parked.c.ordering_key).scalar_subquery()),
+            )
+            .values(next_attempt_at=utc_now())
+        )
+        return conn.execute(stmt).rowcount
 
     # -- the claim ----------------------------------------------------------------------------
 
@@ -366,7 +437,7 @@ class Dialect(abc.ABC):
         knows and answer 200 without delivering). Returns how many rows moved.
         """
         keys = dict(zip(ids, new_keys, strict=True)) if new_keys is not None else None
-        moved = 0
+        moved: list[int] = []
         for source in _sources(table, statuses):
             rows = [
                 dict(r._mapping)
@@ -386,20 +457,23 @@ class Dialect(abc.ABC):
             conn.execute(sa.insert(table), rows)
             taken = [r["id"] for r in rows]
             conn.execute(sa.delete(source).where(source.c.id.in_(taken)))
-            moved += len(rows)
+            moved += taken
         # A replayed head takes its place at the front of its key again (it kept its id): the
         # key it parked goes on behind it.
         parked = parked_table(table)
-        conn.execute(sa.delete(parked).where(parked.c.row_id.in_(list(ids))))
-        return moved
+        conn.execute(sa.delete(parked).where(parked.c.row_id.in_(moved)))
+        return len(moved)
 
     def unpark(self, conn: sa.Connection, table: sa.Table, keys: Sequence[str] | None) -> int:
         """Let parked keys go on without their dead head (None: every parked key)."""
         parked = parked_table(table)
-        stmt = sa.delete(parked)
-        if keys is not None:
-            stmt = stmt.where(parked.c.ordering_key.in_(list(keys)))
-        return conn.execute(stmt).rowcount
+        if keys is None:
+            keys = list(conn.execute(sa.select(parked.c.ordering_key)).scalars())
+        unparked = conn.execute(
+            sa.delete(parked).where(parked.c.ordering_key.in_(list(keys)))
+        ).rowcount
+        self.promote_heads(conn, table, keys)
+        return unparked
 
     def release_leases(self, conn: sa.Connection, table: sa.Table, expired_only: bool) -> int:
         """Clear leases (only expired ones, or all), due now; rows keep their attempt count."""

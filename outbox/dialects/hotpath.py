@@ -35,6 +35,9 @@ class Recording:
     dead: Sequence[Failure] = ()
     #: Rows of ``dead`` whose ordering key parks (the "park" policy): the rest of the key waits.
     park: Sequence[int] = ()
+    #: The ordering keys of rows this recording takes out of the table (published or dead):
+    #: the next row of each becomes due, unless its key parks.
+    heads_gone: Sequence[str] = ()
     #: Not sent (shutdown): given back with the attempt refunded ...
     give_back: Sequence[int] = ()
     #: ... or kept (a request of this claim carried the row: it must go alone next time).
@@ -68,6 +71,7 @@ def write_recording(
     dialect.reschedule(conn, table, token, r.retry_refund, refund=True)
     dialect.mark_dead(conn, table, token, r.dead)
     dialect.park_keys(conn, table, r.park)
+    dialect.promote_heads(conn, table, r.heads_gone)
     dialect.release(conn, table, token, r.give_back)
     dialect.release(conn, table, token, r.give_back_carried, refund=False)
     return acked

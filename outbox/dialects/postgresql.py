@@ -28,7 +28,7 @@ import sqlalchemy as sa
 
 from .. import schema
 from ..database import libpq_conninfo
-from ..schema import dead_table, parked_table, published_table
+from ..schema import WAITING_FOR_KEY, dead_table, parked_table, published_table
 from .base import (
     CLAIM_COLUMNS,
     EVENT_COLUMNS,
@@ -80,7 +80,7 @@ def _statements(hot: str, published: str, dead: str, parked: str) -> dict[str, s
                   AND {claimable_in_order("c", hot, parked)}
                 ORDER BY next_attempt_at, id
                 LIMIT %(limit)s
-                FOR UPDATE SKIP LOCKED
+                FOR NO KEY UPDATE SKIP LOCKED
             )
             UPDATE {hot} AS o
             SET lease_token = %(token)s, lease_expires_at = {lease}, attempts = o.attempts + 1
@@ -155,6 +155,15 @@ def _statements(hot: str, published: str, dead: str, parked: str) -> dict[str, s
         }
             FROM done
         """,
+        # After an ack or a burial: the next row of each key whose head left becomes due.
+        "promote": f"""
+            UPDATE {hot} AS o SET next_attempt_at = {_NOW}
+            FROM unnest(%(keys)s::text[]) AS k(name), LATERAL (
+                SELECT h.id FROM {hot} AS h WHERE h.ordering_key = k.name ORDER BY h.id LIMIT 1
+            ) AS head
+            WHERE o.id = head.id AND o.next_attempt_at = %(waiting)s
+              AND NOT EXISTS (SELECT 1 FROM {parked} AS p WHERE p.ordering_key = k.name)
+        """,
         # Parks the key of each buried row just moved to the dead table (none for a stale ack).
         "park": f"""
             INSERT INTO {parked} (ordering_key, row_id, parked_at)
@@ -178,15 +187,45 @@ class PostgresDialect(Dialect):
     def hot_path(self, engine: sa.Engine, table: sa.Table) -> PostgresHotPath:
         return PostgresHotPath(engine, table)
 
-    def lock_ordering_keys(self, conn: sa.Connection, table: sa.Table, keys: Sequence[str]) -> None:
+    def lock_ordering_keys(
+        self, conn: sa.Connection, table: sa.Table, keys: Sequence[str]
+    ) -> set[str]:
         """One transaction-scoped advisory lock per key (a 64-bit hash of table and key), taken
         in a fixed order: a second producer of the key waits for the first to end, so ids of
-        one key are handed out in commit order. A hash collision only serializes two keys."""
+        one key are handed out in commit order. A hash collision only serializes two keys.
+
+        Then each key's newest row, if it has one, is held until commit (KEY SHARE): returns the
+        keys held. An ack or a burial deleting a held row waits for this transaction, so its
+        promotion sees the rows inserted here; claims, renewals and retries (NO KEY UPDATE) do
+        not wait. A newest row already locked by a deletion is not waited for (no producer
+        ever waits for a worker, so the two can never deadlock): the rows of that key are then
+        inserted due, which costs the claim a look, never the order.
+        """
         hashes = sorted({_key_lock(table, key) for key in keys})
-        if hashes:
-            locks = sa.text("SELECT pg_advisory_xact_lock(k) FROM unnest(:keys) AS k")
-            keys = sa.bindparam("keys", type_=sa.ARRAY(sa.BigInteger()))
-            conn.execute(locks.bindparams(keys), {"keys": hashes})
+        if not hashes:
+            return set()
+        # Mixed with the schema the table is found in (``search_path``), so that two outboxes of
+        # the same name in two schemas of one database never share a key's lock. In the order
+        # of the array: every producer takes a table's keys in the same order.
+        locks = sa.text(
+            "SELECT pg_advisory_xact_lock(k # hashtextextended(current_schema(), 0))"
+            " FROM unnest(:keys) AS k"
+        )
+        typed = sa.bindparam("keys", type_=sa.ARRAY(sa.BigInteger()))
+        conn.execute(locks.bindparams(typed), {"keys": hashes})
+        hot = quoted(conn, table)
+        newest = sa.text(
+            f"""
+            SELECT k.name FROM unnest(:names) AS k(name), LATERAL (
+                SELECT id FROM {hot}
+                WHERE id = (SELECT max(id) FROM {hot} WHERE ordering_key = k.name)
+                FOR KEY SHARE SKIP LOCKED
+            ) AS n
+            """
+        )
+        names = sa.bindparam("names", type_=sa.ARRAY(sa.String()))
+        held = conn.execute(newest.bindparams(names), {"names": sorted(set(keys))}).scalars()
+        return set(held)
 
     def insert_many(self, conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
         """COPY for many rows, on the caller's connection and in its transaction.
@@ -285,6 +324,18 @@ class PostgresDialect(Dialect):
         with self._run(conn, table, "bury", _failure_params(token, failures, False)) as c:
             return int(c.rowcount)
 
+    def promote_heads(self, conn: sa.Connection, table: sa.Table, keys: Sequence[str]) -> int:
+        if not keys:
+            return 0
+        with self._run(conn, table, "promote", _promote_params(keys)) as cursor:
+            return int(cursor.rowcount)
+
+    def park_keys(self, conn: sa.Connection, table: sa.Table, ids: Sequence[int]) -> int:
+        if not ids:
+            return 0
+        with self._run(conn, table, "park", {"ids": list(ids)}) as cursor:
+            return int(cursor.rowcount)
+
     def release(
         self,
         conn: sa.Connection,
@@ -365,6 +416,8 @@ class PostgresHotPath:
                 steps.append((name, _failure_params(token, failures, refund)))
         if r.park:
             steps.append(("park", {"ids": list(r.park)}))
+        if r.heads_gone:
+            steps.append(("promote", _promote_params(r.heads_gone)))
         for ids, refund in ((r.give_back, True), (r.give_back_carried, False)):
             if ids:
                 steps.append(("release", {"ids": list(ids), "token": token, "refund": int(refund)}))
@@ -419,6 +472,10 @@ class PostgresHotPath:
             raise
         self._idle.append(pg)
         return first
+
+
+def _promote_params(keys: Sequence[str]) -> dict[str, Any]:
+    return {"keys": sorted(set(keys)), "waiting": WAITING_FOR_KEY}
 
 
 def _key_lock(table: sa.Table, key: str) -> int:
