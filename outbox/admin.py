@@ -19,7 +19,15 @@ from typing import Any
 import sqlalchemy as sa
 
 from .dialects import dialect_for
-from .schema import EVENT_COLUMNS, Status, dead_table, published_table, utc_now
+from .schema import (
+    EVENT_COLUMNS,
+    WAITING_FOR_KEY,
+    Status,
+    dead_table,
+    parked_table,
+    published_table,
+    utc_now,
+)
 from .sockudo.crypto import ENCRYPTED_PREFIX
 
 #: How a replayed event is identified to the server (see :func:`replay`).
@@ -47,6 +55,12 @@ class StatusReport:
     last_errors: list[dict[str, Any]] = field(default_factory=list)
     oldest_age_seconds: dict[str, float | None] = field(default_factory=dict)
     published_last_minute: int | None = None
+    #: Ordering keys waiting behind a dead head (``outbox keys`` lists them).
+    parked_keys: int = 0
+    #: Mutations whose message's own event is not published yet.
+    waiting_mutations: int = 0
+    #: Keyed events waiting behind an earlier event of their key (pending, not yet due).
+    waiting_for_key: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -119,6 +133,15 @@ def snapshot(
         oldest_pending_age_seconds=max(unsent) if unsent else None,
         dead=counts[Status.DEAD.value],
         oldest_age_seconds=ages,
+        parked_keys=conn.execute(
+            sa.select(sa.func.count()).select_from(parked_table(table))
+        ).scalar_one(),
+        waiting_mutations=conn.execute(
+            sa.select(sa.func.count()).where(_waits_for_target(hot))
+        ).scalar_one(),
+        waiting_for_key=conn.execute(
+            sa.select(sa.func.count()).where(hot.c.next_attempt_at == WAITING_FOR_KEY)
+        ).scalar_one(),
     )
     if published:
         since = now - dt.timedelta(seconds=60)
@@ -497,6 +520,75 @@ def _per_bucket(
     ):
         counts[int(bucket)] = int(n)
     return counts
+
+
+# -- ordering keys and mutations -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParkedKey:
+    """An ordering key whose head went dead: its later rows wait (``waiting``) until the head is
+    replayed or the key is skipped. The head's fields are None if it left the dead table."""
+
+    ordering_key: str
+    head_id: int
+    parked_at: dt.datetime
+    waiting: int
+    channel: str | None
+    event: str | None
+    last_error_code: str | None
+    last_error_message: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return _jsonable(asdict(self))
+
+
+def parked_keys(
+    conn: sa.Connection, table: sa.Table, limit: int = 100
+) -> tuple[int, list[ParkedKey]]:
+    """(how many keys are parked, the ``limit`` parked longest) with their heads' reasons."""
+    hot, dead, parked = table, dead_table(table), parked_table(table)
+    total = conn.execute(sa.select(sa.func.count()).select_from(parked)).scalar_one()
+    waiting = (
+        sa.select(sa.func.count())
+        .where(hot.c.ordering_key == parked.c.ordering_key)
+        .scalar_subquery()
+    )
+    rows = conn.execute(
+        sa.select(
+            parked.c.ordering_key,
+            parked.c.row_id.label("head_id"),
+            parked.c.parked_at,
+            waiting.label("waiting"),
+            dead.c.channel,
+            dead.c.event,
+            dead.c.last_error_code,
+            dead.c.last_error_message,
+        )
+        .select_from(parked.outerjoin(dead, dead.c.id == parked.c.row_id))
+        .order_by(parked.c.parked_at, parked.c.ordering_key)
+        .limit(limit)
+    )
+    return int(total), [ParkedKey(**r._mapping) for r in rows]
+
+
+def skip_parked(conn: sa.Connection, table: sa.Table, keys: Sequence[str] | None) -> int:
+    """Let parked keys go on without their dead heads (None: all); returns how many.
+
+    The heads stay dead (replay them later if wanted: they then go after what is queued).
+    """
+    return dialect_for(conn).unpark(conn, table, keys)
+
+
+def _waits_for_target(hot: sa.Table) -> sa.ColumnElement[bool]:
+    """A hot mutation row whose message's event is still in the hot table (not yet published)."""
+    target = hot.alias("target")
+    return sa.and_(
+        hot.c.target_event_id.is_not(None),
+        sa.exists().where(
+            target.c.event_id == hot.c.target_event_id, target.c.channel == hot.c.channel
+        ),
+    )
 
 
 # -- leases -------------------------------------------------------------------------------------

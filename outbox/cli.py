@@ -201,6 +201,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_leases)
 
     p = commands.add_parser(
+        "keys",
+        help="ordering keys parked behind a dead head: list them, or let them go on",
+        description="With OUTBOX_DEAD_HEAD=park (the default) a keyed event that goes dead parks "
+        "its key: the key's later events wait, in order, until the dead head is replayed "
+        "(outbox replay ID: it goes first again) or the key is skipped here (the rest go on "
+        "without it; the head stays dead).",
+    )
+    skip = p.add_mutually_exclusive_group()
+    skip.add_argument(
+        "--skip", metavar="KEY", action="append", help="let this key go on without its head"
+    )
+    skip.add_argument("--skip-all", action="store_true", help="let every parked key go on")
+    p.add_argument("--limit", type=_positive_int, default=20, help="keys to list (default 20)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_keys)
+
+    p = commands.add_parser(
         "web",
         help="serve the operator's dashboard (needs the web extra)",
         description="Serve a dashboard for the outbox database: counts, a live chart of the last "
@@ -406,6 +423,33 @@ def cmd_leases(args: argparse.Namespace) -> int:
         print(f"  ... and {total - len(listed)} more")
     if expired:
         print("release them with: outbox leases --release-expired")
+    return EXIT_OK
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    with _outbox(args) as (_settings, engine, table):
+        if args.skip or args.skip_all:
+            with engine.begin() as conn:
+                skipped = admin.skip_parked(conn, table, None if args.skip_all else args.skip)
+            print(f"{skipped} key(s) go on without their dead head")
+            return EXIT_OK
+        with engine.connect() as conn:
+            total, listed = admin.parked_keys(conn, table, limit=args.limit)
+    if args.json:
+        keys = [k.as_dict() for k in listed]
+        print(json.dumps({"parked": total, "keys": keys}, indent=2))
+        return EXIT_OK
+    print(f"{total} parked key(s)")
+    for key in listed:
+        reason = " ".join(x for x in (key.last_error_code, key.last_error_message) if x)
+        print(
+            f"  {key.ordering_key!r}: {key.waiting} waiting behind dead row {key.head_id} "
+            f"({key.channel} {key.event}) since {key.parked_at.isoformat()}: {reason}"
+        )
+    if total > len(listed):
+        print(f"  ... and {total - len(listed)} more")
+    if total:
+        print("replay a head with: outbox replay ID   or let its key go on: outbox keys --skip KEY")
     return EXIT_OK
 
 

@@ -307,3 +307,10 @@ class _StateCollector:
         )
         oldest.add_metric([t], report.oldest_pending_age_seconds or 0.0)
         yield oldest
+        parked = GaugeMetricFamily(
+            "outbox_parked_keys",
+            "Ordering keys waiting behind a dead head (outbox keys lists them).",
+            labels=["table"],
+        )
+        parked.add_metric([t], report.parked_keys)
+        yield parked

@@ -54,6 +54,16 @@ def render(report: StatusReport) -> str:
     if report.published_last_minute is not None:
         n = report.published_last_minute
         lines.append(f"published in the last minute: {n} ({n / 60:.1f}/s)")
+    if report.parked_keys:
+        lines.append(
+            f"parked keys: {report.parked_keys} (a dead head holds each; see: outbox keys)"
+        )
+    if report.waiting_for_key:
+        lines.append(
+            f"waiting behind an earlier event of their key: {report.waiting_for_key} (in pending)"
+        )
+    if report.waiting_mutations:
+        lines.append(f"mutations waiting for their message: {report.waiting_mutations}")
     if report.last_errors:
         lines.append("last errors:")
         for e in report.last_errors:

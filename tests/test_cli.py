@@ -207,6 +207,9 @@ def test_status_of_an_empty_outbox(env, capsys):
         "last_errors": [],
         "oldest_age_seconds": {"pending": None, "in_flight": None, "published": None, "dead": None},
         "published_last_minute": 0,
+        "parked_keys": 0,
+        "waiting_mutations": 0,
+        "waiting_for_key": 0,
     }
 
 

@@ -120,6 +120,7 @@ def test_worker_is_scraped_through_a_drain_and_an_outage(database_url, sockudo_s
         assert value(before, "outbox_events_total", outcome="published") == 0
         assert value(before, "outbox_rows", state="pending") == 0
         assert value(before, "outbox_oldest_pending_age_seconds") == 0
+        assert value(before, "outbox_parked_keys") == 0
         assert value(before, "outbox_database_up") == 1
         assert value(before, "outbox_breaker_state") == 0
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -191,3 +192,31 @@ def test_the_database_pause_grows_with_errors_in_a_row_and_is_capped():
     pauses = [database_pause(n, 0.5) for n in range(1, 9)]
     assert pauses[:5] == [1.0, 2.0, 4.0, 8.0, 16.0]
     assert pauses[5:] == [16.0] * 3 and max(pauses) <= 30.0
+
+
+def test_a_keyed_row_that_goes_dead_parks_its_key_unless_the_policy_skips():
+    """Dead by refusal or by its budget: the key parks (the default); unkeyed dead rows and
+    keyed rows that only wait for a retry park nothing; with ``park_dead_heads=False`` none do."""
+    refused = replace(row(1), ordering_key="a")
+    spent = replace(row(2, failures=POLICY.max_attempts - 1), ordering_key="b")
+    retrying = replace(row(3), ordering_key="c")
+    loose = row(4)
+    outcome = Outcome(
+        refused=[
+            (refused, EventRefused("bad", status=413)),
+            (loose, EventRefused("x", status=413)),
+        ],
+        retry=[(spent, server_error()), (retrying, EndpointUnavailable("slow", status=None))],
+    )
+    parked = plan(outcome)
+    assert {f.id for f in parked.dead} == {1, 2, 4}
+    assert sorted(parked.park) == [1, 2]
+    skipped = plan_outcome(
+        outcome,
+        policy=POLICY,
+        endpoint_serving=True,
+        now=NOW,
+        unsendable_retry=30.0,
+        park_dead_heads=False,
+    )
+    assert {f.id for f in skipped.dead} == {1, 2, 4} and skipped.park == []

@@ -17,9 +17,11 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from outbox import enqueue
 from outbox.cli import main
+from outbox.dialects import dialect_for
 from outbox.settings import ENVIRONMENT
-from tests.outbox_rows import add, add_dead, row
+from tests.outbox_rows import T, add, add_dead, row, set_row
 from tests.plugins.dashboard import csrf_token
 
 TOKEN = "t0ken-" + "x" * 26
@@ -401,3 +403,28 @@ def test_event_text_is_escaped_in_the_html(database_url, engine, serve_dashboard
 
 def _basic(user: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+# MariaDB refuses ordering keys (tested in test_ordering.py).
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"], indirect=True)
+def test_the_dashboard_lists_parked_keys_with_their_dead_heads(
+    database_url, engine, serve_dashboard
+):
+    """A key parked behind a dead head shows with its waiting count and the head's reason; the
+    key's text is escaped like every other value."""
+
+    key = "<i>order-7</i>"
+    with engine.begin() as conn:
+        for n in range(3):
+            enqueue(conn, "orders", "step", {"n": n}, ordering_key=key)
+        head = conn.execute(sa.select(sa.func.min(T.c.id))).scalar_one()
+    set_row(engine, head, status="dead", last_error_code="payload_too_large")
+    with engine.begin() as conn:
+        dialect_for(conn).park_keys(conn, T, [head])
+    served = serve_dashboard(database_url)
+    with served.client() as client:
+        page = client.get("/")
+    assert "Parked keys" in page.text
+    assert "&lt;i&gt;order-7&lt;/i&gt;" in page.text and "<i>order-7" not in page.text
+    assert f"row {head} orders step" in page.text
+    assert "payload_too_large" in page.text

@@ -276,9 +276,10 @@ async def dashboard(dash: Dashboard, request: Request) -> Response:
         matched = admin.count_for_replay(conn, table, selection)
         # One more than a page: whether there is a next one.
         rows = admin.dead_events(conn, table, selection, views.PAGE_SIZE + 1, after)
-        return report, matched, rows
+        parked = admin.parked_keys(conn, table, limit=views.PAGE_SIZE)
+        return report, matched, rows, parked
 
-    report, matched, rows = await dash.read(read)
+    report, matched, rows, (parked_total, parked) = await dash.read(read)
     more = len(rows) > views.PAGE_SIZE
     rows = rows[: views.PAGE_SIZE]
     return dash.page(
@@ -291,6 +292,8 @@ async def dashboard(dash: Dashboard, request: Request) -> Response:
         after=after,
         next_after=rows[-1].id if more else None,
         list_payload_chars=views.LIST_PAYLOAD_CHARS,
+        parked_total=parked_total,
+        parked=parked,
     )
 
 
