@@ -277,7 +277,10 @@ class SockudoApp:
         if endpoint not in ("events", "batch_events"):
             route = self.api.match(path)[1][method]  # type: ignore[index]
             self._stage("claimed", endpoint)
-            return route.answer(parse_query(query), body, headers)
+            answer = route.answer(parse_query(query), body, headers)
+            # Applied (a mutation, an annotation...): a "published" fault loses the answer.
+            self._stage("published", endpoint)
+            return answer
         payload = self.parse_json(headers, body)
         if endpoint == "events":
             return self._events(_check_event_types(payload, ""), headers)
