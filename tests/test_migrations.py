@@ -223,7 +223,9 @@ def test_hot_table_indexes_hold_nothing_a_claim_changes(engine, backend):
     assert set(defs) >= INDEXES
     assert re.search(r"\(\s*next_attempt_at\s*,\s*id\s*\)", defs[f"ix_{TABLE}_due"])
     for definition in defs.values():
-        assert not re.search(r"lease_token|lease_expires_at|attempts|WHERE", definition, re.I)
+        # The one partial index's predicate is on the ordering key, which a claim never changes.
+        rest = re.sub(r"WHERE \(?ordering_key IS NOT NULL\)?$", "", definition.strip(), flags=re.I)
+        assert not re.search(r"lease_token|lease_expires_at|attempts|WHERE", rest, re.I)
 
 
 def test_claim_reads_the_due_index_on_postgresql(postgres_url):
