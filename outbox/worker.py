@@ -478,6 +478,10 @@ class Worker:
                 acked = await self.hot_path.record(token, recording)
                 self._database_errors_in_a_row = 0
                 self._last_progress = time.monotonic()
+                if recording.heads_gone:
+                    # The next event of each of these keys just became due: claim it now, not
+                    # at the next poll (no notification says so; only inserts notify).
+                    self._wake.set()
                 self.metrics.recorded(plan, rows, acked, time.perf_counter() - started)
                 break
             except sa.exc.DBAPIError as exc:

@@ -288,6 +288,27 @@ async def test_many_keys_two_workers_exactly_once_and_in_order(
         assert len(carried) == len(set(carried)), carried  # one event per key per request
 
 
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+async def test_the_next_event_of_a_key_goes_right_after_its_heads_ack(
+    engine, database_url, sockudo_server
+):
+    """Nothing notifies when a head's ack makes the next event of its key due (PostgreSQL's
+    NOTIFY is on insert): the worker that acked claims again at once instead of sleeping until
+    its next poll, so a key of 20 events drains in well under one poll interval."""
+    with engine.begin() as conn:
+        enqueue_many(
+            conn, [OutboxEvent("orders", "step", {"n": n}, ordering_key="k") for n in range(20)]
+        )
+    settings = fast_settings(database_url, sockudo_server.url, poll_interval=60.0)
+    await run_until(
+        Worker(settings, engine=engine),
+        lambda: sockudo_server.delivered_count() == 20,
+        timeout=30,
+        what="the key drained without waiting for polls",
+    )
+    assert steps(sockudo_server, "orders") == list(range(20))
+
+
 # -- 4 and 5. a dead head --------------------------------------------------------------------------
 
 
