@@ -38,6 +38,18 @@ def test_the_bench_drains_through_the_test_server(tmp_path: Path) -> None:
     drains = [r for r in results if r["scenario"].startswith("outbox drain")]
     assert {r["backend"] for r in drains} == {"sqlite", "postgresql", "mariadb"}
     assert all(r["events"] > 0 and r["events_per_s"] > 0 for r in drains)
+    # The ordered drain runs right after the one-worker drain where keys are taken (MariaDB
+    # refuses them), with its ratio to that drain in the JSON and among the targets.
+    ordered = [r for r in drains if "ordering_keys" in r]
+    assert {r["backend"] for r in ordered} == {"sqlite", "postgresql"}
+    for r in ordered:
+        assert r["scenario"] == "outbox drain, 1 worker(s), 1,000 ordering keys"
+        assert r["ordering_keys"] == 1000 and r["x_unordered"] > 0
+        at = results.index(r)
+        assert results[at - 1]["scenario"] == "outbox drain, 1 worker(s)"
+        assert results[at - 1]["backend"] == r["backend"]
+    targets = [t["target"] for t in json.loads(report.read_text())["targets"]]
+    assert sum("ordered drain (1,000 keys) within 2x" in t for t in targets) == 2
 
 
 def test_the_bench_prices_the_metrics_and_times_the_gauges(tmp_path: Path) -> None:

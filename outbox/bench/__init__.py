@@ -4,10 +4,11 @@ One run measures, against one real server (soketi by default, started on loopbac
 limit of 100; or the bundled test server): the ceiling (pre-signed batches from a bare httpx
 client) and the server's real intake (the same bodies from the lean h11 transport), the per-event
 baseline (our client and the sockudo-http-python SDK), the cost enqueue adds to a transaction,
-outbox drains on SQLite, PostgreSQL and MariaDB with one and two workers, commit-to-ack latency under a
-steady load, worker memory, and the drain with a large published history, with CPU per event for
-each process where it applies. It prints a table and writes the same figures as JSON. See
-docs/performance.md.
+outbox drains on SQLite, PostgreSQL and MariaDB with one and two workers (on SQLite and
+PostgreSQL also the one-worker drain with its events spread over 1,000 ordering keys),
+commit-to-ack latency under a steady load, worker memory, and the drain with a large published
+history, with CPU per event for each process where it applies. It prints a table and writes the
+same figures as JSON. See docs/performance.md.
 """
 
 from __future__ import annotations
@@ -108,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("OUTBOX_BENCH_MARIADB_URL", DEFAULT_MARIADB_URL),
         help="a MariaDB or MySQL server (mariadb:// or mysql://) to create a scratch database on",
     )
+    p.add_argument(
+        "--ordering-keys",
+        type=int,
+        default=scenarios.ORDERED_KEYS,
+        help="keys of the ordered drain, next to the one-worker drain on SQLite and PostgreSQL "
+        f"(default {scenarios.ORDERED_KEYS:,}; 0: skip it)",
+    )
     p.add_argument("--latency-rate", type=float, help="events/s for the latency run")
     p.add_argument("--history", type=int, help="published rows kept for the history run (0: skip)")
     p.add_argument(
@@ -181,7 +189,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     results.append(scenarios.bulk_enqueue(db, backend, size["events"]))
                     say(f"{backend}: bulk enqueue {results[-1].rate:,.0f} events/s")
             if "drain" in chosen:
-                for count in (1, 2):
+                # One worker unordered, then the same drain over ordering keys right after it
+                # (where the backend takes keys), then two workers unordered.
+                keyed = args.ordering_keys if backend in scenarios.ORDERED_BACKENDS else 0
+                for count, keys in [(1, 0), *([(1, keyed)] if keyed else []), (2, 0)]:
                     with database(backend, servers, workdir) as db:
                         results.append(
                             scenarios.drain(
@@ -192,15 +203,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 count,
                                 workdir,
                                 server_pid=pid,
-                                progress=lambda line, backend=backend: say(
-                                    f"{backend}: drain: {line}"
+                                progress=lambda line, backend=backend, keys=keys: say(
+                                    f"{backend}: {'ordered ' if keys else ''}drain: {line}"
                                 ),
+                                ordering_keys=keys,
                                 **settings,
                             )
                         )
-                        say(
-                            f"{backend}: drain, {count} worker(s): {results[-1].rate:,.0f} events/s"
-                        )
+                    say(f"{backend}: {results[-1].scenario}: {results[-1].rate:,.0f} events/s")
+                    if keys:
+                        plain = results[-2]
+                        ratio = results[-1].rate / plain.rate if plain.rate else 0.0
+                        results[-1].extra["x_unordered"] = ratio
+                        say(f"{backend}: ordered / unordered: {ratio:.2f}x")
             if "metrics" in chosen:
                 results.extend(
                     metrics_pair(

@@ -104,6 +104,17 @@ def evaluate_targets(results: list[Measurement]) -> list[dict[str, Any]]:
             f"{pg.rate / baseline.rate:.1f}x",
             pg.rate >= 30 * baseline.rate,
         )
+    for r in results:
+        ratio = r.extra.get("x_unordered")
+        if ratio is not None:
+            plain = _find(results, "outbox drain, 1 worker(s)", r.backend)
+            add(
+                f"{r.backend} ordered drain ({r.extra['ordering_keys']:,} keys) within 2x of the "
+                "unordered drain",
+                f"{ratio:.2f}x ordered/unordered ({r.rate:,.0f} vs "
+                f"{plain.rate if plain else 0:,.0f} events/s)" + _busy(r),
+                ratio >= 0.5,
+            )
     lite = _find(results, "outbox drain, 1 worker(s)", "sqlite")
     if lite:
         add("SQLite drain >= 10,000 events/s", f"{lite.rate:,.0f} events/s", lite.rate >= 10_000)
