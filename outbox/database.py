@@ -97,8 +97,25 @@ def display_url(url: str | URL) -> str:
 
 
 def libpq_conninfo(url: URL) -> str:
-    """A libpq URI for psycopg's own connections (LISTEN runs outside SQLAlchemy's pool)."""
-    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+    """A libpq connection string for psycopg's own connections (LISTEN and the worker's hot
+    path run outside SQLAlchemy's pool), with the URL's parameters as SQLAlchemy reads them.
+
+    Keyword form, not a URI: a URI rendered by SQLAlchemy writes a space in a query value as
+    ``+``, which libpq does not decode (``options=-csearch_path=x -cwork_mem=64MB`` would set
+    the search path to ``x+-cwork_mem=64MB`` on these connections only).
+    """
+    from psycopg.conninfo import make_conninfo
+
+    params: dict[str, object] = {
+        "host": url.host,
+        "port": url.port,
+        "user": url.username,
+        "password": url.password,
+        "dbname": url.database,
+    }
+    for name, value in url.query.items():
+        params[name] = value if isinstance(value, str) else value[-1]
+    return make_conninfo(**{k: v for k, v in params.items() if v is not None})
 
 
 async def in_transaction(engine: sa.Engine, work: Callable[[sa.Connection], T]) -> T:

@@ -174,3 +174,26 @@ def test_metrics_port_and_log_format():
         Settings.from_env({"OUTBOX_METRICS_PORT": "http"})
     with pytest.raises(SettingsError, match="OUTBOX_LOG_FORMAT must be one of text, json"):
         Settings.from_env({"OUTBOX_LOG_FORMAT": "xml"})
+
+
+def test_psycopg_connections_get_the_url_parameters_as_sqlalchemy_reads_them():
+    """The worker's own psycopg connections (LISTEN, the hot path) see a space in a query value
+    and special characters in the password as they are, not as a URI's ``+``."""
+    from psycopg.conninfo import conninfo_to_dict
+    from sqlalchemy.engine import make_url
+
+    from outbox.database import libpq_conninfo
+
+    url = make_url(
+        "postgresql+psycopg://app:p%40ss%20w%3Ard@db.example:6543/orders"
+        "?options=-csearch_path%3Dx%20-cwork_mem%3D64MB&sslmode=require"
+    )
+    assert conninfo_to_dict(libpq_conninfo(url)) == {
+        "host": "db.example",
+        "port": "6543",
+        "user": "app",
+        "password": "p@ss w:rd",
+        "dbname": "orders",
+        "options": "-csearch_path=x -cwork_mem=64MB",
+        "sslmode": "require",
+    }
