@@ -30,8 +30,10 @@ from .sockudo.events import check_text
 from .sockudo.params import (
     MessageMutation,
     PublishAnnotationRequest,
-    annotation_body,
+    annotation_request_body,
+    append_body,
     mutation_body,
+    mutation_from,
     with_op_id,
 )
 
@@ -63,7 +65,7 @@ def update_message(
     order they were enqueued. Returns the mutation's own event id (await it with an async
     ``target``). ``idempotency_key`` is sent as ``op_id`` (at most 64 bytes; a new one if None).
     """
-    body = mutation_body(_mutation(mutation, fields), _op_id(idempotency_key), action="update")
+    body = mutation_body(mutation_from(mutation, fields), _op_id(idempotency_key), action="update")
     return _add(target, table, Operation.UPDATE, channel, message, body)
 
 
@@ -79,7 +81,7 @@ def delete_message(
 ) -> uuid.UUID | Awaitable[uuid.UUID]:
     """Soft-delete a message once this commits: its data stays unless ``clear_fields`` lists
     it, and a later update revives it (Sockudo's semantics)."""
-    body = mutation_body(_mutation(mutation, fields), _op_id(idempotency_key), action="delete")
+    body = mutation_body(mutation_from(mutation, fields), _op_id(idempotency_key), action="delete")
     return _add(target, table, Operation.DELETE, channel, message, body)
 
 
@@ -98,16 +100,14 @@ def append_message(
 ) -> uuid.UUID | Awaitable[uuid.UUID]:
     """Append ``data`` to a message's string data once this commits, after every operation on
     that message enqueued before it (appends concatenate in that order)."""
-    if not isinstance(data, str) or not data:
-        raise InvalidEvent("append_message data must be a non-empty string", field="data")
-    given = {
-        "data": data,
-        "extras": extras,
-        "client_id": client_id,
-        "description": description,
-        "metadata": metadata,
-    }
-    body = with_op_id({k: v for k, v in given.items() if v is not None}, _op_id(idempotency_key))
+    body = append_body(
+        data,
+        _op_id(idempotency_key),
+        extras=extras,
+        client_id=client_id,
+        description=description,
+        metadata=metadata,
+    )
     return _add(target, table, Operation.APPEND, channel, message, body)
 
 
@@ -128,16 +128,7 @@ def publish_annotation(
     count and data) created since the row was queued, and sends nothing if it finds one. An
     identical annotation from elsewhere in that window is therefore taken for this one.
     """
-    if request is None:
-        request = fields
-    elif fields:
-        raise InvalidEvent("pass either a request or keywords, not both", field="request")
-    if isinstance(request, PublishAnnotationRequest):
-        body = request.to_payload()
-    elif isinstance(request, Mapping):
-        body = annotation_body(request)
-    else:
-        raise InvalidEvent("request must be a PublishAnnotationRequest or a mapping")
+    body = annotation_request_body(request, fields)
     if "socketId" in body:
         raise InvalidEvent("the outbox publishes as the server: no socket_id", field="socket_id")
     _op_id(idempotency_key)  # the row's key: validated like the others, never sent
@@ -180,19 +171,6 @@ def message_ordering_key(channel: str, message: MessageRef) -> str:
         return key
     digest = hashlib.sha256(f"{channel}\x00{message}".encode()).hexdigest()
     return f"message:{digest}"
-
-
-def _mutation(
-    mutation: MessageMutation | Mapping[str, Any] | None, fields: Mapping[str, Any]
-) -> MessageMutation | Mapping[str, Any] | None:
-    if mutation is not None and fields:
-        raise InvalidEvent("pass either a mutation or keywords, not both", field=next(iter(fields)))
-    if mutation is None and fields:
-        try:
-            return MessageMutation(**fields)
-        except TypeError as exc:
-            raise InvalidEvent(str(exc), field="mutation") from exc
-    return mutation
 
 
 def _op_id(key: str | None) -> str:

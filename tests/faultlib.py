@@ -190,3 +190,20 @@ def retry_after_violations(requests: Iterable[dict[str, Any]], slack: float = 0.
             for key in request["keys"]:
                 asked[key] = request["time"] + request["retry_after"]
     return problems
+
+
+def report_summary(request: Any, results: Results, title: str, filename: str, seed: int) -> None:
+    """Write a module's ``results`` to ``.cache/<filename>`` (git-ignored, and unlike pytest's
+    tmp dirs not rotated away by other runs) and print them as a table under ``title``."""
+    path = REPO / ".cache" / filename
+    results.write_json(path)
+    text = (
+        f"\n\n{title} (seed {seed}; JSON: {path})\n{results.table()}\n"
+        if results.rows
+        else f"\n\n{title}: no scenario finished\n"
+    )
+    reporter = request.config.pluginmanager.getplugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(text)
+    else:  # pragma: no cover (pytest without its terminal)
+        print(text)

@@ -34,10 +34,10 @@ from outbox.sockudo.events import DEFAULT_LIMITS, Limits
 from outbox.testing.server import RemoteTestServer, TestServerProcess
 from outbox.testing.worker import WorkerProcess
 from tests.faultlib import (
-    REPO,
     Results,
     all_rows,
     in_flight,
+    report_summary,
     retry_after_violations,
     settled,
     wait_until,
@@ -61,19 +61,7 @@ def fault_results(
     """Collects one row per scenario; prints the table and writes JSON when the module ends."""
     results = Results()
     yield results
-    # .cache/ is git-ignored and, unlike pytest's tmp dirs, not rotated away by other runs.
-    path = REPO / ".cache" / "faults-summary.json"
-    results.write_json(path)
-    text = (
-        f"\n\nFault suite summary (seed {SEED}; JSON: {path})\n{results.table()}\n"
-        if results.rows
-        else "\n\nFault suite summary: no scenario finished\n"
-    )
-    reporter = request.config.pluginmanager.getplugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(text)
-    else:  # pragma: no cover (pytest without its terminal)
-        print(text)
+    report_summary(request, results, "Fault suite summary", "faults-summary.json", SEED)
 
 
 @pytest.fixture

@@ -43,7 +43,7 @@ from outbox.testing.pusher_ws import PusherSubscriber
 from outbox.testing.server import TestServerProcess
 from outbox.testing.soketi import SoketiServer
 from outbox.testing.worker import WorkerProcess
-from tests.faultlib import REPO, Results, settled, wait_until, worker_config
+from tests.faultlib import REPO, Results, report_summary, settled, wait_until, worker_config
 from tests.outbox_rows import EV
 
 pytestmark = pytest.mark.faults
@@ -77,18 +77,9 @@ def ordering_results(request: pytest.FixtureRequest) -> Iterator[Results]:
     """One row per storm; printed as a table (and written as JSON) when the module ends."""
     results = Results()
     yield results
-    path = REPO / ".cache" / "faults-ordering-summary.json"
-    results.write_json(path)
-    text = (
-        f"\n\nOrdered kill storm summary (seed {SEED}; JSON: {path})\n{results.table()}\n"
-        if results.rows
-        else "\n\nOrdered kill storm summary: no scenario finished\n"
+    report_summary(
+        request, results, "Ordered kill storm summary", "faults-ordering-summary.json", SEED
     )
-    reporter = request.config.pluginmanager.getplugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(text)
-    else:  # pragma: no cover (pytest without its terminal)
-        print(text)
 
 
 @pytest.fixture

@@ -50,13 +50,13 @@ from .params import (
     PresenceHistoryParams,
     PresenceSnapshotParams,
     PublishAnnotationRequest,
-    annotation_body,
-    canonical,
+    annotation_request_body,
+    append_body,
     merge_params,
     mutation_body,
+    mutation_from,
     operator_body,
     purge_fields,
-    with_op_id,
 )
 from .responses import Result
 from .signing import quote_path_segment
@@ -339,19 +339,15 @@ class Operations:
 
         Without an ``op_id`` every retry would append again; this client always sends one.
         """
-        if not isinstance(data, str) or not data:
-            raise InvalidEvent("append_message data must be a non-empty string", field="data")
-        body: dict[str, Any] = {"data": data}
-        for name, value in (
-            ("extras", extras),
-            ("client_id", client_id),
-            ("socket_id", socket_id),
-            ("description", description),
-            ("metadata", metadata),
-        ):
-            if value is not None:
-                body[name] = canonical(value)
-        body = with_op_id(body, op_id)
+        body = append_body(
+            data,
+            op_id,
+            extras=extras,
+            client_id=client_id,
+            socket_id=socket_id,
+            description=description,
+            metadata=metadata,
+        )
         path = self._message_path(channel, message_serial, "/append")
         return Call(self._post(path, body), _typed(MutationResult.from_json))
 
@@ -364,16 +360,7 @@ class Operations:
         op_id: str | None,
         fields: Mapping[str, Any],
     ) -> Call[MutationResult]:
-        if mutation is None and fields:
-            try:
-                mutation = MessageMutation(**fields)
-            except TypeError as exc:
-                raise InvalidEvent(str(exc), field="mutation") from exc
-        elif fields:
-            raise InvalidEvent(
-                "pass either a mutation or keywords, not both", field=next(iter(fields))
-            )
-        body = mutation_body(mutation, op_id, action=action)
+        body = mutation_body(mutation_from(mutation, fields), op_id, action=action)
         path = self._message_path(channel, message_serial, f"/{action}")
         return Call(self._post(path, body), _typed(MutationResult.from_json))
 
@@ -392,16 +379,7 @@ class Operations:
         Not idempotent on the server: a retry after a lost answer adds a second annotation
         (``total`` and ``multiple`` summaries count it twice).
         """
-        if request is None:
-            request = fields
-        elif fields:
-            raise InvalidEvent("pass either a request or keywords, not both", field="request")
-        if isinstance(request, PublishAnnotationRequest):
-            body = request.to_payload()
-        elif isinstance(request, Mapping):
-            body = annotation_body(request)
-        else:
-            raise InvalidEvent("request must be a PublishAnnotationRequest or a mapping")
+        body = annotation_request_body(request, fields)
         path = self._message_path(channel, message_serial, "/annotations")
         return Call(self._post(path, body), _typed(AnnotationPublished.from_json))
 

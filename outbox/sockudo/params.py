@@ -214,6 +214,47 @@ def annotation_body(request: Mapping[str, Any]) -> dict[str, Any]:
     return body
 
 
+def annotation_request_body(
+    request: PublishAnnotationRequest | Mapping[str, Any] | None, fields: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The body of an annotation from a request object, a mapping, or keywords (not two)."""
+    if request is None:
+        request = fields
+    elif fields:
+        raise InvalidEvent("pass either a request or keywords, not both", field="request")
+    if isinstance(request, PublishAnnotationRequest):
+        return request.to_payload()
+    if isinstance(request, Mapping):
+        return annotation_body(request)
+    raise InvalidEvent("request must be a PublishAnnotationRequest or a mapping")
+
+
+def append_body(data: str, op_id: str | None, **optional: Any) -> dict[str, Any]:
+    """The body of an append: the fragment, the optional fields given (canonical JSON), and
+    always an ``op_id`` (without one every retry would append again)."""
+    if not isinstance(data, str) or not data:
+        raise InvalidEvent("append_message data must be a non-empty string", field="data")
+    body: dict[str, Any] = {"data": data}
+    for name, value in optional.items():
+        if value is not None:
+            body[name] = canonical(value)
+    return with_op_id(body, op_id)
+
+
+def mutation_from(
+    mutation: MessageMutation | Mapping[str, Any] | None, fields: Mapping[str, Any]
+) -> MessageMutation | Mapping[str, Any] | None:
+    """The mutation given, or one built from keywords (not both)."""
+    if mutation is not None and fields:
+        raise InvalidEvent("pass either a mutation or keywords, not both", field=next(iter(fields)))
+    if mutation is None and fields:
+        try:
+            return MessageMutation(**fields)
+        except TypeError as exc:
+            raise InvalidEvent(str(exc), field="mutation") from exc
+    return mutation
+
+
 def mutation_body(
     mutation: MessageMutation | Mapping[str, Any] | None,
     op_id: str | None,
