@@ -26,7 +26,7 @@ from .enqueue import Target, _add_trace_context, _insert
 from .schema import ORDERING_KEY_MAX, SERIAL_MAX, Operation, outbox_table
 from .sockudo import crypto, events
 from .sockudo.errors import InvalidEvent
-from .sockudo.events import check_text
+from .sockudo.events import DEFAULT_LIMITS, Limits, check_text
 from .sockudo.params import (
     MessageMutation,
     PublishAnnotationRequest,
@@ -56,6 +56,7 @@ def update_message(
     mutation: MessageMutation | Mapping[str, Any] | None = None,
     *,
     idempotency_key: str | None = None,
+    limits: Limits = DEFAULT_LIMITS,
     table: sa.Table | None = None,
     **fields: Any,
 ) -> uuid.UUID | Awaitable[uuid.UUID]:
@@ -66,7 +67,7 @@ def update_message(
     ``target``). ``idempotency_key`` is sent as ``op_id`` (at most 64 bytes; a new one if None).
     """
     body = mutation_body(mutation_from(mutation, fields), _op_id(idempotency_key), action="update")
-    return _add(target, table, Operation.UPDATE, channel, message, body)
+    return _add(target, table, limits, Operation.UPDATE, channel, message, body)
 
 
 def delete_message(
@@ -76,13 +77,14 @@ def delete_message(
     mutation: MessageMutation | Mapping[str, Any] | None = None,
     *,
     idempotency_key: str | None = None,
+    limits: Limits = DEFAULT_LIMITS,
     table: sa.Table | None = None,
     **fields: Any,
 ) -> uuid.UUID | Awaitable[uuid.UUID]:
     """Soft-delete a message once this commits: its data stays unless ``clear_fields`` lists
     it, and a later update revives it (Sockudo's semantics)."""
     body = mutation_body(mutation_from(mutation, fields), _op_id(idempotency_key), action="delete")
-    return _add(target, table, Operation.DELETE, channel, message, body)
+    return _add(target, table, limits, Operation.DELETE, channel, message, body)
 
 
 def append_message(
@@ -96,6 +98,7 @@ def append_message(
     description: str | None = None,
     metadata: Any = None,
     idempotency_key: str | None = None,
+    limits: Limits = DEFAULT_LIMITS,
     table: sa.Table | None = None,
 ) -> uuid.UUID | Awaitable[uuid.UUID]:
     """Append ``data`` to a message's string data once this commits, after every operation on
@@ -108,7 +111,7 @@ def append_message(
         description=description,
         metadata=metadata,
     )
-    return _add(target, table, Operation.APPEND, channel, message, body)
+    return _add(target, table, limits, Operation.APPEND, channel, message, body)
 
 
 def publish_annotation(
@@ -118,6 +121,7 @@ def publish_annotation(
     request: PublishAnnotationRequest | Mapping[str, Any] | None = None,
     *,
     idempotency_key: str | None = None,
+    limits: Limits = DEFAULT_LIMITS,
     table: sa.Table | None = None,
     **fields: Any,
 ) -> uuid.UUID | Awaitable[uuid.UUID]:
@@ -132,7 +136,7 @@ def publish_annotation(
     if "socketId" in body:
         raise InvalidEvent("the outbox publishes as the server: no socket_id", field="socket_id")
     _op_id(idempotency_key)  # the row's key: validated like the others, never sent
-    return _add(target, table, Operation.ANNOTATE, channel, message, body, idempotency_key)
+    return _add(target, table, limits, Operation.ANNOTATE, channel, message, body, idempotency_key)
 
 
 def delete_annotation(
@@ -142,6 +146,7 @@ def delete_annotation(
     annotation_serial: str,
     *,
     idempotency_key: str | None = None,
+    limits: Limits = DEFAULT_LIMITS,
     table: sa.Table | None = None,
 ) -> uuid.UUID | Awaitable[uuid.UUID]:
     """Delete an annotation (by the serial its publish answered) once this commits. A repeat is
@@ -156,6 +161,7 @@ def delete_annotation(
     return _add(
         target,
         table,
+        limits,
         Operation.UNANNOTATE,
         channel,
         message,
@@ -181,13 +187,14 @@ def _op_id(key: str | None) -> str:
 def _add(
     target: Target,
     table: sa.Table | None,
+    limits: Limits,
     operation: Operation,
     channel: str,
     message: MessageRef,
     body: Mapping[str, Any] | str,
     key: str | None = None,
 ) -> uuid.UUID | Awaitable[uuid.UUID]:
-    (channel,) = events.validate_channels([channel])
+    (channel,) = events.validate_channels([channel], limits)
     if crypto.is_encrypted_channel(channel):
         raise InvalidEvent("encrypted channels have no versioned messages", field="channel")
     if isinstance(message, uuid.UUID):

@@ -30,7 +30,7 @@ from outbox.mutations import (
     publish_annotation,
     update_message,
 )
-from outbox.sockudo import Sockudo
+from outbox.sockudo import Limits, Sockudo
 from outbox.sockudo.errors import InvalidEvent
 from outbox.testing.server import TestServer
 from outbox.testing.server.store import Version
@@ -451,3 +451,15 @@ def test_bad_input_refused_at_enqueue(engine, call):
     with engine.begin() as conn, pytest.raises(InvalidEvent):
         call(conn)
     assert rows(engine) == []
+
+
+def test_a_namespace_the_app_configures_is_accepted_like_enqueue(engine):
+    """``limits`` as for ``enqueue``: a namespaced channel is refused by default and accepted
+    once the app's namespaces are given."""
+    with engine.begin() as conn:
+        with pytest.raises(InvalidEvent):
+            update_message(conn, "orders:eu", "s-1", data="x")
+        namespaces = Limits(namespaces=frozenset({"orders"}))
+        update_message(conn, "orders:eu", "s-1", data="x", limits=namespaces)
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(T)).scalar_one() == 1
