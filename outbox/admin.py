@@ -45,7 +45,8 @@ class StatusReport:
 
     ``oldest_age_seconds`` is, per state, how long ago its oldest row was created (None when the
     state is empty): the lag of that state. ``published`` appears in ``counts`` and
-    ``oldest_age_seconds`` only for a full report; ``published_last_minute`` is None unless asked.
+    ``oldest_age_seconds`` only for a full report; ``published_last_minute`` is None unless asked,
+    and ``waiting_mutations`` and ``waiting_for_key`` are counted only for a full report.
     """
 
     counts: dict[str, int]
@@ -136,14 +137,15 @@ def snapshot(
         parked_keys=conn.execute(
             sa.select(sa.func.count()).select_from(parked_table(table))
         ).scalar_one(),
-        waiting_mutations=conn.execute(
-            sa.select(sa.func.count()).where(_waits_for_target(hot))
-        ).scalar_one(),
-        waiting_for_key=conn.execute(
-            sa.select(sa.func.count()).where(hot.c.next_attempt_at == WAITING_FOR_KEY)
-        ).scalar_one(),
     )
     if published:
+        # For people, not for the gauges: the mutation count reads every mutation row waiting.
+        report.waiting_mutations = conn.execute(
+            sa.select(sa.func.count()).where(_waits_for_target(hot))
+        ).scalar_one()
+        report.waiting_for_key = conn.execute(
+            sa.select(sa.func.count()).where(hot.c.next_attempt_at == WAITING_FOR_KEY)
+        ).scalar_one()
         since = now - dt.timedelta(seconds=60)
         report.published_last_minute = conn.execute(
             sa.select(sa.func.count()).where(log.c.published_at >= since)

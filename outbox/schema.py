@@ -267,8 +267,7 @@ def outbox_table(name: str = DEFAULT_TABLE_NAME, schema: str | None = None) -> s
             f"ix_{name}_ordering",
             "ordering_key",
             "id",
-            postgresql_where=sa.text("ordering_key IS NOT NULL"),
-            sqlite_where=sa.text("ordering_key IS NOT NULL"),
+            **_partial("ordering_key IS NOT NULL"),
         ),
         # SQLite would otherwise reuse the largest id after it moved out to the log.
         sqlite_autoincrement=True,
@@ -282,8 +281,8 @@ def outbox_table(name: str = DEFAULT_TABLE_NAME, schema: str | None = None) -> s
         sa.Index(f"ix_{name}{DEAD_SUFFIX}_key", "idempotency_key"),
         **MYSQL_TABLE_OPTIONS,
     )
-    # Append-only: only the primary key, so keeping history costs the drain one index entry.
-    # Retention deletes by published_at with a scan; searches by event id or key scan too.
+    # Append-only: the primary key, and the serial index below only for rows the server gave a
+    # serial. Retention deletes by published_at with a scan; searches by event id or key scan too.
     sa.Table(
         name + PUBLISHED_SUFFIX,
         metadata,
@@ -294,8 +293,7 @@ def outbox_table(name: str = DEFAULT_TABLE_NAME, schema: str | None = None) -> s
             f"ix_{name}{PUBLISHED_SUFFIX}_serial",
             "event_id",
             "channel",
-            postgresql_where=sa.text("message_serial IS NOT NULL"),
-            sqlite_where=sa.text("message_serial IS NOT NULL"),
+            **_partial("message_serial IS NOT NULL"),
         ),
         **MYSQL_TABLE_OPTIONS,
     )
@@ -311,6 +309,12 @@ def outbox_table(name: str = DEFAULT_TABLE_NAME, schema: str | None = None) -> s
     )
     sa.event.listen(hot, "after_create", _hot_table_storage(hot))
     return hot
+
+
+def _partial(predicate: str) -> dict[str, sa.TextClause]:
+    """Index options: only rows matching ``predicate`` where the database has partial indexes
+    (PostgreSQL, SQLite); MariaDB and MySQL index every row."""
+    return {"postgresql_where": sa.text(predicate), "sqlite_where": sa.text(predicate)}
 
 
 def _hot_table_storage(hot: sa.Table) -> sa.DDLElement:

@@ -7,16 +7,19 @@ WorkerProcess`: they report their own counts, so nothing here parses a worker's 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
+from outbox.testing.worker import WorkerProcess
 from tests.outbox_rows import EV, counts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -207,3 +210,24 @@ def report_summary(request: Any, results: Results, title: str, filename: str, se
         reporter.write_line(text)
     else:  # pragma: no cover (pytest without its terminal)
         print(text)
+
+
+@contextlib.contextmanager
+def spawning(tmp_path: Path, **defaults: Any) -> Iterator[Callable[..., WorkerProcess]]:
+    """``start(config, name)`` starts a worker process (``defaults`` and ``config`` are its
+    options; its log is ``<tmp_path>/<name>.log``), from any thread; every one still alive at
+    the end is killed."""
+    started: list[WorkerProcess] = []
+    lock = threading.Lock()
+
+    def start(config: dict[str, Any], name: str) -> WorkerProcess:
+        worker = WorkerProcess(log_path=tmp_path / f"{name}.log", **{**defaults, **config})
+        with lock:
+            started.append(worker)
+        return worker.start()
+
+    try:
+        yield start
+    finally:
+        for worker in started:
+            worker.close()

@@ -40,6 +40,7 @@ from tests.faultlib import (
     report_summary,
     retry_after_violations,
     settled,
+    spawning,
     wait_until,
     worker_config,
 )
@@ -67,18 +68,8 @@ def fault_results(
 @pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     """Start worker processes; every one still alive at the end of the test is killed."""
-    started: list[WorkerProcess] = []
-
-    def start(config: dict[str, Any], name: str) -> WorkerProcess:
-        worker = WorkerProcess(log_path=tmp_path / f"{name}.log", **config)  # type: ignore[arg-type]
-        started.append(worker)
-        return worker.start()
-
-    try:
+    with spawning(tmp_path) as start:
         yield start
-    finally:
-        for worker in started:
-            worker.close()
 
 
 def _server(tmp_path: Path, **options: Any) -> TestServerProcess:

@@ -32,7 +32,6 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -43,7 +42,15 @@ from outbox.testing.pusher_ws import PusherSubscriber
 from outbox.testing.server import TestServerProcess
 from outbox.testing.soketi import SoketiServer
 from outbox.testing.worker import WorkerProcess
-from tests.faultlib import REPO, Results, report_summary, settled, wait_until, worker_config
+from tests.faultlib import (
+    REPO,
+    Results,
+    report_summary,
+    settled,
+    spawning,
+    wait_until,
+    worker_config,
+)
 from tests.outbox_rows import EV
 
 pytestmark = pytest.mark.faults
@@ -85,25 +92,8 @@ def ordering_results(request: pytest.FixtureRequest) -> Iterator[Results]:
 @pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     """Start ``python worker.py`` processes; every one still alive at the end is killed."""
-    started: list[WorkerProcess] = []
-    lock = threading.Lock()
-
-    def start(config: dict[str, Any], name: str) -> WorkerProcess:
-        worker = WorkerProcess(
-            command=[sys.executable, "worker.py"],
-            cwd=REPO,
-            log_path=tmp_path / f"{name}.log",
-            **config,  # type: ignore[arg-type]
-        )
-        with lock:
-            started.append(worker)
-        return worker.start()
-
-    try:
+    with spawning(tmp_path, command=[sys.executable, "worker.py"], cwd=REPO) as start:
         yield start
-    finally:
-        for worker in started:
-            worker.close()
 
 
 # -- producers ---------------------------------------------------------------------------------
@@ -327,6 +317,14 @@ def _storm(
     )
 
 
+def _storm_notes(storm: Storm, committed: Committed) -> str:
+    return (
+        f"{len(committed.keyed)} keyed on {len(KEYS)} keys + {len(committed.unkeyed)} unkeyed; "
+        f"{storm.reclaimed_keyed} keyed rows claimed more than once; "
+        f"{storm.deadlocks} producer transactions retried after a deadlock"
+    )
+
+
 def _assert_storm(storm: Storm) -> None:
     """What every storm must have done, whatever the server."""
     committed = storm.committed
@@ -448,11 +446,7 @@ def test_ordered_kill_storm_exactly_once_in_order(
         duplicates=len(server_duplicates),
         dead=storm.dead,
         duration_s=time.monotonic() - started,
-        notes=(
-            f"{len(committed.keyed)} keyed on {len(KEYS)} keys + {len(committed.unkeyed)} unkeyed; "
-            f"{storm.reclaimed_keyed} keyed rows claimed more than once; "
-            f"{storm.deadlocks} producer transactions retried after a deadlock"
-        ),
+        notes=_storm_notes(storm, committed),
     )
     _assert_storm(storm)
     assert not phantom, phantom[:10]
@@ -538,11 +532,7 @@ async def test_ordered_kill_storm_soketi_at_least_once_in_order(
         duplicates=repeats,
         dead=storm.dead,
         duration_s=time.monotonic() - started,
-        notes=(
-            f"{len(committed.keyed)} keyed on {len(KEYS)} keys + {len(committed.unkeyed)} unkeyed; "
-            f"{storm.reclaimed_keyed} keyed rows claimed more than once; "
-            f"{storm.deadlocks} producer transactions retried after a deadlock"
-        ),
+        notes=_storm_notes(storm, committed),
     )
     _assert_storm(storm)
     assert errors == []
