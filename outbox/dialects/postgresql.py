@@ -92,6 +92,20 @@ def _statements(hot: str, published: str, dead: str, parked: str) -> dict[str, s
             UPDATE {hot} SET lease_expires_at = {lease}
             WHERE id = ANY(%(ids)s::bigint[]) AND lease_token = %(token)s
         """,
+        # First in a recording that takes keyed rows out (ack or burial), before anything is
+        # deleted: a producer of a key holds the key's newest row (KEY SHARE, see
+        # lock_ordering_keys) and the deletion must wait for it. Waiting here, the recording has
+        # changed nothing a producer could wait for; once it holds these locks it waits for no
+        # producer. (Waiting inside the DELETE instead, after deleting other rows, it could
+        # deadlock with a producer re-enqueuing the idempotency key of a row already deleted.)
+        # Unkeyed rows are not locked: no producer ever holds one.
+        "lock_leaving": f"""
+            SELECT id FROM {hot}
+            WHERE id = ANY(%(ids)s::bigint[]) AND lease_token = %(token)s
+              AND ordering_key IS NOT NULL
+            ORDER BY id
+            FOR UPDATE
+        """,
         # The token guard makes a stale worker's ack (its lease expired and was re-taken)
         # change nothing: the DELETE finds no row, so nothing reaches the log either.
         "ack": f"""
@@ -195,11 +209,17 @@ class PostgresDialect(Dialect):
         one key are handed out in commit order. A hash collision only serializes two keys.
 
         Then each key's newest row, if it has one, is held until commit (KEY SHARE): returns the
-        keys held. An ack or a burial deleting a held row waits for this transaction, so its
+        keys held. An ack or a burial taking out a held row waits for this transaction, so its
         promotion sees the rows inserted here; claims, renewals and retries (NO KEY UPDATE) do
-        not wait. A newest row already locked by a deletion is not waited for (no producer
-        ever waits for a worker, so the two can never deadlock): the rows of that key are then
-        inserted due, which costs the claim a look, never the order.
+        not wait. A newest row already locked by an ack or a burial is not waited for: the rows
+        of that key are then inserted due, which costs the claim a look, never the order.
+
+        The two never deadlock: a recording takes these locks on the keyed rows it takes out
+        before it deletes anything (the "lock_leaving" statement), so when it waits for a
+        producer it has changed nothing the producer could wait for, and once it holds them it
+        waits for no producer. The one wait the other way: a producer's insert of an idempotency
+        key whose row a recording has deleted, not yet committed, waits on the unique index for
+        that transaction to end.
         """
         hashes = sorted({_key_lock(table, key) for key in keys})
         if not hashes:
@@ -294,6 +314,12 @@ class PostgresDialect(Dialect):
         params = {"ids": list(ids), "token": token, "lease": float(lease_seconds)}
         with self._run(conn, table, "extend", params) as cursor:
             return int(cursor.rowcount)
+
+    def lock_leaving_rows(
+        self, conn: sa.Connection, table: sa.Table, token: uuid.UUID, ids: Sequence[int]
+    ) -> None:
+        if ids:
+            self._run(conn, table, "lock_leaving", {"ids": list(ids), "token": token}).close()
 
     def ack_published(
         self, conn: sa.Connection, table: sa.Table, token: uuid.UUID, acks: Sequence[Ack]
@@ -405,6 +431,10 @@ class PostgresHotPath:
     async def record(self, token: uuid.UUID, recording: Recording) -> int:
         r = recording
         steps: list[tuple[str, dict[str, Any]]] = []
+        leaving = [a.id for a in r.published] + [f.id for f in r.dead]
+        if r.heads_gone and leaving:  # keyed rows leave (see "lock_leaving")
+            steps.append(("lock_leaving", {"ids": leaving, "token": token}))
+        ack = len(steps)
         if r.published:
             steps.append(("ack", _ack_params(token, r.published)))
         for name, failures, refund in (
@@ -423,9 +453,8 @@ class PostgresHotPath:
                 steps.append(("release", {"ids": list(ids), "token": token, "refund": int(refund)}))
         if not steps:
             return 0
-        first = await self._execute(steps, transaction=True)
-        # The count of the first statement: the ack's, when there is one.
-        return first if r.published else 0
+        acked = await self._execute(steps, transaction=True, counted=ack)
+        return acked if r.published else 0
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, []
@@ -438,8 +467,10 @@ class PostgresHotPath:
         *,
         fetch: bool = False,
         transaction: bool = False,
+        counted: int = 0,
     ) -> Any:
-        """Run ``steps`` on one connection; the first one's rows (``fetch``) or row count."""
+        """Run ``steps`` on one connection; the rows (``fetch``) or row count of the step at
+        index ``counted``."""
         import psycopg
 
         sql = self._sql[steps[0][0]]
@@ -453,12 +484,12 @@ class PostgresHotPath:
                 )
             )
             async with pg.transaction() if transaction else contextlib.nullcontext():
-                first = None
+                result = None
                 for index, (name, params) in enumerate(steps):
                     sql = self._sql[name]
                     cursor = await pg.execute(sql, params, prepare=True)
-                    if index == 0:
-                        first = await cursor.fetchall() if fetch else int(cursor.rowcount)
+                    if index == counted:
+                        result = await cursor.fetchall() if fetch else int(cursor.rowcount)
         except psycopg.Error as exc:
             if pg is not None and not pg.broken:
                 self._idle.append(pg)
@@ -471,7 +502,7 @@ class PostgresHotPath:
                 await pg.close()
             raise
         self._idle.append(pg)
-        return first
+        return result
 
 
 def _promote_params(keys: Sequence[str]) -> dict[str, Any]:
