@@ -17,11 +17,15 @@ from collections.abc import Callable
 import pytest
 import sqlalchemy as sa
 
-from outbox import enqueue
+from outbox import enqueue, outbox_table
+from outbox.database import create_engine
 from outbox.dialects import Ack, Failure, dialect_for
 from outbox.dialects.hotpath import Recording, write_recording
+from outbox.worker import Worker
 from tests.outbox_rows import T
-from tests.test_worker import table_rows
+from tests.plugins.databases import POSTGRES_URL
+from tests.test_ordering import stop, waits_on_advisory_lock_of
+from tests.test_worker import fast_settings, table_rows
 
 on_postgres = pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
 
@@ -59,6 +63,65 @@ def bounded(conn: sa.Connection) -> None:
 
 def row_of(conn: sa.Connection, event_id: uuid.UUID) -> int:
     return conn.execute(sa.select(T.c.id).where(T.c.event_id == event_id)).scalar_one()
+
+
+# -- producers of one key ------------------------------------------------------------------------
+
+
+@on_postgres
+async def test_producers_reaching_one_table_by_two_search_paths_share_its_key_locks(
+    engine, database_url, sockudo_server
+):
+    """Producer 1 reaches the outbox through its search_path (``outbox_table()``), producer 2
+    through a schema-qualified Table with the default search_path (public first). It is one
+    table, so it is one key: producer 2's enqueue on key K waits for producer 1's advisory lock
+    until producer 1 commits, and the worker delivers 1 then 2.
+
+    Before the fix the lock id was mixed with ``current_schema()`` and the Table's own name, both
+    of which differ between the two paths: producer 2 did not wait, took the larger id, committed
+    first and was delivered first."""
+    with engine.connect() as conn:
+        schema = conn.execute(sa.text("SELECT current_schema()")).scalar_one()
+    qualified = outbox_table(T.name, schema=schema)
+    public = create_engine(POSTGRES_URL)
+    worker = Worker(fast_settings(database_url, sockudo_server.url), engine=engine)
+    task = asyncio.create_task(worker.run())
+    second_pid: list[int] = []
+
+    def second_producer() -> None:
+        with public.begin() as conn:
+            bounded(conn)
+            second_pid.append(backend_pid(conn))
+            enqueue(conn, "orders", "second", {"n": 1}, ordering_key="K", table=qualified)
+
+    first = engine.connect()
+    try:
+        with public.connect() as conn:
+            assert conn.execute(sa.text("SELECT current_schema()")).scalar_one() != schema
+        first_tx = first.begin()
+        bounded(first)
+        first_pid = backend_pid(first)
+        enqueue(first, "orders", "first", {"n": 0}, ordering_key="K")
+        second = asyncio.create_task(asyncio.wait_for(asyncio.to_thread(second_producer), 30))
+        await until(
+            lambda: (
+                second.done()
+                or (
+                    second_pid != [] and waits_on_advisory_lock_of(engine, second_pid[0], first_pid)
+                )
+            ),
+            "the second producer to wait on the key's lock",
+        )
+        assert not second.done(), "the second producer did not wait for the first"
+        first_tx.commit()
+        await second
+        await until(lambda: sockudo_server.delivered_count("orders") == 2, "both events")
+    finally:
+        first.close()
+        await stop(worker, task)
+        public.dispose()
+    assert [d.name for d in sockudo_server.deliveries("orders")] == ["first", "second"]
+    assert not sockudo_server.duplicates()
 
 
 # -- a producer against an acknowledgement in progress ---------------------------------------------

@@ -204,9 +204,10 @@ class PostgresDialect(Dialect):
     def lock_ordering_keys(
         self, conn: sa.Connection, table: sa.Table, keys: Sequence[str]
     ) -> set[str]:
-        """One transaction-scoped advisory lock per key (a 64-bit hash of table and key), taken
-        in a fixed order: a second producer of the key waits for the first to end, so ids of
-        one key are handed out in commit order. A hash collision only serializes two keys.
+        """One transaction-scoped advisory lock per key (a 64-bit hash of the key mixed with the
+        table's OID), taken in a fixed order: a second producer of the key waits for the first
+        to end, so ids of one key are handed out in commit order. A hash collision only
+        serializes two keys.
 
         Then each key's newest row, if it has one, is held until commit (KEY SHARE): returns the
         keys held. An ack or a burial taking out a held row waits for this transaction, so its
@@ -221,19 +222,22 @@ class PostgresDialect(Dialect):
         key whose row a recording has deleted, not yet committed, waits on the unique index for
         that transaction to end.
         """
-        hashes = sorted({_key_lock(table, key) for key in keys})
+        hashes = sorted({_key_hash(key) for key in keys})
         if not hashes:
             return set()
-        # Mixed with the schema the table is found in (``search_path``), so that two outboxes of
-        # the same name in two schemas of one database never share a key's lock. In the order
-        # of the array: every producer takes a table's keys in the same order.
+        hot = quoted(conn, table)
+        # Mixed with the table itself, its OID, found from its name as the INSERT will find it:
+        # producers reaching one table by any search_path, or through a schema-qualified Table,
+        # share a key's lock; two outboxes of one database never do. (Not the schema first in
+        # the search_path, nor the Table's own name: both differ between such producers.) In
+        # the order of the array: every producer takes a table's keys in the same order.
         locks = sa.text(
-            "SELECT pg_advisory_xact_lock(k # hashtextextended(current_schema(), 0))"
+            "SELECT pg_advisory_xact_lock("
+            "k # hashint8extended(CAST(:table AS regclass)::oid::bigint, 0))"
             " FROM unnest(:keys) AS k"
         )
         typed = sa.bindparam("keys", type_=sa.ARRAY(sa.BigInteger()))
-        conn.execute(locks.bindparams(typed), {"keys": hashes})
-        hot = quoted(conn, table)
+        conn.execute(locks.bindparams(typed), {"keys": hashes, "table": hot})
         newest = sa.text(
             f"""
             SELECT k.name FROM unnest(:names) AS k(name), LATERAL (
@@ -509,9 +513,9 @@ def _promote_params(keys: Sequence[str]) -> dict[str, Any]:
     return {"keys": sorted(set(keys)), "waiting": WAITING_FOR_KEY}
 
 
-def _key_lock(table: sa.Table, key: str) -> int:
-    """The advisory lock id of one ordering key of one table (signed 64 bits)."""
-    digest = hashlib.blake2b(f"{table.fullname}\x00{key}".encode(), digest_size=8).digest()
+def _key_hash(key: str) -> int:
+    """The hash of one ordering key (signed 64 bits), mixed with its table's in the lock id."""
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
 
 
