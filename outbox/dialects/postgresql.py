@@ -27,7 +27,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from .. import schema
-from ..database import libpq_conninfo
+from ..database import UnfollowableEngine, engine_conninfo
 from ..schema import WAITING_FOR_KEY, dead_table, parked_table, published_table
 from .base import (
     CLAIM_COLUMNS,
@@ -385,15 +385,16 @@ class PostgresDialect(Dialect):
 
         A lost connection is re-opened after a pause; the worker polls meanwhile, so a gap only
         costs latency, never an event. Each (re)connection calls ``on_notify`` once for whatever
-        was committed while nobody listened.
+        was committed while nobody listened. Connections are made as the engine makes its own
+        (:func:`~outbox.database.engine_conninfo`).
         """
         import psycopg
         from psycopg import sql
 
-        conninfo = libpq_conninfo(engine.url)
         listen = sql.SQL("LISTEN {}").format(sql.Identifier(notify_channel(table)))
         while True:
             try:
+                conninfo = await asyncio.to_thread(engine_conninfo, engine)
                 async with await psycopg.AsyncConnection.connect(
                     conninfo, autocommit=True, connect_timeout=5
                 ) as pg:
@@ -401,7 +402,7 @@ class PostgresDialect(Dialect):
                     on_notify()
                     async for _notification in pg.notifies():
                         on_notify()
-            except psycopg.Error as exc:
+            except (psycopg.Error, sa.exc.DBAPIError) as exc:
                 log.debug("LISTEN connection lost (%s); polling until it is back", exc)
                 await asyncio.sleep(LISTEN_RETRY)
 
@@ -415,13 +416,48 @@ class PostgresHotPath:
     Connections run in autocommit: a claim or a renewal is one statement and commits at once
     (synchronously: a claim lost in a crash after its batch went out would let the row be batched
     again), a recording is one explicit transaction.
+
+    Each connection is made as the engine makes its own, with the parameters of one of the
+    engine's connections (:func:`~outbox.database.engine_conninfo`); :meth:`start` checks that
+    they see what the engine's connections see.
     """
 
     def __init__(self, engine: sa.Engine, table: sa.Table) -> None:
-        self._conninfo = libpq_conninfo(engine.url)
-        names = (quoted(engine, t).replace("%", "%%") for t in _tables(table))
-        self._sql = _statements(*names)
+        self._engine = engine
+        self._names = [quoted(engine, t) for t in _tables(table)]
+        self._sql = _statements(*(name.replace("%", "%%") for name in self._names))
         self._idle: list[Any] = []
+
+    async def start(self) -> None:
+        """Refuse (:class:`~outbox.database.UnfollowableEngine`) an engine whose connections
+        see another database, user or outbox table than connections made with their
+        parameters: what a connect event's SQL changes (``SET search_path``) is not a parameter.
+        """
+        import psycopg
+
+        engine_side = await asyncio.to_thread(self._seen_by_engine)
+        try:
+            pg = await self._connect()
+            try:
+                cursor = await pg.execute(_SEEN, (self._names,))
+                own_side = _seen(await cursor.fetchone())
+            finally:
+                await pg.close()
+        except psycopg.Error as exc:
+            raise sa.exc.DBAPIError.instance(_SEEN, None, exc, psycopg.Error) from exc
+        refusal = _refusal(self._names, engine_side, own_side)
+        if refusal is not None:
+            raise UnfollowableEngine(refusal)
+
+    def _seen_by_engine(self) -> tuple[str | None, ...]:
+        with self._engine.connect() as conn:
+            return _seen(conn.exec_driver_sql(_SEEN, (self._names,)).one())
+
+    async def _connect(self) -> Any:
+        import psycopg
+
+        conninfo = await asyncio.to_thread(engine_conninfo, self._engine)
+        return await psycopg.AsyncConnection.connect(conninfo, autocommit=True, connect_timeout=10)
 
     async def claim(self, limit: int, lease_seconds: float, token: uuid.UUID) -> list[ClaimedRow]:
         params = {"limit": limit, "token": token, "lease": float(lease_seconds)}
@@ -480,13 +516,7 @@ class PostgresHotPath:
         sql = self._sql[steps[0][0]]
         pg = None
         try:
-            pg = (
-                self._idle.pop()
-                if self._idle
-                else await psycopg.AsyncConnection.connect(
-                    self._conninfo, autocommit=True, connect_timeout=10
-                )
-            )
+            pg = self._idle.pop() if self._idle else await self._connect()
             async with pg.transaction() if transaction else contextlib.nullcontext():
                 result = None
                 for index, (name, params) in enumerate(steps):
@@ -507,6 +537,62 @@ class PostgresHotPath:
             raise
         self._idle.append(pg)
         return result
+
+
+#: What a connection sees: its database, its user, and which table each name (the outbox's four,
+#: quoted as the statements name them) is, schema-qualified, or NULL where there is none.
+_SEEN = """
+    SELECT current_database(), current_user, array(
+        SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname)
+        FROM unnest(%s::text[]) WITH ORDINALITY AS t(name, place)
+        LEFT JOIN pg_class AS c ON c.oid = to_regclass(t.name)
+        LEFT JOIN pg_namespace AS n ON n.oid = c.relnamespace
+        ORDER BY t.place)
+"""
+
+
+def _seen(row: Any) -> tuple[str | None, ...]:
+    """A row of :data:`_SEEN` as one tuple: database, user, then each table."""
+    database, user, tables = row
+    return (database, user, *tables)
+
+
+def _refusal(
+    names: Sequence[str], engine_side: tuple[str | None, ...], own_side: tuple[str | None, ...]
+) -> str | None:
+    """Why the worker refuses an engine, in one line: what its own connection sees otherwise
+    than the engine's (:data:`_SEEN` of each, for the tables ``names``); None if nothing."""
+    differences = [
+        f"{what} {mine} for the engine, {theirs} for the worker's own"
+        for what, mine, theirs in zip(
+            ("database", "user"), engine_side[:2], own_side[:2], strict=True
+        )
+        if mine != theirs
+    ]
+    tables = [
+        f"table {name} is {mine or 'missing'} for the engine, {theirs or 'missing'} for the "
+        "worker's own"
+        for name, mine, theirs in zip(names, engine_side[2:], own_side[2:], strict=True)
+        if mine != theirs
+    ]
+    if tables:  # the first says it; the outbox's other tables most likely differ alike
+        more = len(tables) - 1
+        differences.append(tables[0] + (f" (and {more} more of its tables)" if more else ""))
+    if not differences:
+        return None
+    hot = engine_side[2]
+    example = (
+        f"?options=-csearch_path={hot.rpartition('.')[0]}"
+        if tables and hot
+        else "?options=-c<name>=<value>"
+    )
+    return (
+        "the worker's own PostgreSQL connections, made with the engine's connection "
+        f"parameters, would not see what the engine's connections see: {'; '.join(differences)}."
+        " SQL run on the engine's connections after they connect (a connect event?) changes "
+        "them, and the worker cannot repeat it: make it a connection parameter instead, in "
+        f"the database URL (e.g. {example}) or in connect_args"
+    )
 
 
 def _promote_params(keys: Sequence[str]) -> dict[str, Any]:
