@@ -232,3 +232,30 @@ async def test_a_producer_repeating_the_key_of_a_row_being_acked_waits_for_that_
     first, second = table_rows(engine)
     assert (first.id, first.status) == (s, "published")
     assert (second.event_id, second.status) == (again, "pending")
+
+
+@on_postgres
+def test_a_recording_locks_only_the_keyed_rows_it_holds_the_lease_of(engine):
+    """The lock step's reach: of the rows a recording takes out, it locks those with an ordering
+    key (only those can be held by a producer) and still leased under its token (a row taken
+    over by another claim is not its to take out); an unkeyed row is left unlocked, so drains
+    without keys pay nothing for it."""
+    with engine.begin() as conn:
+        keyed = row_of(conn, enqueue(conn, "orders", "keyed", {"n": 0}, ordering_key="K"))
+        unkeyed = row_of(conn, enqueue(conn, "orders", "plain", {"n": 1}))
+        taken_over = row_of(conn, enqueue(conn, "orders", "other", {"n": 2}, ordering_key="J"))
+        ours, theirs = uuid.uuid4(), uuid.uuid4()
+        for row, token in ((keyed, ours), (unkeyed, ours), (taken_over, theirs)):
+            conn.execute(sa.update(T).where(T.c.id == row).values(lease_token=token))
+    with engine.connect() as worker, engine.connect() as probe, worker.begin():
+        dialect_for(worker).lock_leaving_rows(worker, T, ours, [keyed, unkeyed, taken_over])
+        locked = []
+        for row in (keyed, unkeyed, taken_over):
+            with probe.begin():
+                try:
+                    probe.execute(
+                        sa.select(T.c.id).where(T.c.id == row).with_for_update(nowait=True)
+                    )
+                except sa.exc.OperationalError:
+                    locked.append(row)
+    assert locked == [keyed]
