@@ -72,7 +72,7 @@ def write_recording(
     dialect: Dialect, conn: sa.Connection, table: sa.Table, token: uuid.UUID, r: Recording
 ) -> int:
     """The statements of :meth:`HotPath.record`, in the caller's transaction."""
-    if r.heads_gone:
+    if r.heads_gone:  # keyed rows leave: lock them before any row is deleted (see the method)
         leaving = [a.id for a in r.published] + [f.id for f in r.dead]
         dialect.lock_leaving_rows(conn, table, token, leaving)
     acked = dialect.ack_published(conn, table, token, r.published)
