@@ -26,7 +26,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from . import admin, logs, migrate, status_view
-from .database import DatabaseURLError, create_engine, display_url
+from .database import DatabaseURLError, UnfollowableEngine, create_engine, display_url
 from .enqueue import enqueue
 from .progress import Progress
 from .schema import Status, outbox_table
@@ -288,6 +288,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
             raise CommandError(f"the worker stopped: {exc}") from None
         except PortUnavailable as exc:
             raise CommandError(str(exc)) from None
+        except UnfollowableEngine as exc:
+            raise CommandError(str(exc), EXIT_USAGE) from None
     return EXIT_OK
 
 

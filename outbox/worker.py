@@ -197,6 +197,8 @@ class Worker:
     # -- the loop -----------------------------------------------------------------------------
 
     async def run(self, *, once: bool = False) -> None:
+        if not await self._start_hot_path():
+            return
         config = self.settings.sockudo_config()
         limits = Limits(max_batch_size=self.settings.server_batch_limit)
         client = self._client or AsyncSockudo(
@@ -255,6 +257,21 @@ class Worker:
             )
         if self._side_failure is not None:
             raise SideTaskFailed(str(self._side_failure)) from self._side_failure
+
+    async def _start_hot_path(self) -> bool:
+        """Before anything is held open: an engine the worker's own connections cannot follow
+        (PostgreSQL) stops the worker here, with one line saying why (``UnfollowableEngine``).
+        A database not reachable yet is waited for, as the claim loop would. False if the
+        worker was stopped meanwhile."""
+        while not self.stopping:
+            try:
+                await self.hot_path.start()
+            except sa.exc.DBAPIError as exc:
+                await self._database_trouble("start", exc)
+                continue
+            self._database_errors_in_a_row = 0
+            return True
+        return False
 
     def _supervise(self, name: str, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run ``work`` beside the claim loop; if it ends on its own, stop the worker loudly."""

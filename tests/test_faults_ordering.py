@@ -166,10 +166,10 @@ def _commit(
 
 
 #: PostgreSQL's deadlock_detected: the transaction was rolled back whole; an application runs it
-#: again. Our producers take their keys in one order, so they never deadlock each other, but the
-#: advisory lock of a key is shared by every schema of the database (its id hashes the table name
-#: and the key, not the schema), so a run of another test or the benchmark on the same PostgreSQL
-#: database that locks "k1", "k2", ... in another order can deadlock with them.
+#: again. Our producers take their keys in one order, so they never deadlock each other, and the
+#: advisory lock of a key is mixed with its table's OID, so producers of another test's table on
+#: the same database share none of their locks short of a 64-bit hash collision (the retry stays
+#: for that).
 DEADLOCK = "40P01"
 
 

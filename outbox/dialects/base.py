@@ -278,6 +278,15 @@ class Dialect(abc.ABC):
 
     # -- the outcome of a claim (every statement is guarded by the claim's token) -------------
 
+    def lock_leaving_rows(
+        self, conn: sa.Connection, table: sa.Table, token: uuid.UUID, ids: Sequence[int]
+    ) -> None:
+        """First in a recording whose ack or burial takes keyed rows out (``ids``: the rows it
+        takes out): where a producer can hold a key's newest row until it commits (PostgreSQL),
+        wait for it here, before anything is deleted, so the recording never deadlocks with a
+        producer. Elsewhere nothing can hold them: the default does nothing."""
+        return None
+
     @abc.abstractmethod
     def ack_published(
         self, conn: sa.Connection, table: sa.Table, token: uuid.UUID, acks: Sequence[Ack]

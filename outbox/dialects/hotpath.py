@@ -45,6 +45,12 @@ class Recording:
 
 
 class HotPath(Protocol):
+    async def start(self) -> None:
+        """Check, before the worker claims anything, that the hot path can run as the engine's
+        connections do (:class:`~outbox.database.UnfollowableEngine` if not); a database error
+        is a ``DBAPIError``, as for the other calls."""
+        ...
+
     async def claim(self, limit: int, lease_seconds: float, token: uuid.UUID) -> list[ClaimedRow]:
         """Lease up to ``limit`` due rows (see :meth:`Dialect.claim_batch`); committed on return."""
         ...
@@ -66,6 +72,9 @@ def write_recording(
     dialect: Dialect, conn: sa.Connection, table: sa.Table, token: uuid.UUID, r: Recording
 ) -> int:
     """The statements of :meth:`HotPath.record`, in the caller's transaction."""
+    if r.heads_gone:  # keyed rows leave: lock them before any row is deleted (see the method)
+        leaving = [a.id for a in r.published] + [f.id for f in r.dead]
+        dialect.lock_leaving_rows(conn, table, token, leaving)
     acked = dialect.ack_published(conn, table, token, r.published)
     dialect.reschedule(conn, table, token, r.retry)
     dialect.reschedule(conn, table, token, r.retry_refund, refund=True)
@@ -82,6 +91,9 @@ class ThreadedHotPath:
 
     def __init__(self, engine: sa.Engine, dialect: Dialect, table: sa.Table) -> None:
         self.engine, self.dialect, self.table = engine, dialect, table
+
+    async def start(self) -> None:
+        pass  # the engine's own connections: nothing to follow
 
     async def claim(self, limit: int, lease_seconds: float, token: uuid.UUID) -> list[ClaimedRow]:
         return await in_transaction(

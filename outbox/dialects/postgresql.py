@@ -27,7 +27,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from .. import schema
-from ..database import libpq_conninfo
+from ..database import UnfollowableEngine, engine_conninfo
 from ..schema import WAITING_FOR_KEY, dead_table, parked_table, published_table
 from .base import (
     CLAIM_COLUMNS,
@@ -91,6 +91,20 @@ def _statements(hot: str, published: str, dead: str, parked: str) -> dict[str, s
         "extend": f"""
             UPDATE {hot} SET lease_expires_at = {lease}
             WHERE id = ANY(%(ids)s::bigint[]) AND lease_token = %(token)s
+        """,
+        # First in a recording that takes keyed rows out (ack or burial), before anything is
+        # deleted: a producer of a key holds the key's newest row (KEY SHARE, see
+        # lock_ordering_keys) and the deletion must wait for it. Waiting here, the recording has
+        # changed nothing a producer could wait for; once it holds these locks it waits for no
+        # producer. (Waiting inside the DELETE instead, after deleting other rows, it could
+        # deadlock with a producer re-enqueuing the idempotency key of a row already deleted.)
+        # Unkeyed rows are not locked: no producer ever holds one.
+        "lock_leaving": f"""
+            SELECT id FROM {hot}
+            WHERE id = ANY(%(ids)s::bigint[]) AND lease_token = %(token)s
+              AND ordering_key IS NOT NULL
+            ORDER BY id
+            FOR UPDATE
         """,
         # The token guard makes a stale worker's ack (its lease expired and was re-taken)
         # change nothing: the DELETE finds no row, so nothing reaches the log either.
@@ -190,30 +204,40 @@ class PostgresDialect(Dialect):
     def lock_ordering_keys(
         self, conn: sa.Connection, table: sa.Table, keys: Sequence[str]
     ) -> set[str]:
-        """One transaction-scoped advisory lock per key (a 64-bit hash of table and key), taken
-        in a fixed order: a second producer of the key waits for the first to end, so ids of
-        one key are handed out in commit order. A hash collision only serializes two keys.
+        """One transaction-scoped advisory lock per key (a 64-bit hash of the key mixed with the
+        table's OID), taken in a fixed order: a second producer of the key waits for the first
+        to end, so ids of one key are handed out in commit order. A hash collision only
+        serializes two keys.
 
         Then each key's newest row, if it has one, is held until commit (KEY SHARE): returns the
-        keys held. An ack or a burial deleting a held row waits for this transaction, so its
+        keys held. An ack or a burial taking out a held row waits for this transaction, so its
         promotion sees the rows inserted here; claims, renewals and retries (NO KEY UPDATE) do
-        not wait. A newest row already locked by a deletion is not waited for (no producer
-        ever waits for a worker, so the two can never deadlock): the rows of that key are then
-        inserted due, which costs the claim a look, never the order.
+        not wait. A newest row already locked by an ack or a burial is not waited for: the rows
+        of that key are then inserted due, which costs the claim a look, never the order.
+
+        The two never deadlock: a recording takes these locks on the keyed rows it takes out
+        before it deletes anything (the "lock_leaving" statement), so when it waits for a
+        producer it has changed nothing the producer could wait for, and once it holds them it
+        waits for no producer. The one wait the other way: a producer's insert of an idempotency
+        key whose row a recording has deleted, not yet committed, waits on the unique index for
+        that transaction to end.
         """
-        hashes = sorted({_key_lock(table, key) for key in keys})
+        hashes = sorted({_key_hash(key) for key in keys})
         if not hashes:
             return set()
-        # Mixed with the schema the table is found in (``search_path``), so that two outboxes of
-        # the same name in two schemas of one database never share a key's lock. In the order
-        # of the array: every producer takes a table's keys in the same order.
+        hot = quoted(conn, table)
+        # Mixed with the table itself, its OID, found from its name as the INSERT will find it:
+        # producers reaching one table by any search_path, or through a schema-qualified Table,
+        # share a key's lock; two outboxes of one database never do. (Not the schema first in
+        # the search_path, nor the Table's own name: both differ between such producers.) In
+        # the order of the array: every producer takes a table's keys in the same order.
         locks = sa.text(
-            "SELECT pg_advisory_xact_lock(k # hashtextextended(current_schema(), 0))"
+            "SELECT pg_advisory_xact_lock("
+            "k # hashint8extended(CAST(:table AS regclass)::oid::bigint, 0))"
             " FROM unnest(:keys) AS k"
         )
         typed = sa.bindparam("keys", type_=sa.ARRAY(sa.BigInteger()))
-        conn.execute(locks.bindparams(typed), {"keys": hashes})
-        hot = quoted(conn, table)
+        conn.execute(locks.bindparams(typed), {"keys": hashes, "table": hot})
         newest = sa.text(
             f"""
             SELECT k.name FROM unnest(:names) AS k(name), LATERAL (
@@ -295,6 +319,12 @@ class PostgresDialect(Dialect):
         with self._run(conn, table, "extend", params) as cursor:
             return int(cursor.rowcount)
 
+    def lock_leaving_rows(
+        self, conn: sa.Connection, table: sa.Table, token: uuid.UUID, ids: Sequence[int]
+    ) -> None:
+        if ids:
+            self._run(conn, table, "lock_leaving", {"ids": list(ids), "token": token}).close()
+
     def ack_published(
         self, conn: sa.Connection, table: sa.Table, token: uuid.UUID, acks: Sequence[Ack]
     ) -> int:
@@ -355,15 +385,16 @@ class PostgresDialect(Dialect):
 
         A lost connection is re-opened after a pause; the worker polls meanwhile, so a gap only
         costs latency, never an event. Each (re)connection calls ``on_notify`` once for whatever
-        was committed while nobody listened.
+        was committed while nobody listened. Connections are made as the engine makes its own
+        (:func:`~outbox.database.engine_conninfo`).
         """
         import psycopg
         from psycopg import sql
 
-        conninfo = libpq_conninfo(engine.url)
         listen = sql.SQL("LISTEN {}").format(sql.Identifier(notify_channel(table)))
         while True:
             try:
+                conninfo = await asyncio.to_thread(engine_conninfo, engine)
                 async with await psycopg.AsyncConnection.connect(
                     conninfo, autocommit=True, connect_timeout=5
                 ) as pg:
@@ -371,7 +402,7 @@ class PostgresDialect(Dialect):
                     on_notify()
                     async for _notification in pg.notifies():
                         on_notify()
-            except psycopg.Error as exc:
+            except (psycopg.Error, sa.exc.DBAPIError) as exc:
                 log.debug("LISTEN connection lost (%s); polling until it is back", exc)
                 await asyncio.sleep(LISTEN_RETRY)
 
@@ -385,13 +416,48 @@ class PostgresHotPath:
     Connections run in autocommit: a claim or a renewal is one statement and commits at once
     (synchronously: a claim lost in a crash after its batch went out would let the row be batched
     again), a recording is one explicit transaction.
+
+    Each connection is made as the engine makes its own, with the parameters of one of the
+    engine's connections (:func:`~outbox.database.engine_conninfo`); :meth:`start` checks that
+    they see what the engine's connections see.
     """
 
     def __init__(self, engine: sa.Engine, table: sa.Table) -> None:
-        self._conninfo = libpq_conninfo(engine.url)
-        names = (quoted(engine, t).replace("%", "%%") for t in _tables(table))
-        self._sql = _statements(*names)
+        self._engine = engine
+        self._names = [quoted(engine, t) for t in _tables(table)]
+        self._sql = _statements(*(name.replace("%", "%%") for name in self._names))
         self._idle: list[Any] = []
+
+    async def start(self) -> None:
+        """Refuse (:class:`~outbox.database.UnfollowableEngine`) an engine whose connections
+        see another database, user or outbox table than connections made with their
+        parameters: what a connect event's SQL changes (``SET search_path``) is not a parameter.
+        """
+        import psycopg
+
+        engine_side = await asyncio.to_thread(self._seen_by_engine)
+        try:
+            pg = await self._connect()
+            try:
+                cursor = await pg.execute(_SEEN, (self._names,))
+                own_side = _seen(await cursor.fetchone())
+            finally:
+                await pg.close()
+        except psycopg.Error as exc:
+            raise sa.exc.DBAPIError.instance(_SEEN, None, exc, psycopg.Error) from exc
+        refusal = _refusal(self._names, engine_side, own_side)
+        if refusal is not None:
+            raise UnfollowableEngine(refusal)
+
+    def _seen_by_engine(self) -> tuple[str | None, ...]:
+        with self._engine.connect() as conn:
+            return _seen(conn.exec_driver_sql(_SEEN, (self._names,)).one())
+
+    async def _connect(self) -> Any:
+        import psycopg
+
+        conninfo = await asyncio.to_thread(engine_conninfo, self._engine)
+        return await psycopg.AsyncConnection.connect(conninfo, autocommit=True, connect_timeout=10)
 
     async def claim(self, limit: int, lease_seconds: float, token: uuid.UUID) -> list[ClaimedRow]:
         params = {"limit": limit, "token": token, "lease": float(lease_seconds)}
@@ -405,6 +471,10 @@ class PostgresHotPath:
     async def record(self, token: uuid.UUID, recording: Recording) -> int:
         r = recording
         steps: list[tuple[str, dict[str, Any]]] = []
+        leaving = [a.id for a in r.published] + [f.id for f in r.dead]
+        if r.heads_gone and leaving:  # keyed rows leave (see "lock_leaving")
+            steps.append(("lock_leaving", {"ids": leaving, "token": token}))
+        ack = len(steps)
         if r.published:
             steps.append(("ack", _ack_params(token, r.published)))
         for name, failures, refund in (
@@ -423,9 +493,8 @@ class PostgresHotPath:
                 steps.append(("release", {"ids": list(ids), "token": token, "refund": int(refund)}))
         if not steps:
             return 0
-        first = await self._execute(steps, transaction=True)
-        # The count of the first statement: the ack's, when there is one.
-        return first if r.published else 0
+        acked = await self._execute(steps, transaction=True, counted=ack)
+        return acked if r.published else 0
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, []
@@ -438,27 +507,23 @@ class PostgresHotPath:
         *,
         fetch: bool = False,
         transaction: bool = False,
+        counted: int = 0,
     ) -> Any:
-        """Run ``steps`` on one connection; the first one's rows (``fetch``) or row count."""
+        """Run ``steps`` on one connection; the rows (``fetch``) or row count of the step at
+        index ``counted``."""
         import psycopg
 
         sql = self._sql[steps[0][0]]
         pg = None
         try:
-            pg = (
-                self._idle.pop()
-                if self._idle
-                else await psycopg.AsyncConnection.connect(
-                    self._conninfo, autocommit=True, connect_timeout=10
-                )
-            )
+            pg = self._idle.pop() if self._idle else await self._connect()
             async with pg.transaction() if transaction else contextlib.nullcontext():
-                first = None
+                result = None
                 for index, (name, params) in enumerate(steps):
                     sql = self._sql[name]
                     cursor = await pg.execute(sql, params, prepare=True)
-                    if index == 0:
-                        first = await cursor.fetchall() if fetch else int(cursor.rowcount)
+                    if index == counted:
+                        result = await cursor.fetchall() if fetch else int(cursor.rowcount)
         except psycopg.Error as exc:
             if pg is not None and not pg.broken:
                 self._idle.append(pg)
@@ -471,16 +536,72 @@ class PostgresHotPath:
                 await pg.close()
             raise
         self._idle.append(pg)
-        return first
+        return result
+
+
+#: What a connection sees: its database, its user, and which table each name (the outbox's four,
+#: quoted as the statements name them) is, schema-qualified, or NULL where there is none.
+_SEEN = """
+    SELECT current_database(), current_user, array(
+        SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname)
+        FROM unnest(%s::text[]) WITH ORDINALITY AS t(name, place)
+        LEFT JOIN pg_class AS c ON c.oid = to_regclass(t.name)
+        LEFT JOIN pg_namespace AS n ON n.oid = c.relnamespace
+        ORDER BY t.place)
+"""
+
+
+def _seen(row: Any) -> tuple[str | None, ...]:
+    """A row of :data:`_SEEN` as one tuple: database, user, then each table."""
+    database, user, tables = row
+    return (database, user, *tables)
+
+
+def _refusal(
+    names: Sequence[str], engine_side: tuple[str | None, ...], own_side: tuple[str | None, ...]
+) -> str | None:
+    """Why the worker refuses an engine, in one line: what its own connection sees otherwise
+    than the engine's (:data:`_SEEN` of each, for the tables ``names``); None if nothing."""
+    differences = [
+        f"{what} {mine} for the engine, {theirs} for the worker's own"
+        for what, mine, theirs in zip(
+            ("database", "user"), engine_side[:2], own_side[:2], strict=True
+        )
+        if mine != theirs
+    ]
+    tables = [
+        f"table {name} is {mine or 'missing'} for the engine, {theirs or 'missing'} for the "
+        "worker's own"
+        for name, mine, theirs in zip(names, engine_side[2:], own_side[2:], strict=True)
+        if mine != theirs
+    ]
+    if tables:  # the first says it; the outbox's other tables most likely differ alike
+        more = len(tables) - 1
+        differences.append(tables[0] + (f" (and {more} more of its tables)" if more else ""))
+    if not differences:
+        return None
+    hot = engine_side[2]
+    example = (
+        f"?options=-csearch_path={hot.rpartition('.')[0]}"
+        if tables and hot
+        else "?options=-c<name>=<value>"
+    )
+    return (
+        "the worker's own PostgreSQL connections, made with the engine's connection "
+        f"parameters, would not see what the engine's connections see: {'; '.join(differences)}."
+        " SQL run on the engine's connections after they connect (a connect event?) changes "
+        "them, and the worker cannot repeat it: make it a connection parameter instead, in "
+        f"the database URL (e.g. {example}) or in connect_args"
+    )
 
 
 def _promote_params(keys: Sequence[str]) -> dict[str, Any]:
     return {"keys": sorted(set(keys)), "waiting": WAITING_FOR_KEY}
 
 
-def _key_lock(table: sa.Table, key: str) -> int:
-    """The advisory lock id of one ordering key of one table (signed 64 bits)."""
-    digest = hashlib.blake2b(f"{table.fullname}\x00{key}".encode(), digest_size=8).digest()
+def _key_hash(key: str) -> int:
+    """The hash of one ordering key (signed 64 bits), mixed with its table's in the lock id."""
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
 
 
