@@ -14,12 +14,13 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import math
 import os
 import signal
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from .database import DatabaseURLError, create_engine, display_url
 from .enqueue import enqueue
 from .progress import Progress
 from .schema import Status, outbox_table
-from .settings import ENVIRONMENT, LOG_FORMATS, SPECS, Settings, SettingsError
+from .settings import ENVIRONMENT, LOG_FORMATS, SPECS, Settings, SettingsError, SettingSpec
 from .sockudo.crypto import is_encrypted_channel
 from .sockudo.errors import InvalidEvent
 
@@ -132,7 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for spec in WORKER_FLAGS:
         p.add_argument(
-            spec.flag, dest=spec.name, type=spec.kind, help=f"{spec.help} (env {spec.variable})"
+            spec.flag,
+            dest=spec.name,
+            type=_flag_parser(spec),
+            help=f"{spec.help} (env {spec.variable})",
         )
     p.set_defaults(handler=cmd_worker)
 
@@ -593,6 +597,20 @@ def _split_ids(values: Sequence[str]) -> tuple[list[int], list[uuid.UUID]]:
 _SAMPLE = 10
 
 
+def _flag_parser(spec: SettingSpec) -> Callable[[str], object]:
+    """A flag's value read and range-checked as its variable's would be; the error names both
+    (argparse puts the flag first: ``argument --retention-seconds: OUTBOX_RETENTION_SECONDS
+    must be 0 (keep forever) or positive, got -1``)."""
+
+    def parse(text: str) -> object:
+        try:
+            return spec.parse(text)
+        except SettingsError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
 def _positive_int(value: str) -> int:
     try:
         number = int(value)
@@ -608,8 +626,8 @@ def _positive_float(value: str) -> float:
         number = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    if not 0 < number < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
     return number
 
 

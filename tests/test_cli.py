@@ -269,6 +269,16 @@ def test_status_max_age_needs_check_and_watch_refuses_check(env, capsys):
     assert code == 2 and "--watch is a view" in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("flag", ["--interval", "--max-age"])
+@pytest.mark.parametrize("value", ["inf", "nan", "-1", "0"])
+def test_status_seconds_must_be_finite_and_positive(capsys, flag, value):
+    # --watch --interval inf would sleep forever between two frames.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["status", "--check", flag, f"{value}"])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: must be a positive number, got {value}" in capsys.readouterr().err
+
+
 def test_status_check_exits_3_when_dead_rows_exist(env, engine, capsys):
     add(engine)
     assert cli(capsys, "status", "--check")[0] == 0
