@@ -175,7 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--published", action="store_true", help="replay published events instead")
     p.add_argument("--channel")
     p.add_argument("--event", help="event name")
-    p.add_argument("--error-code", help="last error code or HTTP status, e.g. 413")
+    p.add_argument(
+        "--error-code", type=_error_code, help="last error code or HTTP status, e.g. 413"
+    )
     p.add_argument("--since", type=_timestamp, help="created at or after (ISO 8601)")
     p.add_argument("--until", type=_timestamp, help="created before (ISO 8601)")
     p.add_argument("--limit", type=_positive_int, help="replay at most this many (oldest first)")
@@ -636,7 +638,17 @@ def _timestamp(value: str) -> dt.datetime:
         parsed = dt.datetime.fromisoformat(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {value!r}") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+    try:
+        return admin.filter_time("time", parsed)
+    except admin.FilterError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _error_code(value: str) -> str:
+    try:
+        return admin.filter_error_code(value)
+    except admin.FilterError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _print_replay(

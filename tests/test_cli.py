@@ -459,6 +459,23 @@ def test_replay_filters_select_the_right_dead_rows(env, engine, capsys, args, se
             assert_untouched(before[row_id], after[row_id])
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--error-code", "²", "an HTTP status is 100 to 999 in ASCII digits, got '²'"),
+        ("--error-code", "9" * 20, "an HTTP status is 100 to 999"),
+        ("--error-code", "x" * 65, "an error code is 1 to 64 printable characters"),
+        ("--since", "0001-01-01T00:00+01:00", "a time from 1970 to 9999 (in UTC) is expected"),
+        ("--until", "9999-12-31T23:30-01:00", "a time from 1970 to 9999 (in UTC) is expected"),
+    ],
+)
+def test_replay_filters_no_database_could_compare_are_usage_errors(capsys, flag, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["replay", "--dry-run", flag, value])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: {message}" in capsys.readouterr().err
+
+
 def test_replay_keep_key_keeps_the_idempotency_key(env, engine, capsys):
     row_id = dead(engine)
     before = rows(engine)

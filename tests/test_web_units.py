@@ -243,6 +243,48 @@ def test_the_dead_filter_from_a_form():
     assert views.DeadQuery().selection() == ReplayFilter(statuses=("dead",))
 
 
+@pytest.mark.parametrize(
+    ("field", "text", "message"),
+    [
+        ("error", "²", "error: an HTTP status is 100 to 999 in ASCII digits, got '²'"),
+        ("error", "٤١٣", "error: an HTTP status is 100 to 999"),  # Arabic-Indic digits
+        ("error", "9" * 20, "error: an HTTP status is 100 to 999"),
+        ("error", "99", "error: an HTTP status is 100 to 999"),
+        ("error", "1000", "error: an HTTP status is 100 to 999"),
+        ("error", "x" * 65, "error: an error code is 1 to 64 printable characters"),
+        ("error", "bad\x7fcode", "error: an error code is 1 to 64 printable characters"),
+        ("since", "0001-01-01T00:00+01:00", "since: a time from 1970 to 9999 (in UTC)"),
+        ("since", "1969-12-31T23:59:59", "since: a time from 1970 to 9999"),
+        ("until", "9999-12-31T23:30-01:00", "until: a time from 1970 to 9999"),
+        ("channel", "a\x00b", "channel: a NUL character matches nothing"),
+        ("event", "\x00", "event: a NUL character matches nothing"),
+    ],
+)
+def test_a_filter_value_no_database_could_compare_is_the_forms_error(field, text, message):
+    with pytest.raises(views.FormError) as raised:
+        views.DeadQuery(**{field: text}).selection()
+    assert str(raised.value).startswith(message)
+
+
+def test_filter_values_at_the_edges_of_their_ranges_are_kept():
+    for code in ("100", "999", "413", "payload_too_large", "x" * 64, "é-code"):
+        assert views.DeadQuery(error=code).selection().error_code == code
+    edges = views.DeadQuery(since="1970-01-01T00:00", until="9999-12-31T23:59:59.999999")
+    selection = edges.selection()
+    assert (selection.since, selection.until) == admin.FILTER_TIMES
+    # Converted to UTC: 01:00 at +01:00 is the first moment of 1970.
+    assert (
+        views.DeadQuery(since="1970-01-01T01:00+01:00").selection().since == (admin.FILTER_TIMES[0])
+    )
+
+
+def test_a_replay_filter_made_in_code_is_checked_too():
+    with pytest.raises(admin.FilterError, match="HTTP status"):
+        ReplayFilter(error_code="²")
+    with pytest.raises(admin.FilterError, match="1970 to 9999"):
+        ReplayFilter(since=dt.datetime(1, 1, 1, tzinfo=dt.timezone(dt.timedelta(hours=1))))
+
+
 def test_a_replay_request_from_a_form():
     one = views.ReplayRequest.from_form({"one": ["7"], "scope": ["ids"], "ids": ["8", "9"]})
     assert (one.ids, one.key, one.expected, one.scope) == ((7,), "fresh", None, "ids")
