@@ -235,7 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8025, help="port (default 8025)")
     p.add_argument("--write", action="store_true", help="allow replays from the page")
     p.add_argument(
-        "--refresh", type=float, default=5.0, help="seconds between live updates (default 5)"
+        "--refresh",
+        type=float,
+        default=5.0,
+        help="seconds between live updates, 1 to 3600 (default 5)",
     )
     p.set_defaults(handler=cmd_web)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import re
+import subprocess
 import sys
 import uuid
 from urllib.parse import unquote
@@ -22,8 +23,9 @@ from outbox import enqueue
 from outbox.cli import main
 from outbox.dialects import dialect_for
 from outbox.settings import ENVIRONMENT
+from outbox.testing.soketi import free_port
 from tests.outbox_rows import T, add, add_dead, row, set_row
-from tests.plugins.dashboard import csrf_token
+from tests.plugins.dashboard import OUTBOX, csrf_token
 
 TOKEN = "t0ken-" + "x" * 26
 sqlite_only = pytest.mark.parametrize("backend", ["sqlite"])  # HTTP rules, not database ones
@@ -64,6 +66,21 @@ def test_refuses_to_start_beyond_loopback_without_credentials(
     code = main(["--database-url", database_url, "web", "--host", host])
     err = capsys.readouterr().err
     assert code == 2 and "user:password" in err and "ops-only" not in err
+
+
+@sqlite_only
+@pytest.mark.parametrize("refresh", ["inf", "nan", "0", "-1", "2160000"])
+def test_a_refresh_out_of_bounds_is_refused_before_serving(database_url, refresh):
+    """`--refresh inf` made every page a 500, 25 days (2160000 s) overflowed the browser's
+    timer: both refused with exit 2 at once, as operators start the command (a process)."""
+    command = [str(OUTBOX), "--database-url", database_url, "web", "--port", str(free_port())]
+    done = subprocess.run(
+        [*command, "--refresh", refresh], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        f"outbox: error: --refresh must be between 1 and 3600 seconds, got {refresh}\n"
+    )
 
 
 @sqlite_only

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime as dt
+import math
 import re
 import uuid
 
@@ -135,6 +136,19 @@ def test_options_refuse_an_open_address_without_credentials():
         WebOptions(refresh_seconds=0)
     options = WebOptions.from_env({"OUTBOX_WEB_TOKEN": TOKEN}, host="::", write=True)
     assert (options.host, options.write, options.credentials.token) == ("::", True, TOKEN)
+
+
+@pytest.mark.parametrize("seconds", [math.inf, math.nan, -1.0, 0.0, 0.5, 3601.0, 25 * 86400.0])
+def test_the_live_refresh_is_bounded(seconds):
+    # inf made every page a 500 (int(inf * 1000)); 25 days overflowed the browser's timer.
+    with pytest.raises(WebConfigError) as raised:
+        WebOptions(refresh_seconds=seconds)
+    assert str(raised.value).startswith("--refresh must be between 1 and 3600 seconds, got ")
+
+
+def test_the_live_refresh_bounds_themselves_are_accepted():
+    assert WebOptions(refresh_seconds=1).refresh_seconds == 1
+    assert WebOptions(refresh_seconds=3600.0).refresh_seconds == 3600.0
 
 
 # -- sessions and CSRF --------------------------------------------------------------------------
