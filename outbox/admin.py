@@ -13,7 +13,7 @@ import contextlib
 import datetime as dt
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import sqlalchemy as sa
@@ -253,8 +253,10 @@ class ReplayFilter:
     """
 
     statuses: Sequence[str] = (Status.DEAD.value,)
+    #: Rows named by row id, event id or idempotency key (any of them matches).
     ids: Sequence[int] = ()
     event_ids: Sequence[uuid.UUID] = ()
+    keys: Sequence[str] = ()
     channel: str | None = None
     event: str | None = None
     error_code: str | None = None
@@ -263,6 +265,8 @@ class ReplayFilter:
     limit: int | None = None
 
     def __post_init__(self) -> None:
+        if any("\x00" in key for key in self.keys):
+            raise FilterError("keys", "an idempotency key with a NUL character matches nothing")
         for name in ("channel", "event"):
             value = getattr(self, name)
             if value is not None and "\x00" in value:
@@ -277,9 +281,13 @@ class ReplayFilter:
 
     def where(self, t: sa.Table | sa.Subquery) -> list[sa.ColumnElement[bool]]:
         clauses: list[sa.ColumnElement[bool]] = [t.c.status.in_(list(self.statuses))]
-        if self.ids or self.event_ids:
+        if self.ids or self.event_ids or self.keys:
             clauses.append(
-                sa.or_(t.c.id.in_(list(self.ids)), t.c.event_id.in_(list(self.event_ids)))
+                sa.or_(
+                    t.c.id.in_(list(self.ids)),
+                    t.c.event_id.in_(list(self.event_ids)),
+                    t.c.idempotency_key.in_(list(self.keys)),
+                )
             )
         if self.channel is not None:
             clauses.append(t.c.channel == self.channel)
@@ -340,6 +348,21 @@ def count_for_replay(conn: sa.Connection, table: sa.Table, selection: ReplayFilt
     if selection.limit is not None:
         matching = matching.limit(selection.limit)
     return conn.execute(sa.select(sa.func.count()).select_from(matching.subquery())).scalar_one()
+
+
+def count_elsewhere(
+    conn: sa.Connection, table: sa.Table, selection: ReplayFilter
+) -> dict[str, int]:
+    """How many rows ``selection`` would match in each of the other states (its ``limit``
+    aside): why a replay of dead rows found nothing, when the rows are pending or published."""
+    others = [s.value for s in Status if s.value not in selection.statuses]
+    if not others:
+        return {}
+    ev = events(table)
+    anywhere = replace(selection, statuses=others, limit=None)
+    query = sa.select(ev.c.status, sa.func.count()).where(*anywhere.where(ev)).group_by(ev.c.status)
+    found = {status: int(n) for status, n in conn.execute(query)}
+    return {status: found[status] for status in others if found.get(status)}
 
 
 def select_for_replay(
@@ -494,7 +517,7 @@ def _records(conn: sa.Connection, query: sa.Select[Any]) -> list[EventRecord]:
 
 
 #: Largest row id a search text is compared with (a BIGINT).
-_MAX_ROW_ID = 2**63 - 1
+MAX_ROW_ID = 2**63 - 1
 
 
 def find_events(
@@ -510,7 +533,7 @@ def find_events(
     matches = [t.c.idempotency_key == text, t.c.channel == text]
     with contextlib.suppress(ValueError):
         matches.append(t.c.event_id == uuid.UUID(text))
-    if text.isascii() and text.isdigit() and int(text) <= _MAX_ROW_ID:
+    if text.isascii() and text.isdigit() and int(text) <= MAX_ROW_ID:
         matches.append(t.c.id == int(text))
     query = sa.select(*_record_columns(t)).where(sa.or_(*matches)).order_by(t.c.id.desc())
     return _records(conn, query.limit(limit))

@@ -2,7 +2,7 @@
 
 Exit codes: 0 success; 1 the operation failed (database unreachable, ...); 2 bad usage, settings or
 input; 3 ``status --check`` found dead events; 4 ``status --check --max-age`` found an unsent event
-older than that. Errors are one line on stderr, never a traceback,
+older than that; 6 ``replay`` matched no event. Errors are one line on stderr, never a traceback,
 and never show a secret.
 """
 
@@ -36,8 +36,9 @@ from .sockudo.crypto import is_encrypted_channel
 from .sockudo.errors import InvalidEvent
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DEAD, EXIT_TOO_OLD = 0, 1, 2, 3, 4
+EXIT_NO_MATCH = 6
 
-REPLAY_HELP = """\
+REPLAY_HELP = f"""\
 Move dead events (or, with --published, published ones) back to pending with a fresh attempt
 budget. Show what would be replayed with --dry-run first.
 
@@ -48,6 +49,10 @@ delivered if it was published before, and gets "503 backpressure" until the wind
 last publish failed. A replay is an operator asking for a delivery, so it must not be silently
 deduplicated away. --keep-key keeps the old key, for a replay that should be deduplicated
 against an earlier delivery that may have happened.
+
+Events are named by row id, event id or idempotency key. A replay (or a dry run) that matches
+no event exits {EXIT_NO_MATCH} and says where the events named are, if they exist but are not
+dead (or, with --published, not published).
 """
 
 
@@ -171,7 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
         description=REPLAY_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("ids", nargs="*", help="row ids or event ids (UUIDs)")
+    p.add_argument(
+        "ids",
+        nargs="*",
+        help="row ids, event ids or idempotency keys (as the worker's log shows them)",
+    )
     p.add_argument("--published", action="store_true", help="replay published events instead")
     p.add_argument("--channel")
     p.add_argument("--event", help="event name")
@@ -370,11 +379,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    row_ids, event_ids = _split_ids(args.ids)
+    row_ids, event_ids, keys = _split_ids(args.ids)
     selection = admin.ReplayFilter(
         statuses=(Status.PUBLISHED.value,) if args.published else (Status.DEAD.value,),
         ids=row_ids,
         event_ids=event_ids,
+        keys=keys,
         channel=args.channel,
         event=args.event,
         error_code=args.error_code,
@@ -396,6 +406,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
         with engine.connect() as conn:
             matched = admin.count_for_replay(conn, table, selection)
             sample = admin.select_for_replay(conn, table, selection, limit=_SAMPLE)
+            elsewhere = {} if matched else admin.count_elsewhere(conn, table, selection)
+        if not matched:
+            # Not a success: an id mistyped, or an event that is not dead (yet), must not look
+            # like a replay that went well.
+            if args.json:
+                _print_replay(0, [], True, dry_run=args.dry_run, key=key)
+            raise CommandError(_nothing_to_replay(args.published, elsewhere), EXIT_NO_MATCH)
         replayed = 0
         if not args.dry_run:
             # A page per transaction: flat memory and short locks, however many rows match.
@@ -584,18 +601,38 @@ def _require_schema(
     )
 
 
-def _split_ids(values: Sequence[str]) -> tuple[list[int], list[uuid.UUID]]:
+def _split_ids(values: Sequence[str]) -> tuple[list[int], list[uuid.UUID], list[str]]:
+    """Each value as all it may name: a row id (digits), an event id (a UUID) and an
+    idempotency key (any text; a row's key is a UUID too, which is why both are tried)."""
     row_ids: list[int] = []
     event_ids: list[uuid.UUID] = []
+    keys: list[str] = []
     for value in values:
-        if value.isdigit():
+        keys.append(value)
+        if value.isascii() and value.isdigit() and int(value) <= admin.MAX_ROW_ID:
             row_ids.append(int(value))
-            continue
-        try:
-            event_ids.append(uuid.UUID(value))
-        except ValueError:
-            raise CommandError(f"not a row id or event id: {value!r}", EXIT_USAGE) from None
-    return row_ids, event_ids
+        with contextlib.suppress(ValueError):
+            event_id = uuid.UUID(value)
+            event_ids.append(event_id)
+            keys.append(str(event_id))  # the form keys are stored in (lower case, dashes)
+    return row_ids, event_ids, list(dict.fromkeys(keys))
+
+
+def _nothing_to_replay(published: bool, elsewhere: dict[str, int]) -> str:
+    """Why a replay found nothing, and where the events it named are if they exist."""
+    wanted = Status.PUBLISHED.value if published else Status.DEAD.value
+    message = f"nothing to replay: no {wanted} event matches"
+    if not elsewhere:
+        return message
+    found = ", ".join(f"{n} {status.replace('_', ' ')}" for status, n in elsewhere.items())
+    message += f" ({found} {'does' if sum(elsewhere.values()) == 1 else 'do'})"
+    if Status.PENDING.value in elsewhere or Status.IN_FLIGHT.value in elsewhere:
+        message += "; pending and in-flight events are still the worker's to send"
+    if Status.PUBLISHED.value in elsewhere:
+        message += "; --published replays published events"
+    if Status.DEAD.value in elsewhere:
+        message += "; without --published, dead events are replayed"
+    return message
 
 
 #: Rows shown by a replay (and its dry run) before "... and N more".
