@@ -2,8 +2,9 @@
 
 Exit codes: 0 success; 1 the operation failed (database unreachable, ...); 2 bad usage, settings or
 input; 3 ``status --check`` found dead events; 4 ``status --check --max-age`` found an unsent event
-older than that; 6 ``replay`` matched no event. Errors are one line on stderr, never a traceback,
-and never show a secret.
+older than that; 5 ``worker --once`` ended with the endpoint failing (down, or refusing the
+credentials) and what was due unpublished; 6 ``replay`` matched no event. Errors are one line on
+stderr, never a traceback, and never show a secret.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from .sockudo.crypto import is_encrypted_channel
 from .sockudo.errors import InvalidEvent
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DEAD, EXIT_TOO_OLD = 0, 1, 2, 3, 4
-EXIT_NO_MATCH = 6
+EXIT_UNAVAILABLE, EXIT_NO_MATCH = 5, 6
 
 REPLAY_HELP = f"""\
 Move dead events (or, with --published, published ones) back to pending with a fresh attempt
@@ -128,7 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the worker (publishes pending events)",
         description="Every setting comes from its environment variable; a flag overrides it.",
     )
-    p.add_argument("--once", action="store_true", help="drain what is due, then exit")
+    p.add_argument(
+        "--once",
+        action="store_true",
+        help=f"drain what is due, then exit: 0 when done, {EXIT_UNAVAILABLE} when the endpoint "
+        "is down or refuses the credentials (what is due waits for the next run)",
+    )
     p.add_argument(
         "--stats-file",
         type=Path,
@@ -306,6 +312,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
             raise CommandError(f"the worker stopped: {exc}") from None
         except PortUnavailable as exc:
             raise CommandError(str(exc)) from None
+    if worker.unavailable_reason is not None:
+        # Said as an error, so that cron (and whoever reads its mail) notices: the run did not
+        # publish what was due, and the next one will not either until the endpoint answers.
+        raise CommandError(
+            f"publishing stopped: {worker.unavailable_reason}; what is due waits for the next run",
+            EXIT_UNAVAILABLE,
+        )
     return EXIT_OK
 
 

@@ -636,6 +636,45 @@ def test_the_workers_log_names_the_event_id_and_replay_finds_it_by_any_named_id(
         assert found.stdout.startswith("would replay 1 event(s)\n"), found.stdout
 
 
+def test_worker_once_exits_5_while_the_endpoint_is_down_then_0_once_it_is_back(env, engine):
+    with TestServer() as server:
+        env = {**env, "SOCKUDO_URL": server.url, "OUTBOX_BACKOFF_MIN": "0.1"}
+        for n in range(3):
+            assert run(env, "enqueue", "orders", "created", json.dumps({"n": n})).returncode == 0
+        server.go_down()  # connection refused
+        down = run(env, "worker", "--once")
+        assert down.returncode == 5, down.stderr
+        last = down.stderr.splitlines()[-1]
+        assert last.startswith("outbox: error: publishing stopped: endpoint unavailable: "), last
+        assert last.endswith("; what is due waits for the next run"), last
+        assert {r.status for r in rows(engine).values()} == {"pending"}
+
+        server.come_up()
+        time.sleep(1.0)  # well past the rows' backoff (0.1 s, and as much jitter at most)
+        up = run(env, "worker", "--once")
+        assert up.returncode == 0, up.stderr
+        assert {r.status for r in rows(engine).values()} == {"published"}
+        assert server.delivered_count("orders") == 3
+
+
+def test_worker_once_exits_5_when_the_credentials_are_refused(env, engine):
+    secret = "wr0ng-s3cret-never-shown"
+    with TestServer() as server:
+        wrong = server.url.replace(":app-secret@", f":{secret}@")
+        assert secret in wrong
+        env = {**env, "SOCKUDO_URL": wrong}
+        assert run(env, "enqueue", "orders", "created", "{}").returncode == 0
+        done = run(env, "worker", "--once")
+    assert done.returncode == 5, done.stderr
+    last = done.stderr.splitlines()[-1]
+    assert last.startswith(
+        "outbox: error: publishing stopped: the server refused this worker's credentials ([401"
+    ), last
+    assert "check SOCKUDO_URL" in last and last.endswith("what is due waits for the next run")
+    assert secret not in done.stderr
+    assert {r.status for r in rows(engine).values()} == {"pending"}
+
+
 def test_worker_with_a_malformed_sockudo_url_exits_2_without_the_secret(env, capsys):
     secret = "s3cr3t-do-not-print"
     for url in (

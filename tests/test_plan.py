@@ -212,6 +212,21 @@ def test_retry_after_stretches_the_pause_and_a_misconfiguration_pauses_for_a_fix
     assert not breaker.is_open
 
 
+def test_the_breaker_says_the_endpoint_is_failing_from_the_first_failure_until_a_success():
+    """What a --once run reports: one failure is enough (a claim sends its rows' requests
+    until the first endpoint error, so a run often sees fewer than the threshold)."""
+    breaker = EndpointBreaker(POLICY, threshold=3, clock=Clock())
+    assert not breaker.failing  # nothing asked yet
+    breaker.observe([("down", None)], served=False)
+    assert breaker.failing and not breaker.tripped
+    breaker.observe([], served=False)  # backpressure only: says nothing about the endpoint
+    assert breaker.failing
+    breaker.observe([], served=True)
+    assert not breaker.failing
+    breaker.pause_for(30.0, "bad secret")
+    assert breaker.failing and breaker.reason == "bad secret"
+
+
 def test_the_database_pause_grows_with_errors_in_a_row_and_is_capped():
     pauses = [database_pause(n, 0.5) for n in range(1, 9)]
     assert pauses[:5] == [1.0, 2.0, 4.0, 8.0, 16.0]
