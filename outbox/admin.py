@@ -13,13 +13,14 @@ import contextlib
 import datetime as dt
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import sqlalchemy as sa
 
 from .dialects import dialect_for
 from .schema import (
+    ERROR_CODE_MAX,
     EVENT_COLUMNS,
     WAITING_FOR_KEY,
     Status,
@@ -188,13 +189,74 @@ def _last_errors(conn: sa.Connection, table: sa.Table, limit: int) -> list[dict[
     return [_jsonable(dict(r._mapping)) for r in rows]
 
 
+#: The times a filter may name, once in UTC: what every supported database can store and compare
+#: (MariaDB's DATETIME ends with 9999; nothing was created before 1970).
+FILTER_TIMES = (
+    dt.datetime(1970, 1, 1, tzinfo=dt.UTC),
+    dt.datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=dt.UTC),
+)
+#: The HTTP statuses an error filter may name (the statuses a row can keep).
+FILTER_STATUSES = range(100, 1000)
+
+
+class FilterError(ValueError):
+    """A filter value that cannot be used; ``field`` is the :class:`ReplayFilter` field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def filter_time(field: str, moment: dt.datetime) -> dt.datetime:
+    """``moment`` in UTC (without a zone: taken as UTC), if :data:`FILTER_TIMES` holds it.
+
+    Raises :class:`FilterError`: a year outside the range (or one that leaves the calendar once
+    converted, like ``0001-01-01T00:00+01:00``) must not reach the database.
+    """
+    aware = moment if moment.tzinfo is not None else moment.replace(tzinfo=dt.UTC)
+    try:
+        utc = aware.astimezone(dt.UTC)
+    except OverflowError:
+        utc = None
+    first, last = FILTER_TIMES
+    if utc is None or not first <= utc <= last:
+        raise FilterError(
+            field, f"a time from 1970 to 9999 (in UTC) is expected, got {moment.isoformat()}"
+        )
+    return utc
+
+
+def filter_error_code(text: str) -> str:
+    """An error filter, checked: an HTTP status (ASCII digits, 100 to 999) or an error code that
+    fits its column (printable, at most ``ERROR_CODE_MAX`` characters). Raises
+    :class:`FilterError` otherwise: ``"²"`` or twenty digits must not be compared as a status."""
+    if text.isdigit():
+        if not (text.isascii() and len(text) <= 3 and int(text) in FILTER_STATUSES):
+            raise FilterError(
+                "error_code", f"an HTTP status is 100 to 999 in ASCII digits, got {text[:40]!r}"
+            )
+        return text
+    if not text or len(text) > ERROR_CODE_MAX or not text.isprintable():
+        raise FilterError(
+            "error_code",
+            f"an error code is 1 to {ERROR_CODE_MAX} printable characters, got {text[:40]!r}",
+        )
+    return text
+
+
 @dataclass(frozen=True)
 class ReplayFilter:
-    """Which events to replay. Empty filters match every row of the chosen statuses."""
+    """Which events to replay. Empty filters match every row of the chosen statuses.
+
+    Values are checked when it is made (:class:`FilterError`), so a filter that reaches the
+    database holds nothing the database would refuse or overflow on.
+    """
 
     statuses: Sequence[str] = (Status.DEAD.value,)
+    #: Rows named by row id, event id or idempotency key (any of them matches).
     ids: Sequence[int] = ()
     event_ids: Sequence[uuid.UUID] = ()
+    keys: Sequence[str] = ()
     channel: str | None = None
     event: str | None = None
     error_code: str | None = None
@@ -202,11 +264,30 @@ class ReplayFilter:
     until: dt.datetime | None = None
     limit: int | None = None
 
+    def __post_init__(self) -> None:
+        if any("\x00" in key for key in self.keys):
+            raise FilterError("keys", "an idempotency key with a NUL character matches nothing")
+        for name in ("channel", "event"):
+            value = getattr(self, name)
+            if value is not None and "\x00" in value:
+                # No channel or event name holds one, and PostgreSQL refuses it in any text.
+                raise FilterError(name, "a NUL character matches nothing")
+        if self.error_code is not None:
+            filter_error_code(self.error_code)
+        for name in ("since", "until"):
+            value = getattr(self, name)
+            if value is not None:
+                filter_time(name, value)
+
     def where(self, t: sa.Table | sa.Subquery) -> list[sa.ColumnElement[bool]]:
         clauses: list[sa.ColumnElement[bool]] = [t.c.status.in_(list(self.statuses))]
-        if self.ids or self.event_ids:
+        if self.ids or self.event_ids or self.keys:
             clauses.append(
-                sa.or_(t.c.id.in_(list(self.ids)), t.c.event_id.in_(list(self.event_ids)))
+                sa.or_(
+                    t.c.id.in_(list(self.ids)),
+                    t.c.event_id.in_(list(self.event_ids)),
+                    t.c.idempotency_key.in_(list(self.keys)),
+                )
             )
         if self.channel is not None:
             clauses.append(t.c.channel == self.channel)
@@ -214,7 +295,8 @@ class ReplayFilter:
             clauses.append(t.c.event == self.event)
         if self.error_code is not None:
             code = self.error_code
-            match_status = t.c.last_error_status == int(code) if code.isdigit() else sa.false()
+            status = code.isascii() and code.isdigit()
+            match_status = t.c.last_error_status == int(code) if status else sa.false()
             clauses.append(sa.or_(t.c.last_error_code == code, match_status))
         if self.since is not None:
             clauses.append(t.c.created_at >= self.since)
@@ -266,6 +348,21 @@ def count_for_replay(conn: sa.Connection, table: sa.Table, selection: ReplayFilt
     if selection.limit is not None:
         matching = matching.limit(selection.limit)
     return conn.execute(sa.select(sa.func.count()).select_from(matching.subquery())).scalar_one()
+
+
+def count_elsewhere(
+    conn: sa.Connection, table: sa.Table, selection: ReplayFilter
+) -> dict[str, int]:
+    """How many rows ``selection`` would match in each of the other states (its ``limit``
+    aside): why a replay of dead rows found nothing, when the rows are pending or published."""
+    others = [s.value for s in Status if s.value not in selection.statuses]
+    if not others:
+        return {}
+    ev = events(table)
+    anywhere = replace(selection, statuses=others, limit=None)
+    query = sa.select(ev.c.status, sa.func.count()).where(*anywhere.where(ev)).group_by(ev.c.status)
+    found = {status: int(n) for status, n in conn.execute(query)}
+    return {status: found[status] for status in others if found.get(status)}
 
 
 def select_for_replay(
@@ -420,7 +517,7 @@ def _records(conn: sa.Connection, query: sa.Select[Any]) -> list[EventRecord]:
 
 
 #: Largest row id a search text is compared with (a BIGINT).
-_MAX_ROW_ID = 2**63 - 1
+MAX_ROW_ID = 2**63 - 1
 
 
 def find_events(
@@ -429,13 +526,14 @@ def find_events(
     """The rows whose event id, idempotency key, channel or row id is exactly ``text``, newest
     first, at most ``limit``: an event's whole life (all its channels' rows), or a channel's."""
     text = text.strip()
-    if not text:
+    if not text or "\x00" in text:
+        # Nothing stored holds a NUL (enqueue refuses it), and PostgreSQL refuses it in any text.
         return []
     t = events(table)
     matches = [t.c.idempotency_key == text, t.c.channel == text]
     with contextlib.suppress(ValueError):
         matches.append(t.c.event_id == uuid.UUID(text))
-    if text.isascii() and text.isdigit() and int(text) <= _MAX_ROW_ID:
+    if text.isascii() and text.isdigit() and int(text) <= MAX_ROW_ID:
         matches.append(t.c.id == int(text))
     query = sa.select(*_record_columns(t)).where(sa.or_(*matches)).order_by(t.c.id.desc())
     return _records(conn, query.limit(limit))

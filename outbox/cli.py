@@ -2,8 +2,9 @@
 
 Exit codes: 0 success; 1 the operation failed (database unreachable, ...); 2 bad usage, settings or
 input; 3 ``status --check`` found dead events; 4 ``status --check --max-age`` found an unsent event
-older than that. Errors are one line on stderr, never a traceback,
-and never show a secret.
+older than that; 5 ``worker --once`` ended with the endpoint failing (down, or refusing the
+credentials) and what was due unpublished; 6 ``replay`` matched no event. Errors are one line on
+stderr, never a traceback, and never show a secret.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import math
 import os
 import signal
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +32,14 @@ from .database import DatabaseURLError, UnfollowableEngine, create_engine, displ
 from .enqueue import enqueue
 from .progress import Progress
 from .schema import Status, outbox_table
-from .settings import ENVIRONMENT, LOG_FORMATS, SPECS, Settings, SettingsError
+from .settings import ENVIRONMENT, LOG_FORMATS, SPECS, Settings, SettingsError, SettingSpec
 from .sockudo.crypto import is_encrypted_channel
 from .sockudo.errors import InvalidEvent
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DEAD, EXIT_TOO_OLD = 0, 1, 2, 3, 4
+EXIT_UNAVAILABLE, EXIT_NO_MATCH = 5, 6
 
-REPLAY_HELP = """\
+REPLAY_HELP = f"""\
 Move dead events (or, with --published, published ones) back to pending with a fresh attempt
 budget. Show what would be replayed with --dry-run first.
 
@@ -47,6 +50,10 @@ delivered if it was published before, and gets "503 backpressure" until the wind
 last publish failed. A replay is an operator asking for a delivery, so it must not be silently
 deduplicated away. --keep-key keeps the old key, for a replay that should be deduplicated
 against an earlier delivery that may have happened.
+
+Events are named by row id, event id or idempotency key. A replay (or a dry run) that matches
+no event exits {EXIT_NO_MATCH} and says where the events named are, if they exist but are not
+dead (or, with --published, not published).
 """
 
 
@@ -122,7 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the worker (publishes pending events)",
         description="Every setting comes from its environment variable; a flag overrides it.",
     )
-    p.add_argument("--once", action="store_true", help="drain what is due, then exit")
+    p.add_argument(
+        "--once",
+        action="store_true",
+        help=f"drain what is due, then exit: 0 when done, {EXIT_UNAVAILABLE} when the endpoint "
+        "is down or refuses the credentials (what is due waits for the next run)",
+    )
     p.add_argument(
         "--stats-file",
         type=Path,
@@ -132,7 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for spec in WORKER_FLAGS:
         p.add_argument(
-            spec.flag, dest=spec.name, type=spec.kind, help=f"{spec.help} (env {spec.variable})"
+            spec.flag,
+            dest=spec.name,
+            type=_flag_parser(spec),
+            help=f"{spec.help} (env {spec.variable})",
         )
     p.set_defaults(handler=cmd_worker)
 
@@ -167,11 +182,17 @@ def build_parser() -> argparse.ArgumentParser:
         description=REPLAY_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("ids", nargs="*", help="row ids or event ids (UUIDs)")
+    p.add_argument(
+        "ids",
+        nargs="*",
+        help="row ids, event ids or idempotency keys (as the worker's log shows them)",
+    )
     p.add_argument("--published", action="store_true", help="replay published events instead")
     p.add_argument("--channel")
     p.add_argument("--event", help="event name")
-    p.add_argument("--error-code", help="last error code or HTTP status, e.g. 413")
+    p.add_argument(
+        "--error-code", type=_error_code, help="last error code or HTTP status, e.g. 413"
+    )
     p.add_argument("--since", type=_timestamp, help="created at or after (ISO 8601)")
     p.add_argument("--until", type=_timestamp, help="created before (ISO 8601)")
     p.add_argument("--limit", type=_positive_int, help="replay at most this many (oldest first)")
@@ -229,7 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8025, help="port (default 8025)")
     p.add_argument("--write", action="store_true", help="allow replays from the page")
     p.add_argument(
-        "--refresh", type=float, default=5.0, help="seconds between live updates (default 5)"
+        "--refresh",
+        type=float,
+        default=5.0,
+        help="seconds between live updates, 1 to 3600 (default 5)",
     )
     p.set_defaults(handler=cmd_web)
 
@@ -290,6 +314,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
             raise CommandError(str(exc)) from None
         except UnfollowableEngine as exc:
             raise CommandError(str(exc), EXIT_USAGE) from None
+    if worker.unavailable_reason is not None:
+        # Said as an error, so that cron (and whoever reads its mail) notices: the run did not
+        # publish what was due, and the next one will not either until the endpoint answers.
+        raise CommandError(
+            f"publishing stopped: {worker.unavailable_reason}; what is due waits for the next run",
+            EXIT_UNAVAILABLE,
+        )
     return EXIT_OK
 
 
@@ -363,11 +394,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    row_ids, event_ids = _split_ids(args.ids)
+    row_ids, event_ids, keys = _split_ids(args.ids)
     selection = admin.ReplayFilter(
         statuses=(Status.PUBLISHED.value,) if args.published else (Status.DEAD.value,),
         ids=row_ids,
         event_ids=event_ids,
+        keys=keys,
         channel=args.channel,
         event=args.event,
         error_code=args.error_code,
@@ -389,6 +421,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
         with engine.connect() as conn:
             matched = admin.count_for_replay(conn, table, selection)
             sample = admin.select_for_replay(conn, table, selection, limit=_SAMPLE)
+            elsewhere = {} if matched else admin.count_elsewhere(conn, table, selection)
+        if not matched:
+            # Not a success: an id mistyped, or an event that is not dead (yet), must not look
+            # like a replay that went well.
+            if args.json:
+                _print_replay(0, [], True, dry_run=args.dry_run, key=key)
+            raise CommandError(_nothing_to_replay(args.published, elsewhere), EXIT_NO_MATCH)
         replayed = 0
         if not args.dry_run:
             # A page per transaction: flat memory and short locks, however many rows match.
@@ -577,22 +616,56 @@ def _require_schema(
     )
 
 
-def _split_ids(values: Sequence[str]) -> tuple[list[int], list[uuid.UUID]]:
+def _split_ids(values: Sequence[str]) -> tuple[list[int], list[uuid.UUID], list[str]]:
+    """Each value as all it may name: a row id (digits), an event id (a UUID) and an
+    idempotency key (any text; a row's key is a UUID too, which is why both are tried)."""
     row_ids: list[int] = []
     event_ids: list[uuid.UUID] = []
+    keys: list[str] = []
     for value in values:
-        if value.isdigit():
+        keys.append(value)
+        if value.isascii() and value.isdigit() and int(value) <= admin.MAX_ROW_ID:
             row_ids.append(int(value))
-            continue
-        try:
-            event_ids.append(uuid.UUID(value))
-        except ValueError:
-            raise CommandError(f"not a row id or event id: {value!r}", EXIT_USAGE) from None
-    return row_ids, event_ids
+        with contextlib.suppress(ValueError):
+            event_id = uuid.UUID(value)
+            event_ids.append(event_id)
+            keys.append(str(event_id))  # the form keys are stored in (lower case, dashes)
+    return row_ids, event_ids, list(dict.fromkeys(keys))
+
+
+def _nothing_to_replay(published: bool, elsewhere: dict[str, int]) -> str:
+    """Why a replay found nothing, and where the events it named are if they exist."""
+    wanted = Status.PUBLISHED.value if published else Status.DEAD.value
+    message = f"nothing to replay: no {wanted} event matches"
+    if not elsewhere:
+        return message
+    found = ", ".join(f"{n} {status.replace('_', ' ')}" for status, n in elsewhere.items())
+    message += f" ({found} {'does' if sum(elsewhere.values()) == 1 else 'do'})"
+    if Status.PENDING.value in elsewhere or Status.IN_FLIGHT.value in elsewhere:
+        message += "; pending and in-flight events are still the worker's to send"
+    if Status.PUBLISHED.value in elsewhere:
+        message += "; --published replays published events"
+    if Status.DEAD.value in elsewhere:
+        message += "; without --published, dead events are replayed"
+    return message
 
 
 #: Rows shown by a replay (and its dry run) before "... and N more".
 _SAMPLE = 10
+
+
+def _flag_parser(spec: SettingSpec) -> Callable[[str], object]:
+    """A flag's value read and range-checked as its variable's would be; the error names both
+    (argparse puts the flag first: ``argument --retention-seconds: OUTBOX_RETENTION_SECONDS
+    must be 0 (keep forever) or positive, got -1``)."""
+
+    def parse(text: str) -> object:
+        try:
+            return spec.parse(text)
+        except SettingsError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
 
 
 def _positive_int(value: str) -> int:
@@ -610,8 +683,8 @@ def _positive_float(value: str) -> float:
         number = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    if not 0 < number < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
     return number
 
 
@@ -620,7 +693,17 @@ def _timestamp(value: str) -> dt.datetime:
         parsed = dt.datetime.fromisoformat(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {value!r}") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+    try:
+        return admin.filter_time("time", parsed)
+    except admin.FilterError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _error_code(value: str) -> str:
+    try:
+        return admin.filter_error_code(value)
+    except admin.FilterError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _print_replay(

@@ -107,8 +107,8 @@ def plan_failures(
         plan.notes.append(
             Note(
                 logging.WARNING,
-                "event %s (row %d, channel %s) refused, dead-lettered: %s",
-                (row.idempotency_key, row.id, row.channel, exc),
+                "event %s (row %d, channel %s, idempotency key %s) refused, dead-lettered: %s",
+                (row.event_id, row.id, row.channel, row.idempotency_key, exc),
             )
         )
         plan.dead.append(failure_of(row, exc, charged=True))
@@ -157,8 +157,8 @@ def _plan_endpoint_failure(
             plan.notes.append(
                 Note(
                     logging.WARNING,
-                    "event %s (row %d) dead-lettered, %s: %s",
-                    (row.idempotency_key, row.id, reason, exc),
+                    "event %s (row %d, idempotency key %s) dead-lettered, %s: %s",
+                    (row.event_id, row.id, row.idempotency_key, reason, exc),
                 )
             )
             plan.dead.append(failure_of(row, exc, prefix=f"{reason}; last error: ", charged=True))
@@ -169,8 +169,8 @@ def _plan_endpoint_failure(
     plan.notes.append(
         Note(
             logging.WARNING,
-            "event %s (row %d) will be retried %sin %.1f s: %s",
-            (row.idempotency_key, row.id, alone, delay, exc),
+            "event %s (row %d, idempotency key %s) will be retried %sin %.1f s: %s",
+            (row.event_id, row.id, row.idempotency_key, alone, delay, exc),
         )
     )
     failure = failure_of(row, exc, delay=delay, charged=charged)

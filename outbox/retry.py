@@ -88,6 +88,12 @@ class EndpointBreaker:
         """True while the endpoint is considered down (open or probing)."""
         return self._consecutive >= self._threshold
 
+    @property
+    def failing(self) -> bool:
+        """True while the endpoint's latest answer was a failure, with no success since (fewer
+        than ``threshold`` failures included: tripped or not, it is not publishing now)."""
+        return self._consecutive > 0
+
     def record_success(self) -> None:
         self.serving = True
         self._consecutive = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,6 +30,69 @@ MAX_TABLE_NAME = 40
 #: The values OUTBOX_HTTP_CLIENT accepts.
 HTTP_CLIENTS = ("auto", "h11", "httpx")
 DEAD_HEAD_POLICIES = ("park", "skip")
+
+#: Largest batch (a claim's LIMIT) and server batch limit; Sockudo's default is 100.
+MAX_BATCH = 10_000
+#: Most batches in flight, requests at once for rows sent alone, failures before a pause.
+MAX_CONCURRENCY = 1_000
+#: Longest delay, lease or timeout a setting may give: a timer or a database interval set from a
+#: huge number overflows, and nothing an outbox waits for should take longer anyway.
+DAY = 86_400
+#: Longest age limit or retention: ``now - retention`` must stay a date every database can store.
+CENTURY = 100 * 365 * DAY
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The numbers a numeric setting accepts: from ``low`` to ``high``, never ``inf`` or ``nan``.
+
+    ``positive``: ``low`` (0) itself is refused. ``zero_means``: 0 is accepted too and means
+    this (``"keep forever"``). ``high_note`` says ``high`` in words (``"a day"``).
+    """
+
+    low: float
+    high: float
+    positive: bool = False
+    zero_means: str | None = None
+    high_note: str = ""
+
+    def problem(self, value: float) -> str | None:
+        """What is wrong with ``value`` ("must be ..., got ..."), or None if it is accepted."""
+        shown = _shown(value)
+        if math.isnan(value):
+            return f"must be a number, got {shown}"
+        if isinstance(value, int) and not self.positive and self.zero_means is None:
+            # Whole numbers: one range says it all.
+            if not self.low <= value <= self.high:
+                return f"must be between {_shown(self.low)} and {_shown(self.high)}, got {shown}"
+            return None
+        if self.zero_means is not None and value == 0:
+            return None
+        if value < self.low or (self.positive and value == self.low):
+            if self.zero_means is not None:
+                return f"must be 0 ({self.zero_means}) or positive, got {shown}"
+            return f"must be positive, got {shown}"
+        if value > self.high:
+            note = f" ({self.high_note})" if self.high_note else ""
+            return f"must be at most {_shown(self.high)}{note}, got {shown}"
+        return None
+
+
+def _shown(value: float) -> str:
+    """A number as the operator typed it: ``-1``, not ``-1.0``; ``inf``, ``0.5``."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return str(value)
+
+
+def _count(high: int) -> Bounds:
+    """Whole numbers from 1 to ``high``."""
+    return Bounds(1, high)
+
+
+def _seconds(high: int, note: str) -> Bounds:
+    """Seconds: more than 0 and at most ``high`` (``note`` says it in words)."""
+    return Bounds(0, high, positive=True, high_note=note)
 
 
 @dataclass(frozen=True, repr=False)
@@ -97,33 +161,16 @@ class Settings:
                 f"OUTBOX_TABLE must be 1 to {MAX_TABLE_NAME} characters without NUL, "
                 f"got {len(self.table_name)}"
             )
-        if self.server_batch_limit < 1:
-            raise SettingsError("OUTBOX_SERVER_BATCH_LIMIT must be at least 1")
+        for spec in SPECS:
+            value = getattr(self, spec.name)
+            if spec.bounds is not None and value is not None:
+                spec.check(value)
         if self.batch_size is None:
             object.__setattr__(self, "batch_size", self.server_batch_limit)
-        elif not 1 <= self.batch_size <= self.server_batch_limit:
+        elif self.batch_size > self.server_batch_limit:
             raise SettingsError(
                 f"OUTBOX_BATCH_SIZE must be between 1 and OUTBOX_SERVER_BATCH_LIMIT "
                 f"({self.server_batch_limit}), got {self.batch_size}"
-            )
-        for name in ("in_flight", "alone_concurrency", "max_attempts", "breaker_threshold"):
-            if getattr(self, name) < 1:
-                raise SettingsError(f"{name} must be at least 1")
-        for name in (
-            "lease_seconds",
-            "request_timeout",
-            "max_age_seconds",
-            "backoff_min_seconds",
-            "backoff_max_seconds",
-            "misconfigured_retry_seconds",
-            "poll_interval",
-            "shutdown_timeout",
-        ):
-            if not getattr(self, name) > 0:
-                raise SettingsError(f"{name} must be positive")
-        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
-            raise SettingsError(
-                f"OUTBOX_METRICS_PORT must be between 0 and 65535, got {self.metrics_port}"
             )
         if self.log_format not in LOG_FORMATS:
             raise SettingsError(
@@ -135,13 +182,16 @@ class Settings:
                 f"got {self.dead_head!r}"
             )
         if self.backoff_min_seconds > self.backoff_max_seconds:
-            raise SettingsError("backoff min must not exceed backoff max")
+            raise SettingsError(
+                f"OUTBOX_BACKOFF_MIN ({_shown(self.backoff_min_seconds)}) must not exceed "
+                f"OUTBOX_BACKOFF_MAX ({_shown(self.backoff_max_seconds)})"
+            )
         if self.lease_seconds < 2 * self.request_timeout:
             # A lease must outlive the request it covers, or a slow answer would let another
             # worker take the row while it is still being published.
             raise SettingsError(
-                f"lease ({self.lease_seconds} s) must be at least twice the request timeout "
-                f"({self.request_timeout} s)"
+                f"OUTBOX_LEASE_SECONDS ({_shown(self.lease_seconds)}) must be at least twice "
+                f"OUTBOX_REQUEST_TIMEOUT ({_shown(self.request_timeout)})"
             )
         if self.http_client not in HTTP_CLIENTS:
             raise SettingsError(
@@ -181,11 +231,11 @@ class Settings:
         """Read ``OUTBOX_*`` and ``SOCKUDO_*`` variables; keyword overrides (CLI flags) win."""
         env = os.environ if environ is None else environ
         values: dict[str, object] = {}
-        for name, (variable, kind) in ENVIRONMENT.items():
-            raw = env.get(variable)
+        for spec in SPECS:
+            raw = env.get(spec.variable)
             if raw is None or raw == "":
                 continue
-            values[name] = _parse(variable, raw, kind)
+            values[spec.name] = spec.parse(raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         try:
             return cls(**values)  # type: ignore[arg-type]
@@ -203,11 +253,27 @@ class SettingSpec:
     help: str
     #: Never given as a flag (a flag shows in the process list) nor printed.
     secret: bool = False
+    #: The numbers it accepts (numeric settings).
+    bounds: Bounds | None = None
 
     @property
     def flag(self) -> str:
         """``--batch-size`` for ``OUTBOX_BATCH_SIZE``: the variable's name, as a flag."""
         return "--" + self.variable.removeprefix("OUTBOX_").lower().replace("_", "-")
+
+    def parse(self, raw: str) -> object:
+        """The value of ``raw`` (the variable's or the flag's text), checked against its bounds;
+        :class:`SettingsError` names the variable."""
+        value = _parse(self.variable, raw, self.kind)
+        if self.bounds is not None:
+            self.check(value)  # type: ignore[arg-type]
+        return value
+
+    def check(self, value: float) -> None:
+        """Refuse a number outside the bounds, naming the variable."""
+        problem = None if self.bounds is None else self.bounds.problem(value)
+        if problem is not None:
+            raise SettingsError(f"{self.variable} {problem}")
 
 
 #: Every setting, in the order ``outbox worker --help`` lists them.
@@ -222,38 +288,119 @@ SPECS: tuple[SettingSpec, ...] = (
         secret=True,
     ),
     SettingSpec("table_name", "OUTBOX_TABLE", str, "outbox table name"),
-    SettingSpec("batch_size", "OUTBOX_BATCH_SIZE", int, "events per /batch_events request"),
-    SettingSpec("server_batch_limit", "OUTBOX_SERVER_BATCH_LIMIT", int, "the server's batch limit"),
-    SettingSpec("in_flight", "OUTBOX_IN_FLIGHT", int, "claimed batches being published at once"),
     SettingSpec(
-        "alone_concurrency", "OUTBOX_ALONE_CONCURRENCY", int, "requests at once for rows sent alone"
+        "batch_size",
+        "OUTBOX_BATCH_SIZE",
+        int,
+        "events per /batch_events request",
+        bounds=_count(MAX_BATCH),
     ),
-    SettingSpec("lease_seconds", "OUTBOX_LEASE_SECONDS", float, "how long a claim is held"),
-    SettingSpec("request_timeout", "OUTBOX_REQUEST_TIMEOUT", float, "seconds for every request"),
-    SettingSpec("max_attempts", "OUTBOX_MAX_ATTEMPTS", int, "an event's own failures before dead"),
-    SettingSpec("max_age_seconds", "OUTBOX_MAX_AGE_SECONDS", float, "age limit of a failing event"),
-    SettingSpec("backoff_min_seconds", "OUTBOX_BACKOFF_MIN", float, "first backoff, seconds"),
-    SettingSpec("backoff_max_seconds", "OUTBOX_BACKOFF_MAX", float, "longest backoff, seconds"),
     SettingSpec(
-        "breaker_threshold", "OUTBOX_BREAKER_THRESHOLD", int, "failures in a row that pause"
+        "server_batch_limit",
+        "OUTBOX_SERVER_BATCH_LIMIT",
+        int,
+        "the server's batch limit",
+        bounds=_count(MAX_BATCH),
+    ),
+    SettingSpec(
+        "in_flight",
+        "OUTBOX_IN_FLIGHT",
+        int,
+        "claimed batches being published at once",
+        bounds=_count(MAX_CONCURRENCY),
+    ),
+    SettingSpec(
+        "alone_concurrency",
+        "OUTBOX_ALONE_CONCURRENCY",
+        int,
+        "requests at once for rows sent alone",
+        bounds=_count(MAX_CONCURRENCY),
+    ),
+    SettingSpec(
+        "lease_seconds",
+        "OUTBOX_LEASE_SECONDS",
+        float,
+        "how long a claim is held",
+        bounds=_seconds(DAY, "a day"),
+    ),
+    SettingSpec(
+        "request_timeout",
+        "OUTBOX_REQUEST_TIMEOUT",
+        float,
+        "seconds for every request",
+        bounds=_seconds(3600, "an hour"),
+    ),
+    SettingSpec(
+        "max_attempts",
+        "OUTBOX_MAX_ATTEMPTS",
+        int,
+        "an event's own failures before dead",
+        bounds=_count(1_000_000),
+    ),
+    SettingSpec(
+        "max_age_seconds",
+        "OUTBOX_MAX_AGE_SECONDS",
+        float,
+        "age limit of a failing event",
+        bounds=_seconds(CENTURY, "100 years"),
+    ),
+    SettingSpec(
+        "backoff_min_seconds",
+        "OUTBOX_BACKOFF_MIN",
+        float,
+        "first backoff, seconds",
+        bounds=_seconds(DAY, "a day"),
+    ),
+    SettingSpec(
+        "backoff_max_seconds",
+        "OUTBOX_BACKOFF_MAX",
+        float,
+        "longest backoff, seconds",
+        bounds=_seconds(DAY, "a day"),
+    ),
+    SettingSpec(
+        "breaker_threshold",
+        "OUTBOX_BREAKER_THRESHOLD",
+        int,
+        "failures in a row that pause",
+        bounds=_count(MAX_CONCURRENCY),
     ),
     SettingSpec(
         "misconfigured_retry_seconds",
         "OUTBOX_MISCONFIGURED_RETRY",
         float,
         "seconds between tries after a 401/404",
+        bounds=_seconds(DAY, "a day"),
     ),
-    SettingSpec("poll_interval", "OUTBOX_POLL_INTERVAL", float, "fallback poll, seconds"),
     SettingSpec(
-        "retention_seconds", "OUTBOX_RETENTION_SECONDS", float, "published rows kept this long"
+        "poll_interval",
+        "OUTBOX_POLL_INTERVAL",
+        float,
+        "fallback poll, seconds",
+        bounds=_seconds(3600, "an hour"),
     ),
-    SettingSpec("shutdown_timeout", "OUTBOX_SHUTDOWN_TIMEOUT", float, "how long SIGTERM waits"),
+    SettingSpec(
+        "retention_seconds",
+        "OUTBOX_RETENTION_SECONDS",
+        float,
+        "published rows kept this long, seconds (0: forever)",
+        # Negative is refused, not read as "forever": now - (-1 s) would delete the whole log.
+        bounds=Bounds(0, CENTURY, zero_means="keep forever", high_note="100 years"),
+    ),
+    SettingSpec(
+        "shutdown_timeout",
+        "OUTBOX_SHUTDOWN_TIMEOUT",
+        float,
+        "how long SIGTERM waits",
+        bounds=_seconds(DAY, "a day"),
+    ),
     SettingSpec("http_client", "OUTBOX_HTTP_CLIENT", str, "auto, h11 or httpx"),
     SettingSpec(
         "metrics_port",
         "OUTBOX_METRICS_PORT",
         int,
         "serve /metrics, /healthz, /readyz on this port (metrics extra)",
+        bounds=Bounds(0, 65535),
     ),
     SettingSpec("metrics_host", "OUTBOX_METRICS_HOST", str, "address of the metrics port"),
     SettingSpec("log_format", "OUTBOX_LOG_FORMAT", str, "text or json (one object per line)"),

@@ -134,6 +134,9 @@ class Worker:
                 in_flight=lambda: len(self._tasks),
             )
         self.health: HealthServer | None = None
+        #: Why a ``once`` run ended with the endpoint failing (down, or refusing the
+        #: credentials), leaving what was due for the next run; None when it did not.
+        self.unavailable_reason: str | None = None
 
     # -- control ------------------------------------------------------------------------------
 
@@ -240,6 +243,8 @@ class Worker:
         try:
             await self._claim_loop(deliverer, slots, once)
             await self._drain_in_flight()
+            if once and self.breaker.failing:
+                self.unavailable_reason = self.breaker.reason
         finally:
             for task in side_tasks:
                 task.cancel()
@@ -453,24 +458,21 @@ class Worker:
             reason = (
                 f"the server refused this worker's credentials ({verdict.misconfigured}); check "
                 f"SOCKUDO_URL ({self.settings.masked_sockudo_url}): app id, key, secret and this "
-                f"host's clock. Rows stay pending; retrying in {wait:g} s"
+                "host's clock"
             )
-            log.error(reason)
+            log.error("%s. Rows stay pending; retrying in %g s", reason, wait)
             self.breaker.pause_for(wait, reason)
             self.stats.pauses += 1
             self.metrics.paused("misconfigured")
             return
         was_tripped = self.breaker.tripped
-        failures = [(str(exc), exc.retry_after) for exc in verdict.failures]
+        # The reason says what failed, for the log, /readyz and a --once run's exit.
+        failures = [(f"endpoint unavailable: {exc}", exc.retry_after) for exc in verdict.failures]
         pause = self.breaker.observe(failures, verdict.served)
         if pause is not None:
             self.stats.pauses += 1
             self.metrics.paused("endpoint")
-            log.warning(
-                "endpoint unavailable (%s): pausing publishing for %.1f s",
-                self.breaker.reason,
-                pause,
-            )
+            log.warning("%s: pausing publishing for %.1f s", self.breaker.reason, pause)
         elif was_tripped and not self.breaker.tripped:
             log.info("endpoint is back: resuming publishing")
 

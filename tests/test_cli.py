@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import pty
+import re
 import select
 import signal
 import subprocess
@@ -33,6 +34,7 @@ from outbox.cli import main
 from outbox.database import create_engine
 from outbox.progress import Progress
 from outbox.settings import ENVIRONMENT
+from outbox.testing.server import TestServer
 from tests.outbox_rows import EV, TABLE_OF, move_where, set_row
 
 T = outbox_table()
@@ -269,6 +271,16 @@ def test_status_max_age_needs_check_and_watch_refuses_check(env, capsys):
     assert code == 2 and "--watch is a view" in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("flag", ["--interval", "--max-age"])
+@pytest.mark.parametrize("value", ["inf", "nan", "-1", "0"])
+def test_status_seconds_must_be_finite_and_positive(capsys, flag, value):
+    # --watch --interval inf would sleep forever between two frames.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["status", "--check", flag, f"{value}"])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: must be a positive number, got {value}" in capsys.readouterr().err
+
+
 def test_status_check_exits_3_when_dead_rows_exist(env, engine, capsys):
     add(engine)
     assert cli(capsys, "status", "--check")[0] == 0
@@ -387,10 +399,45 @@ def test_replay_by_ids_moves_dead_rows_back_with_a_new_key(env, engine, capsys):
     assert after[a].idempotency_key != after[c].idempotency_key
 
 
-def test_replay_bad_id_is_exit_2(env, engine, capsys):
-    dead(engine)
-    code, _, err = cli(capsys, "replay", "not-an-id")
-    assert code == 2 and "not a row id or event id: 'not-an-id'" in err
+def test_replay_finds_an_event_by_row_id_event_id_or_idempotency_key(env, engine, capsys):
+    target, other = dead(engine), dead(engine)
+    before = rows(engine)
+    names = {
+        "row id": str(target),
+        "event id": str(before[target].event_id),
+        "event id in capitals": str(before[target].event_id).upper(),
+        "idempotency key": before[target].idempotency_key,
+    }
+    for how, name in names.items():
+        code, out, err = cli(capsys, "replay", "--dry-run", "--json", name)
+        assert code == 0, (how, err)
+        assert [r["id"] for r in json.loads(out)["sample"]] == [target], how
+    code, out, err = cli(capsys, "replay", before[target].idempotency_key)
+    assert code == 0 and out.splitlines()[0] == "replayed 1 of 1 event(s)", err
+    assert rows(engine)[target].status == "pending"
+    assert_untouched(before[other], rows(engine)[other])
+
+
+def test_a_replay_that_matches_nothing_exits_6_and_says_where_the_events_are(env, engine, capsys):
+    pending, published = add(engine), add(engine, status="published", published_at=NOW)
+    dead_row = dead(engine)
+    before = rows(engine)
+    for args in (["not-an-id"], ["--dry-run", str(uuid.uuid4())], ["--channel", "nope"]):
+        code, out, err = cli(capsys, "replay", *args)
+        assert (code, out) == (6, ""), args
+        assert err == "outbox: error: nothing to replay: no dead event matches\n", args
+    # The events named exist, elsewhere: the message says where, and what would replay them.
+    code, _, err = cli(capsys, "replay", str(pending), str(published))
+    assert code == 6
+    assert err.startswith(
+        "outbox: error: nothing to replay: no dead event matches (1 pending, 1 published do); "
+        "pending and in-flight events are still the worker's to send; "
+        "--published replays published events"
+    ), err
+    code, out, err = cli(capsys, "replay", "--published", "--dry-run", "--json", str(dead_row))
+    assert code == 6 and json.loads(out)["matched"] == 0
+    assert "(1 dead does); without --published, dead events are replayed" in err
+    assert rows(engine) == before
 
 
 @pytest.mark.parametrize(
@@ -416,7 +463,6 @@ def test_replay_bad_id_is_exit_2(env, engine, capsys):
             {"old"},
         ),
         (["--channel", "orders", "--event", "created"], {"orders"}),
-        (["--channel", "nope"], set()),
         (["--all"], {"orders", "billing", "refund", "invalid", "old"}),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else None,
@@ -447,6 +493,23 @@ def test_replay_filters_select_the_right_dead_rows(env, engine, capsys, args, se
             assert_replayed(before[row_id], after[row_id])
         else:
             assert_untouched(before[row_id], after[row_id])
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--error-code", "²", "an HTTP status is 100 to 999 in ASCII digits, got '²'"),
+        ("--error-code", "9" * 20, "an HTTP status is 100 to 999"),
+        ("--error-code", "x" * 65, "an error code is 1 to 64 printable characters"),
+        ("--since", "0001-01-01T00:00+01:00", "a time from 1970 to 9999 (in UTC) is expected"),
+        ("--until", "9999-12-31T23:30-01:00", "a time from 1970 to 9999 (in UTC) is expected"),
+    ],
+)
+def test_replay_filters_no_database_could_compare_are_usage_errors(capsys, flag, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["replay", "--dry-run", flag, value])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: {message}" in capsys.readouterr().err
 
 
 def test_replay_keep_key_keeps_the_idempotency_key(env, engine, capsys):
@@ -547,6 +610,69 @@ def test_a_replayed_dead_event_is_delivered_by_the_worker(
     assert row.status == "published"
     assert row.attempts == 1
     assert row.published_at is not None
+
+
+def test_the_workers_log_names_the_event_id_and_replay_finds_it_by_any_named_id(env, engine):
+    """A newcomer's first hour, as users run it: an event the server refuses is logged by its
+    event id (what enqueue printed), with its row and idempotency key labelled; `outbox replay`
+    finds it by each of the three."""
+    with TestServer(max_payload_kb=1) as server:  # 2,000 characters are too many for it
+        env = {**env, "SOCKUDO_URL": server.url}
+        enqueued = run(env, "enqueue", "orders", "created", json.dumps({"blob": "x" * 2000}))
+        event_id = enqueued.stdout.strip()
+        done = run(env, "worker", "--once")
+    assert done.returncode == 0, done.stderr  # the server answered: a refusal is not an outage
+    [line] = [line for line in done.stderr.splitlines() if "refused, dead-lettered" in line]
+    logged = re.search(r"event (\S+) \(row (\d+), channel orders, idempotency key (\S+)\)", line)
+    assert logged is not None, line
+    assert logged.group(1) == event_id, line
+    (row_id,) = rows(engine)
+    assert (
+        logged.group(2) == str(row_id) and logged.group(3) == rows(engine)[row_id].idempotency_key
+    )
+    for name in logged.groups():
+        found = run(env, "replay", "--dry-run", name)
+        assert found.returncode == 0, found.stderr
+        assert found.stdout.startswith("would replay 1 event(s)\n"), found.stdout
+
+
+def test_worker_once_exits_5_while_the_endpoint_is_down_then_0_once_it_is_back(env, engine):
+    with TestServer() as server:
+        env = {**env, "SOCKUDO_URL": server.url, "OUTBOX_BACKOFF_MIN": "0.1"}
+        for n in range(3):
+            assert run(env, "enqueue", "orders", "created", json.dumps({"n": n})).returncode == 0
+        server.go_down()  # connection refused
+        down = run(env, "worker", "--once")
+        assert down.returncode == 5, down.stderr
+        last = down.stderr.splitlines()[-1]
+        assert last.startswith("outbox: error: publishing stopped: endpoint unavailable: "), last
+        assert last.endswith("; what is due waits for the next run"), last
+        assert {r.status for r in rows(engine).values()} == {"pending"}
+
+        server.come_up()
+        time.sleep(1.0)  # well past the rows' backoff (0.1 s, and as much jitter at most)
+        up = run(env, "worker", "--once")
+        assert up.returncode == 0, up.stderr
+        assert {r.status for r in rows(engine).values()} == {"published"}
+        assert server.delivered_count("orders") == 3
+
+
+def test_worker_once_exits_5_when_the_credentials_are_refused(env, engine):
+    secret = "wr0ng-s3cret-never-shown"
+    with TestServer() as server:
+        wrong = server.url.replace(":app-secret@", f":{secret}@")
+        assert secret in wrong
+        env = {**env, "SOCKUDO_URL": wrong}
+        assert run(env, "enqueue", "orders", "created", "{}").returncode == 0
+        done = run(env, "worker", "--once")
+    assert done.returncode == 5, done.stderr
+    last = done.stderr.splitlines()[-1]
+    assert last.startswith(
+        "outbox: error: publishing stopped: the server refused this worker's credentials ([401"
+    ), last
+    assert "check SOCKUDO_URL" in last and last.endswith("what is due waits for the next run")
+    assert secret not in done.stderr
+    assert {r.status for r in rows(engine).values()} == {"pending"}
 
 
 def test_worker_with_a_malformed_sockudo_url_exits_2_without_the_secret(env, capsys):
@@ -657,7 +783,8 @@ def test_commands_that_never_publish_ignore_a_bad_sockudo_url(env, engine, capsy
     assert cli(capsys, "migrate")[0] == 0
     assert cli(capsys, "enqueue", "orders", "created", "x")[0] == 0
     assert cli(capsys, "status")[0] == 0
-    assert cli(capsys, "replay", "--all")[0] == 0
+    code, _, err = cli(capsys, "replay", "--all")
+    assert code == 6 and "nothing to replay" in err  # it read the outbox: nothing is dead
     code, _, err = cli(capsys, "worker", "--once")
     assert code == 2 and "OUTBOX_BATCH_SIZE must be an integer" in err
 

@@ -94,7 +94,7 @@ def test_claim_takes_due_pending_rows_oldest_first_and_counts_an_attempt(engine,
 
 def test_claimed_rows_carry_what_publishing_needs(engine, dialect):
     with engine.begin() as conn:
-        enqueue_many(
+        (event_id,) = enqueue_many(
             conn,
             [
                 OutboxEvent(
@@ -118,6 +118,9 @@ def test_claimed_rows_carry_what_publishing_needs(engine, dialect):
     )
     assert isinstance(row.encryption_nonce, bytes) and len(row.encryption_nonce) == 24
     assert row.failures == 0 and row.queued_at.tzinfo is not None
+    # The event's id, which the worker's log names it by (the key is the row's own).
+    assert row.event_id == event_id and isinstance(row.event_id, uuid.UUID)
+    assert row.idempotency_key != str(event_id)
 
 
 @pytest.mark.parametrize("backend", ["postgresql", "mariadb"], indirect=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import uuid
 from dataclasses import replace
 from typing import Any
 
@@ -23,9 +24,14 @@ NOW = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC)
 POLICY = RetryPolicy(min_delay=1.0, max_delay=60.0, max_attempts=3, max_age=3600.0)
 
 
+def event_id_of(row_id: int) -> uuid.UUID:
+    return uuid.UUID(int=row_id)
+
+
 def row(row_id: int = 1, attempts: int = 1, failures: int = 0, age: float = 10.0) -> ClaimedRow:
     return ClaimedRow(
         id=row_id,
+        event_id=event_id_of(row_id),
         idempotency_key=f"k{row_id}",
         channel="c",
         event="e",
@@ -58,6 +64,24 @@ def test_a_refusal_is_dead_at_once_and_charged():
     p = plan(Outcome(refused=[(row(), EventRefused("too big", status=413, code="x"))]))
     assert [(f.id, f.status, f.charged) for f in p.dead] == [(1, 413, True)]
     assert not p.retry and not p.retry_refund
+
+
+@pytest.mark.parametrize(
+    ("outcome", "says"),
+    [
+        (Outcome(refused=[(row(7), EventRefused("too big", status=413))]), "refused, dead"),
+        (Outcome(retry=[(row(7), server_error())]), "will be retried"),
+        (Outcome(retry=[(row(7, failures=2), server_error())]), "dead-lettered, gave up"),
+    ],
+    ids=["refused", "retried", "gave up"],
+)
+def test_log_lines_name_the_event_by_its_id_and_say_which_uuid_is_the_key(outcome, says):
+    """The line starts with the event id (what enqueue returned, what `outbox replay` takes);
+    the row's idempotency key, another UUID, is labelled as such."""
+    (note,) = plan(outcome).notes
+    line = note.message % note.args
+    assert line.startswith(f"event {event_id_of(7)} (row 7, "), line
+    assert "idempotency key k7" in line and says in line
 
 
 def test_endpoint_trouble_while_serving_is_charged_and_ends_the_budget():
@@ -186,6 +210,21 @@ def test_retry_after_stretches_the_pause_and_a_misconfiguration_pauses_for_a_fix
     assert breaker.is_open
     clock.now += 0.2
     assert not breaker.is_open
+
+
+def test_the_breaker_says_the_endpoint_is_failing_from_the_first_failure_until_a_success():
+    """What a --once run reports: one failure is enough (a claim sends its rows' requests
+    until the first endpoint error, so a run often sees fewer than the threshold)."""
+    breaker = EndpointBreaker(POLICY, threshold=3, clock=Clock())
+    assert not breaker.failing  # nothing asked yet
+    breaker.observe([("down", None)], served=False)
+    assert breaker.failing and not breaker.tripped
+    breaker.observe([], served=False)  # backpressure only: says nothing about the endpoint
+    assert breaker.failing
+    breaker.observe([], served=True)
+    assert not breaker.failing
+    breaker.pause_for(30.0, "bad secret")
+    assert breaker.failing and breaker.reason == "bad secret"
 
 
 def test_the_database_pause_grows_with_errors_in_a_row_and_is_capped():

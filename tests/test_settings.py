@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from outbox.settings import DEFAULT_SOCKUDO_URL, Settings, SettingsError
+from outbox.settings import DEFAULT_SOCKUDO_URL, SPECS, Settings, SettingsError
+
+#: The settings that are numbers: each has a range.
+NUMERIC = [spec for spec in SPECS if spec.kind in (int, float)]
 
 
 def test_defaults_match_the_compose_app_and_sqlite():
@@ -37,14 +40,116 @@ def test_flags_override_the_environment():
     [
         ("OUTBOX_BATCH_SIZE", "ten", "OUTBOX_BATCH_SIZE must be an integer"),
         ("OUTBOX_LEASE_SECONDS", "soon", "OUTBOX_LEASE_SECONDS must be a number"),
-        ("OUTBOX_IN_FLIGHT", "0", "in_flight must be at least 1"),
-        ("OUTBOX_POLL_INTERVAL", "-1", "poll_interval must be positive"),
+        ("OUTBOX_IN_FLIGHT", "0", "OUTBOX_IN_FLIGHT must be between 1 and 1000, got 0"),
+        ("OUTBOX_POLL_INTERVAL", "-1", "OUTBOX_POLL_INTERVAL must be positive, got -1"),
     ],
 )
 def test_malformed_values_are_named(variable, value, words):
     with pytest.raises(SettingsError) as info:
         Settings.from_env({variable: value})
     assert words in str(info.value)
+
+
+def test_a_negative_retention_is_refused_not_read_as_forever():
+    # "-1 means forever" elsewhere; here it would set the cutoff in the future and delete the
+    # whole published log.
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({"OUTBOX_RETENTION_SECONDS": "-1"})
+    assert str(info.value) == (
+        "OUTBOX_RETENTION_SECONDS must be 0 (keep forever) or positive, got -1"
+    )
+    with pytest.raises(SettingsError, match="OUTBOX_RETENTION_SECONDS must be 0"):
+        Settings(retention_seconds=-0.5)  # built in code, not from the environment
+    assert Settings.from_env({"OUTBOX_RETENTION_SECONDS": "0"}).retention_seconds == 0
+    assert Settings.from_env({"OUTBOX_RETENTION_SECONDS": "3600"}).retention_seconds == 3600
+
+
+def test_every_numeric_setting_has_a_range():
+    assert {spec.name for spec in NUMERIC} == {spec.name for spec in SPECS if spec.bounds}
+    assert len(NUMERIC) >= 15
+
+
+@pytest.mark.parametrize("spec", NUMERIC, ids=lambda spec: spec.variable)
+def test_every_numeric_setting_refuses_what_is_out_of_range_naming_its_variable(spec):
+    if spec.kind is float:
+        refused = ["-1", "nan", "inf", "-inf", "1e300"]
+        if spec.name != "retention_seconds":
+            refused.append("0")
+    else:
+        refused = ["-1", "99999999999999999999"]  # 20 digits: past any column or counter
+        if spec.name != "metrics_port":
+            refused.append("0")
+    for value in refused:
+        with pytest.raises(SettingsError) as info:
+            Settings.from_env({spec.variable: value})
+        assert str(info.value).startswith(f"{spec.variable} must be "), value
+        with pytest.raises(SettingsError) as info:
+            Settings(**{spec.name: float(value) if spec.kind is float else int(value)})
+        assert str(info.value).startswith(f"{spec.variable} must be "), value
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        (
+            "OUTBOX_POLL_INTERVAL",
+            "inf",
+            "OUTBOX_POLL_INTERVAL must be at most 3600 (an hour), got inf",
+        ),
+        ("OUTBOX_LEASE_SECONDS", "nan", "OUTBOX_LEASE_SECONDS must be a number, got nan"),
+        (
+            "OUTBOX_RETENTION_SECONDS",
+            "4e9",
+            "OUTBOX_RETENTION_SECONDS must be at most 3153600000 (100 years), got 4000000000",
+        ),
+        (
+            "OUTBOX_BACKOFF_MAX",
+            "1e9",
+            "OUTBOX_BACKOFF_MAX must be at most 86400 (a day), got 1000000000",
+        ),
+        ("OUTBOX_SERVER_BATCH_LIMIT", "0", "OUTBOX_SERVER_BATCH_LIMIT must be between 1 and 10000"),
+    ],
+)
+def test_range_errors_say_what_is_accepted(variable, value, message):
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({variable: value})
+    assert str(info.value).startswith(message)
+
+
+def test_errors_between_two_settings_name_both_variables():
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({"OUTBOX_BACKOFF_MIN": "10", "OUTBOX_BACKOFF_MAX": "5"})
+    assert str(info.value) == "OUTBOX_BACKOFF_MIN (10) must not exceed OUTBOX_BACKOFF_MAX (5)"
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({"OUTBOX_LEASE_SECONDS": "15", "OUTBOX_REQUEST_TIMEOUT": "10"})
+    assert str(info.value) == (
+        "OUTBOX_LEASE_SECONDS (15) must be at least twice OUTBOX_REQUEST_TIMEOUT (10)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "variable"),
+    [
+        ("--retention-seconds", "-1", "OUTBOX_RETENTION_SECONDS"),
+        ("--poll-interval", "inf", "OUTBOX_POLL_INTERVAL"),
+        ("--lease-seconds", "nan", "OUTBOX_LEASE_SECONDS"),
+        ("--in-flight", "0", "OUTBOX_IN_FLIGHT"),
+        ("--max-attempts", "99999999999999999999", "OUTBOX_MAX_ATTEMPTS"),
+    ],
+)
+def test_a_worker_flag_gets_its_variables_check_and_names_both(
+    flag, value, variable, capsys, monkeypatch, tmp_path
+):
+    from outbox.cli import main
+
+    database = tmp_path / "outbox.db"
+    monkeypatch.delenv("OUTBOX_DATABASE_URL", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--database-url", f"sqlite:///{database}", "worker", "--once", flag, value])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: {variable} must be " in err, err
+    assert not database.exists()  # refused before the worker opened anything
 
 
 @pytest.mark.parametrize(
@@ -68,11 +173,6 @@ def test_an_unknown_http_client_or_h11_over_tls_is_refused():
         Settings.from_env(
             {"SOCKUDO_URL": "https://k:s@sockudo.example/apps/1", "OUTBOX_HTTP_CLIENT": "h11"}
         )
-
-
-def test_a_lease_shorter_than_two_request_timeouts_is_refused():
-    with pytest.raises(SettingsError, match="lease"):
-        Settings.from_env({"OUTBOX_LEASE_SECONDS": "15", "OUTBOX_REQUEST_TIMEOUT": "10"})
 
 
 def test_a_malformed_sockudo_url_error_never_shows_the_secret():

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import base64
 import re
+import subprocess
 import sys
 import uuid
+from urllib.parse import unquote
 
 import httpx
 import pytest
@@ -21,8 +23,9 @@ from outbox import enqueue
 from outbox.cli import main
 from outbox.dialects import dialect_for
 from outbox.settings import ENVIRONMENT
+from outbox.testing.soketi import free_port
 from tests.outbox_rows import T, add, add_dead, row, set_row
-from tests.plugins.dashboard import csrf_token
+from tests.plugins.dashboard import OUTBOX, csrf_token
 
 TOKEN = "t0ken-" + "x" * 26
 sqlite_only = pytest.mark.parametrize("backend", ["sqlite"])  # HTTP rules, not database ones
@@ -63,6 +66,21 @@ def test_refuses_to_start_beyond_loopback_without_credentials(
     code = main(["--database-url", database_url, "web", "--host", host])
     err = capsys.readouterr().err
     assert code == 2 and "user:password" in err and "ops-only" not in err
+
+
+@sqlite_only
+@pytest.mark.parametrize("refresh", ["inf", "nan", "0", "-1", "2160000"])
+def test_a_refresh_out_of_bounds_is_refused_before_serving(database_url, refresh):
+    """`--refresh inf` made every page a 500, 25 days (2160000 s) overflowed the browser's
+    timer: both refused with exit 2 at once, as operators start the command (a process)."""
+    command = [str(OUTBOX), "--database-url", database_url, "web", "--port", str(free_port())]
+    done = subprocess.run(
+        [*command, "--refresh", refresh], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        f"outbox: error: --refresh must be between 1 and 3600 seconds, got {refresh}\n"
+    )
 
 
 @sqlite_only
@@ -296,6 +314,49 @@ def test_replay_over_http_dry_run_first_then_fresh_or_kept_keys(
         answer = client.post("/replay", data=bad_time, headers=served.same_origin())
         assert answer.status_code == 400 and "since: not an ISO 8601 time" in answer.text
         assert row(engine, audit[2]).status == "dead"
+
+
+#: Filters an operator can type (or a link can carry) that no row can match, each with the start
+#: of what the page says.
+BAD_FILTERS = [
+    ("error=%C2%B2", "error: an HTTP status is 100 to 999"),  # "²" is a digit, not a status
+    ("error=" + "9" * 20, "error: an HTTP status is 100 to 999"),  # past any integer column
+    ("error=" + "x" * 65, "error: an error code is 1 to 64 printable characters"),
+    ("since=0001-01-01T00:00%2B01:00", "since: a time from 1970 to 9999"),  # year 0 in UTC
+    ("until=9999-12-31T23:30-01:00", "until: a time from 1970 to 9999"),  # year 10000 in UTC
+    ("since=0001-01-01T00:00", "since: a time from 1970 to 9999"),
+    ("channel=a%00b", "channel: a NUL character matches nothing"),
+]
+
+
+def test_bad_filter_values_get_the_forms_message_not_an_error_page(
+    database_url, engine, serve_dashboard
+):
+    """Every database: a filter value out of its column's or the calendar's range is the
+    operator's to fix (400 and the form's message), never a 500 nor a database error."""
+    dead = add_dead(engine, "orders")
+    served = serve_dashboard(database_url, "--write")
+    with served.client() as client:
+        csrf = csrf_token(client.get("/"))
+        for query, message in BAD_FILTERS:
+            page = client.get(f"/?{query}")
+            assert page.status_code == 400 and "<h1>Bad filter</h1>" in page.text, query
+            assert f'<p id="message">{message}' in page.text, (query, page.text)
+            # The same filter posted for a replay is refused the same way, and changes nothing.
+            name, _, value = query.partition("=")
+            fields = replay_form(csrf, scope="filter", expected="1", **{name: unquote(value)})
+            for path in ("/replay/preview", "/replay"):
+                answer = client.post(path, data=fields, headers=served.same_origin())
+                assert answer.status_code == 400 and message in answer.text, (path, query)
+        # A search for such text finds nothing, without asking the database to compare a NUL.
+        assert client.get("/search?q=a%00b").status_code == 200
+        # Good values still work, at the edges of the range too.
+        for query in ("error=413", "error=payload_too_large", "since=1970-01-01T00:00"):
+            page = client.get(f"/?{query}")
+            assert page.status_code == 200 and f'data-row-id="{dead}"' in page.text, query
+    assert row(engine, dead).status == "dead"
+    log = served.process.log
+    assert "database error" not in log and "Traceback" not in log, log
 
 
 def dry_run_count(page: httpx.Response) -> int:

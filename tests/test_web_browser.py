@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,7 @@ def test_counts_and_chart_follow_a_draining_worker(
     for _ in range(2):
         add_published(engine, published_at=now - dt.timedelta(minutes=10))
     add_dead(engine, last_error_at=now - dt.timedelta(minutes=5))
-    served = serve_dashboard(database_url, "--refresh", "0.3")
+    served = serve_dashboard(database_url, "--refresh", "1")  # the shortest there is
 
     browser.get(served.url)
     wait_until(browser, lambda page: updates(page) >= 1, "the first live update")
@@ -116,6 +117,46 @@ def test_counts_and_chart_follow_a_draining_worker(
         assert browser.execute_script("return window.sameDocument") is True
         assert server.delivered_count("orders") == 3
         worker.check_alive()
+
+
+def summary_requests(page: WebDriver) -> int:
+    """The summary requests this document has sent so far (resource timing entries)."""
+    return page.execute_script(
+        "return performance.getEntriesByType('resource')"
+        ".filter(e => e.name.includes('/api/summary')).length;"
+    )
+
+
+#: What the page's script could be handed as its refresh (ms): 25 days (past a timer's 2**31 - 1
+#: ms, so it fires at once), infinity, a negative and a tiny value (both fire at once), text.
+ODD_REFRESH_MS = ["2160000000", "Infinity", "-5", "1", "soon"]
+
+
+@sqlite_only
+def test_no_refresh_the_page_is_handed_makes_it_hammer_the_server(
+    database_url, browser, serve_dashboard
+):
+    """`outbox web` keeps --refresh within 1 to 3600 s; the script keeps whatever it is handed
+    within the same bounds. Each odd value is handed to a fresh copy of the script, as if the
+    server had written it into the page, and the summary requests of the next seconds counted."""
+    served = serve_dashboard(database_url, "--refresh", "3600")
+    window = 2.5
+    for odd in ODD_REFRESH_MS:
+        browser.get(served.url)
+        wait_until(browser, lambda page: updates(page) >= 1, "the page's first live update")
+        browser.execute_script(
+            "performance.setResourceTimingBufferSize(100000);"
+            "document.body.dataset.refreshMs = arguments[0];"
+            "const copy = document.createElement('script');"
+            "copy.src = '/static/dashboard.js?copy';"
+            "document.head.appendChild(copy);",
+            odd,
+        )
+        time.sleep(window)
+        sent = summary_requests(browser)
+        # The page's first update and the copy's (it ran), then at most one a second from the
+        # copy at its shortest refresh; a timer that fires at once sends hundreds.
+        assert 2 <= sent <= 2 + window + 1.5, (odd, sent)
 
 
 def test_replay_dead_events_from_the_page_and_see_them_published(

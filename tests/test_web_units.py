@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime as dt
+import math
 import re
 import uuid
 
@@ -137,6 +138,19 @@ def test_options_refuse_an_open_address_without_credentials():
     assert (options.host, options.write, options.credentials.token) == ("::", True, TOKEN)
 
 
+@pytest.mark.parametrize("seconds", [math.inf, math.nan, -1.0, 0.0, 0.5, 3601.0, 25 * 86400.0])
+def test_the_live_refresh_is_bounded(seconds):
+    # inf made every page a 500 (int(inf * 1000)); 25 days overflowed the browser's timer.
+    with pytest.raises(WebConfigError) as raised:
+        WebOptions(refresh_seconds=seconds)
+    assert str(raised.value).startswith("--refresh must be between 1 and 3600 seconds, got ")
+
+
+def test_the_live_refresh_bounds_themselves_are_accepted():
+    assert WebOptions(refresh_seconds=1).refresh_seconds == 1
+    assert WebOptions(refresh_seconds=3600.0).refresh_seconds == 3600.0
+
+
 # -- sessions and CSRF --------------------------------------------------------------------------
 
 
@@ -241,6 +255,48 @@ def test_the_dead_filter_from_a_form():
     with pytest.raises(views.FormError, match="since: not an ISO 8601 time: 'yesterday'"):
         views.DeadQuery(since="yesterday").selection()
     assert views.DeadQuery().selection() == ReplayFilter(statuses=("dead",))
+
+
+@pytest.mark.parametrize(
+    ("field", "text", "message"),
+    [
+        ("error", "²", "error: an HTTP status is 100 to 999 in ASCII digits, got '²'"),
+        ("error", "٤١٣", "error: an HTTP status is 100 to 999"),  # Arabic-Indic digits
+        ("error", "9" * 20, "error: an HTTP status is 100 to 999"),
+        ("error", "99", "error: an HTTP status is 100 to 999"),
+        ("error", "1000", "error: an HTTP status is 100 to 999"),
+        ("error", "x" * 65, "error: an error code is 1 to 64 printable characters"),
+        ("error", "bad\x7fcode", "error: an error code is 1 to 64 printable characters"),
+        ("since", "0001-01-01T00:00+01:00", "since: a time from 1970 to 9999 (in UTC)"),
+        ("since", "1969-12-31T23:59:59", "since: a time from 1970 to 9999"),
+        ("until", "9999-12-31T23:30-01:00", "until: a time from 1970 to 9999"),
+        ("channel", "a\x00b", "channel: a NUL character matches nothing"),
+        ("event", "\x00", "event: a NUL character matches nothing"),
+    ],
+)
+def test_a_filter_value_no_database_could_compare_is_the_forms_error(field, text, message):
+    with pytest.raises(views.FormError) as raised:
+        views.DeadQuery(**{field: text}).selection()
+    assert str(raised.value).startswith(message)
+
+
+def test_filter_values_at_the_edges_of_their_ranges_are_kept():
+    for code in ("100", "999", "413", "payload_too_large", "x" * 64, "é-code"):
+        assert views.DeadQuery(error=code).selection().error_code == code
+    edges = views.DeadQuery(since="1970-01-01T00:00", until="9999-12-31T23:59:59.999999")
+    selection = edges.selection()
+    assert (selection.since, selection.until) == admin.FILTER_TIMES
+    # Converted to UTC: 01:00 at +01:00 is the first moment of 1970.
+    assert (
+        views.DeadQuery(since="1970-01-01T01:00+01:00").selection().since == (admin.FILTER_TIMES[0])
+    )
+
+
+def test_a_replay_filter_made_in_code_is_checked_too():
+    with pytest.raises(admin.FilterError, match="HTTP status"):
+        ReplayFilter(error_code="²")
+    with pytest.raises(admin.FilterError, match="1970 to 9999"):
+        ReplayFilter(since=dt.datetime(1, 1, 1, tzinfo=dt.timezone(dt.timedelta(hours=1))))
 
 
 def test_a_replay_request_from_a_form():

@@ -28,8 +28,9 @@ from outbox.settings import Settings
 from outbox.sockudo import AsyncSockudo
 from outbox.sockudo.events import Limits
 from outbox.testing.server import TestServer
+from outbox.testing.worker import WorkerProcess
 from outbox.worker import Worker
-from tests.outbox_rows import EV
+from tests.outbox_rows import EV, add_published
 
 T = outbox_table()
 MASTER_KEY = bytes(range(32))
@@ -676,3 +677,30 @@ async def test_an_unexpected_error_in_a_batch_is_logged_and_its_rows_come_back(
     assert "a bug in the delivery path" in caplog.text
     assert sorted(delivered_keys(sockudo_server)) == sorted(keys)
     assert not sockudo_server.duplicates()
+
+
+# -- 9. settings that would destroy history -------------------------------------------------------
+
+
+def test_a_negative_retention_is_refused_before_anything_is_deleted(
+    engine, database_url, sockudo_server, tmp_path
+):
+    """ "-1 means forever" is a habit: taken as a retention, the cutoff would lie in the future and
+    the worker's first trim would delete the whole published log. The worker, started as
+    operators start it, refuses the setting (exit 2, naming the variable) and the log is whole."""
+    an_hour_ago = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    for _ in range(3):
+        add_published(engine, published_at=an_hour_ago)
+    log_path = tmp_path / "worker.log"
+    with WorkerProcess(database_url, sockudo_server.url, log_path, retention_seconds=-1) as worker:
+        # Until it exits or the log shrinks: the old worker trimmed within a second of starting.
+        deadline = time.monotonic() + 60
+        while worker.alive and by_status(engine).get("published") == 3:
+            assert time.monotonic() < deadline, "the worker neither exited nor trimmed"
+            time.sleep(0.05)
+        assert by_status(engine) == {"published": 3}, worker.log_text()
+        assert worker.wait(timeout=10) == 2
+        assert (
+            "OUTBOX_RETENTION_SECONDS must be 0 (keep forever) or positive, got -1"
+            in worker.log_text()
+        )

@@ -70,6 +70,9 @@ class ClaimedRow:
     #: A mutation's message: an outbox event (published by now) or a known serial.
     target_event_id: uuid.UUID | None = None
     target_serial: str | None = None
+    #: The event's id (what enqueue returned; shared by its channels' rows): what the worker's
+    #: log names an event by, and ``outbox replay`` finds it by.
+    event_id: uuid.UUID | None = None
     #: The row was leased by another claim whose lease expired (a killed or stalled worker's).
     taken_over: bool = False
 

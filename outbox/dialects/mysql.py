@@ -153,7 +153,11 @@ class MySQLDialect(Dialect):
             LIMIT :limit
             FOR UPDATE SKIP LOCKED
             """
-        ).columns(queued_at=UTCDateTime(), target_event_id=sa.Uuid(as_uuid=True))
+        ).columns(
+            queued_at=UTCDateTime(),
+            event_id=sa.Uuid(as_uuid=True),
+            target_event_id=sa.Uuid(as_uuid=True),
+        )
         rows = conn.execute(stmt, {"limit": limit})
         claimed = (ClaimedRow.from_mapping(r._mapping, bool(r.taken_over)) for r in rows)
         return sorted(claimed, key=lambda r: r.id)

@@ -100,7 +100,11 @@ class SQLiteDialect(Dialect):
             RETURNING {claim_columns()}
             """
         ).bindparams(TOKEN)
-        stmt = stmt.columns(queued_at=UTCDateTime(), target_event_id=sa.Uuid(as_uuid=True))
+        stmt = stmt.columns(
+            queued_at=UTCDateTime(),
+            event_id=sa.Uuid(as_uuid=True),
+            target_event_id=sa.Uuid(as_uuid=True),
+        )
         ids = json.dumps([row_id for row_id, _ in candidates])
         params = {"ids": ids, "token": token, "lease": float(lease_seconds)}
         taken_over = {row_id for row_id, held in candidates if held}

@@ -20,6 +20,7 @@ import binascii
 import hashlib
 import hmac
 import ipaddress
+import math
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -33,6 +34,10 @@ MIN_SECRET_LENGTH = 16
 #: How long a login lasts.
 SESSION_SECONDS = 12 * 3600.0
 SESSION_COOKIE = "outbox_session"
+#: The live refresh's bounds, seconds: faster is load, not information; slower than an hour is not
+#: live; and a browser timer overflows past 2**31 - 1 ms (24.8 days) into firing at once. The
+#: page's script keeps to the same bounds (static/dashboard.js).
+REFRESH_SECONDS = (1, 3600)
 
 
 class WebConfigError(ValueError):
@@ -137,8 +142,13 @@ class WebOptions:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise WebConfigError(f"port must be between 0 and 65535, got {self.port}")
-        if not self.refresh_seconds > 0:
-            raise WebConfigError(f"refresh must be positive, got {self.refresh_seconds}")
+        low, high = REFRESH_SECONDS
+        refresh = self.refresh_seconds
+        if not low <= refresh <= high:  # nan fails every comparison
+            # As typed: 2160000, not 2160000.0; 0.5, inf and nan as they are.
+            whole = math.isfinite(refresh) and refresh == int(refresh) and abs(refresh) < 1e15
+            shown = int(refresh) if whole else refresh
+            raise WebConfigError(f"--refresh must be between {low} and {high} seconds, got {shown}")
         if not is_loopback(self.host) and not self.credentials.required:
             raise WebConfigError(
                 f"refusing to serve the dashboard on {self.host} without credentials: set "

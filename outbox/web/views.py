@@ -51,14 +51,18 @@ def parse_after(text: str) -> int:
 
 
 def parse_time(name: str, text: str) -> dt.datetime | None:
-    """An ISO 8601 time; one without a zone is UTC (as the page says)."""
+    """An ISO 8601 time; one without a zone is UTC (as the page says). A time the database could
+    not store (before 1970 or after 9999, in UTC) is the operator's to fix, not a database error."""
     if not text:
         return None
     try:
         parsed = dt.datetime.fromisoformat(text)
     except ValueError:
         raise FormError(f"{name}: not an ISO 8601 time: {text!r}") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+    try:
+        return admin.filter_time(name, parsed)
+    except admin.FilterError as exc:
+        raise FormError(f"{name}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -82,16 +86,22 @@ class DeadQuery:
         return {name: getattr(self, name) for name in self.FIELDS if getattr(self, name)}
 
     def selection(self, limit: int | None = None) -> ReplayFilter:
-        """The dead rows this filter matches (raises :class:`FormError` on a bad time)."""
-        return ReplayFilter(
-            statuses=("dead",),
-            channel=self.channel or None,
-            event=self.event or None,
-            error_code=self.error or None,
-            since=parse_time("since", self.since),
-            until=parse_time("until", self.until),
-            limit=limit,
-        )
+        """The dead rows this filter matches (raises :class:`FormError` on a value that cannot
+        be used: a bad time, an error that is neither an HTTP status nor a code, ...)."""
+        since, until = parse_time("since", self.since), parse_time("until", self.until)
+        try:
+            return ReplayFilter(
+                statuses=("dead",),
+                channel=self.channel or None,
+                event=self.event or None,
+                error_code=self.error or None,
+                since=since,
+                until=until,
+                limit=limit,
+            )
+        except admin.FilterError as exc:
+            field = "error" if exc.field == "error_code" else exc.field
+            raise FormError(f"{field}: {exc}") from None
 
 
 def parse_ids(values: Sequence[str]) -> tuple[int, ...]:

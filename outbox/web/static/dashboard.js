@@ -90,9 +90,23 @@
     drawChart(document.getElementById("throughput"), summary.buckets);
   }
 
+  // The live refresh, as the server gave it (data-refresh-ms), kept within 1 s to 1 h as
+  // `outbox web --refresh` is: a timer above 2^31 - 1 ms fires at once, as does one of 0, and
+  // either would send the summary request in a loop. Anything that is not a positive number
+  // gets the default.
+  const REFRESH_MIN_MS = 1000;
+  const REFRESH_MAX_MS = 3600 * 1000;
+  const REFRESH_DEFAULT_MS = 5000;
+
+  function refreshInterval(text) {
+    const value = Number(text);
+    if (!Number.isFinite(value) || value <= 0) return REFRESH_DEFAULT_MS;
+    return Math.min(REFRESH_MAX_MS, Math.max(REFRESH_MIN_MS, value));
+  }
+
   function live(section) {
     const status = document.getElementById("live");
-    const every = Number(document.body.dataset.refreshMs) || 5000;
+    const every = refreshInterval(document.body.dataset.refreshMs);
     let updates = 0;
     async function refresh() {
       try {
