@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .dialects import Ack, ClaimedRow, Failure
+from .dialects.base import FoundSerial, Target, UnknownSerial
 from .schema import Operation
 from .sockudo import AsyncSockudo, PreparedRequest
 from .sockudo.errors import (
@@ -45,8 +46,10 @@ EVENTS_ENDPOINT = "events"
 #: Mutations and annotations of published messages, as the metrics name their requests.
 MESSAGES_ENDPOINT = "messages"
 #: Seconds of clock difference between the database and Sockudo allowed when an annotation
-#: retry looks for an earlier attempt's annotation.
+#: retry looks for an earlier attempt's annotation, or a mutation for its message in history.
 ANNOTATION_CLOCK_ALLOWANCE = 5.0
+#: History pages a serial lookup reads at most (100 messages each) before it gives up.
+HISTORY_SCAN_PAGES = 100
 
 #: Called after every publish request: (endpoint, the exception it raised or None, seconds).
 RequestHook = Callable[[str, BaseException | None, float], None]
@@ -81,6 +84,9 @@ class Outcome:
     endpoint_errors: list[EndpointUnavailable] = field(default_factory=list)
     #: The refusal of this claim's batch request, if it was refused (see ``_publish_alone``).
     batch_refusal: EventRefused | None = None
+    #: Serials of messages published without a receipt, found in history by a mutation's
+    #: lookup: the worker stores them with the message's log row.
+    found_serials: list[FoundSerial] = field(default_factory=list)
     requests: int = 0
     sent_as_batch: int = 0
     sent_alone: int = 0
@@ -134,7 +140,7 @@ class Deliverer:
         self._paused = paused
 
     async def deliver(
-        self, rows: Sequence[ClaimedRow], targets: Mapping[int, str | EventRefused] | None = None
+        self, rows: Sequence[ClaimedRow], targets: Mapping[int, Target] | None = None
     ) -> Outcome:
         """Send ``rows``; ``targets`` gives each mutation row (by id) the serial of its message,
         or why it has none, for those that name their message by an outbox event."""
@@ -217,16 +223,22 @@ class Deliverer:
         if result is not None:
             outcome.published.append(_ack(row, result.channels.get(row.channel, ChannelAck())))
 
-    async def _mutate(
-        self, row: ClaimedRow, resolved: str | EventRefused | None, outcome: Outcome
-    ) -> None:
+    async def _mutate(self, row: ClaimedRow, resolved: Target | None, outcome: Outcome) -> None:
         """Send one mutation or annotation row to its message, as stored.
 
         Its message's serial is the one it was enqueued with, else ``resolved`` (from its target
-        event's acknowledgement). A missing message, a feature the server has off, or a policy
-        refusal is the row's end (dead with the reason), never a reason to pause the worker.
+        event's acknowledgement, or looked up in the channel's history when that had none). A
+        missing message, a feature the server has off, or a policy refusal is the row's end
+        (dead with the reason), never a reason to pause the worker.
         """
-        serial = row.target_serial or resolved
+        serial: str | EventRefused | None = row.target_serial
+        if serial is None and isinstance(resolved, UnknownSerial):
+            try:
+                serial = await self._find_serial(row, resolved, outcome)
+            except _LookupFailed:
+                return  # the failed lookup put the row where its failure says
+        elif serial is None:
+            serial = resolved
         if not isinstance(serial, str):
             outcome.refused.append((row, serial or _NO_TARGET))
             return
@@ -249,6 +261,43 @@ class Deliverer:
             outcome.published.append(
                 Ack(row.id, acknowledgement_id=_text(answer), message_serial=serial)
             )
+
+    async def _find_serial(
+        self, row: ClaimedRow, unknown: UnknownSerial, outcome: Outcome
+    ) -> str | EventRefused:
+        """The serial of ``row``'s message, found in the channel's history by its ``message_id``
+        (newest first, between the times it was published), or why it is not there. Raises
+        :class:`_LookupFailed` if a request failed (the row is then in ``outcome``)."""
+        allowance = ANNOTATION_CLOCK_ALLOWANCE
+        start_ms = int((unknown.sent_after.timestamp() - allowance) * 1000)
+        end_ms = int((unknown.sent_before.timestamp() + allowance) * 1000)
+        cursor: str | None = None
+        for _page in range(HISTORY_SCAN_PAGES):
+            request = self._client.prepare_history_scan(row.channel, start_ms, end_ms, cursor)
+            result = await self._send_alone(row, MESSAGES_ENDPOINT, request, outcome, mutation=True)
+            if result is None:
+                raise _LookupFailed
+            page = result.body if isinstance(result.body, dict) else {}
+            for item in page.get("items") or ():
+                if isinstance(item, dict) and item.get("message_id") == unknown.message_id:
+                    message = item.get("message")
+                    serial = message.get("message_serial") if isinstance(message, dict) else None
+                    if not serial:
+                        return _NO_TARGET
+                    assert row.target_event_id is not None
+                    found = FoundSerial(row.target_event_id, row.channel, str(serial))
+                    outcome.found_serials.append(found)
+                    return found.message_serial
+            cursor = page.get("next_cursor")
+            if not page.get("has_more") or not isinstance(cursor, str) or not cursor:
+                break
+        return EventRefused(
+            f"the message this mutation names was published without a receipt, and its "
+            f"message_id {unknown.message_id} is not in the channel's history between "
+            f"{unknown.sent_after.isoformat()} and {unknown.sent_before.isoformat()} "
+            "(history trimmed, or reset since?)",
+            code="target_not_found",
+        )
 
     async def _find_annotation(self, row: ClaimedRow, serial: str, outcome: Outcome) -> str | None:
         """The serial of an annotation identical to ``row``'s created since it was queued (with

@@ -26,7 +26,7 @@ import sqlalchemy as sa
 
 from . import admin
 from .database import create_engine, display_url, in_transaction, short_error
-from .delivery import Deliverer
+from .delivery import Deliverer, Outcome
 from .dialects import ClaimedRow, Dialect, dialect_for
 from .dialects.hotpath import Recording
 from .health import HealthServer, Readiness, readiness
@@ -111,6 +111,7 @@ class Worker:
             lease_seconds=settings.lease_seconds,
             retention_seconds=settings.retention_seconds,
             on_reclaimed=self._reclaimed,
+            on_due=self.wake,
         )
         self._client = client
         self.stats = WorkerStats()
@@ -405,6 +406,8 @@ class Worker:
             outcome = await deliverer.deliver(rows, targets)
         finally:
             renewal.cancel()
+        if outcome.found_serials:
+            await self._remember_serials(outcome)
         self.stats.requests += outcome.requests
         # Whether the endpoint was serving before this outcome decides what is charged.
         endpoint_serving = self.breaker.serving and not self.breaker.tripped
@@ -443,6 +446,17 @@ class Worker:
             self.engine, lambda conn: self.dialect.resolve_targets(conn, self.table, waiting)
         )
 
+    async def _remember_serials(self, outcome: Outcome) -> None:
+        """Store the serials a mutation found in history with its message's log row, so the
+        next mutation of that message finds it there. Only saves lookups: a failure is logged."""
+        found = outcome.found_serials
+        try:
+            await in_transaction(
+                self.engine, lambda conn: self.dialect.remember_serials(conn, self.table, found)
+            )
+        except sa.exc.DBAPIError as exc:
+            log.warning("could not store a serial found in history: %s", short_error(exc))
+
     async def _keep_leased(self, token: uuid.UUID, ids: list[int]) -> None:
         lease = self.settings.lease_seconds
         while True:
@@ -479,6 +493,7 @@ class Worker:
     async def _record(self, token: uuid.UUID, plan: Plan, rows: list[ClaimedRow]) -> None:
         """Write the plan in one short transaction, retrying while the database is away."""
         acked = 0
+        gone = [a.id for a in plan.published] + [f.id for f in plan.dead]
         recording = Recording(
             published=plan.published,
             retry=plan.retry,
@@ -487,7 +502,8 @@ class Worker:
             give_back=plan.give_back,
             give_back_carried=plan.give_back_carried,
             park=plan.park,
-            heads_gone=_keys_of(rows, [a.id for a in plan.published] + [f.id for f in plan.dead]),
+            heads_gone=_keys_of(rows, gone),
+            messages_gone=_messages_of(rows, gone),
         )
         for attempt in range(1, RECORD_TRIES + 1):
             started = time.perf_counter()
@@ -497,9 +513,10 @@ class Worker:
                 acked = await self.hot_path.record(token, recording)
                 self._database_errors_in_a_row = 0
                 self._last_progress = time.monotonic()
-                if recording.heads_gone:
-                    # The next event of each of these keys just became due: claim it now, not
-                    # at the next poll (no notification says so; only inserts notify).
+                if recording.heads_gone or recording.messages_gone:
+                    # The next event of each key that lost its head, and the mutations waiting
+                    # for a message that went out, may have just become due: claim now, not at
+                    # the next poll (no notification says so; only inserts notify).
                     self._wake.set()
                 self.metrics.recorded(plan, rows, acked, time.perf_counter() - started)
                 break
@@ -533,6 +550,16 @@ class Worker:
         )
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), timeout=pause)
+
+
+def _messages_of(rows: list[ClaimedRow], ids: list[int]) -> list[tuple[uuid.UUID, str]]:
+    """(event id, channel) of the rows ``ids`` that publish a message (not mutations)."""
+    wanted = set(ids)
+    return [
+        (r.event_id, r.channel)
+        for r in rows
+        if r.id in wanted and r.operation is None and r.event_id is not None
+    ]
 
 
 def _keys_of(rows: list[ClaimedRow], ids: list[int]) -> list[str]:

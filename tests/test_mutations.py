@@ -310,6 +310,71 @@ def test_appends_survive_worker_kills(database_url, engine, server, tmp_path: Pa
     assert set(unanswered) <= retried
 
 
+# -- 4b. a message whose publish was answered without a receipt ----------------------------------
+
+
+@pytest.mark.parametrize("how", ["answer lost", "a later item refused"])
+async def test_message_re_sent_alone_after_its_batch_keeps_its_mutations(
+    engine, database_url, server, how
+):
+    """The message goes out in a batch whose answer is lost (or whose later item is refused),
+    so it is sent again alone, and Sockudo answers the repeat from its idempotency cache with the
+    body ``1`` (a batch item's key stores no answer): the row is published without a serial.
+    The update naming it by event id still applies: the worker finds the serial in the channel's
+    history by the row's ``message_id`` and keeps it on the log row for later mutations."""
+    if how == "answer lost":
+        server.drop_next(stage="published", endpoints=["batch_events"])
+    else:
+        server.fail_batch_item(1, status=400, code="invalid_input", message="bad item")
+    with engine.begin() as conn:
+        message = enqueue(conn, CHANNEL, "created", "v0")
+        enqueue(conn, CHANNEL, "other", "x")
+        first = update_message(conn, CHANNEL, message, data="v1")
+    worker = Worker(fast_settings(database_url, server.url), engine=engine)
+    await run_until(worker, settled(engine, message, first), what="message and update settled")
+
+    published = row_of(engine, message)
+    # Once in the batch, then alone (a retry, or at once after the refused batch): the repeat
+    # was answered "1".
+    assert server.request_count("batch_events") == 1 and server.request_count("events") >= 1
+    assert server.request_count("history") >= 1
+    done = row_of(engine, first)
+    assert (done.status, done.last_error_code) == ("published", None)
+    serial = done.message_serial
+    assert [v.action for v in versions(server, serial)] == ["create", "update"]
+    assert versions(server, serial)[0].name == "created"
+    # The serial found is kept with the message: the next mutation needs no lookup.
+    assert published.message_serial == serial
+    lookups = server.request_count("history")
+    with engine.begin() as conn:
+        second = append_message(conn, CHANNEL, message, "+more")
+    worker = Worker(fast_settings(database_url, server.url), engine=engine)
+    await run_until(worker, settled(engine, second), what="the append settled")
+    assert status_of(engine, second) == "published"
+    assert versions(server, serial)[-1].data == "v1+more"
+    assert server.request_count("history") == lookups
+
+
+async def test_message_without_receipt_and_history_off(engine, database_url, server):
+    """The same repeat answered ``1``, on a server whose history is off since: the lookup is
+    refused 422 ``feature_disabled`` and the mutation goes dead with that reason (no pause)."""
+    server.drop_next(stage="published", endpoints=["batch_events"])
+    with engine.begin() as conn:
+        message = enqueue(conn, CHANNEL, "created", "v0")
+        enqueue(conn, CHANNEL, "other", "x")
+    worker = Worker(fast_settings(database_url, server.url), engine=engine)
+    await run_until(worker, settled(engine, message), what="the message published")
+    assert row_of(engine, message).message_serial is None
+    server.set_features(history=False, app_annotations=False)
+    with engine.begin() as conn:
+        op = update_message(conn, CHANNEL, message, data="v1")
+    worker = Worker(fast_settings(database_url, server.url), engine=engine)
+    await run_until(worker, settled(engine, op), what="the update settled")
+    dead = row_of(engine, op)
+    assert (dead.status, dead.last_error_code) == ("dead", "feature_disabled")
+    assert worker.stats.pauses == 0
+
+
 # -- 5. the end of a mutation: its target dead, or the feature off -------------------------------
 
 

@@ -137,6 +137,37 @@ class Failure:
         object.__setattr__(self, "message", message[:ERROR_MESSAGE_MAX])
 
 
+@dataclass(frozen=True, slots=True)
+class UnknownSerial:
+    """A mutation's message was published, but the answer that said so carried no receipt: its
+    serial is in the channel's history, under its ``message_id``, published between the two
+    times (the database's clock, which the lookup allows some seconds of difference from)."""
+
+    message_id: str
+    sent_after: dt.datetime
+    sent_before: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class FoundSerial:
+    """The serial of an outbox event's message on one channel, found in the channel's history."""
+
+    event_id: uuid.UUID
+    channel: str
+    message_serial: str
+
+
+#: What :meth:`Dialect.resolve_targets` says of a mutation's message: its serial, where to look
+#: for it, or why it has none.
+Target = str | UnknownSerial | EventRefused
+
+
+def receiptless(log: sa.Table) -> tuple[sa.ColumnElement[bool], ...]:
+    """The published rows whose answer carried no receipt, so whose serial, if they have one,
+    is only in the channel's history (the predicate of the log's index of them)."""
+    return (log.c.acknowledgement_id.is_(None),)
+
+
 #: Bind parameters shared by the statements: the lease token and a cutoff time.
 TOKEN = sa.bindparam("token", type_=sa.Uuid(as_uuid=True))
 CUTOFF = sa.bindparam("cutoff", type_=UTCDateTime())
@@ -195,17 +226,22 @@ class Dialect(abc.ABC):
         """Insert rows some of which have an ordering key (after :meth:`lock_ordering_keys`,
         whose answer ``held`` is).
 
-        A keyed row behind an earlier row of its key is inserted waiting (``WAITING_FOR_KEY``),
-        not due, out of the claim's way: the first of a key in this call waits if its key is
-        ``held`` (with None: if the table has a row of the key), the others of that key in this
-        call wait anyway. The first ones go in first, so each key's ids follow the order given.
+        A row that cannot go yet is inserted waiting (``WAITING_FOR_KEY``), not due, out of the
+        claim's way: a keyed row behind an earlier row of its key (the first of a key in this
+        call waits if its key is ``held``, with None: if the table has a row of the key; the
+        others of that key in this call wait anyway), and a mutation whose message's event is
+        still in the table (the transaction that takes that event out makes it due: see
+        :meth:`wake_mutations`). The first ones go in first, so each key's ids follow the order
+        given.
         """
+        queued = self._queued_targets(conn, table, rows)
         seen: set[str] = set()
         first: list[dict[str, Any]] = []
         waiting: list[dict[str, Any]] = []
         for row in rows:
             key = row.get("ordering_key")
-            if key is not None and (key in seen or (held is not None and key in held)):
+            behind = key is not None and (key in seen or (held is not None and key in held))
+            if behind or (row.get("target_event_id"), row.get("channel")) in queued:
                 waiting.append({**row, "next_attempt_at": WAITING_FOR_KEY})
             else:
                 first.append(row)
@@ -220,9 +256,24 @@ class Dialect(abc.ABC):
                 wait = sa.literal(WAITING_FOR_KEY, UTCDateTime())
                 stmt = stmt.values(next_attempt_at=sa.case((behind, wait), else_=utc_now()))
             conn.execute(stmt, first)
-        # After the first of each key: a row waiting here always has its key's head before it.
+        # After the first of each key: a row waiting here always has its key's head before it
+        # (or its message's event, still in the table).
         if waiting:
             conn.execute(table.insert(), waiting)
+
+    @staticmethod
+    def _queued_targets(
+        conn: sa.Connection, table: sa.Table, rows: Sequence[Mapping[str, Any]]
+    ) -> set[tuple[uuid.UUID, str]]:
+        """The (event id, channel) of the messages these mutation rows name that are still in
+        the hot table (not published yet), this transaction's own rows included."""
+        targets = {r["target_event_id"] for r in rows if r.get("target_event_id") is not None}
+        if not targets:
+            return set()
+        found = conn.execute(
+            sa.select(table.c.event_id, table.c.channel).where(table.c.event_id.in_(targets))
+        )
+        return {(event_id, channel) for event_id, channel in found}
 
     def promote_heads(self, conn: sa.Connection, table: sa.Table, keys: Sequence[str]) -> int:
         """Make the new head of each key due (its head just left the table); parked keys wait.
@@ -245,6 +296,50 @@ class Dialect(abc.ABC):
                 hot.c.id.in_(heads.scalar_subquery()),
                 hot.c.next_attempt_at == WAITING_FOR_KEY,
                 hot.c.ordering_key.not_in(sa.select(parked.c.ordering_key).scalar_subquery()),
+            )
+            .values(next_attempt_at=utc_now())
+        )
+        return conn.execute(stmt).rowcount
+
+    def wake_mutations(
+        self, conn: sa.Connection, table: sa.Table, messages: Sequence[tuple[uuid.UUID, str]]
+    ) -> int:
+        """Make due the mutations waiting for these messages (``(event id, channel)`` of rows
+        this transaction just took out of the table, published or dead), each where it is its
+        key's head and its key is not parked. Runs after the rows left, in a statement of its
+        own, so it sees a mutation committed while the ack waited."""
+        if not messages:
+            return 0
+        hot, parked = table, parked_table(table)
+        earlier = hot.alias("earlier")
+        stmt = (
+            sa.update(hot)
+            .where(
+                sa.tuple_(hot.c.target_event_id, hot.c.channel).in_(sorted(set(messages))),
+                *_waiting_head(hot, earlier, parked),
+            )
+            .values(next_attempt_at=utc_now())
+        )
+        return conn.execute(stmt).rowcount
+
+    def wake_stranded_mutations(self, conn: sa.Connection, table: sa.Table) -> int:
+        """Make due the waiting mutations whose message left the table without waking them.
+
+        A producer decides that a mutation waits when its message's event is still in the table;
+        if that event's ack commits before the producer does, the ack's
+        :meth:`wake_mutations` cannot see the mutation yet. The worker's upkeep calls this
+        every few seconds (it reads only waiting mutation rows, by their own index)."""
+        hot, parked = table, parked_table(table)
+        earlier, target = hot.alias("earlier"), hot.alias("target")
+        message_queued = sa.exists().where(
+            target.c.event_id == hot.c.target_event_id, target.c.channel == hot.c.channel
+        )
+        stmt = (
+            sa.update(hot)
+            .where(
+                hot.c.target_event_id.is_not(None),
+                ~message_queued,
+                *_waiting_head(hot, earlier, parked),
             )
             .values(next_attempt_at=utc_now())
         )
@@ -382,12 +477,15 @@ class Dialect(abc.ABC):
 
     def resolve_targets(
         self, conn: sa.Connection, table: sa.Table, rows: Sequence[ClaimedRow]
-    ) -> dict[int, str | EventRefused]:
+    ) -> dict[int, Target]:
         """For each mutation row naming its message by an outbox event: that event's
-        ``message_serial`` on the row's channel, from the published log, or why it has none."""
+        ``message_serial`` on the row's channel, from the published log; or where to look for it
+        (:class:`UnknownSerial`: it was published, but the answer that said so had no receipt);
+        or why it has none (dead). A row absent from the answer has no published event here
+        (its log row was trimmed)."""
         log, dead = published_table(table), dead_table(table)
         event_ids = list({r.target_event_id for r in rows})
-        serials = {
+        answers: dict[tuple[Any, str], Target] = {
             (found.event_id, found.channel): found.message_serial
             for found in conn.execute(
                 sa.select(log.c.event_id, log.c.channel, log.c.message_serial).where(
@@ -395,24 +493,68 @@ class Dialect(abc.ABC):
                 )
             )
         }
-        buried = {
-            (found.event_id, found.channel): found.last_error_message
+        wanted = {(r.target_event_id, r.channel) for r in rows}
+        missing = list({event_id for event_id, channel in wanted - answers.keys()})
+        if missing:
+            # Rows acknowledged without a receipt: the repeat of a publish a batch made (Sockudo's
+            # cache holds "1" for a batch item, not its answer), or a retry that reached a node of
+            # another region. Their serial, if any, is in the channel's history.
             for found in conn.execute(
-                sa.select(dead.c.event_id, dead.c.channel, dead.c.last_error_message).where(
-                    dead.c.event_id.in_(event_ids)
+                sa.select(
+                    log.c.event_id,
+                    log.c.channel,
+                    log.c.idempotency_key,
+                    log.c.queued_at,
+                    log.c.published_at,
+                ).where(log.c.event_id.in_(missing), *receiptless(log))
+            ):
+                answers[(found.event_id, found.channel)] = UnknownSerial(
+                    message_id=found.idempotency_key,
+                    sent_after=found.queued_at,
+                    sent_before=found.published_at,
+                )
+        for found in conn.execute(
+            sa.select(dead.c.event_id, dead.c.channel, dead.c.last_error_message).where(
+                dead.c.event_id.in_(event_ids)
+            )
+        ):
+            answers.setdefault(
+                (found.event_id, found.channel),
+                EventRefused(
+                    f"the event this mutation acts on is dead ({found.last_error_message})",
+                    code="target_dead",
+                ),
+            )
+        return {
+            row.id: answers[(row.target_event_id, row.channel)]
+            for row in rows
+            if (row.target_event_id, row.channel) in answers
+        }
+
+    def remember_serials(
+        self, conn: sa.Connection, table: sa.Table, found: Sequence[FoundSerial]
+    ) -> int:
+        """Store the serials found in history on the log rows published without a receipt (the
+        next mutation of each message finds it there, without a lookup)."""
+        log = published_table(table)
+        stored = 0
+        for item in found:
+            stmt = (
+                sa.update(log)
+                .where(
+                    log.c.event_id == item.event_id,
+                    log.c.channel == item.channel,
+                    log.c.message_serial.is_(None),
+                )
+                .values(
+                    message_serial=item.message_serial,
+                    acknowledgement_id=sa.func.coalesce(
+                        log.c.acknowledgement_id, item.message_serial
+                    ),
                 )
             )
-        }
-        answers: dict[int, str | EventRefused] = {}
-        for row in rows:
-            key = (row.target_event_id, row.channel)
-            if key in serials:
-                answers[row.id] = serials[key]
-            elif key in buried:
-                answers[row.id] = EventRefused(
-                    f"the event this mutation acts on is dead ({buried[key]})", code="target_dead"
-                )
-        return answers
+            stored += conn.execute(stmt).rowcount
+        return stored
 
     def hot_path(self, engine: sa.Engine, table: sa.Table) -> HotPath:
         """The worker's claim, renewal and recording for ``table`` (see :mod:`.hotpath`)."""
@@ -447,14 +589,25 @@ class Dialect(abc.ABC):
         per id) replaces each row's idempotency key; None keeps the keys, and then each row
         counts one attempt already, so it goes alone (a batch could skip a key the server still
         knows and answer 200 without delivering). Returns how many rows moved.
+
+        Where a replayed event goes in its key's order: the head a key is parked behind resumes
+        its place in front of the key; any other keyed row is queued again at the back of its
+        key (with a new row id), after every event of the key still queued.
         """
         keys = dict(zip(ids, new_keys, strict=True)) if new_keys is not None else None
-        moved: list[int] = []
+        parked = parked_table(table)
+        heads = set(
+            conn.execute(sa.select(parked.c.row_id).where(parked.c.row_id.in_(list(ids)))).scalars()
+        )
+        moved = 0
         for source in _sources(table, statuses):
             rows = [
                 dict(r._mapping)
                 for r in conn.execute(
-                    sa.select(source).where(source.c.id.in_(list(ids))).with_for_update()
+                    sa.select(source)
+                    .where(source.c.id.in_(list(ids)))
+                    .order_by(source.c.id)
+                    .with_for_update()
                 )
             ]
             if not rows:
@@ -466,15 +619,21 @@ class Dialect(abc.ABC):
                 if keys is not None:
                     row["idempotency_key"] = keys[row["id"]]
                     row["data"] = with_new_op_id(row["operation"], row["data"], keys[row["id"]])
-            conn.execute(sa.insert(table), rows)
-            taken = [r["id"] for r in rows]
-            conn.execute(sa.delete(source).where(source.c.id.in_(taken)))
-            moved += taken
-        # A replayed head takes its place at the front of its key again (it kept its id): the
-        # key it parked goes on behind it.
-        parked = parked_table(table)
-        conn.execute(sa.delete(parked).where(parked.c.row_id.in_(moved)))
-        return len(moved)
+            conn.execute(sa.delete(source).where(source.c.id.in_([r["id"] for r in rows])))
+            # A key's parked head takes its place in front of its key again (its id, due now):
+            # the rows the key held back go on behind it. Any other keyed row joins the back of
+            # its key's line (a new id, waiting behind the key's rows still queued), exactly as
+            # if it were enqueued now: never beside an event of its key already in flight.
+            front = [r for r in rows if r["ordering_key"] is None or r["id"] in heads]
+            back = [{k: v for k, v in r.items() if k != "id"} for r in rows if r not in front]
+            if front:
+                conn.execute(sa.insert(table), front)
+            if back:
+                line = [r["ordering_key"] for r in back]
+                self.insert_keyed(conn, table, back, self.lock_ordering_keys(conn, table, line))
+            moved += len(rows)
+        conn.execute(sa.delete(parked).where(parked.c.row_id.in_(heads)))
+        return moved
 
     def unpark(self, conn: sa.Connection, table: sa.Table, keys: Sequence[str] | None) -> int:
         """Let parked keys go on without their dead head (None: every parked key)."""
@@ -534,6 +693,17 @@ def _sources(table: sa.Table, statuses: Sequence[str]) -> list[sa.Table]:
     """The tables holding rows in ``statuses`` that a replay may take from."""
     sources = {Status.DEAD.value: dead_table(table), Status.PUBLISHED.value: published_table(table)}
     return [sources[s] for s in sources if s in statuses]
+
+
+def _waiting_head(
+    hot: sa.Table, earlier: sa.Alias, parked: sa.Table
+) -> tuple[sa.ColumnElement[bool], ...]:
+    """A hot row waiting (out of the due order) that is its key's head, its key not parked."""
+    return (
+        hot.c.next_attempt_at == WAITING_FOR_KEY,
+        ~sa.exists().where(earlier.c.ordering_key == hot.c.ordering_key, earlier.c.id < hot.c.id),
+        hot.c.ordering_key.not_in(sa.select(parked.c.ordering_key)),
+    )
 
 
 def claimable_in_order(row: str, hot: str, parked: str) -> str:

@@ -453,6 +453,20 @@ class Operations:
             query["from_serial"] = cursor
         return self._get(self._message_path(channel, message_serial, "/annotations"), query)
 
+    def prepare_history_scan(
+        self, channel: str, start_time_ms: int, end_time_ms: int, cursor: str | None
+    ) -> PreparedRequest:
+        """One page of a channel's history between two times, newest first (an outbox lookup
+        of a message's serial by its ``message_id``: no endpoint finds a message by that id).
+        Every page repeats the bounds and direction its cursor was issued for."""
+        params = HistoryParams(
+            direction="newest_first",
+            cursor=cursor,
+            start_time_ms=start_time_ms,
+            end_time_ms=end_time_ms,
+        )
+        return self._get(self._channel_path(channel, "/history"), params.to_query())
+
     # -- users ------------------------------------------------------------------------------
 
     @operation
