@@ -144,8 +144,12 @@ def snapshot(
         report.waiting_mutations = conn.execute(
             sa.select(sa.func.count()).where(_waits_for_target(hot))
         ).scalar_one()
+        # Held out of the claim's way for their key (mutations held for their message only
+        # are counted above).
         report.waiting_for_key = conn.execute(
-            sa.select(sa.func.count()).where(hot.c.next_attempt_at == WAITING_FOR_KEY)
+            sa.select(sa.func.count()).where(
+                hot.c.next_attempt_at == WAITING_FOR_KEY, sa.not_(_waits_for_target(hot))
+            )
         ).scalar_one()
         since = now - dt.timedelta(seconds=60)
         report.published_last_minute = conn.execute(

@@ -37,6 +37,7 @@ class Maintenance:
         lease_seconds: float,
         retention_seconds: float,
         on_reclaimed: Callable[[int], None] = lambda rows: None,
+        on_due: Callable[[], None] = lambda: None,
     ) -> None:
         self.engine = engine
         self.dialect = dialect
@@ -44,6 +45,7 @@ class Maintenance:
         self.retention_seconds = retention_seconds
         self.reclaim_interval = max(0.5, min(lease_seconds / 4, 15.0))
         self._on_reclaimed = on_reclaimed
+        self._on_due = on_due
 
     async def run(self, stopping: Callable[[], bool]) -> None:
         """Forever (until cancelled): trim when due, then reclaim, every ``reclaim_interval``."""
@@ -56,10 +58,16 @@ class Maintenance:
             await self.reclaim_expired()
 
     async def reclaim_expired(self) -> int:
-        """Return rows whose lease expired to pending (a killed worker's); returns how many."""
+        """Return rows whose lease expired to pending (a killed worker's); returns how many.
+
+        Also makes due the mutations whose message went out while their producer was committing
+        (:meth:`~outbox.dialects.base.Dialect.wake_stranded_mutations`)."""
         try:
             reclaimed = await in_transaction(
                 self.engine, lambda conn: self.dialect.reclaim_expired(conn, self.table)
+            )
+            woken = await in_transaction(
+                self.engine, lambda conn: self.dialect.wake_stranded_mutations(conn, self.table)
             )
         except sa.exc.DBAPIError as exc:
             log.warning("could not reclaim expired leases: %s", short_error(exc))
@@ -67,6 +75,9 @@ class Maintenance:
         if reclaimed:
             log.warning("reclaimed %d row(s) whose lease expired", reclaimed)
             self._on_reclaimed(reclaimed)
+        if woken:
+            log.info("%d mutation(s) whose message went out are due", woken)
+            self._on_due()
         return reclaimed
 
     async def trim_published(self, stopping: Callable[[], bool] = lambda: False) -> int:

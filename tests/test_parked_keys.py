@@ -22,7 +22,7 @@ from outbox.dialects.hotpath import Recording, write_recording
 from outbox.metrics import _StateCollector
 from outbox.schema import WAITING_FOR_KEY, parked_table
 from outbox.settings import ENVIRONMENT
-from tests.outbox_rows import T, set_row
+from tests.outbox_rows import EV, T, set_row
 
 #: MariaDB refuses ordering keys (tested in test_ordering.py).
 on_both = pytest.mark.parametrize("backend", ["sqlite", "postgresql"], indirect=True)
@@ -175,6 +175,89 @@ def test_replaying_the_dead_head_puts_it_back_in_front_of_its_key(engine, capsys
     assert claim(engine) == [a[0]]
 
 
+def lease_all(engine: sa.Engine) -> tuple[uuid.UUID, list[int]]:
+    """What a worker's claim takes now, kept leased (row ids) under the returned token."""
+    token = uuid.uuid4()
+    with engine.begin() as conn:
+        rows = dialect_for(conn).claim_batch(conn, T, 10, 60, token)
+    return token, [r.id for r in rows]
+
+
+def ack(engine: sa.Engine, token: uuid.UUID, row_id: int, key: str) -> None:
+    """The worker records ``row_id`` published (its key's next row becomes due)."""
+    with engine.begin() as conn:
+        recording = Recording(published=[Ack(row_id)], heads_gone=[key])
+        assert write_recording(dialect_for(conn), conn, T, token, recording) == 1
+
+
+def event_ids(engine: sa.Engine, ids: list[int]) -> list[uuid.UUID]:
+    with engine.connect() as conn:
+        found = dict(conn.execute(sa.select(EV.c.id, EV.c.event_id).where(EV.c.id.in_(ids))).all())
+    return [found[i] for i in ids]
+
+
+@on_both
+@pytest.mark.parametrize("how", ["dead, key skipped", "published, replayed with --published"])
+def test_a_replayed_event_joins_the_back_of_its_key(engine, capsys, how):
+    """A replayed event that is not its key's parked head is queued again behind the key's
+    events still queued, never beside the one in flight. (Replay put it back with its old id,
+    due at once: the claim took it as the key's head while the next event was in flight.)"""
+    a, b, c = keyed(engine, "k", 3)
+    if how.startswith("dead"):
+        bury_and_park(engine, a)
+        assert cli(capsys, "keys", "--skip", "k")[0] == 0
+        replay = ["replay", str(a)]
+    else:
+        set_row(engine, a, status="published", published_at=NOW)
+        with engine.begin() as conn:
+            dialect_for(conn).promote_heads(conn, T, ["k"])
+        replay = ["replay", "--published", str(a)]
+    (first_event,) = event_ids(engine, [a])
+    token, leased = lease_all(engine)
+    assert leased == [b]  # b is in flight
+    assert cli(capsys, *replay)[0] == 0
+    assert claim(engine) == []  # nothing else of "k" while b is in flight
+    ack(engine, token, b, "k")
+    token, leased = lease_all(engine)
+    assert leased == [c]  # c was committed before the replay
+    ack(engine, token, c, "k")
+    token, leased = lease_all(engine)
+    assert event_ids(engine, leased) == [first_event]  # then the replayed one, last
+    assert leased[0] > c
+
+
+@on_both
+def test_mutations_waiting_for_their_message_wait_out_of_the_claims_way(engine):
+    """Mutations of messages not sent yet are written waiting, behind the due order, so a claim
+    never walks past them (it did: 5,000 waiting made claiming 100 unkeyed rows ten times
+    slower); the ack of each message makes its mutations due in the same transaction, the
+    burial of one makes its mutation due to die ``target_dead``."""
+    with engine.begin() as conn:
+        messages = [enqueue(conn, "orders", "created", {"n": i}) for i in range(300)]
+        updates = [mutations.update_message(conn, "orders", m, data="paid") for m in messages]
+        later = [enqueue(conn, "orders", "later", {"n": i}) for i in range(5)]
+        ids = dict(conn.execute(sa.select(T.c.event_id, T.c.id)).all())
+    waiting = [ids[u] for u in updates]
+    assert set(next_attempts(engine, waiting)) == {WAITING_FOR_KEY}
+    token, leased = lease_all(engine)
+    assert leased == [ids[m] for m in messages[:10]]
+    # Two of the messages go out, one goes dead: exactly their mutations become due.
+    recording = Recording(
+        published=[Ack(leased[0]), Ack(leased[1])],
+        dead=[Failure(leased[2], 413, "payload_too_large", "too large")],
+        messages_gone=[(messages[0], "orders"), (messages[1], "orders"), (messages[2], "orders")],
+    )
+    with engine.begin() as conn:
+        write_recording(dialect_for(conn), conn, T, token, recording)
+    due = [
+        u
+        for u, at in zip(waiting, next_attempts(engine, waiting), strict=True)
+        if at != WAITING_FOR_KEY
+    ]
+    assert due == waiting[:3]
+    assert [ids[e] for e in later] == sorted(ids[e] for e in later)
+
+
 @on_both
 def test_skip_all_and_the_empty_list(engine, capsys):
     for key in ("x", "y"):
@@ -187,8 +270,11 @@ def test_skip_all_and_the_empty_list(engine, capsys):
 
 @on_both
 def test_a_mutation_waits_for_its_message_and_status_counts_it(engine, capsys):
-    """A mutation of an event enqueued in the same transaction is not claimable while that event
-    is unsent; ``outbox status`` counts it as waiting; once the event is gone it is claimable."""
+    """A mutation of an event enqueued in the same transaction waits out of the claim's way
+    while that event is unsent (``outbox status`` counts it, not as waiting for its key). An
+    event that leaves the table some other way than an ack or a burial (by hand, here), or whose
+    ack committed before the mutation did, leaves the mutation to the worker's upkeep, which
+    makes it due."""
     with engine.begin() as conn:
         created = enqueue(conn, "orders", "created", {"n": 1})
         update = mutations.update_message(conn, "orders", created, data="paid")
@@ -199,7 +285,13 @@ def test_a_mutation_waits_for_its_message_and_status_counts_it(engine, capsys):
     assert cli(capsys, "status")[0] == 0
     out = cli(capsys, "status")[1]
     assert "mutations waiting for their message: 1" in out
+    with engine.connect() as conn:
+        assert admin.snapshot(conn, T).waiting_for_key == 0
+    assert next_attempts(engine, [ids[update]]) == [WAITING_FOR_KEY]
     set_row(engine, ids[created], status="published", message_serial="s-1")
+    assert claim(engine) == []
+    with engine.begin() as conn:
+        assert dialect_for(conn).wake_stranded_mutations(conn, T) == 1
     assert claim(engine) == [ids[update]]
     with engine.connect() as conn:
         assert admin.snapshot(conn, T).waiting_mutations == 0

@@ -38,6 +38,9 @@ class Recording:
     #: The ordering keys of rows this recording takes out of the table (published or dead):
     #: the next row of each becomes due, unless its key parks.
     heads_gone: Sequence[str] = ()
+    #: (event id, channel) of the messages this recording takes out of the table (published
+    #: or dead): the mutations waiting for them become due (see ``Dialect.wake_mutations``).
+    messages_gone: Sequence[tuple[uuid.UUID, str]] = ()
     #: Not sent (shutdown): given back with the attempt refunded ...
     give_back: Sequence[int] = ()
     #: ... or kept (a request of this claim carried the row: it must go alone next time).
@@ -81,6 +84,7 @@ def write_recording(
     dialect.mark_dead(conn, table, token, r.dead)
     dialect.park_keys(conn, table, r.park)
     dialect.promote_heads(conn, table, r.heads_gone)
+    dialect.wake_mutations(conn, table, r.messages_gone)
     dialect.release(conn, table, token, r.give_back)
     dialect.release(conn, table, token, r.give_back_carried, refund=False)
     return acked

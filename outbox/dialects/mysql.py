@@ -119,6 +119,18 @@ class MySQLDialect(Dialect):
     name = "mysql"
     engine_options: ClassVar[Mapping[str, Any]] = {"isolation_level": "READ COMMITTED"}
 
+    # -- mutations: refused at enqueue here (see Dialect.lock_ordering_keys) -------------------
+
+    def wake_mutations(
+        self, conn: sa.Connection, table: sa.Table, messages: Sequence[tuple[uuid.UUID, str]]
+    ) -> int:
+        """Nothing waits for a message here: MariaDB and MySQL refuse mutations at enqueue."""
+        return 0
+
+    def wake_stranded_mutations(self, conn: sa.Connection, table: sa.Table) -> int:
+        """Nothing waits for a message here: MariaDB and MySQL refuse mutations at enqueue."""
+        return 0
+
     # -- the claim: a locking read, then one UPDATE of the rows it locked ---------------------
 
     def claim_batch(

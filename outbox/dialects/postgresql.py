@@ -178,6 +178,18 @@ def _statements(hot: str, published: str, dead: str, parked: str) -> dict[str, s
             WHERE o.id = head.id AND o.next_attempt_at = %(waiting)s
               AND NOT EXISTS (SELECT 1 FROM {parked} AS p WHERE p.ordering_key = k.name)
         """,
+        # After an ack or a burial: the mutations waiting for a message that left become due,
+        # each where it heads its key (see Dialect.wake_mutations). Found by the hot table's
+        # index of mutation rows, empty but for them: a probe per message, nothing per backlog.
+        "wake": f"""
+            UPDATE {hot} AS o SET next_attempt_at = {_NOW}
+            FROM unnest(%(event_ids)s::uuid[], %(channels)s::text[]) AS g(event_id, channel)
+            WHERE o.target_event_id = g.event_id AND o.channel = g.channel
+              AND o.next_attempt_at = %(waiting)s
+              AND NOT EXISTS (SELECT 1 FROM {hot} AS h
+                              WHERE h.ordering_key = o.ordering_key AND h.id < o.id)
+              AND NOT EXISTS (SELECT 1 FROM {parked} AS p WHERE p.ordering_key = o.ordering_key)
+        """,
         # Parks the key of each buried row just moved to the dead table (none for a stale ack).
         "park": f"""
             INSERT INTO {parked} (ordering_key, row_id, parked_at)
@@ -366,6 +378,14 @@ class PostgresDialect(Dialect):
         with self._run(conn, table, "park", {"ids": list(ids)}) as cursor:
             return int(cursor.rowcount)
 
+    def wake_mutations(
+        self, conn: sa.Connection, table: sa.Table, messages: Sequence[tuple[uuid.UUID, str]]
+    ) -> int:
+        if not messages:
+            return 0
+        with self._run(conn, table, "wake", _wake_params(messages)) as cursor:
+            return int(cursor.rowcount)
+
     def release(
         self,
         conn: sa.Connection,
@@ -488,6 +508,8 @@ class PostgresHotPath:
             steps.append(("park", {"ids": list(r.park)}))
         if r.heads_gone:
             steps.append(("promote", _promote_params(r.heads_gone)))
+        if r.messages_gone:
+            steps.append(("wake", _wake_params(r.messages_gone)))
         for ids, refund in ((r.give_back, True), (r.give_back_carried, False)):
             if ids:
                 steps.append(("release", {"ids": list(ids), "token": token, "refund": int(refund)}))
@@ -593,6 +615,15 @@ def _refusal(
         "them, and the worker cannot repeat it: make it a connection parameter instead, in "
         f"the database URL (e.g. {example}) or in connect_args"
     )
+
+
+def _wake_params(messages: Sequence[tuple[uuid.UUID, str]]) -> dict[str, Any]:
+    ordered = sorted(set(messages))
+    return {
+        "event_ids": [event_id for event_id, _ in ordered],
+        "channels": [channel for _, channel in ordered],
+        "waiting": WAITING_FOR_KEY,
+    }
 
 
 def _promote_params(keys: Sequence[str]) -> dict[str, Any]:
