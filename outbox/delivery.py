@@ -372,7 +372,8 @@ class _LookupFailed(Exception):
 
 _NO_TARGET = EventRefused(
     "the message this mutation names has no message_serial: its event was published without "
-    "one (versioned messages or history off for the channel), or its log row was trimmed",
+    "one (versioned messages or history off for the channel, or a serial too long to store, "
+    "logged when it was acknowledged), or its log row was trimmed",
     code="target_not_found",
 )
 

@@ -23,10 +23,11 @@ from typing import Any
 import sqlalchemy as sa
 
 from .enqueue import Target, _add_trace_context, _insert
-from .schema import ORDERING_KEY_MAX, SERIAL_MAX, Operation, outbox_table
+from .schema import ORDERING_KEY_MAX, Operation, outbox_table
 from .sockudo import crypto, events
 from .sockudo.errors import InvalidEvent
-from .sockudo.events import DEFAULT_LIMITS, Limits, check_text
+from .sockudo.events import DEFAULT_LIMITS, Limits
+from .sockudo.operations import check_serial
 from .sockudo.params import (
     MessageMutation,
     PublishAnnotationRequest,
@@ -151,12 +152,8 @@ def delete_annotation(
 ) -> uuid.UUID | Awaitable[uuid.UUID]:
     """Delete an annotation (by the serial its publish answered) once this commits. A repeat is
     answered 200 by the server and writes nothing."""
-    check_text(annotation_serial, "annotation_serial")
-    if len(annotation_serial) > SERIAL_MAX or any(c.isspace() for c in annotation_serial):
-        raise InvalidEvent(
-            f"annotation_serial must be 1 to {SERIAL_MAX} characters without spaces",
-            field="annotation_serial",
-        )
+    # Sockudo's rule, which the column (SERIAL_MAX characters) always holds.
+    check_serial(annotation_serial, "annotation_serial")
     _op_id(idempotency_key)
     return _add(
         target,
@@ -200,12 +197,7 @@ def _add(
     if isinstance(message, uuid.UUID):
         target_event_id, target_serial = message, None
     elif isinstance(message, str):
-        check_text(message, "message")
-        if len(message) > SERIAL_MAX or any(c.isspace() for c in message):
-            raise InvalidEvent(
-                f"a message_serial is 1 to {SERIAL_MAX} characters without spaces",
-                field="message",
-            )
+        check_serial(message, "message")
         target_event_id, target_serial = None, message
     else:
         raise InvalidEvent(

@@ -200,6 +200,56 @@ async def test_mutation_by_known_message_serial(engine, database_url, server):
         )
 
 
+#: Sockudo's ``INSTANCE_PROCESS_ID`` (the node part of every serial) set to a Kubernetes pod name:
+#: message, version and annotation serials of 104 characters.
+POD_NAME = "sockudo-realtime-gateway-production-eu-west-1-7d9f8c6b5d-x2k4q"
+
+
+async def test_serials_longer_than_64_characters_are_stored_whole(engine, database_url):
+    """A server whose node id is a pod name: the message's serial is stored whole, so updates,
+    appends and an annotation naming the message by its event id reach it, and so do those
+    naming it by that serial (accepted at enqueue), and the annotation's delete by its serial.
+    Every row is published with the whole serials."""
+    with TestServer(**FEATURES, node_id=POD_NAME) as server:
+        message, serial = await publish_message(engine, database_url, server)
+        assert len(serial) > 100 and POD_NAME in serial
+        with engine.begin() as conn:
+            by_event = [
+                update_message(conn, CHANNEL, message, data="v1"),
+                append_message(conn, CHANNEL, message, "+event"),
+                publish_annotation(conn, CHANNEL, message, **ANNOTATION),
+            ]
+        worker = Worker(fast_settings(database_url, server.url), engine=engine)
+        await run_until(worker, settled(engine, *by_event), what="the mutations by event id")
+        (annotation,) = annotation_events(server, serial)
+        with engine.begin() as conn:
+            by_serial = [
+                update_message(conn, CHANNEL, serial, name="renamed"),
+                append_message(conn, CHANNEL, serial, "+serial"),
+                delete_annotation(conn, CHANNEL, serial, annotation.serial),
+            ]
+        worker = Worker(fast_settings(database_url, server.url), engine=engine)
+        await run_until(worker, settled(engine, *by_serial), what="the mutations by serial")
+
+        stored = versions(server, serial)
+        after = annotation_events(server, serial)
+    assert [v.action for v in stored] == ["create", "update", "append", "update", "append"]
+    assert (stored[-1].name, stored[-1].data) == ("renamed", "v1+event+serial")
+    assert [e.payload["action"] for e in after] == ["annotation.create", "annotation.delete"]
+    done = [row_of(engine, op) for op in (*by_event, *by_serial)]
+    assert [r.status for r in done] == ["published"] * 6
+    assert {r.message_serial for r in done} == {serial}
+    assert [r.acknowledgement_id for r in done] == [
+        stored[1].serial,
+        stored[2].serial,
+        annotation.serial,
+        stored[3].serial,
+        stored[4].serial,
+        after[1].serial,
+    ]
+    assert all(len(r.acknowledgement_id) > 100 for r in done)
+
+
 # -- 3. a lost answer: the retry is a duplicate, not a second version ---------------------------
 
 
@@ -433,6 +483,9 @@ MESSAGE = uuid.uuid4()
 BAD_CALLS: dict[str, Callable[[sa.Connection], Any]] = {
     "message-not-uuid-or-str": lambda c: update_message(c, CHANNEL, 12345, data="x"),  # type: ignore[arg-type]
     "serial-with-space": lambda c: update_message(c, CHANNEL, "abc def", data="x"),
+    # Sockudo takes serials of 1 to 128 bytes (a pod name in them makes ~100).
+    "serial-over-128-bytes": lambda c: update_message(c, CHANNEL, "s" * 129, data="x"),
+    "annotation-serial-over-128-bytes": lambda c: delete_annotation(c, CHANNEL, MESSAGE, "a" * 129),
     "empty-append": lambda c: append_message(c, CHANNEL, MESSAGE, ""),
     "encrypted-channel": lambda c: update_message(c, "private-encrypted-x", MESSAGE, data="x"),
     "op-id-over-64-bytes": lambda c: update_message(
