@@ -29,6 +29,7 @@ from .sockudo.errors import InvalidEvent
 from .sockudo.events import DEFAULT_LIMITS, Limits
 from .sockudo.operations import check_serial
 from .sockudo.params import (
+    ANNOTATION_KEPT_FIELDS,
     MessageMutation,
     PublishAnnotationRequest,
     annotation_request_body,
@@ -130,12 +131,23 @@ def publish_annotation(
 
     Sockudo keeps no idempotency key for annotations, so a retry after an attempt that may have
     reached the server first looks for an identical annotation (same type, name, client id,
-    count and data) created since the row was queued, and sends nothing if it finds one. An
-    identical annotation from elsewhere in that window is therefore taken for this one.
+    count, data and encoding: all Sockudo keeps of one) created since the row was queued, and
+    sends nothing if it finds one. An identical annotation from elsewhere in that window is
+    therefore taken for this one. Any other field is refused (:class:`InvalidEvent`): Sockudo
+    would drop it without a word.
     """
     body = annotation_request_body(request, fields)
     if "socketId" in body:
         raise InvalidEvent("the outbox publishes as the server: no socket_id", field="socket_id")
+    for name in body:
+        if name not in ANNOTATION_KEPT_FIELDS:
+            # Sockudo would drop it without a word; a retry could then never recognise the
+            # annotation it created (see Deliverer._find_annotation).
+            raise InvalidEvent(
+                f"{name!r} is not an annotation field Sockudo keeps (type, name, client_id, "
+                "count, data, encoding)",
+                field=name,
+            )
     _op_id(idempotency_key)  # the row's key: validated like the others, never sent
     return _add(target, table, limits, Operation.ANNOTATE, channel, message, body, idempotency_key)
 

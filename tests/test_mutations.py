@@ -444,6 +444,51 @@ async def test_annotation_retry_does_not_double_count(engine, database_url, serv
     assert (removed.status, removed.acknowledgement_id) == ("published", after[1].serial)
 
 
+TOTAL = {"type": "reactions:total.v1", "name": "like"}
+
+
+async def test_annotation_retry_ignores_a_field_the_server_drops(engine, database_url, server):
+    """An annotation row whose body holds a field Sockudo drops (as an older version stored
+    it, before enqueue refused such fields): the server stores the annotation without it, the
+    answer is lost, and the retry still recognises it by what the server keeps. A ``total``
+    summary counts it once."""
+    message, serial = await publish_message(engine, database_url, server)
+    server.drop_next(stage="published", endpoints=["annotation_publish"])
+    with engine.begin() as conn:
+        op = publish_annotation(conn, CHANNEL, message, **TOTAL)
+        as_stored_before = json.dumps({**TOTAL, "note": "dropped by the server"})
+        conn.execute(sa.update(T).where(T.c.event_id == op).values(data=as_stored_before))
+    worker = Worker(fast_settings(database_url, server.url), engine=engine)
+    await run_until(worker, settled(engine, op), what="the annotation settled")
+
+    (stored,) = annotation_events(server, serial)
+    assert "note" not in stored.payload
+    done = row_of(engine, op)
+    assert (done.status, done.attempts, done.acknowledgement_id) == ("published", 2, stored.serial)
+    assert server.request_count("annotation_publish") == 1  # the retry only looked
+
+
+async def test_annotation_retry_does_not_take_one_with_other_fields_for_its_own(
+    engine, database_url, server
+):
+    """The retry's lookup matches every field the server keeps, absent ones included: another
+    annotation of the same type that has a name this one lacks is not taken for it. Its first
+    attempt never reached the server, so the retry publishes it."""
+    message, serial = await publish_message(engine, database_url, server)
+    with Sockudo.from_url(server.url) as sockudo:
+        sockudo.publish_annotation(CHANNEL, serial, **TOTAL)  # someone else's, named
+    server.drop_next(stage="received", endpoints=["annotation_publish"])
+    with engine.begin() as conn:
+        op = publish_annotation(conn, CHANNEL, message, type=TOTAL["type"])
+    worker = Worker(fast_settings(database_url, server.url), engine=engine)
+    await run_until(worker, settled(engine, op), what="the annotation settled")
+
+    theirs, ours = annotation_events(server, serial)
+    assert (theirs.payload.get("name"), ours.payload.get("name")) == ("like", None)
+    done = row_of(engine, op)
+    assert (done.status, done.attempts, done.acknowledgement_id) == ("published", 2, ours.serial)
+
+
 # -- 7. a fresh-key replay of a dead update -------------------------------------------------------
 
 
@@ -493,6 +538,13 @@ BAD_CALLS: dict[str, Callable[[sa.Connection], Any]] = {
     ),
     "annotation-op-id-over-64-bytes": lambda c: publish_annotation(
         c, CHANNEL, MESSAGE, **ANNOTATION, idempotency_key="é" * 33
+    ),
+    # Sockudo would drop it without a word, and a retry could not recognise the annotation.
+    "annotation-field-the-server-drops": lambda c: publish_annotation(
+        c, CHANNEL, MESSAGE, **ANNOTATION, note="x"
+    ),
+    "annotation-mapping-field-the-server-drops": lambda c: publish_annotation(
+        c, CHANNEL, MESSAGE, {**ANNOTATION, "extras": {"k": "v"}}
     ),
 }
 
