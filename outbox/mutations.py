@@ -7,10 +7,11 @@ even in the same transaction): the worker sends the mutation only after that eve
 acknowledged, with the serial from the acknowledgement.
 
 Every operation on one message goes out after the one enqueued before it, never beside it (they
-share an ordering key), and each row's request body is fixed here, with ``op_id`` = the row's
-idempotency key: every attempt sends the same bytes, and Sockudo answers a repeat as a
-``duplicate`` without a second version or broadcast. Annotations have no such key on the
-server; see :func:`publish_annotation` for what a retry does.
+share an ordering key, whichever way they name the message: see :func:`message_ordering_key`),
+and each row's request body is fixed here, with ``op_id`` = the row's idempotency key: every
+attempt sends the same bytes, and Sockudo answers a repeat as a ``duplicate`` without a second
+version or broadcast. Annotations have no such key on the server; see
+:func:`publish_annotation` for what a retry does.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from .enqueue import Target, _add_trace_context, _insert
-from .schema import ORDERING_KEY_MAX, Operation, outbox_table
+from .schema import ORDERING_KEY_MAX, Operation, outbox_table, published_table
 from .sockudo import crypto, events
 from .sockudo.errors import InvalidEvent
 from .sockudo.events import DEFAULT_LIMITS, Limits
@@ -180,12 +181,33 @@ def delete_annotation(
 
 
 def message_ordering_key(channel: str, message: MessageRef) -> str:
-    """The ordering key every operation on one message shares."""
+    """The ordering key every operation on one message shares, from the name it is keyed by:
+    the event that published it, else (no such event known) its serial."""
     key = f"message:{channel}:{message}"
     if len(key) <= ORDERING_KEY_MAX:
         return key
     digest = hashlib.sha256(f"{channel}\x00{message}".encode()).hexdigest()
     return f"message:{digest}"
+
+
+def publishing_event(
+    conn: sa.Connection, table: sa.Table, channel: str, serial: str
+) -> uuid.UUID | None:
+    """The outbox event whose publish on ``channel`` the server gave ``serial``, while the
+    published log holds its row (retention trims it); None for a message the outbox did not
+    publish. Reads ``ix_<name>_published_message``; a mutation's own log row carries its
+    message's serial too, and is not the publish."""
+    log = published_table(table)
+    return conn.execute(
+        sa.select(log.c.event_id)
+        .where(
+            log.c.channel == channel,
+            log.c.message_serial == serial,
+            log.c.operation.is_(None),
+        )
+        .order_by(log.c.id)
+        .limit(1)
+    ).scalar_one_or_none()
 
 
 def _op_id(key: str | None) -> str:
@@ -203,6 +225,7 @@ def _add(
     body: Mapping[str, Any] | str,
     key: str | None = None,
 ) -> uuid.UUID | Awaitable[uuid.UUID]:
+    table = table if table is not None else outbox_table()
     (channel,) = events.validate_channels([channel], limits)
     if crypto.is_encrypted_channel(channel):
         raise InvalidEvent("encrypted channels have no versioned messages", field="channel")
@@ -235,4 +258,16 @@ def _add(
     }
     rows = [row]
     _add_trace_context(rows)
-    return _insert(target, table if table is not None else outbox_table(), rows, event_id)
+    prepare = None
+    if target_serial is not None:
+        serial = target_serial
+
+        def key_by_publishing_event(conn: sa.Connection) -> None:
+            # One message, one key: named by its serial, a message the outbox published is
+            # keyed by its event, as the operations naming it by event id are.
+            published_by = publishing_event(conn, table, channel, serial)
+            if published_by is not None:
+                row["ordering_key"] = message_ordering_key(channel, published_by)
+
+        prepare = key_by_publishing_event
+    return _insert(target, table, rows, event_id, prepare)

@@ -27,6 +27,7 @@ from outbox.mutations import (
     append_message,
     delete_annotation,
     delete_message,
+    message_ordering_key,
     publish_annotation,
     update_message,
 )
@@ -248,6 +249,116 @@ async def test_serials_longer_than_64_characters_are_stored_whole(engine, databa
         after[1].serial,
     ]
     assert all(len(r.acknowledgement_id) > 100 for r in done)
+
+
+# -- 2b. one message, one ordering key, whichever way it is named ---------------------------------
+
+
+async def test_operations_naming_one_message_both_ways_go_out_in_enqueue_order(
+    engine, database_url, server
+):
+    """An update by event id, then (once published) an append by serial, an update by event id
+    and an append by serial: one ordering key, so when the first append meets backpressure the
+    two behind it wait for it, and the server applies the four in enqueue order. (With a key per
+    name, the update by event id went ahead of the delayed append and the message ended
+    ``c+b+d``.) One row per claim, one claim at a time: the order is the test's, not chance's."""
+    message, serial = await publish_message(engine, database_url, server)
+    settings = fast_settings(database_url, server.url, batch_size=1, in_flight=1)
+    with engine.begin() as conn:
+        first = update_message(conn, CHANNEL, message, data="a")
+    await run_until(Worker(settings, engine=engine), settled(engine, first), what="the update")
+    server.fail_next(status=503, code="backpressure", message="busy", endpoints=["mutation"])
+    with engine.begin() as conn:
+        ops = [
+            append_message(conn, CHANNEL, serial, "+b"),
+            update_message(conn, CHANNEL, message, data="c"),
+            append_message(conn, CHANNEL, serial, "+d"),
+        ]
+    await run_until(Worker(settings, engine=engine), settled(engine, *ops), what="the three")
+
+    stored = versions(server, serial)
+    assert [(v.action, v.data) for v in stored] == [
+        ("create", "v0"),
+        ("update", "a"),
+        ("append", "a+b"),
+        ("update", "c"),
+        ("append", "c+d"),
+    ]
+    done = [row_of(engine, op) for op in (first, *ops)]
+    assert [r.acknowledgement_id for r in done] == [v.serial for v in stored[1:]]
+    assert done[1].attempts == 2  # the backpressure, then the append
+    assert {r.ordering_key for r in done} == {message_ordering_key(CHANNEL, message)}
+
+
+async def test_a_serial_is_keyed_by_the_event_that_published_it_while_the_log_holds_it(
+    engine, database_url, server
+):
+    """Named by serial, a message the outbox published is keyed by its event (sync and async
+    callers alike); a serial no publish in the log carries on that channel (another channel's,
+    one the outbox never published, one whose publish retention trimmed while a mutation's log
+    row still carries it) is keyed by the serial itself."""
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+    from outbox.database import normalize_url
+    from outbox.schema import published_table
+
+    message, serial = await publish_message(engine, database_url, server)
+    by_event = message_ordering_key(CHANNEL, message)
+
+    def key_of(event_id: uuid.UUID) -> str:
+        return str(row_of(engine, event_id).ordering_key)
+
+    with engine.begin() as conn:
+        update = update_message(conn, CHANNEL, serial, data="v1")
+        elsewhere = update_message(conn, "other", serial, data="v1")
+        unknown = update_message(conn, CHANNEL, "0:node:1", data="v1")
+    async_engine = create_async_engine(normalize_url(database_url, asyncio=True))
+    try:
+        async with async_engine.begin() as conn:
+            on_connection = await append_message(conn, CHANNEL, serial, "+c")
+        async with AsyncSession(async_engine) as session, session.begin():
+            in_session = await publish_annotation(session, CHANNEL, serial, **ANNOTATION)
+    finally:
+        await async_engine.dispose()
+    assert [key_of(e) for e in (update, on_connection, in_session)] == [by_event] * 3
+    assert key_of(elsewhere) == message_ordering_key("other", serial)
+    assert key_of(unknown) == message_ordering_key(CHANNEL, "0:node:1")
+
+    worker = Worker(fast_settings(database_url, server.url), engine=engine)
+    await run_until(worker, settled(engine, update), what="the update")
+    log = published_table(T)
+    with engine.begin() as conn:  # retention trims the publish; the update's row is newer
+        conn.execute(sa.delete(log).where(log.c.event_id == message))
+        carrying = sa.select(log.c.operation).where(log.c.message_serial == serial)
+        assert "update" in conn.execute(carrying).scalars().all()
+        trimmed = update_message(conn, CHANNEL, serial, data="v2")
+    assert key_of(trimmed) == message_ordering_key(CHANNEL, serial)
+
+
+def test_the_serial_lookup_reads_its_index(engine, backend):
+    """Finding the event that published a serial reads the published log's serial index (not
+    the whole log), its predicate proven from the lookup's own conditions."""
+    from outbox.mutations import publishing_event
+
+    seen: list[tuple[str, Any]] = []
+
+    def capture(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        seen.append((statement, parameters))
+
+    sa.event.listen(engine, "before_cursor_execute", capture)
+    with engine.connect() as conn:
+        assert publishing_event(conn, T, CHANNEL, "0:node:1") is None
+    sa.event.remove(engine, "before_cursor_execute", capture)
+    ((statement, parameters),) = seen
+    with engine.begin() as conn:
+        cursor = conn.connection.driver_connection.cursor()
+        if backend == "postgresql":
+            cursor.execute("SET LOCAL enable_seqscan = off")
+            cursor.execute("EXPLAIN " + statement, parameters)
+        else:
+            cursor.execute("EXPLAIN QUERY PLAN " + statement, parameters)
+        plan = "\n".join(str(r) for r in cursor.fetchall())
+    assert "ix_outbox_events_published_message" in plan, plan
 
 
 # -- 3. a lost answer: the retry is a duplicate, not a second version ---------------------------
