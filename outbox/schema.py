@@ -273,8 +273,8 @@ def outbox_table(name: str = DEFAULT_TABLE_NAME, schema: str | None = None) -> s
             "id",
             **_partial("ordering_key IS NOT NULL"),
         ),
-        # The mutations waiting for the publish of one event on one channel (found when that
-        # publish is acknowledged); only mutations naming their message by an event are in it.
+        # The mutations naming one event on one channel, to find those waiting for its publish;
+        # only mutations naming their message by an event are in it.
         sa.Index(
             f"ix_{name}_target",
             "target_event_id",
