@@ -36,6 +36,7 @@ from .sockudo.errors import (
     PublishFailed,
 )
 from .sockudo.events import batch_body, dump_body, event_item, seal_for_channel
+from .sockudo.params import ANNOTATION_KEPT_FIELDS
 from .sockudo.responses import ChannelAck, Result
 from .tracing import PublishSpans
 
@@ -300,8 +301,9 @@ class Deliverer:
         )
 
     async def _find_annotation(self, row: ClaimedRow, serial: str, outcome: Outcome) -> str | None:
-        """The serial of an annotation identical to ``row``'s created since it was queued (with
-        a few seconds for the clocks of the database and the server), if the server has one.
+        """The serial of an annotation the same as ``row``'s in all the server keeps of one
+        (``ANNOTATION_KEPT_FIELDS``) created since it was queued (with a few seconds for the
+        clocks of the database and the server), if the server has one.
         Raises :class:`_LookupFailed` if a lookup request failed (the row is then in ``outcome``)."""
         wanted = json.loads(row.data)
         since_ms = (row.queued_at.timestamp() - ANNOTATION_CLOCK_ALLOWANCE) * 1000
@@ -318,7 +320,9 @@ class Deliverer:
                 if (
                     item.get("action") == "annotation.create"
                     and (item.get("timestamp") or 0) >= since_ms
-                    and all(item.get(k) == v for k, v in wanted.items())
+                    # What the server keeps, each the same or absent on both sides: a field it
+                    # drops (stored by an older version) must not hide the earlier attempt.
+                    and all(item.get(k) == wanted.get(k) for k in ANNOTATION_KEPT_FIELDS)
                 ):
                     return _text(item.get("serial"))
             cursor = page.get("nextCursor")
@@ -421,7 +425,8 @@ class _LookupFailed(Exception):
 
 _NO_TARGET = EventRefused(
     "the message this mutation names has no message_serial: its event was published without "
-    "one (versioned messages or history off for the channel), or its log row was trimmed",
+    "one (versioned messages or history off for the channel, or a serial too long to store, "
+    "logged when it was acknowledged), or its log row was trimmed",
     code="target_not_found",
 )
 

@@ -9,7 +9,7 @@ the caller's transaction as it was.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, overload
@@ -243,7 +243,18 @@ def _add_trace_context(rows: list[dict[str, Any]]) -> None:
             row["traceparent"] = traceparent
 
 
-def _insert(target: Target, table: sa.Table, rows: list[dict[str, Any]], result: Any) -> Any:
+#: Run on the caller's connection, in its transaction, just before the rows are inserted: to
+#: complete them with what only the database knows.
+Prepare = Callable[[sa.Connection], None]
+
+
+def _insert(
+    target: Target,
+    table: sa.Table,
+    rows: list[dict[str, Any]],
+    result: Any,
+    prepare: Prepare | None = None,
+) -> Any:
     if not isinstance(target, Session | sa.Connection | AsyncSession | AsyncConnection):
         raise TypeError(
             "expected a SQLAlchemy Session, Connection, AsyncSession or AsyncConnection, "
@@ -253,11 +264,19 @@ def _insert(target: Target, table: sa.Table, rows: list[dict[str, Any]], result:
     # connection of the caller's transaction. On PostgreSQL a trigger on the table (migration
     # 0002) wakes the workers when the caller commits.
     if isinstance(target, AsyncSession | AsyncConnection):
-        return _run_async(target, table, rows, result)
+        return _run_async(target, table, rows, result, prepare)
     if rows:
         conn = target if isinstance(target, sa.Connection) else target.connection()
-        insert_rows(conn, table, rows)
+        _prepare_and_insert(conn, table, rows, prepare)
     return result
+
+
+def _prepare_and_insert(
+    conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]], prepare: Prepare | None
+) -> None:
+    if prepare is not None:
+        prepare(conn)
+    insert_rows(conn, table, rows)
 
 
 def insert_rows(conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
@@ -272,11 +291,15 @@ def insert_rows(conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]]
 
 
 async def _run_async(
-    target: AsyncTarget, table: sa.Table, rows: list[dict[str, Any]], result: Any
+    target: AsyncTarget,
+    table: sa.Table,
+    rows: list[dict[str, Any]],
+    result: Any,
+    prepare: Prepare | None = None,
 ) -> Any:
     if rows:
         conn = target if isinstance(target, AsyncConnection) else await target.connection()
-        await conn.run_sync(lambda sync: insert_rows(sync, table, rows))
+        await conn.run_sync(lambda sync: _prepare_and_insert(sync, table, rows, prepare))
     return result
 
 

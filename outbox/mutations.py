@@ -7,10 +7,11 @@ even in the same transaction): the worker sends the mutation only after that eve
 acknowledged, with the serial from the acknowledgement.
 
 Every operation on one message goes out after the one enqueued before it, never beside it (they
-share an ordering key), and each row's request body is fixed here, with ``op_id`` = the row's
-idempotency key: every attempt sends the same bytes, and Sockudo answers a repeat as a
-``duplicate`` without a second version or broadcast. Annotations have no such key on the
-server; see :func:`publish_annotation` for what a retry does.
+share an ordering key, whichever way they name the message: see :func:`message_ordering_key`),
+and each row's request body is fixed here, with ``op_id`` = the row's idempotency key: every
+attempt sends the same bytes, and Sockudo answers a repeat as a ``duplicate`` without a second
+version or broadcast. Annotations have no such key on the server; see
+:func:`publish_annotation` for what a retry does.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ from typing import Any
 import sqlalchemy as sa
 
 from .enqueue import Target, _add_trace_context, _insert
-from .schema import ORDERING_KEY_MAX, SERIAL_MAX, Operation, outbox_table
+from .schema import ORDERING_KEY_MAX, Operation, outbox_table, published_table
 from .sockudo import crypto, events
 from .sockudo.errors import InvalidEvent
-from .sockudo.events import DEFAULT_LIMITS, Limits, check_text
+from .sockudo.events import DEFAULT_LIMITS, Limits
+from .sockudo.operations import check_serial
 from .sockudo.params import (
+    ANNOTATION_KEPT_FIELDS,
     MessageMutation,
     PublishAnnotationRequest,
     annotation_request_body,
@@ -129,12 +132,23 @@ def publish_annotation(
 
     Sockudo keeps no idempotency key for annotations, so a retry after an attempt that may have
     reached the server first looks for an identical annotation (same type, name, client id,
-    count and data) created since the row was queued, and sends nothing if it finds one. An
-    identical annotation from elsewhere in that window is therefore taken for this one.
+    count, data and encoding: all Sockudo keeps of one) created since the row was queued, and
+    sends nothing if it finds one. An identical annotation from elsewhere in that window is
+    therefore taken for this one. Any other field is refused (:class:`InvalidEvent`): Sockudo
+    would drop it without a word.
     """
     body = annotation_request_body(request, fields)
     if "socketId" in body:
         raise InvalidEvent("the outbox publishes as the server: no socket_id", field="socket_id")
+    for name in body:
+        if name not in ANNOTATION_KEPT_FIELDS:
+            # Sockudo would drop it without a word; a retry could then never recognise the
+            # annotation it created (see Deliverer._find_annotation).
+            raise InvalidEvent(
+                f"{name!r} is not an annotation field Sockudo keeps (type, name, client_id, "
+                "count, data, encoding)",
+                field=name,
+            )
     _op_id(idempotency_key)  # the row's key: validated like the others, never sent
     return _add(target, table, limits, Operation.ANNOTATE, channel, message, body, idempotency_key)
 
@@ -151,12 +165,8 @@ def delete_annotation(
 ) -> uuid.UUID | Awaitable[uuid.UUID]:
     """Delete an annotation (by the serial its publish answered) once this commits. A repeat is
     answered 200 by the server and writes nothing."""
-    check_text(annotation_serial, "annotation_serial")
-    if len(annotation_serial) > SERIAL_MAX or any(c.isspace() for c in annotation_serial):
-        raise InvalidEvent(
-            f"annotation_serial must be 1 to {SERIAL_MAX} characters without spaces",
-            field="annotation_serial",
-        )
+    # Sockudo's rule, which the column (SERIAL_MAX characters) always holds.
+    check_serial(annotation_serial, "annotation_serial")
     _op_id(idempotency_key)
     return _add(
         target,
@@ -171,12 +181,33 @@ def delete_annotation(
 
 
 def message_ordering_key(channel: str, message: MessageRef) -> str:
-    """The ordering key every operation on one message shares."""
+    """The ordering key every operation on one message shares, from the name it is keyed by:
+    the event that published it, else (no such event known) its serial."""
     key = f"message:{channel}:{message}"
     if len(key) <= ORDERING_KEY_MAX:
         return key
     digest = hashlib.sha256(f"{channel}\x00{message}".encode()).hexdigest()
     return f"message:{digest}"
+
+
+def publishing_event(
+    conn: sa.Connection, table: sa.Table, channel: str, serial: str
+) -> uuid.UUID | None:
+    """The outbox event whose publish on ``channel`` the server gave ``serial``, while the
+    published log holds its row (retention trims it); None for a message the outbox did not
+    publish. Reads ``ix_<name>_published_message``; a mutation's own log row carries its
+    message's serial too, and is not the publish."""
+    log = published_table(table)
+    return conn.execute(
+        sa.select(log.c.event_id)
+        .where(
+            log.c.channel == channel,
+            log.c.message_serial == serial,
+            log.c.operation.is_(None),
+        )
+        .order_by(log.c.id)
+        .limit(1)
+    ).scalar_one_or_none()
 
 
 def _op_id(key: str | None) -> str:
@@ -194,18 +225,14 @@ def _add(
     body: Mapping[str, Any] | str,
     key: str | None = None,
 ) -> uuid.UUID | Awaitable[uuid.UUID]:
+    table = table if table is not None else outbox_table()
     (channel,) = events.validate_channels([channel], limits)
     if crypto.is_encrypted_channel(channel):
         raise InvalidEvent("encrypted channels have no versioned messages", field="channel")
     if isinstance(message, uuid.UUID):
         target_event_id, target_serial = message, None
     elif isinstance(message, str):
-        check_text(message, "message")
-        if len(message) > SERIAL_MAX or any(c.isspace() for c in message):
-            raise InvalidEvent(
-                f"a message_serial is 1 to {SERIAL_MAX} characters without spaces",
-                field="message",
-            )
+        check_serial(message, "message")
         target_event_id, target_serial = None, message
     else:
         raise InvalidEvent(
@@ -231,4 +258,16 @@ def _add(
     }
     rows = [row]
     _add_trace_context(rows)
-    return _insert(target, table if table is not None else outbox_table(), rows, event_id)
+    prepare = None
+    if target_serial is not None:
+        serial = target_serial
+
+        def key_by_publishing_event(conn: sa.Connection) -> None:
+            # One message, one key: named by its serial, a message the outbox published is
+            # keyed by its event, as the operations naming it by event id are.
+            published_by = publishing_event(conn, table, channel, serial)
+            if published_by is not None:
+                row["ordering_key"] = message_ordering_key(channel, published_by)
+
+        prepare = key_by_publishing_event
+    return _insert(target, table, rows, event_id, prepare)

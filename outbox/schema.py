@@ -22,8 +22,12 @@ from sqlalchemy.sql.expression import FunctionElement
 DEFAULT_TABLE_NAME = "outbox_events"
 ERROR_MESSAGE_MAX = 500
 ERROR_CODE_MAX = 64
-ACK_ID_MAX = 200
-SERIAL_MAX = 64
+#: Sockudo's serials embed the node id (``INSTANCE_PROCESS_ID``): a Kubernetes pod name makes
+#: them longer than 64 characters. 255 holds every serial Sockudo accepts in a request (at most
+#: 128 bytes) with room to spare; the acknowledgement id equals the message serial when
+#: versioned messages are on. Nothing longer is stored cut (see ``outbox.dialects.Ack``).
+ACK_ID_MAX = 255
+SERIAL_MAX = 255
 TRACEPARENT_MAX = 55
 ORDERING_KEY_MAX = 200
 
@@ -269,6 +273,14 @@ def outbox_table(name: str = DEFAULT_TABLE_NAME, schema: str | None = None) -> s
             "id",
             **_partial("ordering_key IS NOT NULL"),
         ),
+        # The mutations naming one event on one channel, to find those waiting for its publish;
+        # only mutations naming their message by an event are in it.
+        sa.Index(
+            f"ix_{name}_target",
+            "target_event_id",
+            "channel",
+            **_partial("target_event_id IS NOT NULL"),
+        ),
         # SQLite would otherwise reuse the largest id after it moved out to the log.
         sqlite_autoincrement=True,
         **MYSQL_TABLE_OPTIONS,
@@ -281,8 +293,8 @@ def outbox_table(name: str = DEFAULT_TABLE_NAME, schema: str | None = None) -> s
         sa.Index(f"ix_{name}{DEAD_SUFFIX}_key", "idempotency_key"),
         **MYSQL_TABLE_OPTIONS,
     )
-    # Append-only: the primary key, and the serial index below only for rows the server gave a
-    # serial. Retention deletes by published_at with a scan; searches by event id or key scan too.
+    # Append-only: the primary key, and the two serial indexes below only for rows the server gave
+    # a serial. Retention deletes by published_at with a scan; searches by event id or key scan too.
     sa.Table(
         name + PUBLISHED_SUFFIX,
         metadata,
@@ -294,6 +306,15 @@ def outbox_table(name: str = DEFAULT_TABLE_NAME, schema: str | None = None) -> s
             "event_id",
             "channel",
             **_partial("message_serial IS NOT NULL"),
+        ),
+        # A mutation naming its message by serial finds the event that published it here (one
+        # message, one ordering key). Only publishes are in it: a message's mutations carry its
+        # serial too, and a long run of appends must not lengthen the lookup.
+        sa.Index(
+            f"ix_{name}{PUBLISHED_SUFFIX}_message",
+            "channel",
+            "message_serial",
+            **_partial("message_serial IS NOT NULL AND operation IS NULL"),
         ),
         **MYSQL_TABLE_OPTIONS,
     )

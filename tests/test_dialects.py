@@ -179,6 +179,32 @@ def test_ack_stores_the_acknowledgement_and_clears_the_lease(engine, dialect):
     assert run(engine, dialect.ack_published, token, acks) == 0
 
 
+def test_ack_stores_values_whole_up_to_their_columns_and_leaves_out_longer_ones(
+    engine, dialect, caplog
+):
+    """Serials embed Sockudo's node id, a Kubernetes pod name say: 255 characters are stored
+    whole in each acknowledgement column. A longer value is never stored cut (a cut serial names
+    no message): it is left out, the row is still published, and a warning names it."""
+    add(engine, 2)
+    token, claimed = claim(engine, dialect)
+    a, b = (r.id for r in claimed)
+    pod_serial = f"{1:020d}:sockudo-realtime-gateway-production-eu-west-1-7d9f8c6b5d-x2k4q:{7:020d}"
+    longest = Ack(a, "a" * 255, "m" * 255, "h" * 255)
+    too_long = Ack(b, "x" * 256, pod_serial, "7")
+    assert too_long.acknowledgement_id is None
+    assert run(engine, dialect.ack_published, token, [longest, too_long]) == 2
+    after = rows(engine)
+    assert (after[a].acknowledgement_id, after[a].message_serial, after[a].history_serial) == (
+        "a" * 255,
+        "m" * 255,
+        "h" * 255,
+    )
+    assert (after[b].status, after[b].acknowledgement_id) == (Status.PUBLISHED, None)
+    assert (after[b].message_serial, after[b].history_serial) == (pod_serial, "7")
+    (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert f"row {b}: the server's acknowledgement_id is 256 characters" in warning.getMessage()
+
+
 # -- failures -------------------------------------------------------------------------------------
 
 

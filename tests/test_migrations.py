@@ -11,6 +11,7 @@ import sys
 import textwrap
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -34,7 +35,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 ALEMBIC = Path(sys.executable).with_name("alembic")
 TABLE = "outbox_events"
 HEAD = migrate.head_revision()
-INDEXES = {f"ix_{TABLE}_due", f"ix_{TABLE}_event_id", f"ix_{TABLE}_ordering"}
+INDEXES = {
+    f"ix_{TABLE}_due",
+    f"ix_{TABLE}_event_id",
+    f"ix_{TABLE}_ordering",
+    f"ix_{TABLE}_target",
+}
 #: The hot table and the two beside it (dead rows, the published log).
 EVENT_TABLES = {TABLE, f"{TABLE}_dead", f"{TABLE}_published"}
 OUTBOX_TABLES = {*EVENT_TABLES, f"{TABLE}_parked"}
@@ -223,8 +229,14 @@ def test_hot_table_indexes_hold_nothing_a_claim_changes(engine, backend):
     assert set(defs) >= INDEXES
     assert re.search(r"\(\s*next_attempt_at\s*,\s*id\s*\)", defs[f"ix_{TABLE}_due"])
     for definition in defs.values():
-        # The one partial index's predicate is on the ordering key, which a claim never changes.
-        rest = re.sub(r"WHERE \(?ordering_key IS NOT NULL\)?$", "", definition.strip(), flags=re.I)
+        # The partial indexes' predicates are on the ordering key and the target event, which a
+        # claim never changes.
+        rest = re.sub(
+            r"WHERE \(?(ordering_key|target_event_id) IS NOT NULL\)?$",
+            "",
+            definition.strip(),
+            flags=re.I,
+        )
         assert not re.search(r"lease_token|lease_expires_at|attempts|WHERE", rest, re.I)
 
 
@@ -665,8 +677,8 @@ def test_0006_adds_ordering_and_mutation_columns_and_keeps_the_rows(empty_databa
                 ),
                 {"e": uuid.uuid4().hex if engine.dialect.name == "sqlite" else str(uuid.uuid4())},
             )
-        migrate.upgrade(engine)
-        assert migrate.current_revision(engine) == HEAD == "0006"
+        migrate.upgrade(engine, "0006")
+        assert migrate.current_revision(engine) == "0006"
         with engine.connect() as conn:
             rows = conn.execute(
                 sa.text("SELECT idempotency_key, ordering_key, operation FROM outbox_events")
@@ -684,5 +696,121 @@ def test_0006_adds_ordering_and_mutation_columns_and_keeps_the_rows(empty_databa
         assert f"{TABLE}_parked" not in inspector.get_table_names()
         with engine.connect() as conn:
             assert conn.execute(sa.text("SELECT count(*) FROM outbox_events")).scalar() == 1
+    finally:
+        engine.dispose()
+
+
+#: Columns 0007 widens to 255 characters, and their width before it.
+WIDENED = {
+    "acknowledgement_id": 200,
+    "message_serial": 64,
+    "history_serial": 64,
+    "target_serial": 64,
+}
+
+
+def test_0007_widens_the_serials_adds_two_indexes_and_keeps_every_row(empty_database_url):
+    """0007 gives the four serial columns 255 characters on the three tables, keeping every
+    row (values at the old full width included) and the hot table's id counter; it adds the
+    published log's serial index and the hot table's target index. A downgrade refuses, changing
+    nothing, while a value is longer than the old width; without one it goes back intact."""
+    columns = ("id", "event_id", "idempotency_key", "channel", "event", "data", *WIDENED)
+
+    def table(name: str) -> sa.TableClause:
+        return sa.table(
+            name, *(sa.column(c, sa.Uuid() if c == "event_id" else None) for c in columns)
+        )
+
+    def contents(conn: sa.Connection) -> dict[str, list[Any]]:
+        found = {name: sorted(conn.execute(sa.select(table(name))).all()) for name in EVENT_TABLES}
+        parked = sa.table(f"{TABLE}_parked", sa.column("ordering_key"), sa.column("row_id"))
+        found[f"{TABLE}_parked"] = conn.execute(sa.select(parked)).all()
+        return found
+
+    def widths(engine: sa.Engine) -> set[tuple[str, str, int]]:
+        inspector = sa.inspect(engine)
+        return {
+            (name, c["name"], c["type"].length)
+            for name in EVENT_TABLES
+            for c in inspector.get_columns(name)
+            if c["name"] in WIDENED
+        }
+
+    def indexes(engine: sa.Engine) -> set[str]:
+        inspector = sa.inspect(engine)
+        return {i["name"] for name in EVENT_TABLES for i in inspector.get_indexes(name)}
+
+    full = {c: c[0] * width for c, width in WIDENED.items()}  # each at its old full width
+    engine = create_engine(empty_database_url)
+    try:
+        migrate.upgrade(engine, "0006")
+        with engine.begin() as conn:
+            for i in range(3):
+                values = {"event_id": uuid.uuid4(), "idempotency_key": f"k{i}", **full}
+                conn.execute(
+                    table(TABLE).insert().values(channel="c", event="e", data="{}", **values)
+                )
+            # The newest row moved out to the log (an ack): its id must never be handed out again.
+            newest = conn.execute(sa.select(table(TABLE)).order_by(sa.text("id DESC"))).first()
+            conn.execute(table(f"{TABLE}_published").insert().values(**newest._mapping))
+            conn.execute(sa.delete(table(TABLE)).where(sa.column("id") == newest.id))
+            dead = {**newest._mapping, "id": newest.id + 100, "idempotency_key": "dead"}
+            conn.execute(table(f"{TABLE}_dead").insert().values(**dead))
+            parked = sa.table(f"{TABLE}_parked", sa.column("ordering_key"), sa.column("row_id"))
+            conn.execute(parked.insert().values(ordering_key="message:c:x", row_id=1))
+            before = contents(conn)
+        assert all(before.values())
+        old = {(t, c, w) for t in EVENT_TABLES for c, w in WIDENED.items()}
+        assert widths(engine) == old
+
+        migrate.upgrade(engine, "0007")
+        with engine.connect() as conn:
+            assert contents(conn) == before
+        assert widths(engine) == {(t, c, 255) for t in EVENT_TABLES for c in WIDENED}
+        added = {f"ix_{TABLE}_published_message", f"ix_{TABLE}_target"}
+        assert added <= indexes(engine)
+        with engine.begin() as conn:
+            conn.execute(
+                table(TABLE)
+                .insert()
+                .values(
+                    event_id=uuid.uuid4(), idempotency_key="new", channel="c", event="e", data="{}"
+                )
+            )
+            new_id = conn.execute(sa.select(sa.func.max(sa.column("id"))).select_from(table(TABLE)))
+            assert new_id.scalar_one() == newest.id + 1
+            # Each widened column holds 255 characters whole, in each table.
+            for name in EVENT_TABLES:
+                conn.execute(sa.update(table(name)).values(**{c: c[0] * 255 for c in WIDENED}))
+            stored = {
+                (name, c): len(value)
+                for name in EVENT_TABLES
+                for row in conn.execute(sa.select(table(name)))
+                for c, value in row._mapping.items()
+                if c in WIDENED
+            }
+        assert set(stored.values()) == {255}
+
+        with (
+            pytest.raises(RuntimeError, match="cannot downgrade below 0007") as refused,
+            migrate._migrating(engine) as conn,
+        ):
+            command.downgrade(migrate.alembic_config(conn), "0006")
+        assert f"{TABLE}_published.message_serial: 1 longer than 64" in str(refused.value)
+        assert migrate.current_revision(engine) == "0007"
+        assert widths(engine) == {(t, c, 255) for t in EVENT_TABLES for c in WIDENED}
+        assert added <= indexes(engine)
+
+        with engine.begin() as conn:
+            for name in EVENT_TABLES:
+                conn.execute(sa.update(table(name)).values(**full))
+            conn.execute(sa.delete(table(TABLE)).where(sa.column("idempotency_key") == "new"))
+        with migrate._migrating(engine) as conn:
+            command.downgrade(migrate.alembic_config(conn), "0006")
+        assert migrate.current_revision(engine) == "0006"
+        assert widths(engine) == old
+        assert not added & indexes(engine)
+        with engine.connect() as conn:
+            assert contents(conn) == before
     finally:
         engine.dispose()

@@ -27,6 +27,7 @@ from outbox.mutations import (
     append_message,
     delete_annotation,
     delete_message,
+    message_ordering_key,
     publish_annotation,
     update_message,
 )
@@ -198,6 +199,166 @@ async def test_mutation_by_known_message_serial(engine, database_url, server):
             version.serial,
             serial,
         )
+
+
+#: Sockudo's ``INSTANCE_PROCESS_ID`` (the node part of every serial) set to a Kubernetes pod name:
+#: message, version and annotation serials of 104 characters.
+POD_NAME = "sockudo-realtime-gateway-production-eu-west-1-7d9f8c6b5d-x2k4q"
+
+
+async def test_serials_longer_than_64_characters_are_stored_whole(engine, database_url):
+    """A server whose node id is a pod name: the message's serial is stored whole, so updates,
+    appends and an annotation naming the message by its event id reach it, and so do those
+    naming it by that serial (accepted at enqueue), and the annotation's delete by its serial.
+    Every row is published with the whole serials."""
+    with TestServer(**FEATURES, node_id=POD_NAME) as server:
+        message, serial = await publish_message(engine, database_url, server)
+        assert len(serial) > 100 and POD_NAME in serial
+        with engine.begin() as conn:
+            by_event = [
+                update_message(conn, CHANNEL, message, data="v1"),
+                append_message(conn, CHANNEL, message, "+event"),
+                publish_annotation(conn, CHANNEL, message, **ANNOTATION),
+            ]
+        worker = Worker(fast_settings(database_url, server.url), engine=engine)
+        await run_until(worker, settled(engine, *by_event), what="the mutations by event id")
+        (annotation,) = annotation_events(server, serial)
+        with engine.begin() as conn:
+            by_serial = [
+                update_message(conn, CHANNEL, serial, name="renamed"),
+                append_message(conn, CHANNEL, serial, "+serial"),
+                delete_annotation(conn, CHANNEL, serial, annotation.serial),
+            ]
+        worker = Worker(fast_settings(database_url, server.url), engine=engine)
+        await run_until(worker, settled(engine, *by_serial), what="the mutations by serial")
+
+        stored = versions(server, serial)
+        after = annotation_events(server, serial)
+    assert [v.action for v in stored] == ["create", "update", "append", "update", "append"]
+    assert (stored[-1].name, stored[-1].data) == ("renamed", "v1+event+serial")
+    assert [e.payload["action"] for e in after] == ["annotation.create", "annotation.delete"]
+    done = [row_of(engine, op) for op in (*by_event, *by_serial)]
+    assert [r.status for r in done] == ["published"] * 6
+    assert {r.message_serial for r in done} == {serial}
+    assert [r.acknowledgement_id for r in done] == [
+        stored[1].serial,
+        stored[2].serial,
+        annotation.serial,
+        stored[3].serial,
+        stored[4].serial,
+        after[1].serial,
+    ]
+    assert all(len(r.acknowledgement_id) > 100 for r in done)
+
+
+# -- 2b. one message, one ordering key, whichever way it is named ---------------------------------
+
+
+async def test_operations_naming_one_message_both_ways_go_out_in_enqueue_order(
+    engine, database_url, server
+):
+    """An update by event id, then (once published) an append by serial, an update by event id
+    and an append by serial: one ordering key, so when the first append meets backpressure the
+    two behind it wait for it, and the server applies the four in enqueue order. (With a key per
+    name, the update by event id went ahead of the delayed append and the message ended
+    ``c+b+d``.) One row per claim, one claim at a time: the order is the test's, not chance's."""
+    message, serial = await publish_message(engine, database_url, server)
+    settings = fast_settings(database_url, server.url, batch_size=1, in_flight=1)
+    with engine.begin() as conn:
+        first = update_message(conn, CHANNEL, message, data="a")
+    await run_until(Worker(settings, engine=engine), settled(engine, first), what="the update")
+    server.fail_next(status=503, code="backpressure", message="busy", endpoints=["mutation"])
+    with engine.begin() as conn:
+        ops = [
+            append_message(conn, CHANNEL, serial, "+b"),
+            update_message(conn, CHANNEL, message, data="c"),
+            append_message(conn, CHANNEL, serial, "+d"),
+        ]
+    await run_until(Worker(settings, engine=engine), settled(engine, *ops), what="the three")
+
+    stored = versions(server, serial)
+    assert [(v.action, v.data) for v in stored] == [
+        ("create", "v0"),
+        ("update", "a"),
+        ("append", "a+b"),
+        ("update", "c"),
+        ("append", "c+d"),
+    ]
+    done = [row_of(engine, op) for op in (first, *ops)]
+    assert [r.acknowledgement_id for r in done] == [v.serial for v in stored[1:]]
+    assert done[1].attempts == 2  # the backpressure, then the append
+    assert {r.ordering_key for r in done} == {message_ordering_key(CHANNEL, message)}
+
+
+async def test_a_serial_is_keyed_by_the_event_that_published_it_while_the_log_holds_it(
+    engine, database_url, server
+):
+    """Named by serial, a message the outbox published is keyed by its event (sync and async
+    callers alike); a serial no publish in the log carries on that channel (another channel's,
+    one the outbox never published, one whose publish retention trimmed while a mutation's log
+    row still carries it) is keyed by the serial itself."""
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+    from outbox.database import normalize_url
+    from outbox.schema import published_table
+
+    message, serial = await publish_message(engine, database_url, server)
+    by_event = message_ordering_key(CHANNEL, message)
+
+    def key_of(event_id: uuid.UUID) -> str:
+        return str(row_of(engine, event_id).ordering_key)
+
+    with engine.begin() as conn:
+        update = update_message(conn, CHANNEL, serial, data="v1")
+        elsewhere = update_message(conn, "other", serial, data="v1")
+        unknown = update_message(conn, CHANNEL, "0:node:1", data="v1")
+    async_engine = create_async_engine(normalize_url(database_url, asyncio=True))
+    try:
+        async with async_engine.begin() as conn:
+            on_connection = await append_message(conn, CHANNEL, serial, "+c")
+        async with AsyncSession(async_engine) as session, session.begin():
+            in_session = await publish_annotation(session, CHANNEL, serial, **ANNOTATION)
+    finally:
+        await async_engine.dispose()
+    assert [key_of(e) for e in (update, on_connection, in_session)] == [by_event] * 3
+    assert key_of(elsewhere) == message_ordering_key("other", serial)
+    assert key_of(unknown) == message_ordering_key(CHANNEL, "0:node:1")
+
+    worker = Worker(fast_settings(database_url, server.url), engine=engine)
+    await run_until(worker, settled(engine, update), what="the update")
+    log = published_table(T)
+    with engine.begin() as conn:  # retention trims the publish; the update's row is newer
+        conn.execute(sa.delete(log).where(log.c.event_id == message))
+        carrying = sa.select(log.c.operation).where(log.c.message_serial == serial)
+        assert "update" in conn.execute(carrying).scalars().all()
+        trimmed = update_message(conn, CHANNEL, serial, data="v2")
+    assert key_of(trimmed) == message_ordering_key(CHANNEL, serial)
+
+
+def test_the_serial_lookup_reads_its_index(engine, backend):
+    """Finding the event that published a serial reads the published log's serial index (not
+    the whole log), its predicate proven from the lookup's own conditions."""
+    from outbox.mutations import publishing_event
+
+    seen: list[tuple[str, Any]] = []
+
+    def capture(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        seen.append((statement, parameters))
+
+    sa.event.listen(engine, "before_cursor_execute", capture)
+    with engine.connect() as conn:
+        assert publishing_event(conn, T, CHANNEL, "0:node:1") is None
+    sa.event.remove(engine, "before_cursor_execute", capture)
+    ((statement, parameters),) = seen
+    with engine.begin() as conn:
+        cursor = conn.connection.driver_connection.cursor()
+        if backend == "postgresql":
+            cursor.execute("SET LOCAL enable_seqscan = off")
+            cursor.execute("EXPLAIN " + statement, parameters)
+        else:
+            cursor.execute("EXPLAIN QUERY PLAN " + statement, parameters)
+        plan = "\n".join(str(r) for r in cursor.fetchall())
+    assert "ix_outbox_events_published_message" in plan, plan
 
 
 # -- 3. a lost answer: the retry is a duplicate, not a second version ---------------------------
@@ -459,6 +620,51 @@ async def test_annotation_retry_does_not_double_count(engine, database_url, serv
     assert (removed.status, removed.acknowledgement_id) == ("published", after[1].serial)
 
 
+TOTAL = {"type": "reactions:total.v1", "name": "like"}
+
+
+async def test_annotation_retry_ignores_a_field_the_server_drops(engine, database_url, server):
+    """An annotation row whose body holds a field Sockudo drops (as an older version stored
+    it, before enqueue refused such fields): the server stores the annotation without it, the
+    answer is lost, and the retry still recognises it by what the server keeps. A ``total``
+    summary counts it once."""
+    message, serial = await publish_message(engine, database_url, server)
+    server.drop_next(stage="published", endpoints=["annotation_publish"])
+    with engine.begin() as conn:
+        op = publish_annotation(conn, CHANNEL, message, **TOTAL)
+        as_stored_before = json.dumps({**TOTAL, "note": "dropped by the server"})
+        conn.execute(sa.update(T).where(T.c.event_id == op).values(data=as_stored_before))
+    worker = Worker(fast_settings(database_url, server.url), engine=engine)
+    await run_until(worker, settled(engine, op), what="the annotation settled")
+
+    (stored,) = annotation_events(server, serial)
+    assert "note" not in stored.payload
+    done = row_of(engine, op)
+    assert (done.status, done.attempts, done.acknowledgement_id) == ("published", 2, stored.serial)
+    assert server.request_count("annotation_publish") == 1  # the retry only looked
+
+
+async def test_annotation_retry_does_not_take_one_with_other_fields_for_its_own(
+    engine, database_url, server
+):
+    """The retry's lookup matches every field the server keeps, absent ones included: another
+    annotation of the same type that has a name this one lacks is not taken for it. Its first
+    attempt never reached the server, so the retry publishes it."""
+    message, serial = await publish_message(engine, database_url, server)
+    with Sockudo.from_url(server.url) as sockudo:
+        sockudo.publish_annotation(CHANNEL, serial, **TOTAL)  # someone else's, named
+    server.drop_next(stage="received", endpoints=["annotation_publish"])
+    with engine.begin() as conn:
+        op = publish_annotation(conn, CHANNEL, message, type=TOTAL["type"])
+    worker = Worker(fast_settings(database_url, server.url), engine=engine)
+    await run_until(worker, settled(engine, op), what="the annotation settled")
+
+    theirs, ours = annotation_events(server, serial)
+    assert (theirs.payload.get("name"), ours.payload.get("name")) == ("like", None)
+    done = row_of(engine, op)
+    assert (done.status, done.attempts, done.acknowledgement_id) == ("published", 2, ours.serial)
+
+
 # -- 7. a fresh-key replay of a dead update -------------------------------------------------------
 
 
@@ -498,6 +704,9 @@ MESSAGE = uuid.uuid4()
 BAD_CALLS: dict[str, Callable[[sa.Connection], Any]] = {
     "message-not-uuid-or-str": lambda c: update_message(c, CHANNEL, 12345, data="x"),  # type: ignore[arg-type]
     "serial-with-space": lambda c: update_message(c, CHANNEL, "abc def", data="x"),
+    # Sockudo takes serials of 1 to 128 bytes (a pod name in them makes ~100).
+    "serial-over-128-bytes": lambda c: update_message(c, CHANNEL, "s" * 129, data="x"),
+    "annotation-serial-over-128-bytes": lambda c: delete_annotation(c, CHANNEL, MESSAGE, "a" * 129),
     "empty-append": lambda c: append_message(c, CHANNEL, MESSAGE, ""),
     "encrypted-channel": lambda c: update_message(c, "private-encrypted-x", MESSAGE, data="x"),
     "op-id-over-64-bytes": lambda c: update_message(
@@ -505,6 +714,13 @@ BAD_CALLS: dict[str, Callable[[sa.Connection], Any]] = {
     ),
     "annotation-op-id-over-64-bytes": lambda c: publish_annotation(
         c, CHANNEL, MESSAGE, **ANNOTATION, idempotency_key="é" * 33
+    ),
+    # Sockudo would drop it without a word, and a retry could not recognise the annotation.
+    "annotation-field-the-server-drops": lambda c: publish_annotation(
+        c, CHANNEL, MESSAGE, **ANNOTATION, note="x"
+    ),
+    "annotation-mapping-field-the-server-drops": lambda c: publish_annotation(
+        c, CHANNEL, MESSAGE, {**ANNOTATION, "extras": {"k": "v"}}
     ),
 }
 

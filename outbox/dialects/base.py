@@ -15,6 +15,7 @@ import abc
 import asyncio
 import datetime as dt
 import json
+import logging
 import uuid
 from collections.abc import Callable, Collection, Container, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -42,6 +43,8 @@ from ..sockudo.events import dump_body
 
 if TYPE_CHECKING:
     from .hotpath import HotPath
+
+log = logging.getLogger("outbox.worker")
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +96,13 @@ CLAIM_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(ClaimedRow) if f.n
 
 @dataclass(frozen=True, slots=True)
 class Ack:
-    """What the server acknowledged for one row, bounded to its columns (see :class:`Failure`)."""
+    """What the server acknowledged for one row, each value whole or not at all.
+
+    A value longer than its column is left out and logged, never stored cut: a cut serial names
+    no message, so every mutation of it would be refused. The row is still recorded published
+    (it was). The columns hold 255 characters, and Sockudo takes no serial over 128 bytes in a
+    request, so a serial left out could not have named its message anyway.
+    """
 
     id: int
     acknowledgement_id: str | None = None
@@ -107,8 +116,22 @@ class Ack:
             ("history_serial", SERIAL_MAX),
         ):
             value = getattr(self, name)
-            if value is not None:
-                object.__setattr__(self, name, str(value)[:width])
+            if value is None:
+                continue
+            value = str(value)
+            if len(value) > width:
+                log.warning(
+                    "row %d: the server's %s is %d characters, more than the %d its column "
+                    "holds; recorded published without it (a mutation naming this event ends "
+                    "target_not_found): %.1000s",
+                    self.id,
+                    name,
+                    len(value),
+                    width,
+                    value,
+                )
+                value = None
+            object.__setattr__(self, name, value)
 
 
 @dataclass(frozen=True, slots=True)

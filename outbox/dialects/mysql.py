@@ -107,12 +107,13 @@ _FAILURES = """JSON_TABLE(:payload, '$[*]' COLUMNS (
                    message VARCHAR(500) PATH '$[4]',
                    charge INT PATH '$[5]')) AS f"""
 
-#: The acknowledgements of a batch as rows, joined by id.
+#: The acknowledgements of a batch as rows, joined by id. The widths are the columns' own
+#: (``schema.ACK_ID_MAX``, ``schema.SERIAL_MAX``): a narrower one would cut what ``Ack`` kept.
 _ACKS = """JSON_TABLE(:payload, '$[*]' COLUMNS (
                id BIGINT PATH '$[0]',
-               ack VARCHAR(200) PATH '$[1]',
-               message_serial VARCHAR(64) PATH '$[2]',
-               history_serial VARCHAR(64) PATH '$[3]')) AS f"""
+               ack VARCHAR(255) PATH '$[1]',
+               message_serial VARCHAR(255) PATH '$[2]',
+               history_serial VARCHAR(255) PATH '$[3]')) AS f"""
 
 
 class MySQLDialect(Dialect):

@@ -90,7 +90,7 @@ class Operations:
         return self.app_path(f"/channels/{quote_path_segment(name)}{suffix}")
 
     def _message_path(self, channel: str, message_serial: str, suffix: str = "") -> str:
-        serial = _check_serial(message_serial, "message_serial")
+        serial = check_serial(message_serial, "message_serial")
         return self._channel_path(channel, f"/messages/{quote_path_segment(serial)}{suffix}")
 
     @staticmethod
@@ -420,7 +420,7 @@ class Operations:
         socket_id: str | None = None,
     ) -> Call[AnnotationDeleted]:
         """Delete one annotation. A repeat answers 200 and writes nothing."""
-        serial = quote_path_segment(_check_serial(annotation_serial, "annotation_serial"))
+        serial = quote_path_segment(check_serial(annotation_serial, "annotation_serial"))
         path = self._message_path(channel, message_serial, f"/annotations/{serial}")
         query = {} if socket_id is None else {"socket_id": socket_id}
         return Call(
@@ -435,7 +435,7 @@ class Operations:
         """The request of an outbox mutation row: ``stored`` is its exact body (``op_id``
         included), or for ``unannotate`` the serial of the annotation to delete."""
         if operation == "unannotate":
-            serial = quote_path_segment(_check_serial(stored, "annotation_serial"))
+            serial = quote_path_segment(check_serial(stored, "annotation_serial"))
             path = self._message_path(channel, message_serial, f"/annotations/{serial}")
             return PreparedRequest("DELETE", path, None)
         suffix = "/annotations" if operation == "annotate" else f"/{operation}"
@@ -522,7 +522,9 @@ def _walk(
     return Walk(page_call(first), after)
 
 
-def _check_serial(value: object, field: str) -> str:
+def check_serial(value: object, field: str) -> str:
+    """A message, version or annotation serial as Sockudo takes it in a request path, or
+    :class:`InvalidEvent` naming ``field``."""
     serial = events.check_text(value, field)
     if events.utf8_len(serial) > MAX_SERIAL_BYTES or any(c.isspace() for c in serial):
         raise InvalidEvent(

@@ -190,6 +190,12 @@ class PublishAnnotationRequest:
 #: Snake-case annotation fields the server would silently drop, and the names it reads.
 _ANNOTATION_CAMEL = {"client_id": "clientId", "socket_id": "socketId"}
 
+#: What Sockudo keeps of a published annotation and returns in each item of
+#: ``list_annotations``, in its own (camelCase) names: ``PublishAnnotationRequest`` and
+#: ``annotation_wire_event`` in ``http_handler/annotations/mod.rs``. ``socketId`` only names the
+#: actor; any other field is dropped without a word (serde ignores unknown fields).
+ANNOTATION_KEPT_FIELDS = ("type", "name", "clientId", "count", "data", "encoding")
+
 
 def annotation_body(request: Mapping[str, Any]) -> dict[str, Any]:
     """An annotation body with camelCase keys (``client_id`` becomes ``clientId``), None left out.
