@@ -25,7 +25,7 @@ from typing import Any
 
 from .dialects import Ack, ClaimedRow, Failure
 from .dialects.base import FoundSerial, Target, UnknownSerial
-from .schema import Operation
+from .schema import SERIAL_MAX, Operation
 from .sockudo import AsyncSockudo, PreparedRequest
 from .sockudo.errors import (
     ClientMisconfigured,
@@ -285,6 +285,12 @@ class Deliverer:
                     serial = message.get("message_serial") if isinstance(message, dict) else None
                     if not serial:
                         return _NO_TARGET
+                    if len(str(serial)) > SERIAL_MAX:  # (Sockudo refuses it in a request too)
+                        return EventRefused(
+                            f"the serial of the message this mutation names is longer than "
+                            f"{SERIAL_MAX} characters",
+                            code="target_not_found",
+                        )
                     assert row.target_event_id is not None
                     found = FoundSerial(row.target_event_id, row.channel, str(serial))
                     outcome.found_serials.append(found)

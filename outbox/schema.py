@@ -165,6 +165,11 @@ MYSQL_TABLE_OPTIONS = {
     for option, value in (("charset", "utf8mb4"), ("collate", "utf8mb4_bin"))
 }
 
+#: The published rows a mutation can look its message up in (``ix_<name>_published_serial``):
+#: those with a serial, and those acknowledged by an answer without a receipt (whose serial, if
+#: any, is in the channel's history).
+MESSAGE_LOOKUP = "message_serial IS NOT NULL OR acknowledgement_id IS NULL"
+
 #: Suffixes of the tables beside the hot table: dead-lettered rows, the published log, parked keys.
 DEAD_SUFFIX = "_dead"
 PUBLISHED_SUFFIX = "_published"
@@ -299,13 +304,14 @@ def outbox_table(name: str = DEFAULT_TABLE_NAME, schema: str | None = None) -> s
         name + PUBLISHED_SUFFIX,
         metadata,
         *_event_columns(autoincrement=False),
-        # A mutation finds its target's message_serial here. Only rows the server gave a serial
-        # (versioned messages on) are in it, so a drain without them pays nothing for it.
+        # A mutation finds its target's message_serial here, or learns that the answer which
+        # acknowledged it carried no receipt (the serial is then looked up in history). Only such
+        # rows are in it: a drain that gets receipts without serials pays nothing for it.
         sa.Index(
             f"ix_{name}{PUBLISHED_SUFFIX}_serial",
             "event_id",
             "channel",
-            **_partial("message_serial IS NOT NULL"),
+            **_partial(MESSAGE_LOOKUP),
         ),
         # A mutation naming its message by serial finds the event that published it here (one
         # message, one ordering key). Only publishes are in it: a message's mutations carry its

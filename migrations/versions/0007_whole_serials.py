@@ -17,15 +17,18 @@ same columns:
   rebuilt from that text with the new widths (SQLite's documented procedure), keeping its rows,
   constraints, indexes and AUTOINCREMENT counter.
 
-Two indexes, partial where the database has partial indexes:
+Indexes, partial where the database has partial indexes:
 
+- ``ix_<name>_published_serial`` also holds the published rows acknowledged without a receipt
+  (``acknowledgement_id IS NULL``): a mutation of such a message finds its event there, and its
+  serial in the channel's history.
 - ``ix_<name>_published_message``, the published log's ``(channel, message_serial)`` of
   publishes: a mutation naming its message by serial finds the event that published it, so one
   message has one ordering key however it is named.
 - ``ix_<name>_target``, the hot table's ``(target_event_id, channel)`` of mutations naming their
   message by an event: the mutations waiting for that event's publish.
 
-Both are built while the migration holds its tables (a long published log takes a while). A
+They are built while the migration holds its tables (a long published log takes a while). A
 downgrade refuses, changing nothing, while any value is longer than the old width (the old code
 cannot hold it whole).
 """
@@ -58,9 +61,16 @@ def _names() -> tuple[str, str, str]:
     return name, name + "_dead", name + "_published"
 
 
+#: The published rows of ``ix_<name>_published_serial`` before this revision, and after it
+#: (``outbox.schema.MESSAGE_LOOKUP``, copied: a migration must not change when the code does).
+_OLD_LOOKUP = "message_serial IS NOT NULL"
+_NEW_LOOKUP = "message_serial IS NOT NULL OR acknowledgement_id IS NULL"
+
+
 def upgrade() -> None:
     name, _dead, published = _names()
     _set_widths(dict.fromkeys(_OLD_WIDTHS, _NEW_WIDTH), _OLD_WIDTHS)
+    _index_message_lookup(_NEW_LOOKUP)
     served = sa.text("message_serial IS NOT NULL AND operation IS NULL")
     op.create_index(
         f"ix_{name}_published_message",
@@ -85,7 +95,26 @@ def downgrade() -> None:
     _refuse_values_too_long_for(_OLD_WIDTHS)
     op.drop_index(f"ix_{name}_target", table_name=name)
     op.drop_index(f"ix_{name}_published_message", table_name=published)
+    _index_message_lookup(_OLD_LOOKUP)
     _set_widths(_OLD_WIDTHS, dict.fromkeys(_OLD_WIDTHS, _NEW_WIDTH))
+
+
+def _index_message_lookup(predicate: str) -> None:
+    """Where a mutation finds its message's event: with its serial, or (since this revision)
+    acknowledged without a receipt, whose serial is then looked up in history. Partial indexes
+    only: MariaDB's and MySQL's index holds every row, the new ones already."""
+    if op.get_bind().dialect.name not in ("postgresql", "sqlite"):
+        return
+    name, _dead, published = _names()
+    op.drop_index(f"ix_{name}_published_serial", table_name=published)
+    where = sa.text(predicate)
+    op.create_index(
+        f"ix_{name}_published_serial",
+        published,
+        ["event_id", "channel"],
+        postgresql_where=where,
+        sqlite_where=where,
+    )
 
 
 def _set_widths(widths: Mapping[str, int], existing: Mapping[str, int]) -> None:

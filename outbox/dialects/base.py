@@ -185,10 +185,10 @@ class FoundSerial:
 Target = str | UnknownSerial | EventRefused
 
 
-def receiptless(log: sa.Table) -> tuple[sa.ColumnElement[bool], ...]:
-    """The published rows whose answer carried no receipt, so whose serial, if they have one,
-    is only in the channel's history (the predicate of the log's index of them)."""
-    return (log.c.acknowledgement_id.is_(None),)
+def message_lookup(log: sa.Table) -> sa.ColumnElement[bool]:
+    """:data:`~outbox.schema.MESSAGE_LOOKUP` of the published log, as its index states it (a
+    query must state it so for the partial index to serve it)."""
+    return sa.or_(log.c.message_serial.is_not(None), log.c.acknowledgement_id.is_(None))
 
 
 #: Bind parameters shared by the statements: the lease token and a cutoff time.
@@ -508,34 +508,25 @@ class Dialect(abc.ABC):
         (its log row was trimmed)."""
         log, dead = published_table(table), dead_table(table)
         event_ids = list({r.target_event_id for r in rows})
-        answers: dict[tuple[Any, str], Target] = {
-            (found.event_id, found.channel): found.message_serial
-            for found in conn.execute(
-                sa.select(log.c.event_id, log.c.channel, log.c.message_serial).where(
-                    log.c.event_id.in_(event_ids), log.c.message_serial.is_not(None)
-                )
+        answers: dict[tuple[Any, str], Target] = {}
+        for found in conn.execute(
+            sa.select(
+                log.c.event_id,
+                log.c.channel,
+                log.c.message_serial,
+                log.c.idempotency_key,
+                log.c.queued_at,
+                log.c.published_at,
+            ).where(log.c.event_id.in_(event_ids), message_lookup(log))
+        ):
+            # Without a serial, its answer had no receipt: the repeat of a publish a batch made
+            # (Sockudo's cache holds "1" for a batch item, not its answer), or a retry that
+            # reached a node of another region. Its serial, if any, is in the channel's history.
+            answers[(found.event_id, found.channel)] = found.message_serial or UnknownSerial(
+                message_id=found.idempotency_key,
+                sent_after=found.queued_at,
+                sent_before=found.published_at,
             )
-        }
-        wanted = {(r.target_event_id, r.channel) for r in rows}
-        missing = list({event_id for event_id, channel in wanted - answers.keys()})
-        if missing:
-            # Rows acknowledged without a receipt: the repeat of a publish a batch made (Sockudo's
-            # cache holds "1" for a batch item, not its answer), or a retry that reached a node of
-            # another region. Their serial, if any, is in the channel's history.
-            for found in conn.execute(
-                sa.select(
-                    log.c.event_id,
-                    log.c.channel,
-                    log.c.idempotency_key,
-                    log.c.queued_at,
-                    log.c.published_at,
-                ).where(log.c.event_id.in_(missing), *receiptless(log))
-            ):
-                answers[(found.event_id, found.channel)] = UnknownSerial(
-                    message_id=found.idempotency_key,
-                    sent_after=found.queued_at,
-                    sent_before=found.published_at,
-                )
         for found in conn.execute(
             sa.select(dead.c.event_id, dead.c.channel, dead.c.last_error_message).where(
                 dead.c.event_id.in_(event_ids)
@@ -567,6 +558,7 @@ class Dialect(abc.ABC):
                 .where(
                     log.c.event_id == item.event_id,
                     log.c.channel == item.channel,
+                    message_lookup(log),  # (as the index states it: the row is found by it)
                     log.c.message_serial.is_(None),
                 )
                 .values(
