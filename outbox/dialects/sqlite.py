@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 
 import sqlalchemy as sa
 
-from ..schema import UTCDateTime, dead_table, parked_table, published_table
+from ..schema import WAITING_FOR_KEY, UTCDateTime, dead_table, parked_table, published_table
 from .base import (
     EVENT_COLUMNS,
     TOKEN,
@@ -225,6 +225,40 @@ class SQLiteDialect(Dialect):
         conn.execute(delete, {"payload": payload, "token": token})
         return moved
 
+    def wake_mutations(
+        self, conn: sa.Connection, table: sa.Table, messages: Sequence[tuple[uuid.UUID, str]]
+    ) -> int:
+        if not messages:
+            return 0
+        # INDEXED BY the index of mutation rows: without statistics SQLite would walk every
+        # waiting row of the due index instead (those behind their keys included).
+        t, target = quoted(conn, table), _index(conn, table, "target")
+        stmt = sa.text(
+            f"""
+            UPDATE {t} INDEXED BY {target} SET next_attempt_at = {_NOW}
+            WHERE target_event_id IS NOT NULL
+              AND (target_event_id, channel) IN (
+                  SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]')
+                  FROM json_each(:messages))
+              AND {_waiting_head(t, quoted(conn, parked_table(table)))}
+            """
+        )
+        payload = json.dumps([[event_id.hex, channel] for event_id, channel in set(messages)])
+        return conn.execute(stmt, {"messages": payload, "waiting": _WAITING}).rowcount
+
+    def wake_stranded_mutations(self, conn: sa.Connection, table: sa.Table) -> int:
+        t, target = quoted(conn, table), _index(conn, table, "target")
+        stmt = sa.text(
+            f"""
+            UPDATE {t} INDEXED BY {target} SET next_attempt_at = {_NOW}
+            WHERE target_event_id IS NOT NULL
+              AND NOT EXISTS (SELECT 1 FROM {t} AS m
+                              WHERE m.event_id = {t}.target_event_id AND m.channel = {t}.channel)
+              AND {_waiting_head(t, quoted(conn, parked_table(table)))}
+            """
+        )
+        return conn.execute(stmt, {"waiting": _WAITING}).rowcount
+
     def release(
         self,
         conn: sa.Connection,
@@ -281,6 +315,23 @@ class SQLiteDialect(Dialect):
                 await asyncio.sleep(WATCH_INTERVAL)
         finally:
             watcher.close()
+
+
+#: ``WAITING_FOR_KEY`` as SQLite stores it (UTCDateTime's text form).
+_WAITING = WAITING_FOR_KEY.strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def _index(conn: sa.Connection, table: sa.Table, suffix: str) -> str:
+    return conn.dialect.identifier_preparer.quote(f"ix_{table.name}_{suffix}")
+
+
+def _waiting_head(t: str, parked: str) -> str:
+    """SQL: the row of ``t`` waits out of the due order, heads its key, its key not parked."""
+    return f"""{t}.next_attempt_at = :waiting
+              AND NOT EXISTS (SELECT 1 FROM {t} AS h
+                              WHERE h.ordering_key = {t}.ordering_key AND h.id < {t}.id)
+              AND NOT EXISTS (SELECT 1 FROM {parked} AS p
+                              WHERE p.ordering_key = {t}.ordering_key)"""
 
 
 def _data_version(connection: sqlite3.Connection) -> int:
