@@ -204,19 +204,8 @@ class Worker:
         if not await self._start_hot_path():
             return
         config = self.settings.sockudo_config()
-        limits = Limits(max_batch_size=self.settings.server_batch_limit)
-        client = self._client or AsyncSockudo(
-            config, limits=limits, transport=self.settings.transport
-        )
-        deliverer = Deliverer(
-            client,
-            master_key=config.master_key,
-            alone_concurrency=self.settings.alone_concurrency,
-            stopping=self._stopping.is_set,
-            paused=lambda: self.breaker.is_open,
-            on_request=self.metrics.request,
-            spans=publish_spans(config.host, config.port),
-        )
+        client = self._client or self.new_client()
+        deliverer = self.deliverer(client)
         slots = asyncio.Semaphore(self.settings.in_flight)
         if self.settings.metrics_port is not None:
             # First: a port that cannot be opened stops the worker before it claims anything.
@@ -278,6 +267,27 @@ class Worker:
             self._database_errors_in_a_row = 0
             return True
         return False
+
+    def new_client(self) -> AsyncSockudo:
+        """The client the worker publishes with when none was given (``run`` closes it)."""
+        limits = Limits(max_batch_size=self.settings.server_batch_limit)
+        return AsyncSockudo(
+            self.settings.sockudo_config(), limits=limits, transport=self.settings.transport
+        )
+
+    def deliverer(self, client: AsyncSockudo) -> Deliverer:
+        """How this worker sends its claims through ``client``: its settings, its breaker, its
+        metrics and traces."""
+        config = self.settings.sockudo_config()
+        return Deliverer(
+            client,
+            master_key=config.master_key,
+            alone_concurrency=self.settings.alone_concurrency,
+            stopping=self._stopping.is_set,
+            paused=lambda: self.breaker.is_open,
+            on_request=self.metrics.request,
+            spans=publish_spans(config.host, config.port),
+        )
 
     def _supervise(self, name: str, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run ``work`` beside the claim loop; if it ends on its own, stop the worker loudly."""
@@ -379,7 +389,7 @@ class Worker:
         self, deliverer: Deliverer, token: uuid.UUID, rows: list[ClaimedRow]
     ) -> None:
         try:
-            await self._deliver_claim(deliverer, token, rows)
+            await self.deliver_claim(deliverer, token, rows)
         except Exception:
             # A bug must not kill the worker silently; the rows stay leased, and return to the
             # queue when the lease expires (then sent alone, so nothing is lost or skipped).
@@ -388,9 +398,11 @@ class Worker:
                 len(rows),
             )
 
-    async def _deliver_claim(
+    async def deliver_claim(
         self, deliverer: Deliverer, token: uuid.UUID, rows: list[ClaimedRow]
     ) -> None:
+        """Publish one claim's rows through ``deliverer`` and record the outcome under the
+        claim's ``token``: what the claim loop runs for every claim (tests drive it directly)."""
         started = time.perf_counter()
         # Rows sent alone go a few at a time: a claim can take longer than one request, so its
         # lease is renewed while it is being published (a killed worker stops renewing).
