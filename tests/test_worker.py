@@ -603,9 +603,12 @@ async def test_lease_is_renewed_while_rows_go_alone(engine, database_url, sockud
     keys = enqueue_n(engine, n)
     with engine.begin() as conn:  # tried before: each goes alone through /events
         conn.execute(sa.update(T).values(attempts=1))
-    # One request at a time, 0.7 s each: the claim takes ~4 s against a 2 s lease.
-    sockudo_server.add_latency(0.7, stage="received")
-    settings = fast_settings(database_url, sockudo_server.url, alone_concurrency=1, in_flight=2)
+    # One request at a time, 0.8 s each: the claim takes ~5 s against a 3 s lease, renewed every
+    # second (2 s of margin for a renewal delayed by a busy machine).
+    sockudo_server.add_latency(0.8, stage="received")
+    settings = fast_settings(
+        database_url, sockudo_server.url, alone_concurrency=1, in_flight=2, lease_seconds=3.0
+    )
     caplog.set_level(logging.WARNING, logger="outbox.worker")
     worker = Worker(settings, engine=engine)
     await run_until(worker, all_published(engine, n), timeout=30, what="slow alone rows")
