@@ -8,7 +8,6 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 COPY pyproject.toml README.md LICENSE alembic.ini worker.py ./
 COPY outbox ./outbox
-COPY migrations ./migrations
 # With the web extra (the compose stack's dashboard service runs `outbox web` on this image) and
 # the metrics extra (the worker serves /metrics on OUTBOX_METRICS_PORT).
 RUN pip install ".[web,metrics]" && useradd --system --uid 10001 outbox

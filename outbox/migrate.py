@@ -1,7 +1,7 @@
 """Create or upgrade the outbox schema with the migrations shipped in the package.
 
-The same scripts run from ``alembic upgrade head`` at the repository root (``migrations/``) and from
-``outbox migrate`` anywhere the package is installed (they ship as ``outbox._migrations``).
+The same scripts (``outbox/_migrations``) run from ``alembic upgrade head`` at the repository root
+and from ``outbox migrate`` anywhere the package is installed or checked out.
 
 On an embedded database (SQLite) the worker runs them itself (:func:`ensure_latest`): the
 database is a file the worker and its application open directly, with no deploy step of its own.

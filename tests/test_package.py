@@ -133,12 +133,10 @@ def python_says(installed: Installed, code: str) -> str:
 
 
 def source_modules() -> set[str]:
-    """Every file the wheel must carry, as wheel paths (migrations/ ships as outbox/_migrations)."""
+    """Every file the wheel must carry, as wheel paths."""
     expected = {"outbox/py.typed", "outbox/_migrations/script.py.mako"}
     for path in (REPO / "outbox").rglob("*.py"):
         expected.add(path.relative_to(REPO).as_posix())
-    for path in (REPO / "migrations").rglob("*.py"):
-        expected.add("outbox/_migrations/" + path.relative_to(REPO / "migrations").as_posix())
     # The dashboard's pages and its script and style (package data in pyproject.toml).
     for folder in ("templates", "static"):
         for path in (REPO / "outbox" / "web" / folder).iterdir():
@@ -166,7 +164,7 @@ def test_the_sdist_carries_the_migrations_tests_docs_and_examples(dist: Dist) ->
             PurePosixPath(*PurePosixPath(name).parts[1:]).as_posix() for name in sdist.getnames()
         }
     wanted = {"pyproject.toml", "README.md", "CHANGELOG.md", "LICENSE", "MANIFEST.in"}
-    for folder in ("outbox", "migrations", "tests", "docs", "examples"):
+    for folder in ("outbox", "tests", "docs", "examples"):
         for path in (REPO / folder).rglob("*"):
             if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".db":
                 wanted.add(path.relative_to(REPO).as_posix())
