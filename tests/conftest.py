@@ -1,7 +1,9 @@
-"""Fixtures live in tests/plugins/, one module per concern (databases, test server, soketi,
-child processes, the browser)."""
+"""Fixtures live in tests/plugins/, one module per concern (the tiers, databases, test server,
+soketi, child processes, the browser)."""
 
 pytest_plugins = [
+    # First: which tests this run runs (plain `pytest`, or `pytest --full`).
+    "tests.plugins.tiers",
     "tests.plugins.sockudo_server",
     "tests.plugins.soketi",
     "tests.plugins.databases",

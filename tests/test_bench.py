@@ -11,6 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+#: Runs in the full tier (see tests/plugins/tiers.py).
+pytestmark = [pytest.mark.postgres, pytest.mark.mariadb]
+
 
 def test_the_bench_drains_through_the_test_server(tmp_path: Path) -> None:
     report = tmp_path / "bench.json"

@@ -440,6 +440,16 @@ def test_a_replay_that_matches_nothing_exits_6_and_says_where_the_events_are(env
     assert rows(engine) == before
 
 
+def _days_ago(arg: str) -> str:
+    """A flag's value as a test id: a time in whole days before NOW."""
+    try:
+        when = dt.datetime.fromisoformat(arg)
+    except ValueError:
+        return arg
+    when = when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+    return f"now-{round((NOW - when) / dt.timedelta(days=1))}d"
+
+
 @pytest.mark.parametrize(
     ("args", "selected"),
     [
@@ -465,7 +475,9 @@ def test_a_replay_that_matches_nothing_exits_6_and_says_where_the_events_are(env
         (["--channel", "orders", "--event", "created"], {"orders"}),
         (["--all"], {"orders", "billing", "refund", "invalid", "old"}),
     ],
-    ids=lambda v: " ".join(v) if isinstance(v, list) else None,
+    # Flags with their times in days ago, not the times themselves: a test's id must be the same
+    # in every process that collects it (pytest-xdist compares them).
+    ids=lambda v: " ".join(_days_ago(a) for a in v) if isinstance(v, list) else None,
 )
 def test_replay_filters_select_the_right_dead_rows(env, engine, capsys, args, selected):
     named = {

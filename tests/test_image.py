@@ -39,7 +39,7 @@ from outbox.schema import published_table
 from tests.plugins.databases import make_database
 from tests.plugins.processes import Spawn, child_environment
 
-pytestmark = [pytest.mark.package]
+pytestmark = [pytest.mark.package, pytest.mark.postgres]
 
 REPO = Path(__file__).resolve().parents[1]
 INSTALL_TIMEOUT = 600

@@ -24,6 +24,9 @@ from outbox.database import create_engine, normalize_url
 from outbox.dialects import Ack, Failure, dialect_for
 from tests.outbox_rows import EV
 
+#: Runs in the full tier (see tests/plugins/tiers.py).
+pytestmark = pytest.mark.mariadb
+
 T = outbox_table()
 #: A lock wait this long is a lock wait, whatever the machine's load (the default is 50 s).
 LOCK_WAIT_SECONDS = 3

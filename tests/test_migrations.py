@@ -473,7 +473,9 @@ def test_app_with_its_own_alembic_env_and_outbox_migrate(empty_database_url, tmp
     (app / "versions").mkdir(parents=True)
     (app / "env.py").write_text(textwrap.dedent(APP_ENV))
     (app / "versions" / "a1_orders.py").write_text(textwrap.dedent(APP_REVISION))
-    (app / "script.py.mako").write_text((REPO_ROOT / "migrations" / "script.py.mako").read_text())
+    (app / "script.py.mako").write_text(
+        (REPO_ROOT / "outbox" / "_migrations" / "script.py.mako").read_text()
+    )
     config = AlembicConfig()
     config.set_main_option("script_location", str(app))
     config.attributes["url"] = normalize_url(empty_database_url)

@@ -27,6 +27,9 @@ from tests.plugins.databases import POSTGRES_URL
 from tests.test_ordering import stop, waits_on_advisory_lock_of
 from tests.test_worker import fast_settings, table_rows
 
+#: Runs in the full tier (see tests/plugins/tiers.py).
+pytestmark = pytest.mark.postgres
+
 on_postgres = pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
 
 

@@ -230,13 +230,19 @@ def test_key_longer_than_128_bytes_is_400_and_does_not_claim(sockudo_server):
 
 
 def test_repeat_while_first_in_flight_is_503_backpressure(sockudo_server):
-    sockudo_server.add_latency(1.0, stage="claimed", count=1)
+    # The first request holds its key for 3 s; the second is sent once the key is held (not
+    # after a fixed pause: a busy machine may not have sent the first one yet), and is answered
+    # after the server's 0.3 s of waiting for it.
+    sockudo_server.add_latency(3.0, stage="claimed", count=1)
     results: list[httpx.Response] = []
     first = threading.Thread(
         target=lambda: results.append(post(sockudo_server, EVENTS, event(idempotency_key="k")))
     )
     first.start()
-    time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while sockudo_server.idempotency_state("k") != "processing":
+        assert time.monotonic() < deadline, "the first request never reached the server"
+        time.sleep(0.01)
     second = post(sockudo_server, EVENTS, event(idempotency_key="k"))
     first.join()
     assert_error(second, 503, "backpressure")

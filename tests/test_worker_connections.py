@@ -31,6 +31,9 @@ from outbox.worker import Worker
 from tests.plugins.databases import POSTGRES_URL, make_migrated_database
 from tests.test_worker import fast_settings, table_rows
 
+#: Runs in the full tier (see tests/plugins/tiers.py).
+pytestmark = pytest.mark.postgres
+
 
 def schema_of(url: str) -> str:
     """The schema a test database URL selects (``?options=-csearch_path=...``)."""

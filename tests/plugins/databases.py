@@ -23,6 +23,7 @@ from sqlalchemy.engine import make_url
 
 from outbox import migrate
 from outbox.database import create_engine
+from tests.plugins.tiers import BACKEND_MARKERS
 
 POSTGRES_URL = os.environ.get(
     "OUTBOX_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
@@ -72,6 +73,14 @@ def make_database(backend: str, tmp_path: Path, request: pytest.FixtureRequest) 
     """A fresh, empty database URL for ``backend``, dropped at the end of the test."""
     if backend == "sqlite":
         return f"sqlite:///{tmp_path / 'outbox.db'}"
+    marker = BACKEND_MARKERS[backend]
+    if request.node.get_closest_marker(marker) is None:
+        # The tiers (tests/plugins/tiers.py) go by markers: an unmarked test reaching a server
+        # would run in plain `pytest`, where no server is promised.
+        pytest.fail(
+            f"{request.node.nodeid} reaches {backend} without the {marker!r} marker: mark it "
+            "(or take the database through the backend parameter or a database fixture)"
+        )
     if backend == "mariadb":
         return _make_mariadb_database(request)
     admin = request.getfixturevalue("postgres_admin")
