@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -28,11 +29,18 @@ from typing import Any
 import sqlalchemy as sa
 
 from . import admin, logs, migrate, status_view
-from .database import DatabaseURLError, UnfollowableEngine, create_engine, display_url
+from .database import (
+    DEFAULT_DATABASE_URL,
+    DatabaseURLError,
+    UnfollowableEngine,
+    create_engine,
+    display_url,
+)
 from .enqueue import enqueue
 from .progress import Progress
-from .schema import Status, outbox_table
+from .schema import DEFAULT_TABLE_NAME, Status, outbox_table
 from .settings import ENVIRONMENT, LOG_FORMATS, SPECS, Settings, SettingsError, SettingSpec
+from .sockudo.config import mask_url
 from .sockudo.crypto import is_encrypted_channel
 from .sockudo.errors import InvalidEvent
 
@@ -108,16 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="outbox", description="Transactional outbox publisher for Sockudo."
     )
-    parser.add_argument("--log-level", default=os.environ.get("OUTBOX_LOG_LEVEL", "INFO"))
-    parser.add_argument(
-        "--log-format",
-        default=os.environ.get("OUTBOX_LOG_FORMAT") or "text",
-        help="text (default) or json: one object per line (env OUTBOX_LOG_FORMAT)",
-    )
-    parser.add_argument(
-        "--database-url",
-        help="database URL (env OUTBOX_DATABASE_URL, default sqlite:///outbox.db)",
-    )
+    _add_global_options(parser, defaults=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser("migrate", help="create or upgrade the outbox schema")
@@ -127,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser(
         "worker",
         help="run the worker (publishes pending events)",
-        description="Every setting comes from its environment variable; a flag overrides it.",
+        description="Every setting comes from its environment variable; a flag overrides it. "
+        "Each shows its default: the value taken when neither is given.",
     )
     p.add_argument(
         "--once",
@@ -140,14 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=os.environ.get("OUTBOX_STATS_FILE"),
         help="keep this worker's counts there as JSON, updated every second and at exit "
-        "(env OUTBOX_STATS_FILE)",
+        "(env OUTBOX_STATS_FILE, default none)",
     )
     for spec in WORKER_FLAGS:
         p.add_argument(
             spec.flag,
             dest=spec.name,
             type=_flag_parser(spec),
-            help=f"{spec.help} (env {spec.variable})",
+            metavar=spec.flag.removeprefix("--").upper().replace("-", "_"),
+            help=f"{spec.help} (env {spec.variable}, default {_setting_default(spec)})",
         )
     p.set_defaults(handler=cmd_worker)
 
@@ -280,7 +281,46 @@ def build_parser() -> argparse.ArgumentParser:
         "--dir", type=Path, help="keep the database in this folder (default: a temporary one)"
     )
     p.set_defaults(handler=cmd_demo)
+    for command in commands.choices.values():
+        # After the command too (`outbox web --database-url X`), as the README writes them.
+        _add_global_options(command, defaults=False)
     return parser
+
+
+def _add_global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """The options every command takes, before or after its name.
+
+    Only the top-level parser has defaults: a command's copies default to nothing at all
+    (``SUPPRESS``), so ``outbox --database-url X status`` keeps X, and a copy given after the
+    command wins (``outbox --table a status --table b`` reads table b).
+    """
+
+    def default(value: object) -> object:
+        return value if defaults else argparse.SUPPRESS
+
+    options = parser.add_argument_group(
+        "global options", "given before or after the command's name"
+    )
+    options.add_argument(
+        "--database-url",
+        default=default(None),
+        help=f"database URL (env OUTBOX_DATABASE_URL, default {DEFAULT_DATABASE_URL})",
+    )
+    options.add_argument(
+        "--table",
+        default=default(None),
+        help=f"outbox table name (env OUTBOX_TABLE, default {DEFAULT_TABLE_NAME})",
+    )
+    options.add_argument(
+        "--log-level",
+        default=default(os.environ.get("OUTBOX_LOG_LEVEL") or "INFO"),
+        help="DEBUG, INFO, WARNING or ERROR (env OUTBOX_LOG_LEVEL, default INFO)",
+    )
+    options.add_argument(
+        "--log-format",
+        default=default(os.environ.get("OUTBOX_LOG_FORMAT") or "text"),
+        help="text, or json: one object per line (env OUTBOX_LOG_FORMAT, default text)",
+    )
 
 
 # -- commands -------------------------------------------------------------------------------
@@ -553,11 +593,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 MASTER_KEY_VARIABLE = ENVIRONMENT["encryption_master_key_base64"][0]
-#: Settings ``outbox worker`` takes as flags: all but the database and the log format (global
-#: flags) and secrets
-#: (a flag shows in the process list).
+#: Settings ``outbox worker`` takes as flags: all but the global ones (the database, the table
+#: and the log format) and secrets (a flag shows in the process list).
 WORKER_FLAGS = tuple(
-    s for s in SPECS if s.name not in ("database_url", "log_format") and not s.secret
+    s for s in SPECS if s.name not in ("database_url", "table_name", "log_format") and not s.secret
 )
 #: Seconds between two writes of ``--stats-file``.
 STATS_INTERVAL = 1.0
@@ -574,15 +613,14 @@ def _outbox(
     **overrides: object,
 ) -> Iterator[tuple[Settings, sa.Engine, sa.Table]]:
     """The settings, an engine (disposed after) and the table of one command."""
+    overrides |= {"database_url": args.database_url, "table_name": args.table}
     if worker:
-        settings = Settings.from_env(
-            database_url=args.database_url, log_format=args.log_format, **overrides
-        )
+        settings = Settings.from_env(log_format=args.log_format, **overrides)
     else:
         # Commands that never publish only need the database: a malformed SOCKUDO_URL or worker
         # tuning variable must not stop an operator from looking at (or fixing) the outbox.
         environ = {k: v for k, v in os.environ.items() if k in _DATABASE_VARIABLES}
-        settings = Settings.from_env(environ, database_url=args.database_url, **overrides)
+        settings = Settings.from_env(environ, **overrides)
     engine = create_engine(settings.database_url)
     try:
         if require_schema:
@@ -652,6 +690,28 @@ def _nothing_to_replay(published: bool, elsewhere: dict[str, int]) -> str:
 
 #: Rows shown by a replay (and its dry run) before "... and N more".
 _SAMPLE = 10
+
+
+#: How ``outbox worker --help`` says a default that is not a plain value.
+_DEFAULTS_IN_WORDS = {
+    "batch_size": "the server's batch limit",
+    "metrics_port": "off",
+}
+
+
+def _setting_default(spec: SettingSpec) -> str:
+    """A setting's default as ``outbox worker --help`` shows it: the value ``Settings`` takes
+    when neither the variable nor the flag is given (a URL with its secret masked)."""
+    if spec.name in _DEFAULTS_IN_WORDS:
+        return _DEFAULTS_IN_WORDS[spec.name]
+    value = next(f.default for f in dataclasses.fields(Settings) if f.name == spec.name)
+    if value is None:
+        return "unset"
+    if isinstance(value, str) and "://" in value:
+        return mask_url(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def _flag_parser(spec: SettingSpec) -> Callable[[str], object]:

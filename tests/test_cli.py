@@ -958,3 +958,80 @@ def test_progress_rewrites_its_line_on_a_terminal_and_thins_out_elsewhere():
     assert screen.getvalue() == (
         "\rreplayed 1 of 2 (50%)\rreplayed 2 of 2 (100%)\rreplayed 2 of 2 (100%)\n"
     )
+
+
+# -- options before or after the command, help, ages (#21) ----------------------------------
+
+
+def test_global_options_are_taken_before_or_after_the_command(
+    database_url, engine, capsys, monkeypatch, tmp_path
+):
+    """`outbox web --database-url X` (as the README writes it) as well as `outbox
+    --database-url X web`; a value given before the command is not undone by the command's
+    own copy of the option, and one given after it wins."""
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the default database, were it used by mistake, lands here
+    code, out, err = cli(capsys, "enqueue", "--database-url", database_url, "orders", "e", "1")
+    assert code == 0, err
+    code, out, err = cli(capsys, "--database-url", database_url, "enqueue", "orders", "e", "2")
+    assert code == 0, err
+    code, out, err = cli(
+        capsys, "--database-url", "mssql://nowhere/x", "status", "--json", "--database-url",
+        database_url,
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["counts"]["pending"] == 2
+    assert [r.data for r in rows(engine).values()] == ["1", "2"]
+    assert not (elsewhere / "outbox.db").exists()
+    # The table and the log options too.
+    for args in (
+        ["--table", "x" * 41, "status", "--database-url", database_url],
+        ["status", "--database-url", database_url, "--table", "x" * 41],
+    ):
+        code, out, err = cli(capsys, *args)
+        assert code == 2 and "OUTBOX_TABLE must be 1 to 40 characters" in err, args
+    code, out, err = cli(capsys, "status", "--log-format", "xml")
+    assert code == 2 and "OUTBOX_LOG_FORMAT must be one of text, json, got 'xml'" in err
+    # The dashboard's options and the global ones, in any order (refused only for its address).
+    code, out, err = cli(capsys, "web", "--database-url", database_url, "--host", "0.0.0.0")
+    assert code == 2 and err.startswith("outbox: error: refusing to serve the dashboard on 0.0.0.0")
+
+
+def test_the_worker_takes_global_options_after_its_name(env, engine, sockudo_server):
+    done = run(env, "enqueue", "orders", "created", "{}")
+    assert done.returncode == 0, done.stderr
+    url = env.pop("OUTBOX_DATABASE_URL")
+    done = run(
+        env, "worker", "--once", "--database-url", url, "--sockudo-url", sockudo_server.url,
+        "--log-level", "warning",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "batch of" not in done.stderr  # --log-level reached the logging set-up
+    assert {r.status for r in rows(engine).values()} == {"published"}
+
+
+def test_worker_help_shows_every_settings_default(capsys, monkeypatch):
+    from outbox.cli import WORKER_FLAGS
+
+    monkeypatch.setenv("COLUMNS", "400")  # no line wrapped (argparse breaks at hyphens)
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["worker", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for spec in WORKER_FLAGS:
+        assert re.search(rf"{spec.flag} \S+ .*?\(env {spec.variable}, default [^)]", text), spec
+    for shown in (
+        "(env OUTBOX_IN_FLIGHT, default 4)",
+        "(env OUTBOX_LEASE_SECONDS, default 60)",
+        "(env OUTBOX_BATCH_SIZE, default the server's batch limit)",
+        "(env OUTBOX_METRICS_PORT, default off)",
+        "(env OUTBOX_DEAD_HEAD, default park)",
+        "(env OUTBOX_DATABASE_URL, default sqlite:///outbox.db)",
+        "(env OUTBOX_TABLE, default outbox_events)",
+        # The default URL's secret is the compose stack's; masked all the same.
+        "(env SOCKUDO_URL, default http://app-key:***@127.0.0.1:6001/apps/app-id)",
+    ):
+        assert shown in text, shown
+    assert "app-secret" not in text
