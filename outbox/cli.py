@@ -260,10 +260,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("bench", help="the benchmark harness (see `outbox bench --help`)")
 
-    p = commands.add_parser("enqueue", help="write one event (operators, smoke tests)")
+    p = commands.add_parser(
+        "enqueue",
+        help="write one event (operators, smoke tests)",
+        description="Write one event, committed at once. DATA must be JSON text (sent exactly "
+        "as typed); --raw sends any text as a plain string instead.",
+    )
     p.add_argument("channel")
     p.add_argument("event")
-    p.add_argument("data", help="sent as is (use JSON text for structured data)")
+    p.add_argument("data", help="JSON text, sent exactly as typed (any text with --raw)")
+    p.add_argument(
+        "--raw", action="store_true", help="send DATA as a plain string, without the JSON check"
+    )
     p.add_argument("--idempotency-key")
     p.add_argument("--socket-id")
     p.set_defaults(handler=cmd_enqueue)
@@ -557,6 +565,16 @@ def cmd_web(args: argparse.Namespace) -> int:
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
+    if not args.raw:
+        # A typo in JSON would otherwise be stored, and delivered, as a string that no
+        # subscriber expecting JSON can read.
+        problem = _json_problem(args.data)
+        if problem is not None:
+            raise CommandError(
+                f"DATA is not valid JSON ({problem}): fix it, or pass --raw to send it as a "
+                "plain string",
+                EXIT_USAGE,
+            )
     if is_encrypted_channel(args.channel) and not os.environ.get(MASTER_KEY_VARIABLE):
         # This shell is where a worker would read its settings: without the key there, no
         # worker started from it could ever send the event.
@@ -686,6 +704,21 @@ def _nothing_to_replay(published: bool, elsewhere: dict[str, int]) -> str:
     if Status.DEAD.value in elsewhere:
         message += "; without --published, dead events are replayed"
     return message
+
+
+def _json_problem(text: str) -> str | None:
+    """What makes ``text`` not JSON (RFC 8259: no NaN or Infinity), or None when it is."""
+
+    def refuse_constant(name: str) -> object:
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        json.loads(text, parse_constant=refuse_constant)
+    except json.JSONDecodeError as exc:
+        return f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 #: Rows shown by a replay (and its dry run) before "... and N more".

@@ -107,18 +107,18 @@ def test_enqueue_prints_the_event_id_and_writes_the_row(env, engine, capsys):
     )
     assert row.idempotency_key == derive_channel_key(str(event_id), "orders")
 
-    code, out, err = cli(capsys, "enqueue", "orders", "created", "x", "--idempotency-key", "k-1")
+    code, out, err = cli(capsys, "enqueue", "orders", "created", '"x"', "--idempotency-key", "k-1")
     assert code == 0, err
     assert rows(engine)[2].idempotency_key == derive_channel_key("k-1", "orders")
     # the same key again: refused as bad input, in one line
-    code, out, err = cli(capsys, "enqueue", "orders", "created", "x", "--idempotency-key", "k-1")
+    code, out, err = cli(capsys, "enqueue", "orders", "created", '"x"', "--idempotency-key", "k-1")
     assert code == 2
     assert out == "" and err.startswith("outbox: error: not enqueued:") and err.count("\n") == 1
     assert len(rows(engine)) == 2
 
 
 def test_enqueue_bad_channel_is_exit_2_with_one_line(env, engine, capsys):
-    code, out, err = cli(capsys, "enqueue", "bad channel", "created", "x")
+    code, out, err = cli(capsys, "enqueue", "bad channel", "created", "{}")
     assert code == 2
     assert out == ""
     assert err.startswith("outbox: error: invalid channel name 'bad channel'")
@@ -127,10 +127,10 @@ def test_enqueue_bad_channel_is_exit_2_with_one_line(env, engine, capsys):
 
 
 def test_enqueue_subprocess_exit_codes(env, engine, backend):
-    ok = run(env, "enqueue", "orders", "created", "hello")
+    ok = run(env, "enqueue", "orders", "created", '"hello"')
     assert ok.returncode == 0, ok.stderr
     assert rows(engine)[1].event_id == uuid.UUID(ok.stdout.strip())
-    bad = run(env, "enqueue", "bad channel", "created", "hello")
+    bad = run(env, "enqueue", "bad channel", "created", "{}")
     assert bad.returncode == 2
     assert bad.stdout == ""
     assert bad.stderr.startswith("outbox: error: invalid channel name")
@@ -314,7 +314,7 @@ def test_status_check_subprocess(env, engine, backend):
     "args",
     [
         ["status"],
-        ["enqueue", "orders", "created", "x"],
+        ["enqueue", "orders", "created", "{}"],
         ["replay", "--all"],
         ["replay", "--dry-run"],
         # (the worker migrates SQLite itself: tests/test_embedded_schema.py)
@@ -707,7 +707,7 @@ def test_bare_postgresql_urls_work(postgres_url, capsys):
     """`postgresql://` and `postgres://` (no driver) are given psycopg."""
     assert postgres_url.startswith("postgresql://")
     env = {**os.environ, "OUTBOX_DATABASE_URL": postgres_url}
-    done = run(env, "enqueue", "orders", "created", "bare")
+    done = run(env, "enqueue", "orders", "created", '"bare"')
     assert done.returncode == 0, done.stderr
     heroku_style = "postgres://" + postgres_url.removeprefix("postgresql://")
     code, out, err = cli(capsys, "--database-url", heroku_style, "status", "--json")
@@ -719,10 +719,10 @@ def test_bare_mysql_and_mariadb_urls_work(mariadb_url, capsys):
     """`mysql://` and `mariadb://` (no driver) are given PyMySQL; both reach the same table."""
     assert mariadb_url.startswith("mariadb://")
     env = {**os.environ, "OUTBOX_DATABASE_URL": mariadb_url}
-    done = run(env, "enqueue", "orders", "created", "bare")
+    done = run(env, "enqueue", "orders", "created", '"bare"')
     assert done.returncode == 0, done.stderr
     mysql_style = "mysql://" + mariadb_url.removeprefix("mariadb://")
-    code, out, err = cli(capsys, "--database-url", mysql_style, "enqueue", "orders", "again", "x")
+    code, out, err = cli(capsys, "--database-url", mysql_style, "enqueue", "orders", "again", '"x"')
     assert code == 0, err
     code, out, err = cli(capsys, "--database-url", mysql_style, "status", "--json")
     assert code == 0, err
@@ -781,7 +781,7 @@ def test_commands_that_never_publish_ignore_a_bad_sockudo_url(env, engine, capsy
     monkeypatch.setenv("SOCKUDO_URL", "http://app-key:secret@127.0.0.1:6001/nope")
     monkeypatch.setenv("OUTBOX_BATCH_SIZE", "lots")
     assert cli(capsys, "migrate")[0] == 0
-    assert cli(capsys, "enqueue", "orders", "created", "x")[0] == 0
+    assert cli(capsys, "enqueue", "orders", "created", "{}")[0] == 0
     assert cli(capsys, "status")[0] == 0
     code, _, err = cli(capsys, "replay", "--all")
     assert code == 6 and "nothing to replay" in err  # it read the outbox: nothing is dead
@@ -1035,3 +1035,26 @@ def test_worker_help_shows_every_settings_default(capsys, monkeypatch):
     ):
         assert shown in text, shown
     assert "app-secret" not in text
+
+
+def test_enqueue_refuses_data_that_is_not_json_unless_raw(env, engine, capsys):
+    for data, problem in (
+        ("hello", "Expecting value at line 1 column 1"),
+        ('{"id": 1', "Expecting ',' delimiter at line 1 column 9"),
+        ("{'id': 1}", "Expecting property name enclosed in double quotes"),
+        ('{"n": NaN}', "NaN is not JSON"),
+    ):
+        code, out, err = cli(capsys, "enqueue", "orders", "created", data)
+        assert (code, out) == (2, ""), data
+        assert err.startswith(f"outbox: error: DATA is not valid JSON ({problem}"), err
+        assert err.endswith("pass --raw to send it as a plain string\n") and err.count("\n") == 1
+    assert rows(engine) == {}
+    for data in ('{"id": 1}', "[1, 2]", '"text"', "42", "null"):
+        code, out, err = cli(capsys, "enqueue", "orders", "created", data)
+        assert code == 0, err
+    code, out, err = cli(capsys, "enqueue", "orders", "created", "hello", "--raw")
+    assert code == 0, err
+    # Stored exactly as typed, JSON or not: the worker sends the text it was given.
+    assert [r.data for r in rows(engine).values()] == [
+        '{"id": 1}', "[1, 2]", '"text"', "42", "null", "hello"
+    ]  # fmt: skip
