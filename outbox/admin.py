@@ -695,6 +695,12 @@ def _waits_for_target(hot: sa.Table) -> sa.ColumnElement[bool]:
     )
 
 
+def database_now(conn: sa.Connection) -> dt.datetime:
+    """The database's clock, in UTC: what leases and parking times were set by, so ages shown
+    against it do not depend on this host's clock."""
+    return conn.execute(sa.select(utc_now())).scalar_one()
+
+
 # -- leases -------------------------------------------------------------------------------------
 
 

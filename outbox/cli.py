@@ -220,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="put every leased row back, live leases too (only when no worker is running)",
     )
     p.add_argument("--limit", type=_positive_int, default=20, help="leases to list (default 20)")
+    p.add_argument("--json", action="store_true", help="machine-readable output (ISO times)")
     p.set_defaults(handler=cmd_leases)
 
     p = commands.add_parser(
@@ -501,12 +502,24 @@ def cmd_leases(args: argparse.Namespace) -> int:
             return EXIT_OK
         with engine.connect() as conn:
             total, expired, listed = admin.leases(conn, table, limit=args.limit)
+            now = admin.database_now(conn)
+    if args.json:
+        leases = [
+            {**dataclasses.asdict(lease), "lease_expires_at": lease.lease_expires_at.isoformat()}
+            for lease in listed
+        ]
+        print(json.dumps({"leased": total, "expired": expired, "leases": leases}, indent=2))
+        return EXIT_OK
     print(f"{total} leased row(s), {expired} expired")
     for lease in listed:
-        state = "EXPIRED" if lease.expired else "live"
+        # Against the database's clock, which set the lease: this host's may differ.
+        left = (lease.lease_expires_at - now).total_seconds()
+        when = (
+            f"EXPIRED {_duration(-left)} ago" if lease.expired else f"expires in {_duration(left)}"
+        )
         print(
             f"  row {lease.id} {lease.channel} {lease.event} (attempts {lease.attempts}) "
-            f"lease until {lease.lease_expires_at.isoformat()} {state}"
+            f"lease {when}"
         )
     if total > len(listed):
         print(f"  ... and {total - len(listed)} more")
@@ -524,6 +537,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
             return EXIT_OK
         with engine.connect() as conn:
             total, listed = admin.parked_keys(conn, table, limit=args.limit)
+            now = admin.database_now(conn)
     if args.json:
         keys = [k.as_dict() for k in listed]
         print(json.dumps({"parked": total, "keys": keys}, indent=2))
@@ -533,7 +547,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
         reason = " ".join(x for x in (key.last_error_code, key.last_error_message) if x)
         print(
             f"  {key.ordering_key!r}: {key.waiting} waiting behind dead row {key.head_id} "
-            f"({key.channel} {key.event}) since {key.parked_at.isoformat()}: {reason}"
+            f"({key.channel} {key.event}), parked {_duration((now - key.parked_at).total_seconds())}"
+            f" ago: {reason}"
         )
     if total > len(listed):
         print(f"  ... and {total - len(listed)} more")
@@ -704,6 +719,22 @@ def _nothing_to_replay(published: bool, elsewhere: dict[str, int]) -> str:
     if Status.DEAD.value in elsewhere:
         message += "; without --published, dead events are replayed"
     return message
+
+
+def _duration(seconds: float) -> str:
+    """A time span as people read it: ``0 s``, ``42 s``, ``3 min 5 s``, ``2 h 14 min``,
+    ``3 d 4 h`` (two units at most; a negative span, from clocks that differ, reads as 0 s)."""
+    whole = max(0, int(seconds))
+    if whole < 60:
+        return f"{whole} s"
+    minutes, secs = divmod(whole, 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {minutes} min"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h"
 
 
 def _json_problem(text: str) -> str | None:

@@ -1058,3 +1058,28 @@ def test_enqueue_refuses_data_that_is_not_json_unless_raw(env, engine, capsys):
     assert [r.data for r in rows(engine).values()] == [
         '{"id": 1}', "[1, 2]", '"text"', "42", "null", "hello"
     ]  # fmt: skip
+
+
+def test_outbox_leases_shows_how_long_each_lease_has_left(env, engine, capsys):
+    now = dt.datetime.now(dt.UTC)  # the database's clock is this machine's
+    live = add(engine, status="in_flight", attempts=1, lease_expires_at=now + dt.timedelta(hours=1))
+    stale = add(
+        engine, status="in_flight", attempts=2, lease_expires_at=now - dt.timedelta(minutes=2)
+    )
+    code, out, err = cli(capsys, "leases")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "2 leased row(s), 1 expired"
+    assert re.fullmatch(
+        rf"  row {stale} orders created \(attempts 2\) lease EXPIRED 2 min \d+ s ago", lines[1]
+    ), lines[1]
+    assert re.fullmatch(
+        rf"  row {live} orders created \(attempts 1\) lease expires in (59 min \d+ s|1 h 0 min)",
+        lines[2],
+    ), lines[2]
+    assert not re.search(r"\d\d:\d\d:\d\d", out), out  # no clock time at all
+    report = json.loads(cli(capsys, "leases", "--json")[1])
+    assert (report["leased"], report["expired"]) == (2, 1)
+    assert [(r["id"], r["expired"]) for r in report["leases"]] == [(stale, True), (live, False)]
+    shown = dt.datetime.fromisoformat(report["leases"][1]["lease_expires_at"])
+    assert abs(shown - (now + dt.timedelta(hours=1))) < dt.timedelta(milliseconds=1)
