@@ -1083,3 +1083,23 @@ def test_outbox_leases_shows_how_long_each_lease_has_left(env, engine, capsys):
     assert [(r["id"], r["expired"]) for r in report["leases"]] == [(stale, True), (live, False)]
     shown = dt.datetime.fromisoformat(report["leases"][1]["lease_expires_at"])
     assert abs(shown - (now + dt.timedelta(hours=1))) < dt.timedelta(milliseconds=1)
+
+
+def test_a_mysql_url_without_its_driver_says_which_extra_to_install(capsys, monkeypatch):
+    # As if the mysql extra were not installed: an import of PyMySQL fails.
+    monkeypatch.setitem(sys.modules, "pymysql", None)
+    for url in ("mysql://ops:hunter2@db.internal/app", "mariadb://ops:hunter2@db.internal/app"):
+        message = (
+            f"{url.replace('hunter2', '***')} needs the pymysql driver (the mysql extra), "
+            'which is not installed: pip install "sockudo-outbox[mysql]"'
+        )
+        for command in (["status"], ["enqueue", "orders", "e", "{}"], ["migrate"], ["web"]):
+            code, out, err = cli(capsys, "--database-url", url, *command)
+            assert (code, out) == (2, ""), command
+            assert err == f"outbox: error: {message}\n", command
+        # An application's own code gets the same sentence, as an error it can catch.
+        from outbox.database import DatabaseURLError, DriverMissing
+
+        with pytest.raises(DriverMissing) as raised:
+            create_engine(url)
+        assert isinstance(raised.value, DatabaseURLError) and str(raised.value) == message
