@@ -1103,3 +1103,25 @@ def test_a_mysql_url_without_its_driver_says_which_extra_to_install(capsys, monk
         with pytest.raises(DriverMissing) as raised:
             create_engine(url)
         assert isinstance(raised.value, DatabaseURLError) and str(raised.value) == message
+
+
+@pytest.mark.parametrize(
+    ("url", "missing"),
+    [
+        ("http://app-key@127.0.0.1:6001/apps/app-id", "has no secret"),
+        ("http://app-key:@127.0.0.1:6001/apps/app-id", "has no secret"),
+        ("http://:{secret}@127.0.0.1:6001/apps/app-id", "has no key"),
+        ("http://127.0.0.1:6001/apps/app-id", "has no key and secret"),
+        ("http://app-key:{secret}@127.0.0.1:6001/apps/", "has no app id"),
+        ("http://app-key:{secret}@127.0.0.1:6001/app-id", "has no /apps/APP_ID path"),
+        ("ws://app-key:{secret}@127.0.0.1:6001/apps/app-id", "does not start with http://"),
+    ],
+)
+def test_a_sockudo_url_missing_a_part_says_which_without_the_secret(capsys, url, missing):
+    secret = "s3cr3t-do-not-print"
+    url = url.format(secret=secret)
+    code, out, err = cli(capsys, "worker", "--once", "--sockudo-url", url)
+    assert (code, out) == (2, "")
+    assert err.startswith(f"outbox: error: SOCKUDO_URL: Sockudo URL {missing}"), err
+    assert "http(s)://KEY:SECRET@HOST[:PORT]/apps/APP_ID" in err and err.count("\n") == 1
+    assert secret not in err
