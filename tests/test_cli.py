@@ -1060,31 +1060,6 @@ def test_enqueue_refuses_data_that_is_not_json_unless_raw(env, engine, capsys):
     ]  # fmt: skip
 
 
-def test_outbox_leases_shows_how_long_each_lease_has_left(env, engine, capsys):
-    now = dt.datetime.now(dt.UTC)  # the database's clock is this machine's
-    live = add(engine, status="in_flight", attempts=1, lease_expires_at=now + dt.timedelta(hours=1))
-    stale = add(
-        engine, status="in_flight", attempts=2, lease_expires_at=now - dt.timedelta(minutes=2)
-    )
-    code, out, err = cli(capsys, "leases")
-    assert code == 0, err
-    lines = out.splitlines()
-    assert lines[0] == "2 leased row(s), 1 expired"
-    assert re.fullmatch(
-        rf"  row {stale} orders created \(attempts 2\) lease EXPIRED 2 min \d+ s ago", lines[1]
-    ), lines[1]
-    assert re.fullmatch(
-        rf"  row {live} orders created \(attempts 1\) lease expires in (59 min \d+ s|1 h 0 min)",
-        lines[2],
-    ), lines[2]
-    assert not re.search(r"\d\d:\d\d:\d\d", out), out  # no clock time at all
-    report = json.loads(cli(capsys, "leases", "--json")[1])
-    assert (report["leased"], report["expired"]) == (2, 1)
-    assert [(r["id"], r["expired"]) for r in report["leases"]] == [(stale, True), (live, False)]
-    shown = dt.datetime.fromisoformat(report["leases"][1]["lease_expires_at"])
-    assert abs(shown - (now + dt.timedelta(hours=1))) < dt.timedelta(milliseconds=1)
-
-
 def test_a_mysql_url_without_its_driver_says_which_extra_to_install(capsys, monkeypatch):
     # As if the mysql extra were not installed: an import of PyMySQL fails.
     monkeypatch.setitem(sys.modules, "pymysql", None)
@@ -1125,3 +1100,45 @@ def test_a_sockudo_url_missing_a_part_says_which_without_the_secret(capsys, url,
     assert err.startswith(f"outbox: error: SOCKUDO_URL: Sockudo URL {missing}"), err
     assert "http(s)://KEY:SECRET@HOST[:PORT]/apps/APP_ID" in err and err.count("\n") == 1
     assert secret not in err
+
+
+def test_outbox_leases_shows_how_long_each_lease_has_left(env, engine, capsys):
+    now = dt.datetime.now(dt.UTC)  # the database's clock is this machine's
+    live = add(engine, status="in_flight", attempts=1, lease_expires_at=now + dt.timedelta(hours=1))
+    stale = add(
+        engine, status="in_flight", attempts=2, lease_expires_at=now - dt.timedelta(minutes=2)
+    )
+    code, out, err = cli(capsys, "leases")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "2 leased row(s), 1 expired"
+    assert re.fullmatch(
+        rf"  row {stale} orders created \(attempts 2\) lease EXPIRED 2 min \d+ s ago", lines[1]
+    ), lines[1]
+    assert re.fullmatch(
+        rf"  row {live} orders created \(attempts 1\) lease expires in (59 min \d+ s|1 h 0 min)",
+        lines[2],
+    ), lines[2]
+    assert not re.search(r"\d\d:\d\d:\d\d", out), out  # no clock time at all
+    report = json.loads(cli(capsys, "leases", "--json")[1])
+    assert (report["leased"], report["expired"]) == (2, 1)
+    assert [(r["id"], r["expired"]) for r in report["leases"]] == [(stale, True), (live, False)]
+    shown = dt.datetime.fromisoformat(report["leases"][1]["lease_expires_at"])
+    assert abs(shown - (now + dt.timedelta(hours=1))) < dt.timedelta(milliseconds=1)
+
+
+def test_the_workers_batch_line_counts_rows_and_requests_apart(env, engine):
+    """A batch of four with one event the server refuses: the batch request is refused whole,
+    its four rows are sent again alone. The line says so without contradicting itself."""
+    with TestServer(max_payload_kb=1) as server:
+        env = {**env, "SOCKUDO_URL": server.url}
+        for data in ('{"n": 1}', '{"n": 2}', json.dumps({"blob": "x" * 2000}), '{"n": 3}'):
+            assert run(env, "enqueue", "orders", "created", data).returncode == 0
+        done = run(env, "worker", "--once")
+    assert done.returncode == 0, done.stderr
+    [line] = [line for line in done.stderr.splitlines() if "batch of" in line]
+    assert re.search(
+        r"batch of 4: 3 published, 0 to retry, 1 dead, 0 given back; "
+        r"1 batch request \(4 rows\), 4 requests alone; in [\d.]+ ms$",
+        line,
+    ), line
