@@ -1,10 +1,10 @@
-"""The ``outbox`` command: migrate, worker, status, replay, enqueue.
+"""The ``outbox`` command: migrate, worker, status, replay, delete-dead, leases, keys, web, enqueue.
 
 Exit codes: 0 success; 1 the operation failed (database unreachable, ...); 2 bad usage, settings or
 input; 3 ``status --check`` found dead events; 4 ``status --check --max-age`` found an unsent event
 older than that; 5 ``worker --once`` ended with the endpoint failing (down, or refusing the
-credentials) and what was due unpublished; 6 ``replay`` matched no event. Errors are one line on
-stderr, never a traceback, and never show a secret.
+credentials) and what was due unpublished; 6 ``replay`` or ``delete-dead`` matched no event.
+Errors are one line on stderr, never a traceback, and never show a secret.
 """
 
 from __future__ import annotations
@@ -62,6 +62,20 @@ against an earlier delivery that may have happened.
 Events are named by row id, event id or idempotency key. A replay (or a dry run) that matches
 no event exits {EXIT_NO_MATCH} and says where the events named are, if they exist but are not
 dead (or, with --published, not published).
+"""
+
+
+DELETE_DEAD_HELP = f"""\
+Delete dead events for good: they can no longer be replayed. Show what would be deleted with
+--dry-run first. The filters are replay's; without one, delete-dead refuses to run unless you
+say --all.
+
+A deleted event that is the dead head a parked ordering key waits behind lets its key go on
+without it (as outbox keys --skip does): the key's later events are sent.
+
+Events are named by row id, event id or idempotency key. A deletion (or a dry run) that
+matches no dead event exits {EXIT_NO_MATCH} and says where the events named are, if they exist but
+are not dead.
 """
 
 
@@ -202,6 +216,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="show the count and a sample only")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_replay)
+
+    p = commands.add_parser(
+        "delete-dead",
+        help="delete dead events for good (after a dry run)",
+        description=DELETE_DEAD_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "ids",
+        nargs="*",
+        help="row ids, event ids or idempotency keys (as the worker's log shows them)",
+    )
+    p.add_argument("--channel")
+    p.add_argument("--event", help="event name")
+    p.add_argument(
+        "--error-code", type=_error_code, help="last error code or HTTP status, e.g. 413"
+    )
+    p.add_argument("--since", type=_timestamp, help="created at or after (ISO 8601)")
+    p.add_argument("--until", type=_timestamp, help="created before (ISO 8601)")
+    p.add_argument("--limit", type=_positive_int, help="delete at most this many (oldest first)")
+    p.add_argument("--all", action="store_true", help="allow a deletion without any filter")
+    p.add_argument("--dry-run", action="store_true", help="show the count and a sample only")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_delete_dead)
 
     p = commands.add_parser(
         "leases",
@@ -490,6 +528,110 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 progress.done()
     _print_replay(matched, sample, args.json, dry_run=args.dry_run, replayed=replayed, key=key)
     return EXIT_OK
+
+
+def cmd_delete_dead(args: argparse.Namespace) -> int:
+    row_ids, event_ids, keys = _split_ids(args.ids)
+    selection = admin.ReplayFilter(
+        statuses=(Status.DEAD.value,),
+        ids=row_ids,
+        event_ids=event_ids,
+        keys=keys,
+        channel=args.channel,
+        event=args.event,
+        error_code=args.error_code,
+        since=args.since,
+        until=args.until,
+        limit=args.limit,
+    )
+    filtered = any(
+        (args.ids, args.channel, args.event, args.error_code, args.since, args.until, args.limit)
+    )
+    if not filtered and not args.all and not args.dry_run:
+        raise CommandError(
+            "refusing to delete every dead event without a filter: add ids or --channel/"
+            "--event/--error-code/--since/--until/--limit, or --all (try --dry-run first)",
+            EXIT_USAGE,
+        )
+    with _outbox(args) as (_settings, engine, table):
+        with engine.connect() as conn:
+            matched = admin.count_for_replay(conn, table, selection)
+            sample = admin.select_for_replay(conn, table, selection, limit=_SAMPLE)
+            heads = admin.parked_heads_among(conn, table, selection) if matched else 0
+            elsewhere = {} if matched else admin.count_elsewhere(conn, table, selection)
+        if not matched:
+            if args.json:
+                _print_deletion(0, [], 0, as_json=True, dry_run=args.dry_run)
+            raise CommandError(_nothing_to_delete(elsewhere), EXIT_NO_MATCH)
+        deleted = 0
+        if not args.dry_run:
+            # As replay: a page per transaction, flat memory, progress past one page.
+            progress = Progress("deleted", matched) if matched > admin.REPLAY_PAGE else None
+            for page in admin.delete_dead_in_pages(engine, table, selection):
+                deleted += page
+                if progress is not None:
+                    progress.update(deleted)
+            if progress is not None:
+                progress.done()
+    _print_deletion(
+        matched, sample, heads, as_json=args.json, dry_run=args.dry_run, deleted=deleted
+    )
+    return EXIT_OK
+
+
+def _nothing_to_delete(elsewhere: dict[str, int]) -> str:
+    """Why a deletion found nothing, and where the events it named are if they exist."""
+    message = "nothing to delete: no dead event matches"
+    if elsewhere:
+        found = ", ".join(f"{n} {status.replace('_', ' ')}" for status, n in elsewhere.items())
+        verb = "does" if sum(elsewhere.values()) == 1 else "do"
+        message += f" ({found} {verb}); only dead events are deleted"
+    return message
+
+
+def _print_deletion(
+    matched: int,
+    sample: list[dict[str, Any]],
+    parked_heads: int,
+    *,
+    as_json: bool,
+    dry_run: bool,
+    deleted: int = 0,
+) -> None:
+    if as_json:
+        payload = {
+            "matched": matched,
+            "sample": sample,
+            "parked_heads": parked_heads,
+            "dry_run": dry_run,
+        }
+        if not dry_run:
+            payload["deleted"] = deleted
+        print(json.dumps(payload, indent=2))
+        return
+    verb = "would delete" if dry_run else f"deleted {deleted} of"
+    print(f"{verb} {matched} dead event(s)")
+    for row in sample:
+        print(
+            f"  row {row['id']} {row['channel']} {row['event']} "
+            f"[{row['last_error_status'] or ''} {row['last_error_code'] or ''}] "
+            f"{row['last_error_message'] or ''}"
+        )
+    if matched > len(sample):
+        print(f"  ... and {matched - len(sample)} more")
+    if parked_heads:
+        one = parked_heads == 1
+        if dry_run:
+            print(
+                f"{parked_heads} of them {'is the dead head' if one else 'are the dead heads'} of "
+                f"a parked ordering key: deleting {'it lets its key' if one else 'them lets their keys'}"
+                " go on (as outbox keys --skip)"
+            )
+        else:
+            print(
+                f"{parked_heads} of them {'was the dead head' if one else 'were the dead heads'} "
+                f"of a parked ordering key: {'its key goes' if one else 'their keys go'} on"
+            )
 
 
 def cmd_leases(args: argparse.Namespace) -> int:

@@ -1142,3 +1142,108 @@ def test_the_workers_batch_line_counts_rows_and_requests_apart(env, engine):
         r"1 batch request \(4 rows\), 4 requests alone; in [\d.]+ ms$",
         line,
     ), line
+
+
+# -- delete-dead ----------------------------------------------------------------------------
+
+
+def test_delete_dead_dry_run_first_then_for_good(env, engine, capsys):
+    orders = [dead(engine, "orders", event=f"e{i}") for i in range(12)]
+    audit = dead(engine, "audit")
+    pending, published = add(engine), add(engine, status="published", published_at=NOW)
+    before = rows(engine)
+    code, out, err = cli(capsys, "delete-dead", "--dry-run", "--channel", "orders")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "would delete 12 dead event(s)"
+    assert lines[1].startswith(f"  row {orders[0]} orders e0 [413 payload_too_large]")
+    assert lines[-1] == "  ... and 2 more"
+    assert rows(engine) == before
+
+    code, out, err = cli(capsys, "delete-dead", "--channel", "orders", "--limit", "10", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert (report["matched"], report["deleted"], report["dry_run"]) == (10, 10, False)
+    assert set(rows(engine)) == {*orders[10:], audit, pending, published}
+    # By id, event id or key; only dead rows.
+    code, out, err = cli(
+        capsys, "delete-dead", str(orders[10]), str(before[orders[11]].event_id), str(pending)
+    )
+    assert code == 0 and out.splitlines()[0] == "deleted 2 of 2 dead event(s)", err
+    assert set(rows(engine)) == {audit, pending, published}
+    assert rows(engine)[pending] == before[pending]
+
+
+def test_delete_dead_without_a_filter_is_refused_unless_all(env, engine, capsys):
+    ids = [dead(engine) for _ in range(3)]
+    code, out, err = cli(capsys, "delete-dead")
+    assert (code, out) == (2, "")
+    assert err.startswith("outbox: error: refusing to delete every dead event without a filter")
+    assert "--all" in err and err.count("\n") == 1
+    assert set(rows(engine)) == set(ids)
+    code, out, _ = cli(capsys, "delete-dead", "--dry-run")  # a dry run needs no filter
+    assert code == 0 and out.startswith("would delete 3 dead event(s)\n")
+    code, out, err = cli(capsys, "delete-dead", "--all")
+    assert code == 0 and out.startswith("deleted 3 of 3 dead event(s)\n"), err
+    assert rows(engine) == {}
+
+
+def test_delete_dead_that_matches_nothing_exits_6_and_says_where_the_events_are(
+    env, engine, capsys
+):
+    pending = add(engine)
+    dead(engine)
+    code, out, err = cli(capsys, "delete-dead", "--channel", "nope")
+    assert (code, out) == (6, "")
+    assert err == "outbox: error: nothing to delete: no dead event matches\n"
+    code, out, err = cli(capsys, "delete-dead", "--json", str(pending))
+    assert code == 6 and json.loads(out)["matched"] == 0
+    assert err == (
+        "outbox: error: nothing to delete: no dead event matches (1 pending does); "
+        "only dead events are deleted\n"
+    )
+    assert len(rows(engine)) == 2
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"], indirect=True)  # MariaDB: no keys
+def test_deleting_a_parked_head_says_its_key_goes_on(env, engine, capsys):
+    from outbox.dialects import dialect_for
+
+    with engine.begin() as conn:
+        for n in range(2):
+            enqueue(conn, "orders", "step", {"n": n}, ordering_key="k")
+        head = conn.execute(sa.select(sa.func.min(T.c.id))).scalar_one()
+    set_row(engine, head, status="dead", last_error_code="payload_too_large")
+    with engine.begin() as conn:
+        dialect_for(conn).park_keys(conn, T, [head])
+    code, out, _ = cli(capsys, "delete-dead", "--dry-run", str(head))
+    assert out.splitlines()[-1] == (
+        "1 of them is the dead head of a parked ordering key: deleting it lets its key go on "
+        "(as outbox keys --skip)"
+    )
+    code, out, err = cli(capsys, "delete-dead", str(head))
+    assert code == 0, err
+    assert out.splitlines()[-1] == (
+        "1 of them was the dead head of a parked ordering key: its key goes on"
+    )
+    assert cli(capsys, "keys")[1].startswith("0 parked key(s)")
+
+
+def test_delete_dead_runs_in_constant_memory_and_shows_its_progress(env, engine, capsys):
+    import tracemalloc
+
+    n = admin.REPLAY_PAGE * 2 + 500
+    with engine.begin() as conn:
+        enqueue_many(conn, [OutboxEvent("orders", "created", "x" * 200) for _ in range(n)])
+        move_where(conn, sa.true(), "dead", last_error_message="m" * 400)
+    tracemalloc.start()
+    try:
+        code, out, err = cli(capsys, "delete-dead", "--all")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert code == 0, err
+    assert out.startswith(f"deleted {n} of {n} dead event(s)")
+    assert err.splitlines()[-1] == f"deleted {n:,} of {n:,} (100%)"
+    assert peak < 8 * 1024 * 1024, f"peak {peak / 1e6:.1f} MB"
+    assert rows(engine) == {}
