@@ -21,9 +21,11 @@ import sqlalchemy as sa
 
 from outbox import enqueue
 from outbox.cli import main
+from outbox.database import normalize_url
 from outbox.dialects import dialect_for
 from outbox.settings import ENVIRONMENT
 from outbox.testing.soketi import free_port
+from outbox.web.views import database_label
 from tests.outbox_rows import T, add, add_dead, row, set_row
 from tests.plugins.dashboard import OUTBOX, csrf_token
 
@@ -489,3 +491,54 @@ def test_the_dashboard_lists_parked_keys_with_their_dead_heads(
     assert "&lt;i&gt;order-7&lt;/i&gt;" in page.text and "<i>order-7" not in page.text
     assert f"row {head} orders step" in page.text
     assert "payload_too_large" in page.text
+
+
+# -- #21: the login page, the queue's lists, compact search, deletion, skipping a key ----------
+
+
+def test_the_login_page_tells_a_visitor_nothing_about_the_installation(
+    database_url, serve_dashboard
+):
+    """A visitor who is not logged in sees the form, not the database's URL, the version or
+    whether the dashboard may change anything; nor does any refusal they can provoke."""
+    import outbox
+
+    served = serve_dashboard(
+        database_url, "--write", host="0.0.0.0", env={"OUTBOX_WEB_TOKEN": TOKEN}
+    )
+    label = database_label(normalize_url(database_url))  # as the page shows it
+    with served.client() as client:
+        login = client.get("/login")
+        csrf = csrf_token(login)
+        refused = client.post(
+            "/login", data={"csrf": csrf, "token": "wrong"}, headers=served.same_origin()
+        )
+        stale = client.post(
+            "/login", data={"csrf": "x", "token": "x"}, headers=served.same_origin()
+        )
+        not_found = client.get("/nowhere", headers={"accept": "text/html"})
+        logged_in = client.post(
+            "/login", data={"csrf": csrf, "token": TOKEN}, headers=served.same_origin()
+        )
+        dashboard = client.get("/")
+    assert (login.status_code, refused.status_code, stale.status_code) == (200, 401, 403)
+    assert logged_in.status_code == 303
+    for page in (login, refused, stale, not_found):
+        for detail in (
+            label,
+            make_display_host(database_url),
+            f"sockudo-outbox {outbox.__version__}",
+            "write access",
+            "read-only",
+            'action="/search"',
+        ):
+            assert detail not in page.text, (page.url, detail)
+    # Once logged in, all of it is there.
+    assert label in dashboard.text and "write access" in dashboard.text
+    assert f"sockudo-outbox {outbox.__version__}" in dashboard.text
+
+
+def make_display_host(database_url: str) -> str:
+    """The part of a database URL that names where it is (a path, or a host and database)."""
+    url = sa.make_url(database_url)
+    return url.database if url.get_backend_name() == "sqlite" else f"{url.host}:{url.port or ''}"

@@ -79,13 +79,17 @@ class Dashboard:
         self, request: Request, template: str, status_code: int = 200, **context: Any
     ) -> HTMLResponse:
         session: Session | None = request.state.session
+        # A visitor who may not see the dashboard (the login form, a refusal) is told nothing
+        # about the installation: not the database, the version nor the mode.
+        authorized = bool(getattr(request.state, "authorized", False))
         html = self.templates.get_template(template).render(
-            write=self.options.write,
-            database=self.database,
+            authorized=authorized,
+            write=self.options.write and authorized,
+            database=self.database if authorized else "",
             refresh_ms=int(self.options.refresh_seconds * 1000),
             csrf=self.sessions.csrf_token(session) if session else "",
             logged_in=bool(session and session.authenticated),
-            version=__version__,
+            version=__version__ if authorized else "",
             **context,
         )
         return HTMLResponse(html, status_code)
@@ -170,7 +174,8 @@ class Guard(BaseHTTPMiddleware):
             if session is None and not static and request.url.path != "/healthz":
                 session, cookie = sessions.issue(authenticated=False)
             request.state.session = session
-            if static or request.url.path in OPEN_PATHS or _authorized(self.dash, request, session):
+            request.state.authorized = _authorized(self.dash, request, session)
+            if static or request.url.path in OPEN_PATHS or request.state.authorized:
                 response = await call_next(request)
             else:
                 response = _ask_for_credentials(self.dash, request)
