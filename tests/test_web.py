@@ -9,6 +9,7 @@ the plaintext of an encrypted channel. The browser tests are in test_web_browser
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import re
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from outbox.dialects import dialect_for
 from outbox.settings import ENVIRONMENT
 from outbox.testing.soketi import free_port
 from outbox.web.views import database_label
-from tests.outbox_rows import T, add, add_dead, row, set_row
+from tests.outbox_rows import T, add, add_dead, add_in_flight, row, set_row
 from tests.plugins.dashboard import OUTBOX, csrf_token
 
 TOKEN = "t0ken-" + "x" * 26
@@ -542,3 +543,133 @@ def make_display_host(database_url: str) -> str:
     """The part of a database URL that names where it is (a path, or a host and database)."""
     url = sa.make_url(database_url)
     return url.database if url.get_backend_name() == "sqlite" else f"{url.host}:{url.port or ''}"
+
+
+def test_the_pending_and_in_flight_lists_page_through_the_queue_oldest_first(
+    database_url, engine, serve_dashboard
+):
+    from outbox import OutboxEvent, enqueue_many
+    from outbox.web.views import QUEUE_PAGE_SIZE
+
+    now = dt.datetime.now(dt.UTC)
+    first = add(engine, "orders", "created")
+    retrying = add(
+        engine,
+        "orders",
+        "retried",
+        attempts=2,
+        failures=1,
+        last_error_status=503,
+        last_error_code="backpressure",
+        last_error_message="busy",
+        next_attempt_at=now + dt.timedelta(minutes=10),
+    )
+    leased = add_in_flight(engine, "audit")
+    add_dead(engine)
+    with engine.begin() as conn:
+        enqueue_many(
+            conn, [OutboxEvent("bulk", "created", {"n": n}) for n in range(QUEUE_PAGE_SIZE)]
+        )
+    served = serve_dashboard(database_url)
+    with served.client() as client:
+        main_page = client.get("/").text
+        pending = client.get("/pending")
+        in_flight = client.get("/in-flight")
+        after = listed(pending)[-1]
+        second = client.get(f"/pending?after={after}")
+        bad = client.get("/pending?after=soon")
+    assert 'href="/pending"' in main_page and 'href="/in-flight"' in main_page
+    assert pending.status_code == 200 and queue_count(pending) == QUEUE_PAGE_SIZE + 2
+    rows = listed(pending)
+    assert rows[:2] == [first, retrying] and len(rows) == QUEUE_PAGE_SIZE
+    assert f'href="/pending?after={after}"' in pending.text
+    assert listed(second) == [rows[-1] + 1, rows[-1] + 2] and 'id="next-page"' not in second.text
+    retry_line = line_of(pending, retrying)
+    assert "503 backpressure: busy" in retry_line and "(1 failed)" in retry_line
+    assert re.search(r"due in (9 min \d+ s|10 min 0 s)", retry_line), retry_line
+    assert "due now" in line_of(pending, first)
+    assert listed(in_flight) == [leased] and queue_count(in_flight) == 1
+    assert re.search(r"ends in \d+", line_of(in_flight, leased))
+    assert bad.status_code == 400 and "not a row id" in bad.text
+
+
+def listed(page: httpx.Response) -> list[int]:
+    return [int(i) for i in re.findall(r'<tr data-row-id="(\d+)" data-state=', page.text)]
+
+
+def queue_count(page: httpx.Response) -> int:
+    found = re.search(r'id="queue-heading" data-state="\w+" data-count="(\d+)"', page.text)
+    assert found, page.text
+    return int(found.group(1))
+
+
+def line_of(page: httpx.Response, row_id: int) -> str:
+    found = re.search(rf'<tr data-row-id="{row_id}".*?</tr>', page.text, re.S)
+    assert found, (row_id, page.text)
+    return found.group(0)
+
+
+def test_a_search_lists_one_line_per_row_a_page_at_a_time(database_url, engine, serve_dashboard):
+    """A channel with many rows: compact lines (no expanded record), newest first, paged; a
+    search that finds one row shows it whole; each line leads to its record."""
+    from outbox import OutboxEvent, enqueue_many
+    from outbox.web.views import SEARCH_LIMIT
+
+    with engine.begin() as conn:
+        enqueue_many(
+            conn, [OutboxEvent("orders", "created", {"n": n}) for n in range(SEARCH_LIMIT + 5)]
+        )
+    one = add_dead(engine, "audit")
+    served = serve_dashboard(database_url)
+    with served.client() as client:
+        first = client.get("/search?q=orders")
+        older = re.search(r'id="next-page" href="([^"]+)"', first.text)
+        assert older, first.text
+        second = client.get(older.group(1).replace("&amp;", "&"))
+        single = client.get("/search?q=audit")
+        record = client.get(f"/event/{one}")
+        missing = client.get("/event/999999999")
+    lines = results(first)
+    assert len(lines) == SEARCH_LIMIT and lines == sorted(lines, reverse=True)
+    assert '<dl class="life">' not in first.text and "<article" not in first.text
+    assert len(first.text) < 60_000, len(first.text)  # was 30,000 px of expanded records
+    assert results(second) == list(range(lines[-1] - 1, lines[-1] - 6, -1))
+    assert 'id="next-page"' not in second.text
+    assert results(single) == [one]
+    assert f'<article class="record" data-row-id="{one}" data-status="dead">' in single.text
+    assert f'<a href="/event/{one}" class="details">details</a>' in single.text
+    assert record.status_code == 200 and '<dl class="life">' in record.text
+    assert "payload_too_large" in record.text and "last failure (refused, dead)" in record.text
+    assert missing.status_code == 404 and "no such row" in missing.text
+
+
+def results(page: httpx.Response) -> list[int]:
+    return [int(i) for i in re.findall(r'<tr class="result" data-row-id="(\d+)"', page.text)]
+
+
+def test_replay_from_search_results_after_a_dry_run(database_url, engine, serve_dashboard):
+    ticked = [add_dead(engine, "orders") for _ in range(2)]
+    untouched = add_dead(engine, "orders")
+    pending = add(engine, "orders")
+    served = serve_dashboard(database_url, "--write")
+    with served.client() as client:
+        found = client.get("/search?q=orders")
+        # Only dead rows can be ticked.
+        assert sorted(int(i) for i in re.findall(r'name="ids" value="(\d+)"', found.text)) == [
+            *ticked,
+            untouched,
+        ]
+        csrf = csrf_token(found)
+        fields = {"csrf": csrf, "q": "orders", "scope": "ids", "ids": [str(i) for i in ticked]}
+        preview = client.post("/replay/preview", data=fields, headers=served.same_origin())
+        assert dry_run_count(preview) == 2
+        assert {row(engine, i).status for i in ticked} == {"dead"}
+        done = client.post(
+            "/replay",
+            data={**fields, "expected": "2", "key": "fresh"},
+            headers=served.same_origin(),
+        )
+    assert done.status_code == 200 and 'data-count="2"' in done.text
+    assert 'href="/search?q=orders">back to the search</a>' in done.text
+    assert {row(engine, i).status for i in ticked} == {"pending"}
+    assert row(engine, untouched).status == "dead" and row(engine, pending).status == "pending"

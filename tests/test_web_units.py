@@ -330,6 +330,25 @@ def test_a_replay_request_from_a_form():
     assert views.parse_after("") == 0 and views.parse_after("42") == 42
 
 
+def test_relative_times_and_what_a_pending_row_waits_for():
+    now = T0
+    assert views.relative(None, now) == "—"
+    assert views.relative(now, now) == "now"
+    assert views.relative(minutes(1.5), now) == "in 1 min 30 s"
+    assert views.relative(minutes(-125), now) == "2 h 5 min ago"
+
+    def queued(**values: object) -> admin.QueuedEvent:
+        base = {f.name: None for f in dataclasses.fields(admin.QueuedEvent)}
+        row = {"next_attempt_at": now, "attempts": 0, "failures": 0, "state": "pending"}
+        return admin.QueuedEvent(**{**base, **row, **values})  # type: ignore[arg-type]
+
+    assert views.waits(queued(), now) == "due now"
+    assert views.waits(queued(next_attempt_at=minutes(-3)), now) == "due now"
+    assert views.waits(queued(next_attempt_at=minutes(2)), now) == "due in 2 min 0 s"
+    assert views.waits(queued(waiting_for="key"), now) == "behind an earlier event of its key"
+    assert views.waits(queued(waiting_for="message"), now) == "for its message to be published"
+
+
 # -- formatting ---------------------------------------------------------------------------------
 
 

@@ -103,13 +103,18 @@ def create_app(engine: sa.Engine, table: sa.Table, options: WebOptions) -> Starl
         undefined=jinja2.StrictUndefined,
     )
     templates.filters.update(when=views.when, age=views.age, error_text=views.error_text)
-    templates.globals.update(payload=views.payload, timeline=views.timeline)
+    templates.globals.update(
+        payload=views.payload, timeline=views.timeline, relative=views.relative, waits=views.waits
+    )
     database = views.database_label(engine.url)
     dash = Dashboard(engine, table, options, database, Sessions(), templates)
     routes = [
         Route("/", _bind(dash, dashboard)),
         Route("/api/summary", _bind(dash, summary)),
+        Route("/pending", _bind(dash, queue_list)),
+        Route("/in-flight", _bind(dash, queue_list)),
         Route("/search", _bind(dash, search)),
+        Route("/event/{row_id:int}", _bind(dash, event_page)),
         Route("/replay/preview", _bind(dash, replay_preview), methods=["POST"]),
         Route("/replay", _bind(dash, replay), methods=["POST"]),
         Route("/login", _bind(dash, login), methods=["GET", "POST"]),
@@ -255,6 +260,10 @@ def _require_write(dash: Dashboard) -> None:
         )
 
 
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "?"
+
+
 # -- pages --------------------------------------------------------------------------------------
 
 
@@ -313,10 +322,69 @@ async def summary(dash: Dashboard, request: Request) -> Response:
     return JSONResponse(await dash.read(read))
 
 
+async def queue_list(dash: Dashboard, request: Request) -> Response:
+    """A page of the pending or the in-flight rows, oldest first."""
+    name = request.url.path.strip("/")
+    state, title = views.QUEUE_LISTS[name]
+    try:
+        after = views.parse_after(views.first(_query(request), "after"))
+    except views.FormError as exc:
+        return dash.page(request, "message.html", 400, title="Bad page", message=str(exc))
+
+    def read(conn: sa.Connection, table: sa.Table) -> tuple[Any, ...]:
+        report = admin.snapshot(conn, table, published=False)
+        rows = admin.queued_events(conn, table, state, views.QUEUE_PAGE_SIZE + 1, after)
+        return report, rows, admin.database_now(conn)
+
+    report, rows, now = await dash.read(read)
+    more = len(rows) > views.QUEUE_PAGE_SIZE
+    rows = rows[: views.QUEUE_PAGE_SIZE]
+    return dash.page(
+        request,
+        "queue.html",
+        name=name,
+        state=state,
+        title=title,
+        report=report,
+        rows=rows,
+        now=now,
+        after=after,
+        next_after=rows[-1].id if more else None,
+    )
+
+
 async def search(dash: Dashboard, request: Request) -> Response:
-    text = views.first(_query(request), "q")
-    records = await dash.read(admin.find_events, text, views.SEARCH_LIMIT) if text else []
-    return dash.page(request, "search.html", q=text, records=records, limit=views.SEARCH_LIMIT)
+    """One line per row the text names, newest first, a page at a time; a single row found is
+    shown whole."""
+    form = _query(request)
+    text = views.first(form, "q")
+    try:
+        before = views.parse_before(views.first(form, "before"))
+    except views.FormError as exc:
+        return dash.page(request, "message.html", 400, title="Bad page", message=str(exc))
+    records: list[admin.EventRecord] = []
+    if text:
+        records = await dash.read(admin.search_events, text, views.SEARCH_LIMIT + 1, before)
+    more = len(records) > views.SEARCH_LIMIT
+    records = records[: views.SEARCH_LIMIT]
+    return dash.page(
+        request,
+        "search.html",
+        q=text,
+        records=records,
+        before=before,
+        next_before=records[-1].id if more else None,
+        whole=records[0] if len(records) == 1 and before is None else None,
+        any_dead=any(r.status == "dead" for r in records),
+    )
+
+
+async def event_page(dash: Dashboard, request: Request) -> Response:
+    """One row's whole life, with what can be done about it."""
+    record = await dash.read(admin.event_record, int(request.path_params["row_id"]))
+    if record is None:
+        raise HTTPException(404, "no such row (deleted, or trimmed by retention)")
+    return dash.page(request, "event.html", r=record)
 
 
 async def replay_preview(dash: Dashboard, request: Request) -> Response:
@@ -331,7 +399,14 @@ async def replay_preview(dash: Dashboard, request: Request) -> Response:
         return matched, admin.dead_events(conn, table, selection, views.SAMPLE)
 
     matched, sample = await dash.read(read)
-    return dash.page(request, "preview.html", ask=ask, matched=matched, sample=sample)
+    return dash.page(
+        request,
+        "preview.html",
+        ask=ask,
+        matched=matched,
+        sample=sample,
+        back=views.first(form, "q"),
+    )
 
 
 async def replay(dash: Dashboard, request: Request) -> Response:
@@ -349,12 +424,14 @@ async def replay(dash: Dashboard, request: Request) -> Response:
     replayed = await run_in_threadpool(run)
     log.info(
         "replay from the dashboard by %s: %d of %d previewed dead event(s), %s keys",
-        request.client.host if request.client else "?",
+        _client(request),
         replayed,
         ask.expected,
         ask.key,
     )
-    return dash.page(request, "replayed.html", ask=ask, replayed=replayed)
+    return dash.page(
+        request, "replayed.html", ask=ask, replayed=replayed, back=views.first(form, "q")
+    )
 
 
 def _replay_request(form: views.Form) -> views.ReplayRequest:

@@ -11,14 +11,18 @@ from typing import Any
 import sqlalchemy as sa
 
 from .. import admin
-from ..admin import EventRecord, ReplayFilter, StatusReport, ThroughputBucket
+from ..admin import EventRecord, QueuedEvent, ReplayFilter, StatusReport, ThroughputBucket
 
 #: Dead events per page of the list.
 PAGE_SIZE = 50
 #: Rows a replay preview shows.
 SAMPLE = 10
-#: Matches shown by a search.
+#: Matches per page of a search (one line each).
 SEARCH_LIMIT = 50
+#: Rows per page of the pending and in-flight lists.
+QUEUE_PAGE_SIZE = 50
+#: The queue's lists: the path's name -> (the state, its title).
+QUEUE_LISTS = {"pending": ("pending", "Pending"), "in-flight": ("in_flight", "In flight")}
 #: The chart: one bar per minute over the last hour.
 BUCKET_SECONDS = 60
 BUCKETS = 60
@@ -48,6 +52,11 @@ def first_secret(form: Form, name: str) -> str:
 def parse_after(text: str) -> int:
     """The row id a page of the list starts after (0: the first page)."""
     return parse_ids([text])[0] if text else 0
+
+
+def parse_before(text: str) -> int | None:
+    """The row id a page of newest-first results starts below (None: the first page)."""
+    return parse_ids([text])[0] if text else None
 
 
 def parse_time(name: str, text: str) -> dt.datetime | None:
@@ -170,6 +179,27 @@ def when(moment: dt.datetime | None) -> str:
     return moment.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def relative(moment: dt.datetime | None, now: dt.datetime) -> str:
+    """``moment`` from ``now``: ``in 42 s``, ``3 min 5 s ago``, ``now`` (``—`` for none)."""
+    if moment is None:
+        return "—"
+    seconds = (moment - now).total_seconds()
+    if abs(seconds) < 1:
+        return "now"
+    return f"in {age(seconds)}" if seconds > 0 else f"{age(-seconds)} ago"
+
+
+def waits(row: QueuedEvent, now: dt.datetime) -> str:
+    """When a pending row goes next, in words: due, due in some time, or what it waits for."""
+    if row.waiting_for == admin.WAITING_FOR_ITS_KEY:
+        return "behind an earlier event of its key"
+    if row.waiting_for == admin.WAITING_FOR_MESSAGE:
+        return "for its message to be published"
+    if row.next_attempt_at <= now:
+        return "due now"
+    return f"due {relative(row.next_attempt_at, now)}"
+
+
 def age(seconds: float | None) -> str:
     """``none``, ``42 s``, ``3 min 5 s``, ``2 h 14 min``, ``3 d 4 h``."""
     if seconds is None:
@@ -187,7 +217,7 @@ def age(seconds: float | None) -> str:
     return f"{days} d {hours} h"
 
 
-def error_text(record: EventRecord) -> str:
+def error_text(record: EventRecord | QueuedEvent) -> str:
     """``413 payload_too_large: payload too large``, from whichever parts the row has."""
     head = " ".join(
         str(part) for part in (record.last_error_status, record.last_error_code) if part
