@@ -3,10 +3,10 @@
 ``outbox web`` and ``python worker.py`` run as processes, the worker publishing to the
 Sockudo-faithful test server. The page must show every state, follow a draining worker without
 being reloaded, replay dead events (dry run first) until they are published, show event text that
-is markup as text without running it, and log a browser in with the token. The README's
-screenshots (docs/dashboard*.png) are made by their own command, ``python -m
-outbox.web.screenshots docs/``, which one test runs into a temporary folder: no test writes a file
-of the repository (the ``browser`` fixture checks).
+is markup as text without running it, log a browser in with the token, list the pending rows,
+delete a dead event and skip a parked key. The README's screenshots (docs/dashboard*.png) are made
+by their own command, ``python -m outbox.web.screenshots docs/``, which one test runs into a
+temporary folder: no test writes a file of the repository (the ``browser`` fixture checks).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import sqlalchemy as sa
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 
-from outbox import admin
+from outbox import admin, enqueue
+from outbox.dialects import dialect_for
 from outbox.testing.server import TestServer
 from tests.outbox_rows import T, add, add_dead, add_in_flight, add_published, row, set_row
 from tests.plugins.browser import changed_files, tracked_files, wait_until
@@ -267,6 +268,79 @@ def test_a_browser_logs_in_with_the_token(database_url, engine, browser, serve_d
     assert browser.execute_script("return document.cookie") == ""
     browser.find_element(By.CSS_SELECTOR, "form.logout button").click()
     wait_until(browser, lambda page: page.find_elements(By.ID, "token"), "the login form again")
+
+
+# -- the operator's lists and actions (#21) -------------------------------------------------------
+
+
+@sqlite_only
+def test_list_pending_delete_a_dead_event_and_skip_a_parked_key_from_the_page(
+    database_url, engine, browser, serve_dashboard
+):
+    """A click-through: the pending count leads to the pending rows; a dead event is deleted
+    after its dry run; a parked key goes on without its dead head after a preview; a search's
+    dead row is replayed from the results."""
+    waiting = [add(engine, "orders", "created") for _ in range(3)]
+    doomed = add_dead(engine, "audit", "logged")
+    kept = add_dead(engine, "audit", "logged")
+    with engine.begin() as conn:
+        for n in range(3):
+            enqueue(conn, "orders", "step", {"n": n}, ordering_key="order-7")
+        head = conn.execute(sa.select(sa.func.max(T.c.id))).scalar_one() - 2
+    set_row(engine, head, status="dead", last_error_code="payload_too_large")
+    with engine.begin() as conn:
+        dialect_for(conn).park_keys(conn, T, [head])
+    served = serve_dashboard(database_url, "--write")
+
+    # The pending count leads to the pending rows, oldest first, with what each waits for.
+    browser.get(served.url)
+    browser.find_element(By.ID, "card-pending").click()
+    heading = wait_until(browser, lambda page: page.find_elements(By.ID, "queue-heading"), "list")
+    assert heading[0].get_attribute("data-count") == "5"
+    listed = browser.find_elements(By.CSS_SELECTOR, "#queue tbody tr")
+    assert [int(r.get_attribute("data-row-id")) for r in listed] == [*waiting, head + 1, head + 2]
+    assert "due now" in listed[0].text
+    assert "behind an earlier event of its key" in listed[3].text and "order-7" in listed[3].text
+
+    # A dead event deleted, after its dry run.
+    browser.get(served.url)
+    browser.find_element(By.CSS_SELECTOR, f'tbody[data-row-id="{doomed}"] .delete-one').click()
+    [dry_run] = wait_until(browser, lambda page: page.find_elements(By.ID, "dry-run"), "dry run")
+    assert dry_run.get_attribute("data-count") == "1"
+    assert row(engine, doomed).status == "dead"  # the dry run changed nothing
+    browser.find_element(By.ID, "confirm-delete").click()
+    [done] = wait_until(browser, lambda page: page.find_elements(By.ID, "deleted"), "deletion")
+    assert done.get_attribute("data-count") == "1"
+    assert statuses(engine)["dead"] == 2  # the other audit event and the parked head
+
+    # The parked key goes on without its head, after a preview.
+    browser.get(served.url)
+    browser.find_element(By.CSS_SELECTOR, "#parked-keys .skip-key").click()
+    [preview] = wait_until(browser, lambda page: page.find_elements(By.ID, "skip-preview"), "it")
+    assert preview.get_attribute("data-waiting") == "2" and "order-7" in preview.text
+    browser.find_element(By.ID, "confirm-skip").click()
+    [skipped] = wait_until(browser, lambda page: page.find_elements(By.ID, "skipped"), "the skip")
+    assert skipped.get_attribute("data-count") == "1"
+    browser.get(served.url)
+    assert not browser.find_elements(By.ID, "parked-keys")
+    assert row(engine, head).status == "dead"  # the head stays dead
+
+    # A search's dead row replayed from the results.
+    browser.find_element(By.ID, "search-q").send_keys("audit\n")
+    wait_until(browser, lambda page: page.find_elements(By.CSS_SELECTOR, "tr.result"), "hits")
+    browser.find_element(By.ID, "tick-all").click()
+    browser.find_element(By.ID, "replay-ticked").click()
+    [dry_run] = wait_until(browser, lambda page: page.find_elements(By.ID, "dry-run"), "dry run")
+    assert dry_run.get_attribute("data-count") == "1"
+    browser.find_element(By.ID, "confirm-replay").click()
+    wait_until(browser, lambda page: page.find_elements(By.ID, "replayed"), "the replay")
+    assert row(engine, kept).status == "pending"
+    browser.find_element(By.LINK_TEXT, "back to the search").click()
+    wait_until(browser, lambda page: page.find_elements(By.CSS_SELECTOR, "tr.result"), "hits")
+    assert [
+        r.get_attribute("data-status") for r in browser.find_elements(By.CSS_SELECTOR, "tr.result")
+    ] == ["pending"]
+    assert not [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
 
 
 # -- the README's screenshots -------------------------------------------------------------------

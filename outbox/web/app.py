@@ -1,5 +1,6 @@
 """The dashboard's ASGI app (Starlette): pages rendered on the server, one static script for the
-live chart, every read and the replay through :mod:`outbox.admin`.
+live chart, every read and every change (replay, deletion of dead events, skipping a parked key)
+through :mod:`outbox.admin`.
 
 Read-only unless built with ``write=True``. Every answer carries the security headers; every
 request passes :class:`Guard` (Host, credentials, session); every POST is checked for its origin
@@ -117,6 +118,10 @@ def create_app(engine: sa.Engine, table: sa.Table, options: WebOptions) -> Starl
         Route("/event/{row_id:int}", _bind(dash, event_page)),
         Route("/replay/preview", _bind(dash, replay_preview), methods=["POST"]),
         Route("/replay", _bind(dash, replay), methods=["POST"]),
+        Route("/delete/preview", _bind(dash, delete_preview), methods=["POST"]),
+        Route("/delete", _bind(dash, delete), methods=["POST"]),
+        Route("/keys/skip/preview", _bind(dash, skip_preview), methods=["POST"]),
+        Route("/keys/skip", _bind(dash, skip), methods=["POST"]),
         Route("/login", _bind(dash, login), methods=["GET", "POST"]),
         Route("/logout", _bind(dash, logout), methods=["POST"]),
         Route("/healthz", healthz),
@@ -256,7 +261,8 @@ async def checked_form(dash: Dashboard, request: Request) -> views.Form:
 def _require_write(dash: Dashboard) -> None:
     if not dash.options.write:
         raise HTTPException(
-            403, "this dashboard is read-only: start `outbox web --write` to replay"
+            403,
+            "this dashboard is read-only: start `outbox web --write` to replay, delete or skip",
         )
 
 
@@ -441,6 +447,109 @@ def _replay_request(form: views.Form) -> views.ReplayRequest:
     except views.FormError as exc:
         raise HTTPException(400, str(exc)) from None
     return ask
+
+
+async def delete_preview(dash: Dashboard, request: Request) -> Response:
+    """The dry run of a deletion: how many dead events it would delete, a sample, and how many
+    of them parked keys wait behind; then the confirmation."""
+    _require_write(dash)
+    form = await checked_form(dash, request)
+    ask = _delete_request(form)
+    selection = ask.selection()
+
+    def read(conn: sa.Connection, table: sa.Table) -> tuple[int, list[admin.EventRecord], int]:
+        matched = admin.count_for_replay(conn, table, selection)
+        sample = admin.dead_events(conn, table, selection, views.SAMPLE)
+        return matched, sample, admin.parked_heads_among(conn, table, selection)
+
+    matched, sample, heads = await dash.read(read)
+    return dash.page(
+        request,
+        "delete_preview.html",
+        ask=ask,
+        matched=matched,
+        sample=sample,
+        parked_heads=heads,
+        back=views.first(form, "q"),
+    )
+
+
+async def delete(dash: Dashboard, request: Request) -> Response:
+    _require_write(dash)
+    form = await checked_form(dash, request)
+    ask = _delete_request(form)
+    if ask.expected is None:
+        raise HTTPException(400, "preview the deletion first: its count is part of the request")
+    selection = ask.selection()
+
+    def run() -> int:
+        # A page per transaction, as `outbox delete-dead` does: short locks, flat memory.
+        return sum(admin.delete_dead_in_pages(dash.engine, dash.table, selection))
+
+    deleted = await run_in_threadpool(run)
+    log.info(
+        "deletion from the dashboard by %s: %d of %d previewed dead event(s)",
+        _client(request),
+        deleted,
+        ask.expected,
+    )
+    return dash.page(request, "deleted.html", ask=ask, deleted=deleted, back=views.first(form, "q"))
+
+
+def _delete_request(form: views.Form) -> views.DeleteRequest:
+    try:
+        ask = views.DeleteRequest.from_form(form)
+        ask.selection()
+    except views.FormError as exc:
+        raise HTTPException(400, str(exc)) from None
+    return ask
+
+
+async def skip_preview(dash: Dashboard, request: Request) -> Response:
+    """What letting a parked key go on without its dead head means, before it is done."""
+    _require_write(dash)
+    form = await checked_form(dash, request)
+    key = _ordering_key(form)
+    parked = await dash.read(admin.parked_key, key)
+    return dash.page(request, "skip_preview.html", key=key, parked=parked)
+
+
+async def skip(dash: Dashboard, request: Request) -> Response:
+    """``outbox keys --skip KEY``, for the key still parked behind the head the preview showed
+    (a key parked again since, behind another head, waits for a preview of its own)."""
+    _require_write(dash)
+    form = await checked_form(dash, request)
+    key = _ordering_key(form)
+    try:
+        head = views.parse_ids([views.first(form, "head")])[0]
+    except views.FormError:
+        raise HTTPException(
+            400, "preview the skip first: its dead head is part of the request"
+        ) from None
+
+    def run() -> int:
+        with dash.engine.begin() as conn:
+            parked = admin.parked_key(conn, dash.table, key)
+            if parked is None or parked.head_id != head:
+                return 0
+            return admin.skip_parked(conn, dash.table, [key])
+
+    skipped = await run_in_threadpool(run)
+    log.info(
+        "skip from the dashboard by %s: ordering key %r behind row %d: %s",
+        _client(request),
+        key,
+        head,
+        "goes on" if skipped else "not parked behind that row any more, left as it is",
+    )
+    return dash.page(request, "skipped.html", key=key, head=head, skipped=skipped)
+
+
+def _ordering_key(form: views.Form) -> str:
+    try:
+        return views.ordering_key(form)
+    except views.FormError as exc:
+        raise HTTPException(400, str(exc)) from None
 
 
 async def login(dash: Dashboard, request: Request) -> Response:

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 from .. import admin
 from ..admin import EventRecord, QueuedEvent, ReplayFilter, StatusReport, ThroughputBucket
+from ..schema import ORDERING_KEY_MAX
 
 #: Dead events per page of the list.
 PAGE_SIZE = 50
@@ -57,6 +58,14 @@ def parse_after(text: str) -> int:
 def parse_before(text: str) -> int | None:
     """The row id a page of newest-first results starts below (None: the first page)."""
     return parse_ids([text])[0] if text else None
+
+
+def ordering_key(form: Form) -> str:
+    """The ordering key a form names, exactly as stored (not stripped: a key may hold spaces)."""
+    key = first_secret(form, "ordering_key")
+    if not key or len(key) > ORDERING_KEY_MAX or "\x00" in key:
+        raise FormError(f"ordering_key: 1 to {ORDERING_KEY_MAX} characters, without NUL")
+    return key
 
 
 def parse_time(name: str, text: str) -> dt.datetime | None:
@@ -122,35 +131,32 @@ def parse_ids(values: Sequence[str]) -> tuple[int, ...]:
     return tuple(dict.fromkeys(ids))
 
 
-@dataclass(frozen=True)
-class ReplayRequest:
-    """A replay asked for on the page: of rows by id (one, or the ticked ones) or of a filter,
-    with the key choice, and (once previewed) the count the operator saw."""
+def _picked(form: Form, verb: str) -> tuple[tuple[int, ...], DeadQuery, int | None]:
+    """The dead events a form picks (one, the ticked ones, or all that match its filter) and
+    the count its preview showed, if it was previewed; ``verb`` names the action in errors."""
+    scope = first(form, "scope")
+    if first(form, "one"):
+        ids = parse_ids([first(form, "one")])
+    elif scope == "ids":
+        ids = parse_ids([v.strip() for v in form.get("ids", [])])
+        if not ids:
+            raise FormError(f"tick at least one event to {verb}")
+    elif scope == "filter":
+        ids = ()
+    else:
+        raise FormError(f"say what to {verb}: some events, or all that match the filter")
+    expected_text = first(form, "expected")
+    expected = parse_ids([expected_text])[0] if expected_text else None
+    return ids, DeadQuery() if ids else DeadQuery.from_form(form), expected
+
+
+class _PickedDead:
+    """What a replay and a deletion asked for on a page share: which dead rows, and how many
+    the operator saw in the preview."""
 
     ids: tuple[int, ...]
     query: DeadQuery
-    key: str
     expected: int | None
-
-    @classmethod
-    def from_form(cls, form: Form) -> ReplayRequest:
-        scope = first(form, "scope")
-        if first(form, "one"):
-            ids = parse_ids([first(form, "one")])
-        elif scope == "ids":
-            ids = parse_ids([v.strip() for v in form.get("ids", [])])
-            if not ids:
-                raise FormError("tick at least one event to replay")
-        elif scope == "filter":
-            ids = ()
-        else:
-            raise FormError("say what to replay: some events, or all that match the filter")
-        key = first(form, "key") or admin.KEY_FRESH
-        if key not in (admin.KEY_FRESH, admin.KEY_KEEP):
-            raise FormError(f"key: {admin.KEY_FRESH!r} or {admin.KEY_KEEP!r}, not {key!r}")
-        expected_text = first(form, "expected")
-        expected = parse_ids([expected_text])[0] if expected_text else None
-        return cls(ids, DeadQuery() if ids else DeadQuery.from_form(form), key, expected)
 
     @property
     def scope(self) -> str:
@@ -162,6 +168,39 @@ class ReplayRequest:
         if self.ids:
             return ReplayFilter(statuses=("dead",), ids=self.ids, limit=self.expected)
         return self.query.selection(limit=self.expected)
+
+
+@dataclass(frozen=True)
+class ReplayRequest(_PickedDead):
+    """A replay asked for on the page: of rows by id (one, or the ticked ones) or of a filter,
+    with the key choice, and (once previewed) the count the operator saw."""
+
+    ids: tuple[int, ...]
+    query: DeadQuery
+    key: str
+    expected: int | None
+
+    @classmethod
+    def from_form(cls, form: Form) -> ReplayRequest:
+        ids, query, expected = _picked(form, "replay")
+        key = first(form, "key") or admin.KEY_FRESH
+        if key not in (admin.KEY_FRESH, admin.KEY_KEEP):
+            raise FormError(f"key: {admin.KEY_FRESH!r} or {admin.KEY_KEEP!r}, not {key!r}")
+        return cls(ids, query, key, expected)
+
+
+@dataclass(frozen=True)
+class DeleteRequest(_PickedDead):
+    """A deletion of dead events asked for on the page, picked as a replay is, and (once
+    previewed) the count the operator saw: no more than that many are deleted."""
+
+    ids: tuple[int, ...]
+    query: DeadQuery
+    expected: int | None
+
+    @classmethod
+    def from_form(cls, form: Form) -> DeleteRequest:
+        return cls(*_picked(form, "delete"))
 
 
 # -- formatting ---------------------------------------------------------------------------------
