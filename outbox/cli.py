@@ -282,13 +282,18 @@ def build_parser() -> argparse.ArgumentParser:
         "web",
         help="serve the operator's dashboard (needs the web extra)",
         description="Serve a dashboard for the outbox database: counts, a live chart of the last "
-        "hour, the dead events and a search. Read-only unless --write. Bound to 127.0.0.1 by "
-        "default; any other address needs OUTBOX_WEB_TOKEN or OUTBOX_WEB_BASIC_AUTH=user:password "
-        "(environment only). Reads no SOCKUDO_* setting.",
+        "hour, the pending, in-flight and dead events, parked keys and a search. Read-only "
+        "unless --write (replay and delete dead events, skip a parked key's dead head). Bound to "
+        "127.0.0.1 by default; any other address needs OUTBOX_WEB_TOKEN or "
+        "OUTBOX_WEB_BASIC_AUTH=user:password (environment only). Reads no SOCKUDO_* setting.",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8025, help="port (default 8025)")
-    p.add_argument("--write", action="store_true", help="allow replays from the page")
+    p.add_argument(
+        "--write",
+        action="store_true",
+        help="allow replays and deletions of dead events and skips of parked keys from the page",
+    )
     p.add_argument(
         "--refresh",
         type=float,
