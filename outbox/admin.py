@@ -1,5 +1,6 @@
 """Operator queries: what is in the outbox (``status``), putting events back in line (``replay``),
-and what the dashboard reads (``throughput``, ``find_events``, ``dead_events``).
+deleting dead ones (``delete_dead``), and what the dashboard reads (``throughput``,
+``find_events``, ``search_events``, ``dead_events``, ``queued_events``).
 
 Portable SQLAlchemy Core: nothing here is on the hot path, so no dialect-specific SQL is needed.
 Every read the CLI and the dashboard make goes through these functions and their dataclasses. An
@@ -543,6 +544,40 @@ def find_events(
     return _records(conn, query.limit(limit))
 
 
+def search_events(
+    conn: sa.Connection,
+    table: sa.Table,
+    text: str,
+    limit: int = 50,
+    before_id: int | None = None,
+) -> list[EventRecord]:
+    """A page of :func:`find_events`: the rows ``text`` names with an id below ``before_id``
+    (None: from the newest), newest first, at most ``limit``. The next page starts below the
+    last row's id."""
+    text = text.strip()
+    if not text or "\x00" in text:
+        return []
+    t = events(table)
+    matches = [t.c.idempotency_key == text, t.c.channel == text]
+    with contextlib.suppress(ValueError):
+        matches.append(t.c.event_id == uuid.UUID(text))
+    if text.isascii() and text.isdigit() and int(text) <= MAX_ROW_ID:
+        matches.append(t.c.id == int(text))
+    query = sa.select(*_record_columns(t)).where(sa.or_(*matches))
+    if before_id is not None:
+        query = query.where(t.c.id < before_id)
+    return _records(conn, query.order_by(t.c.id.desc()).limit(limit))
+
+
+def event_record(conn: sa.Connection, table: sa.Table, row_id: int) -> EventRecord | None:
+    """The row ``row_id``, wherever it is in its life (None if there is none)."""
+    if not 0 < row_id <= MAX_ROW_ID:
+        return None
+    t = events(table)
+    found = _records(conn, sa.select(*_record_columns(t)).where(t.c.id == row_id))
+    return found[0] if found else None
+
+
 def dead_events(
     conn: sa.Connection,
     table: sa.Table,
@@ -693,6 +728,193 @@ def _waits_for_target(hot: sa.Table) -> sa.ColumnElement[bool]:
             target.c.event_id == hot.c.target_event_id, target.c.channel == hot.c.channel
         ),
     )
+
+
+def parked_key(conn: sa.Connection, table: sa.Table, ordering_key: str) -> ParkedKey | None:
+    """The parked key ``ordering_key`` with its head's reason, or None if it is not parked."""
+    hot, dead, parked = table, dead_table(table), parked_table(table)
+    waiting = (
+        sa.select(sa.func.count())
+        .where(hot.c.ordering_key == parked.c.ordering_key)
+        .scalar_subquery()
+    )
+    found = conn.execute(
+        sa.select(
+            parked.c.ordering_key,
+            parked.c.row_id.label("head_id"),
+            parked.c.parked_at,
+            waiting.label("waiting"),
+            dead.c.channel,
+            dead.c.event,
+            dead.c.last_error_code,
+            dead.c.last_error_message,
+        )
+        .select_from(parked.outerjoin(dead, dead.c.id == parked.c.row_id))
+        .where(parked.c.ordering_key == ordering_key)
+    ).first()
+    return None if found is None else ParkedKey(**found._mapping)
+
+
+# -- the queue: pending and in-flight rows ------------------------------------------------------
+
+#: Why a pending row is not due even though its time has come (:attr:`QueuedEvent.waiting_for`).
+WAITING_FOR_MESSAGE = "message"
+WAITING_FOR_ITS_KEY = "key"
+
+
+@dataclass(frozen=True)
+class QueuedEvent:
+    """A row still to be sent, as the queue's list shows it: where it stands and why."""
+
+    id: int
+    event_id: uuid.UUID
+    channel: str
+    event: str
+    #: ``pending`` or ``in_flight`` (a lease that has not expired).
+    state: str
+    attempts: int
+    failures: int
+    created_at: dt.datetime
+    next_attempt_at: dt.datetime
+    lease_expires_at: dt.datetime | None
+    ordering_key: str | None
+    #: None for a publish; else the mutation this row is (``update``, ``append``, ...).
+    operation: str | None
+    #: ``key``: behind an earlier event of its ordering key; ``message``: a mutation whose
+    #: message is not published yet; None: due at ``next_attempt_at``.
+    waiting_for: str | None
+    last_error_status: int | None
+    last_error_code: str | None
+    last_error_message: str | None
+
+
+def queued_events(
+    conn: sa.Connection,
+    table: sa.Table,
+    state: str,
+    limit: int = 50,
+    after_id: int = 0,
+) -> list[QueuedEvent]:
+    """The hot table's rows in ``state`` (``pending`` or ``in_flight``) with an id above
+    ``after_id``, oldest first, at most ``limit``: a page of the queue. Reads the hot table
+    only (its size is the backlog, never the history)."""
+    hot = table
+    leased = hot.c.lease_expires_at > utc_now()
+    if state == Status.IN_FLIGHT.value:
+        in_state: sa.ColumnElement[bool] = leased
+    elif state == Status.PENDING.value:
+        in_state = sa.or_(hot.c.lease_expires_at.is_(None), sa.not_(leased))
+    else:
+        raise ValueError(f"the queue holds pending and in_flight rows, not {state!r}")
+    waiting_for = sa.case(
+        (_waits_for_target(hot), WAITING_FOR_MESSAGE),
+        (hot.c.next_attempt_at == WAITING_FOR_KEY, WAITING_FOR_ITS_KEY),
+        else_=sa.null(),
+    )
+    rows = conn.execute(
+        sa.select(
+            hot.c.id,
+            hot.c.event_id,
+            hot.c.channel,
+            hot.c.event,
+            _hot_state(hot).label("state"),
+            hot.c.attempts,
+            hot.c.failures,
+            hot.c.created_at,
+            hot.c.next_attempt_at,
+            hot.c.lease_expires_at,
+            hot.c.ordering_key,
+            hot.c.operation,
+            waiting_for.label("waiting_for"),
+            hot.c.last_error_status,
+            hot.c.last_error_code,
+            hot.c.last_error_message,
+        )
+        .where(in_state, hot.c.id > after_id)
+        .order_by(hot.c.id)
+        .limit(limit)
+    )
+    return [QueuedEvent(**r._mapping) for r in rows]
+
+
+# -- deleting dead events -----------------------------------------------------------------------
+
+
+def parked_heads_among(conn: sa.Connection, table: sa.Table, selection: ReplayFilter) -> int:
+    """How many of the dead rows ``selection`` matches (its ``limit`` included) are the heads
+    parked keys wait behind: deleting them lets those keys go on (see :func:`delete_dead`)."""
+    _only_dead(selection)
+    ev, parked = events(table), parked_table(table)
+    # A join, not IN: MariaDB refuses a LIMIT inside an IN subquery.
+    matching = _matching(ev, selection, [ev.c.id]).subquery("matching")
+    return conn.execute(
+        sa.select(sa.func.count()).select_from(
+            parked.join(matching, matching.c.id == parked.c.row_id)
+        )
+    ).scalar_one()
+
+
+def delete_dead(
+    conn: sa.Connection, table: sa.Table, selection: ReplayFilter, page: int = REPLAY_PAGE
+) -> int:
+    """Delete the dead events ``selection`` matches (at most its ``limit``, oldest first), for
+    good; returns how many. All of it in the caller's transaction, a page at a time (flat
+    memory); :func:`delete_dead_in_pages` commits page by page.
+
+    A deleted row that is the head a parked key waits behind can never be replayed, so its key
+    goes on without it, as ``outbox keys --skip`` would let it.
+    """
+    return sum(_delete_pages(lambda: contextlib.nullcontext(conn), table, selection, page))
+
+
+def delete_dead_in_pages(
+    engine: sa.Engine, table: sa.Table, selection: ReplayFilter, page: int = REPLAY_PAGE
+) -> Iterator[int]:
+    """:func:`delete_dead` in one short transaction per page; yields the count of each
+    committed page (interrupted, it has deleted what it reported: run it again for the rest)."""
+    return _delete_pages(engine.begin, table, selection, page)
+
+
+def _only_dead(selection: ReplayFilter) -> None:
+    if list(selection.statuses) != [Status.DEAD.value]:
+        raise ValueError(f"only dead events are deleted, not {list(selection.statuses)}")
+
+
+def _delete_pages(
+    transaction: Callable[[], contextlib.AbstractContextManager[sa.Connection]],
+    table: sa.Table,
+    selection: ReplayFilter,
+    page: int,
+) -> Iterator[int]:
+    _only_dead(selection)
+    dead, parked = dead_table(table), parked_table(table)
+    after_id = 0
+    remaining = selection.limit
+    while remaining is None or remaining > 0:
+        size = page if remaining is None else min(page, remaining)
+        with transaction() as conn:
+            ids = _page_ids(conn, table, selection, size, after_id)
+            if not ids:
+                return
+            heads = conn.execute(
+                sa.select(parked.c.ordering_key).where(parked.c.row_id.in_(ids))
+            ).scalars()
+            keys = list(heads)
+            if keys:
+                dialect_for(conn).unpark(conn, table, keys)
+            deleted = conn.execute(sa.delete(dead).where(dead.c.id.in_(ids))).rowcount
+        yield deleted
+        after_id = ids[-1]
+        if remaining is not None:
+            remaining -= len(ids)
+        if len(ids) < size:
+            return
+
+
+def database_now(conn: sa.Connection) -> dt.datetime:
+    """The database's clock, in UTC: what leases and parking times were set by, so ages shown
+    against it do not depend on this host's clock."""
+    return conn.execute(sa.select(utc_now())).scalar_one()
 
 
 # -- leases -------------------------------------------------------------------------------------

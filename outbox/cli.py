@@ -1,10 +1,10 @@
-"""The ``outbox`` command: migrate, worker, status, replay, enqueue.
+"""The ``outbox`` command: migrate, worker, status, replay, delete-dead, leases, keys, web, enqueue.
 
 Exit codes: 0 success; 1 the operation failed (database unreachable, ...); 2 bad usage, settings or
 input; 3 ``status --check`` found dead events; 4 ``status --check --max-age`` found an unsent event
 older than that; 5 ``worker --once`` ended with the endpoint failing (down, or refusing the
-credentials) and what was due unpublished; 6 ``replay`` matched no event. Errors are one line on
-stderr, never a traceback, and never show a secret.
+credentials) and what was due unpublished; 6 ``replay`` or ``delete-dead`` matched no event.
+Errors are one line on stderr, never a traceback, and never show a secret.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -28,11 +29,18 @@ from typing import Any
 import sqlalchemy as sa
 
 from . import admin, logs, migrate, status_view
-from .database import DatabaseURLError, UnfollowableEngine, create_engine, display_url
+from .database import (
+    DEFAULT_DATABASE_URL,
+    DatabaseURLError,
+    UnfollowableEngine,
+    create_engine,
+    display_url,
+)
 from .enqueue import enqueue
 from .progress import Progress
-from .schema import Status, outbox_table
+from .schema import DEFAULT_TABLE_NAME, Status, outbox_table
 from .settings import ENVIRONMENT, LOG_FORMATS, SPECS, Settings, SettingsError, SettingSpec
+from .sockudo.config import mask_url
 from .sockudo.crypto import is_encrypted_channel
 from .sockudo.errors import InvalidEvent
 
@@ -54,6 +62,20 @@ against an earlier delivery that may have happened.
 Events are named by row id, event id or idempotency key. A replay (or a dry run) that matches
 no event exits {EXIT_NO_MATCH} and says where the events named are, if they exist but are not
 dead (or, with --published, not published).
+"""
+
+
+DELETE_DEAD_HELP = f"""\
+Delete dead events for good: they can no longer be replayed. Show what would be deleted with
+--dry-run first. The filters are replay's; without one, delete-dead refuses to run unless you
+say --all.
+
+A deleted event that is the dead head a parked ordering key waits behind lets its key go on
+without it (as outbox keys --skip does): the key's later events are sent.
+
+Events are named by row id, event id or idempotency key. A deletion (or a dry run) that
+matches no dead event exits {EXIT_NO_MATCH} and says where the events named are, if they exist but
+are not dead.
 """
 
 
@@ -108,16 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="outbox", description="Transactional outbox publisher for Sockudo."
     )
-    parser.add_argument("--log-level", default=os.environ.get("OUTBOX_LOG_LEVEL", "INFO"))
-    parser.add_argument(
-        "--log-format",
-        default=os.environ.get("OUTBOX_LOG_FORMAT") or "text",
-        help="text (default) or json: one object per line (env OUTBOX_LOG_FORMAT)",
-    )
-    parser.add_argument(
-        "--database-url",
-        help="database URL (env OUTBOX_DATABASE_URL, default sqlite:///outbox.db)",
-    )
+    _add_global_options(parser, defaults=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser("migrate", help="create or upgrade the outbox schema")
@@ -127,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser(
         "worker",
         help="run the worker (publishes pending events)",
-        description="Every setting comes from its environment variable; a flag overrides it.",
+        description="Every setting comes from its environment variable; a flag overrides it. "
+        "Each shows its default: the value taken when neither is given.",
     )
     p.add_argument(
         "--once",
@@ -140,14 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=os.environ.get("OUTBOX_STATS_FILE"),
         help="keep this worker's counts there as JSON, updated every second and at exit "
-        "(env OUTBOX_STATS_FILE)",
+        "(env OUTBOX_STATS_FILE, default none)",
     )
     for spec in WORKER_FLAGS:
         p.add_argument(
             spec.flag,
             dest=spec.name,
             type=_flag_parser(spec),
-            help=f"{spec.help} (env {spec.variable})",
+            metavar=spec.flag.removeprefix("--").upper().replace("-", "_"),
+            help=f"{spec.help} (env {spec.variable}, default {_setting_default(spec)})",
         )
     p.set_defaults(handler=cmd_worker)
 
@@ -203,6 +218,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_replay)
 
     p = commands.add_parser(
+        "delete-dead",
+        help="delete dead events for good (after a dry run)",
+        description=DELETE_DEAD_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "ids",
+        nargs="*",
+        help="row ids, event ids or idempotency keys (as the worker's log shows them)",
+    )
+    p.add_argument("--channel")
+    p.add_argument("--event", help="event name")
+    p.add_argument(
+        "--error-code", type=_error_code, help="last error code or HTTP status, e.g. 413"
+    )
+    p.add_argument("--since", type=_timestamp, help="created at or after (ISO 8601)")
+    p.add_argument("--until", type=_timestamp, help="created before (ISO 8601)")
+    p.add_argument("--limit", type=_positive_int, help="delete at most this many (oldest first)")
+    p.add_argument("--all", action="store_true", help="allow a deletion without any filter")
+    p.add_argument("--dry-run", action="store_true", help="show the count and a sample only")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_delete_dead)
+
+    p = commands.add_parser(
         "leases",
         help="rows workers hold (in flight): list them, release expired ones",
         description="List the rows workers hold. A lease that expired belongs to a worker that "
@@ -219,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="put every leased row back, live leases too (only when no worker is running)",
     )
     p.add_argument("--limit", type=_positive_int, default=20, help="leases to list (default 20)")
+    p.add_argument("--json", action="store_true", help="machine-readable output (ISO times)")
     p.set_defaults(handler=cmd_leases)
 
     p = commands.add_parser(
@@ -242,13 +282,18 @@ def build_parser() -> argparse.ArgumentParser:
         "web",
         help="serve the operator's dashboard (needs the web extra)",
         description="Serve a dashboard for the outbox database: counts, a live chart of the last "
-        "hour, the dead events and a search. Read-only unless --write. Bound to 127.0.0.1 by "
-        "default; any other address needs OUTBOX_WEB_TOKEN or OUTBOX_WEB_BASIC_AUTH=user:password "
-        "(environment only). Reads no SOCKUDO_* setting.",
+        "hour, the pending, in-flight and dead events, parked keys and a search. Read-only "
+        "unless --write (replay and delete dead events, skip a parked key's dead head). Bound to "
+        "127.0.0.1 by default; any other address needs OUTBOX_WEB_TOKEN or "
+        "OUTBOX_WEB_BASIC_AUTH=user:password (environment only). Reads no SOCKUDO_* setting.",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8025, help="port (default 8025)")
-    p.add_argument("--write", action="store_true", help="allow replays from the page")
+    p.add_argument(
+        "--write",
+        action="store_true",
+        help="allow replays and deletions of dead events and skips of parked keys from the page",
+    )
     p.add_argument(
         "--refresh",
         type=float,
@@ -259,10 +304,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("bench", help="the benchmark harness (see `outbox bench --help`)")
 
-    p = commands.add_parser("enqueue", help="write one event (operators, smoke tests)")
+    p = commands.add_parser(
+        "enqueue",
+        help="write one event (operators, smoke tests)",
+        description="Write one event, committed at once. DATA must be JSON text (sent exactly "
+        "as typed); --raw sends any text as a plain string instead.",
+    )
     p.add_argument("channel")
     p.add_argument("event")
-    p.add_argument("data", help="sent as is (use JSON text for structured data)")
+    p.add_argument("data", help="JSON text, sent exactly as typed (any text with --raw)")
+    p.add_argument(
+        "--raw", action="store_true", help="send DATA as a plain string, without the JSON check"
+    )
     p.add_argument("--idempotency-key")
     p.add_argument("--socket-id")
     p.set_defaults(handler=cmd_enqueue)
@@ -280,7 +333,46 @@ def build_parser() -> argparse.ArgumentParser:
         "--dir", type=Path, help="keep the database in this folder (default: a temporary one)"
     )
     p.set_defaults(handler=cmd_demo)
+    for command in commands.choices.values():
+        # After the command too (`outbox web --database-url X`), as the README writes them.
+        _add_global_options(command, defaults=False)
     return parser
+
+
+def _add_global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """The options every command takes, before or after its name.
+
+    Only the top-level parser has defaults: a command's copies default to nothing at all
+    (``SUPPRESS``), so ``outbox --database-url X status`` keeps X, and a copy given after the
+    command wins (``outbox --table a status --table b`` reads table b).
+    """
+
+    def default(value: object) -> object:
+        return value if defaults else argparse.SUPPRESS
+
+    options = parser.add_argument_group(
+        "global options", "given before or after the command's name"
+    )
+    options.add_argument(
+        "--database-url",
+        default=default(None),
+        help=f"database URL (env OUTBOX_DATABASE_URL, default {DEFAULT_DATABASE_URL})",
+    )
+    options.add_argument(
+        "--table",
+        default=default(None),
+        help=f"outbox table name (env OUTBOX_TABLE, default {DEFAULT_TABLE_NAME})",
+    )
+    options.add_argument(
+        "--log-level",
+        default=default(os.environ.get("OUTBOX_LOG_LEVEL") or "INFO"),
+        help="DEBUG, INFO, WARNING or ERROR (env OUTBOX_LOG_LEVEL, default INFO)",
+    )
+    options.add_argument(
+        "--log-format",
+        default=default(os.environ.get("OUTBOX_LOG_FORMAT") or "text"),
+        help="text, or json: one object per line (env OUTBOX_LOG_FORMAT, default text)",
+    )
 
 
 # -- commands -------------------------------------------------------------------------------
@@ -443,6 +535,110 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_delete_dead(args: argparse.Namespace) -> int:
+    row_ids, event_ids, keys = _split_ids(args.ids)
+    selection = admin.ReplayFilter(
+        statuses=(Status.DEAD.value,),
+        ids=row_ids,
+        event_ids=event_ids,
+        keys=keys,
+        channel=args.channel,
+        event=args.event,
+        error_code=args.error_code,
+        since=args.since,
+        until=args.until,
+        limit=args.limit,
+    )
+    filtered = any(
+        (args.ids, args.channel, args.event, args.error_code, args.since, args.until, args.limit)
+    )
+    if not filtered and not args.all and not args.dry_run:
+        raise CommandError(
+            "refusing to delete every dead event without a filter: add ids or --channel/"
+            "--event/--error-code/--since/--until/--limit, or --all (try --dry-run first)",
+            EXIT_USAGE,
+        )
+    with _outbox(args) as (_settings, engine, table):
+        with engine.connect() as conn:
+            matched = admin.count_for_replay(conn, table, selection)
+            sample = admin.select_for_replay(conn, table, selection, limit=_SAMPLE)
+            heads = admin.parked_heads_among(conn, table, selection) if matched else 0
+            elsewhere = {} if matched else admin.count_elsewhere(conn, table, selection)
+        if not matched:
+            if args.json:
+                _print_deletion(0, [], 0, as_json=True, dry_run=args.dry_run)
+            raise CommandError(_nothing_to_delete(elsewhere), EXIT_NO_MATCH)
+        deleted = 0
+        if not args.dry_run:
+            # As replay: a page per transaction, flat memory, progress past one page.
+            progress = Progress("deleted", matched) if matched > admin.REPLAY_PAGE else None
+            for page in admin.delete_dead_in_pages(engine, table, selection):
+                deleted += page
+                if progress is not None:
+                    progress.update(deleted)
+            if progress is not None:
+                progress.done()
+    _print_deletion(
+        matched, sample, heads, as_json=args.json, dry_run=args.dry_run, deleted=deleted
+    )
+    return EXIT_OK
+
+
+def _nothing_to_delete(elsewhere: dict[str, int]) -> str:
+    """Why a deletion found nothing, and where the events it named are if they exist."""
+    message = "nothing to delete: no dead event matches"
+    if elsewhere:
+        found = ", ".join(f"{n} {status.replace('_', ' ')}" for status, n in elsewhere.items())
+        verb = "does" if sum(elsewhere.values()) == 1 else "do"
+        message += f" ({found} {verb}); only dead events are deleted"
+    return message
+
+
+def _print_deletion(
+    matched: int,
+    sample: list[dict[str, Any]],
+    parked_heads: int,
+    *,
+    as_json: bool,
+    dry_run: bool,
+    deleted: int = 0,
+) -> None:
+    if as_json:
+        payload = {
+            "matched": matched,
+            "sample": sample,
+            "parked_heads": parked_heads,
+            "dry_run": dry_run,
+        }
+        if not dry_run:
+            payload["deleted"] = deleted
+        print(json.dumps(payload, indent=2))
+        return
+    verb = "would delete" if dry_run else f"deleted {deleted} of"
+    print(f"{verb} {matched} dead event(s)")
+    for row in sample:
+        print(
+            f"  row {row['id']} {row['channel']} {row['event']} "
+            f"[{row['last_error_status'] or ''} {row['last_error_code'] or ''}] "
+            f"{row['last_error_message'] or ''}"
+        )
+    if matched > len(sample):
+        print(f"  ... and {matched - len(sample)} more")
+    if parked_heads:
+        one = parked_heads == 1
+        if dry_run:
+            print(
+                f"{parked_heads} of them {'is the dead head' if one else 'are the dead heads'} of "
+                f"a parked ordering key: deleting {'it lets its key' if one else 'them lets their keys'}"
+                " go on (as outbox keys --skip)"
+            )
+        else:
+            print(
+                f"{parked_heads} of them {'was the dead head' if one else 'were the dead heads'} "
+                f"of a parked ordering key: {'its key goes' if one else 'their keys go'} on"
+            )
+
+
 def cmd_leases(args: argparse.Namespace) -> int:
     with _outbox(args) as (_settings, engine, table):
         if args.release_expired or args.release_all:
@@ -453,12 +649,24 @@ def cmd_leases(args: argparse.Namespace) -> int:
             return EXIT_OK
         with engine.connect() as conn:
             total, expired, listed = admin.leases(conn, table, limit=args.limit)
+            now = admin.database_now(conn)
+    if args.json:
+        leases = [
+            {**dataclasses.asdict(lease), "lease_expires_at": lease.lease_expires_at.isoformat()}
+            for lease in listed
+        ]
+        print(json.dumps({"leased": total, "expired": expired, "leases": leases}, indent=2))
+        return EXIT_OK
     print(f"{total} leased row(s), {expired} expired")
     for lease in listed:
-        state = "EXPIRED" if lease.expired else "live"
+        # Against the database's clock, which set the lease: this host's may differ.
+        left = (lease.lease_expires_at - now).total_seconds()
+        when = (
+            f"EXPIRED {_duration(-left)} ago" if lease.expired else f"expires in {_duration(left)}"
+        )
         print(
             f"  row {lease.id} {lease.channel} {lease.event} (attempts {lease.attempts}) "
-            f"lease until {lease.lease_expires_at.isoformat()} {state}"
+            f"lease {when}"
         )
     if total > len(listed):
         print(f"  ... and {total - len(listed)} more")
@@ -476,6 +684,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
             return EXIT_OK
         with engine.connect() as conn:
             total, listed = admin.parked_keys(conn, table, limit=args.limit)
+            now = admin.database_now(conn)
     if args.json:
         keys = [k.as_dict() for k in listed]
         print(json.dumps({"parked": total, "keys": keys}, indent=2))
@@ -485,7 +694,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
         reason = " ".join(x for x in (key.last_error_code, key.last_error_message) if x)
         print(
             f"  {key.ordering_key!r}: {key.waiting} waiting behind dead row {key.head_id} "
-            f"({key.channel} {key.event}) since {key.parked_at.isoformat()}: {reason}"
+            f"({key.channel} {key.event}), parked {_duration((now - key.parked_at).total_seconds())}"
+            f" ago: {reason}"
         )
     if total > len(listed):
         print(f"  ... and {total - len(listed)} more")
@@ -517,6 +727,16 @@ def cmd_web(args: argparse.Namespace) -> int:
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
+    if not args.raw:
+        # A typo in JSON would otherwise be stored, and delivered, as a string that no
+        # subscriber expecting JSON can read.
+        problem = _json_problem(args.data)
+        if problem is not None:
+            raise CommandError(
+                f"DATA is not valid JSON ({problem}): fix it, or pass --raw to send it as a "
+                "plain string",
+                EXIT_USAGE,
+            )
     if is_encrypted_channel(args.channel) and not os.environ.get(MASTER_KEY_VARIABLE):
         # This shell is where a worker would read its settings: without the key there, no
         # worker started from it could ever send the event.
@@ -553,11 +773,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 MASTER_KEY_VARIABLE = ENVIRONMENT["encryption_master_key_base64"][0]
-#: Settings ``outbox worker`` takes as flags: all but the database and the log format (global
-#: flags) and secrets
-#: (a flag shows in the process list).
+#: Settings ``outbox worker`` takes as flags: all but the global ones (the database, the table
+#: and the log format) and secrets (a flag shows in the process list).
 WORKER_FLAGS = tuple(
-    s for s in SPECS if s.name not in ("database_url", "log_format") and not s.secret
+    s for s in SPECS if s.name not in ("database_url", "table_name", "log_format") and not s.secret
 )
 #: Seconds between two writes of ``--stats-file``.
 STATS_INTERVAL = 1.0
@@ -574,15 +793,14 @@ def _outbox(
     **overrides: object,
 ) -> Iterator[tuple[Settings, sa.Engine, sa.Table]]:
     """The settings, an engine (disposed after) and the table of one command."""
+    overrides |= {"database_url": args.database_url, "table_name": args.table}
     if worker:
-        settings = Settings.from_env(
-            database_url=args.database_url, log_format=args.log_format, **overrides
-        )
+        settings = Settings.from_env(log_format=args.log_format, **overrides)
     else:
         # Commands that never publish only need the database: a malformed SOCKUDO_URL or worker
         # tuning variable must not stop an operator from looking at (or fixing) the outbox.
         environ = {k: v for k, v in os.environ.items() if k in _DATABASE_VARIABLES}
-        settings = Settings.from_env(environ, database_url=args.database_url, **overrides)
+        settings = Settings.from_env(environ, **overrides)
     engine = create_engine(settings.database_url)
     try:
         if require_schema:
@@ -650,8 +868,61 @@ def _nothing_to_replay(published: bool, elsewhere: dict[str, int]) -> str:
     return message
 
 
+def _duration(seconds: float) -> str:
+    """A time span as people read it: ``0 s``, ``42 s``, ``3 min 5 s``, ``2 h 14 min``,
+    ``3 d 4 h`` (two units at most; a negative span, from clocks that differ, reads as 0 s)."""
+    whole = max(0, int(seconds))
+    if whole < 60:
+        return f"{whole} s"
+    minutes, secs = divmod(whole, 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {minutes} min"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h"
+
+
+def _json_problem(text: str) -> str | None:
+    """What makes ``text`` not JSON (RFC 8259: no NaN or Infinity), or None when it is."""
+
+    def refuse_constant(name: str) -> object:
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        json.loads(text, parse_constant=refuse_constant)
+    except json.JSONDecodeError as exc:
+        return f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 #: Rows shown by a replay (and its dry run) before "... and N more".
 _SAMPLE = 10
+
+
+#: How ``outbox worker --help`` says a default that is not a plain value.
+_DEFAULTS_IN_WORDS = {
+    "batch_size": "the server's batch limit",
+    "metrics_port": "off",
+}
+
+
+def _setting_default(spec: SettingSpec) -> str:
+    """A setting's default as ``outbox worker --help`` shows it: the value ``Settings`` takes
+    when neither the variable nor the flag is given (a URL with its secret masked)."""
+    if spec.name in _DEFAULTS_IN_WORDS:
+        return _DEFAULTS_IN_WORDS[spec.name]
+    value = next(f.default for f in dataclasses.fields(Settings) if f.name == spec.name)
+    if value is None:
+        return "unset"
+    if isinstance(value, str) and "://" in value:
+        return mask_url(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def _flag_parser(spec: SettingSpec) -> Callable[[str], object]:

@@ -11,8 +11,9 @@ level) come from its dialect module, which says why.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -28,6 +29,15 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 class DatabaseURLError(ValueError):
     """The database URL cannot be used (unparsable, or a database we do not support)."""
+
+
+class DriverMissing(DatabaseURLError):
+    """The database driver a URL needs is not installed. The message is one line naming what to
+    install (for a bare ``mysql://`` or ``mariadb://`` URL: the ``mysql`` extra)."""
+
+
+#: The drivers this package picks for bare URLs, and the extra that installs each.
+DRIVER_EXTRAS = {"pymysql": "mysql", "aiomysql": "mysql"}
 
 
 class UnfollowableEngine(RuntimeError):
@@ -63,20 +73,48 @@ def normalize_url(url: str | URL, *, asyncio: bool = False) -> URL:
 
 
 def create_engine(url: str | URL, **kwargs: Any) -> sa.Engine:
-    """A sync engine for ``url`` with the settings the worker relies on."""
-    parsed = normalize_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        engine = sa.create_engine(parsed, **kwargs)
-        sa.event.listen(engine, "connect", _configure_sqlite)
-        return engine
-    # No pre-ping: it costs a round trip per transaction, and the worker already retries a
-    # statement that meets a dropped connection (SQLAlchemy then replaces the connection).
-    kwargs.setdefault("pool_pre_ping", False)
-    from .dialects import dialect_class
+    """A sync engine for ``url`` with the settings the worker relies on.
 
-    for option, value in dialect_class(parsed.get_dialect().name).engine_options.items():
-        kwargs.setdefault(option, value)
-    return sa.create_engine(parsed, **kwargs)
+    Raises :class:`DatabaseURLError` for a URL it cannot use, and :class:`DriverMissing` when
+    the URL's driver is not installed (a ``mysql://`` URL without the ``mysql`` extra).
+    """
+    parsed = normalize_url(url)
+    with _driver_required(parsed, display_url(url)):
+        if parsed.get_backend_name() == "sqlite":
+            engine = sa.create_engine(parsed, **kwargs)
+            sa.event.listen(engine, "connect", _configure_sqlite)
+            return engine
+        # No pre-ping: it costs a round trip per transaction, and the worker already retries a
+        # statement that meets a dropped connection (SQLAlchemy then replaces the connection).
+        kwargs.setdefault("pool_pre_ping", False)
+        from .dialects import dialect_class
+
+        for option, value in dialect_class(parsed.get_dialect().name).engine_options.items():
+            kwargs.setdefault(option, value)
+        return sa.create_engine(parsed, **kwargs)
+
+
+@contextlib.contextmanager
+def _driver_required(url: URL, shown: str) -> Iterator[None]:
+    """Turn the import error of a missing driver (SQLAlchemy imports it when the engine is
+    made) into :class:`DriverMissing`, saying what to install; ``shown`` is the URL as given,
+    its password hidden."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        module = (exc.name or "").partition(".")[0]
+        driver = url.get_driver_name()
+        if module.lower() in DRIVER_EXTRAS:
+            extra = DRIVER_EXTRAS[module.lower()]
+            raise DriverMissing(
+                f"{shown} needs the {module} driver (the {extra} extra), which is not "
+                f'installed: pip install "sockudo-outbox[{extra}]"'
+            ) from None
+        if module and module.lower() == driver.lower():
+            raise DriverMissing(
+                f"{shown} names the {driver} driver, which is not installed"
+            ) from None
+        raise
 
 
 def _configure_sqlite(dbapi_connection: sqlite3.Connection, _record: object) -> None:

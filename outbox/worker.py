@@ -435,16 +435,21 @@ class Worker:
         for note in plan.notes:
             log.log(note.level, note.message, *note.args)
         await self._record(token, plan, rows)
+        # Rows, then requests: a row refused in its batch request is sent again alone, so one
+        # row may be in both counts of requests (53 rows: 1 batch request of 53, 53 alone).
         log.info(
-            "batch of %d: %d published (%d in a batch, %d alone), %d to retry, %d dead, "
-            "%d given back, in %.1f ms",
+            "batch of %d: %d published, %d to retry, %d dead, %d given back; "
+            "%d batch request%s (%d rows), %d request%s alone; in %.1f ms",
             len(rows),
             len(plan.published),
-            outcome.sent_as_batch,
-            outcome.sent_alone,
             plan.retried,
             len(plan.dead),
             len(outcome.unsent),
+            outcome.requests - outcome.sent_alone,
+            "" if outcome.requests - outcome.sent_alone == 1 else "s",
+            outcome.sent_as_batch,
+            outcome.sent_alone,
+            "" if outcome.sent_alone == 1 else "s",
             (time.perf_counter() - started) * 1000,
         )
 

@@ -207,3 +207,128 @@ def test_dead_events_lists_exactly_what_a_replay_of_the_selection_changes(engine
 def _rows_of(engine: sa.Engine, event_id: object) -> list[sa.Row]:
     with engine.connect() as conn:
         return list(conn.execute(sa.select(T).where(T.c.event_id == event_id).order_by(T.c.id)))
+
+
+# -- search pages, one record -------------------------------------------------------------------
+
+
+def test_search_events_pages_newest_first_and_event_record_reads_one_row(engine):
+    ids = [add(engine, "orders", f"e{n}") for n in range(5)]
+    add(engine, "audit")
+    set_row(engine, ids[1], status="dead", last_error_code="x")
+    set_row(engine, ids[2], status="published", published_at=T0)
+
+    def page(before: int | None = None, limit: int = 2) -> list[tuple[int, str]]:
+        with engine.connect() as conn:
+            found = admin.search_events(conn, T, " orders ", limit, before)
+        return [(r.id, r.status) for r in found]
+
+    assert page() == [(ids[4], "pending"), (ids[3], "pending")]
+    assert page(ids[3]) == [(ids[2], "published"), (ids[1], "dead")]
+    assert page(ids[1]) == [(ids[0], "pending")]
+    assert page(ids[0]) == []
+    with engine.connect() as conn:
+        assert admin.search_events(conn, T, "a\x00b") == []
+        assert [r.id for r in admin.search_events(conn, T, str(ids[2]))] == [ids[2]]
+        record = admin.event_record(conn, T, ids[1])
+        assert record is not None and (record.id, record.status) == (ids[1], "dead")
+        for missing in (0, -1, 10**6, 2**63):
+            assert admin.event_record(conn, T, missing) is None
+
+
+# -- the queue ----------------------------------------------------------------------------------
+
+
+def test_queued_events_lists_pending_or_in_flight_rows_oldest_first(engine):
+    now = dt.datetime.now(dt.UTC)
+    due = add(engine, "orders", "due", attempts=1, failures=1, last_error_code="backpressure")
+    later = add(engine, "orders", "later", next_attempt_at=now + dt.timedelta(minutes=5))
+    leased = add(
+        engine, "orders", "leased", attempts=1, lease_expires_at=now + dt.timedelta(hours=1)
+    )
+    expired = add(engine, "orders", "expired", lease_expires_at=now - dt.timedelta(minutes=1))
+    add_dead(engine)
+    add_published(engine)
+
+    def listed(state: str, **page: int) -> list[int]:
+        with engine.connect() as conn:
+            return [r.id for r in admin.queued_events(conn, T, state, **page)]
+
+    # An expired lease is pending again: claimable as it stands.
+    assert listed("pending") == [due, later, expired]
+    assert listed("pending", limit=2) == [due, later]
+    assert listed("pending", after_id=later) == [expired]
+    assert listed("in_flight") == [leased]
+    with engine.connect() as conn:
+        [first] = admin.queued_events(conn, T, "pending", limit=1)
+        [held] = admin.queued_events(conn, T, "in_flight")
+        with pytest.raises(ValueError, match="not 'dead'"):
+            admin.queued_events(conn, T, "dead")
+    assert (first.state, first.event, first.attempts, first.failures) == ("pending", "due", 1, 1)
+    assert (first.last_error_code, first.waiting_for, first.ordering_key) == (
+        "backpressure",
+        None,
+        None,
+    )
+    assert held.state == "in_flight" and held.lease_expires_at is not None
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"], indirect=True)  # MariaDB: no keys
+def test_queued_events_say_what_a_waiting_row_waits_for(engine):
+    with engine.begin() as conn:
+        for n in range(2):
+            enqueue(conn, "orders", "step", {"n": n}, ordering_key="order-7")
+    with engine.connect() as conn:
+        head, behind = admin.queued_events(conn, T, "pending")
+    assert (head.ordering_key, head.waiting_for) == ("order-7", None)
+    assert (behind.ordering_key, behind.waiting_for) == ("order-7", admin.WAITING_FOR_ITS_KEY)
+
+
+# -- deleting dead events -----------------------------------------------------------------------
+
+
+def test_delete_dead_deletes_what_the_selection_matches_in_pages(engine):
+    orders = [add_dead(engine, "orders") for _ in range(5)]
+    audit = add_dead(engine, "audit")
+    pending, published = add(engine, "orders"), add_published(engine, "orders")
+    selection = ReplayFilter(channel="orders", limit=4)
+    with engine.connect() as conn:
+        assert admin.count_for_replay(conn, T, selection) == 4
+        assert admin.parked_heads_among(conn, T, selection) == 0
+    # Pages of 3: a first page of 3 committed, then 1 (the limit), oldest first.
+    assert list(admin.delete_dead_in_pages(engine, T, selection, page=3)) == [3, 1]
+    with engine.connect() as conn:
+        left = set(conn.execute(sa.select(EV.c.id)).scalars())
+    assert left == {orders[4], audit, pending, published}
+    with engine.begin() as conn:
+        assert admin.delete_dead(conn, T, ReplayFilter(ids=[orders[4], pending])) == 1
+        assert admin.delete_dead(conn, T, ReplayFilter(ids=[orders[4]])) == 0
+        with pytest.raises(ValueError, match="only dead events are deleted"):
+            admin.delete_dead(conn, T, ReplayFilter(statuses=("published",)))
+    assert {row(engine, i).status for i in (pending, published)} == {"pending", "published"}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"], indirect=True)  # MariaDB: no keys
+def test_deleting_a_parked_head_lets_its_key_go_on(engine):
+    from outbox.dialects import dialect_for
+    from outbox.schema import parked_table
+
+    with engine.begin() as conn:
+        for n in range(3):
+            enqueue(conn, "orders", "step", {"n": n}, ordering_key="k")
+        head, second, third = conn.execute(sa.select(T.c.id).order_by(T.c.id)).scalars()
+    set_row(engine, head, status="dead", last_error_code="payload_too_large")
+    with engine.begin() as conn:
+        dialect_for(conn).park_keys(conn, T, [head])
+    with engine.connect() as conn:
+        assert admin.parked_heads_among(conn, T, ReplayFilter(ids=[head])) == 1
+        assert admin.parked_key(conn, T, "k") is not None
+        assert admin.parked_key(conn, T, "other") is None
+        assert [r.waiting_for for r in admin.queued_events(conn, T, "pending")] == ["key", "key"]
+    with engine.begin() as conn:
+        assert admin.delete_dead(conn, T, ReplayFilter(ids=[head])) == 1
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(parked_table(T))).all() == []
+        waiting = [(r.id, r.waiting_for) for r in admin.queued_events(conn, T, "pending")]
+    # The next event of the key is due: the key goes on without its deleted head.
+    assert waiting == [(second, None), (third, "key")]

@@ -107,18 +107,18 @@ def test_enqueue_prints_the_event_id_and_writes_the_row(env, engine, capsys):
     )
     assert row.idempotency_key == derive_channel_key(str(event_id), "orders")
 
-    code, out, err = cli(capsys, "enqueue", "orders", "created", "x", "--idempotency-key", "k-1")
+    code, out, err = cli(capsys, "enqueue", "orders", "created", '"x"', "--idempotency-key", "k-1")
     assert code == 0, err
     assert rows(engine)[2].idempotency_key == derive_channel_key("k-1", "orders")
     # the same key again: refused as bad input, in one line
-    code, out, err = cli(capsys, "enqueue", "orders", "created", "x", "--idempotency-key", "k-1")
+    code, out, err = cli(capsys, "enqueue", "orders", "created", '"x"', "--idempotency-key", "k-1")
     assert code == 2
     assert out == "" and err.startswith("outbox: error: not enqueued:") and err.count("\n") == 1
     assert len(rows(engine)) == 2
 
 
 def test_enqueue_bad_channel_is_exit_2_with_one_line(env, engine, capsys):
-    code, out, err = cli(capsys, "enqueue", "bad channel", "created", "x")
+    code, out, err = cli(capsys, "enqueue", "bad channel", "created", "{}")
     assert code == 2
     assert out == ""
     assert err.startswith("outbox: error: invalid channel name 'bad channel'")
@@ -127,10 +127,10 @@ def test_enqueue_bad_channel_is_exit_2_with_one_line(env, engine, capsys):
 
 
 def test_enqueue_subprocess_exit_codes(env, engine, backend):
-    ok = run(env, "enqueue", "orders", "created", "hello")
+    ok = run(env, "enqueue", "orders", "created", '"hello"')
     assert ok.returncode == 0, ok.stderr
     assert rows(engine)[1].event_id == uuid.UUID(ok.stdout.strip())
-    bad = run(env, "enqueue", "bad channel", "created", "hello")
+    bad = run(env, "enqueue", "bad channel", "created", "{}")
     assert bad.returncode == 2
     assert bad.stdout == ""
     assert bad.stderr.startswith("outbox: error: invalid channel name")
@@ -314,7 +314,7 @@ def test_status_check_subprocess(env, engine, backend):
     "args",
     [
         ["status"],
-        ["enqueue", "orders", "created", "x"],
+        ["enqueue", "orders", "created", "{}"],
         ["replay", "--all"],
         ["replay", "--dry-run"],
         # (the worker migrates SQLite itself: tests/test_embedded_schema.py)
@@ -719,7 +719,7 @@ def test_bare_postgresql_urls_work(postgres_url, capsys):
     """`postgresql://` and `postgres://` (no driver) are given psycopg."""
     assert postgres_url.startswith("postgresql://")
     env = {**os.environ, "OUTBOX_DATABASE_URL": postgres_url}
-    done = run(env, "enqueue", "orders", "created", "bare")
+    done = run(env, "enqueue", "orders", "created", '"bare"')
     assert done.returncode == 0, done.stderr
     heroku_style = "postgres://" + postgres_url.removeprefix("postgresql://")
     code, out, err = cli(capsys, "--database-url", heroku_style, "status", "--json")
@@ -731,10 +731,10 @@ def test_bare_mysql_and_mariadb_urls_work(mariadb_url, capsys):
     """`mysql://` and `mariadb://` (no driver) are given PyMySQL; both reach the same table."""
     assert mariadb_url.startswith("mariadb://")
     env = {**os.environ, "OUTBOX_DATABASE_URL": mariadb_url}
-    done = run(env, "enqueue", "orders", "created", "bare")
+    done = run(env, "enqueue", "orders", "created", '"bare"')
     assert done.returncode == 0, done.stderr
     mysql_style = "mysql://" + mariadb_url.removeprefix("mariadb://")
-    code, out, err = cli(capsys, "--database-url", mysql_style, "enqueue", "orders", "again", "x")
+    code, out, err = cli(capsys, "--database-url", mysql_style, "enqueue", "orders", "again", '"x"')
     assert code == 0, err
     code, out, err = cli(capsys, "--database-url", mysql_style, "status", "--json")
     assert code == 0, err
@@ -793,7 +793,7 @@ def test_commands_that_never_publish_ignore_a_bad_sockudo_url(env, engine, capsy
     monkeypatch.setenv("SOCKUDO_URL", "http://app-key:secret@127.0.0.1:6001/nope")
     monkeypatch.setenv("OUTBOX_BATCH_SIZE", "lots")
     assert cli(capsys, "migrate")[0] == 0
-    assert cli(capsys, "enqueue", "orders", "created", "x")[0] == 0
+    assert cli(capsys, "enqueue", "orders", "created", "{}")[0] == 0
     assert cli(capsys, "status")[0] == 0
     code, _, err = cli(capsys, "replay", "--all")
     assert code == 6 and "nothing to replay" in err  # it read the outbox: nothing is dead
@@ -970,3 +970,292 @@ def test_progress_rewrites_its_line_on_a_terminal_and_thins_out_elsewhere():
     assert screen.getvalue() == (
         "\rreplayed 1 of 2 (50%)\rreplayed 2 of 2 (100%)\rreplayed 2 of 2 (100%)\n"
     )
+
+
+# -- options before or after the command, help, ages (#21) ----------------------------------
+
+
+def test_global_options_are_taken_before_or_after_the_command(
+    database_url, engine, capsys, monkeypatch, tmp_path
+):
+    """`outbox web --database-url X` (as the README writes it) as well as `outbox
+    --database-url X web`; a value given before the command is not undone by the command's
+    own copy of the option, and one given after it wins."""
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the default database, were it used by mistake, lands here
+    code, out, err = cli(capsys, "enqueue", "--database-url", database_url, "orders", "e", "1")
+    assert code == 0, err
+    code, out, err = cli(capsys, "--database-url", database_url, "enqueue", "orders", "e", "2")
+    assert code == 0, err
+    code, out, err = cli(
+        capsys, "--database-url", "mssql://nowhere/x", "status", "--json", "--database-url",
+        database_url,
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["counts"]["pending"] == 2
+    assert [r.data for r in rows(engine).values()] == ["1", "2"]
+    assert not (elsewhere / "outbox.db").exists()
+    # The table and the log options too.
+    for args in (
+        ["--table", "x" * 41, "status", "--database-url", database_url],
+        ["status", "--database-url", database_url, "--table", "x" * 41],
+    ):
+        code, out, err = cli(capsys, *args)
+        assert code == 2 and "OUTBOX_TABLE must be 1 to 40 characters" in err, args
+    code, out, err = cli(capsys, "status", "--log-format", "xml")
+    assert code == 2 and "OUTBOX_LOG_FORMAT must be one of text, json, got 'xml'" in err
+    # The dashboard's options and the global ones, in any order (refused only for its address).
+    code, out, err = cli(capsys, "web", "--database-url", database_url, "--host", "0.0.0.0")
+    assert code == 2 and err.startswith("outbox: error: refusing to serve the dashboard on 0.0.0.0")
+
+
+def test_the_worker_takes_global_options_after_its_name(env, engine, sockudo_server):
+    done = run(env, "enqueue", "orders", "created", "{}")
+    assert done.returncode == 0, done.stderr
+    url = env.pop("OUTBOX_DATABASE_URL")
+    done = run(
+        env, "worker", "--once", "--database-url", url, "--sockudo-url", sockudo_server.url,
+        "--log-level", "warning",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "batch of" not in done.stderr  # --log-level reached the logging set-up
+    assert {r.status for r in rows(engine).values()} == {"published"}
+
+
+def test_worker_help_shows_every_settings_default(capsys, monkeypatch):
+    from outbox.cli import WORKER_FLAGS
+
+    monkeypatch.setenv("COLUMNS", "400")  # no line wrapped (argparse breaks at hyphens)
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["worker", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for spec in WORKER_FLAGS:
+        assert re.search(rf"{spec.flag} \S+ .*?\(env {spec.variable}, default [^)]", text), spec
+    for shown in (
+        "(env OUTBOX_IN_FLIGHT, default 4)",
+        "(env OUTBOX_LEASE_SECONDS, default 60)",
+        "(env OUTBOX_BATCH_SIZE, default the server's batch limit)",
+        "(env OUTBOX_METRICS_PORT, default off)",
+        "(env OUTBOX_DEAD_HEAD, default park)",
+        "(env OUTBOX_DATABASE_URL, default sqlite:///outbox.db)",
+        "(env OUTBOX_TABLE, default outbox_events)",
+        # The default URL's secret is the compose stack's; masked all the same.
+        "(env SOCKUDO_URL, default http://app-key:***@127.0.0.1:6001/apps/app-id)",
+    ):
+        assert shown in text, shown
+    assert "app-secret" not in text
+
+
+def test_enqueue_refuses_data_that_is_not_json_unless_raw(env, engine, capsys):
+    for data, problem in (
+        ("hello", "Expecting value at line 1 column 1"),
+        ('{"id": 1', "Expecting ',' delimiter at line 1 column 9"),
+        ("{'id': 1}", "Expecting property name enclosed in double quotes"),
+        ('{"n": NaN}', "NaN is not JSON"),
+    ):
+        code, out, err = cli(capsys, "enqueue", "orders", "created", data)
+        assert (code, out) == (2, ""), data
+        assert err.startswith(f"outbox: error: DATA is not valid JSON ({problem}"), err
+        assert err.endswith("pass --raw to send it as a plain string\n") and err.count("\n") == 1
+    assert rows(engine) == {}
+    for data in ('{"id": 1}', "[1, 2]", '"text"', "42", "null"):
+        code, out, err = cli(capsys, "enqueue", "orders", "created", data)
+        assert code == 0, err
+    code, out, err = cli(capsys, "enqueue", "orders", "created", "hello", "--raw")
+    assert code == 0, err
+    # Stored exactly as typed, JSON or not: the worker sends the text it was given.
+    assert [r.data for r in rows(engine).values()] == [
+        '{"id": 1}', "[1, 2]", '"text"', "42", "null", "hello"
+    ]  # fmt: skip
+
+
+def test_a_mysql_url_without_its_driver_says_which_extra_to_install(capsys, monkeypatch):
+    # As if the mysql extra were not installed: an import of PyMySQL fails.
+    monkeypatch.setitem(sys.modules, "pymysql", None)
+    for url in ("mysql://ops:hunter2@db.internal/app", "mariadb://ops:hunter2@db.internal/app"):
+        message = (
+            f"{url.replace('hunter2', '***')} needs the pymysql driver (the mysql extra), "
+            'which is not installed: pip install "sockudo-outbox[mysql]"'
+        )
+        for command in (["status"], ["enqueue", "orders", "e", "{}"], ["migrate"], ["web"]):
+            code, out, err = cli(capsys, "--database-url", url, *command)
+            assert (code, out) == (2, ""), command
+            assert err == f"outbox: error: {message}\n", command
+        # An application's own code gets the same sentence, as an error it can catch.
+        from outbox.database import DatabaseURLError, DriverMissing
+
+        with pytest.raises(DriverMissing) as raised:
+            create_engine(url)
+        assert isinstance(raised.value, DatabaseURLError) and str(raised.value) == message
+
+
+@pytest.mark.parametrize(
+    ("url", "missing"),
+    [
+        ("http://app-key@127.0.0.1:6001/apps/app-id", "has no secret"),
+        ("http://app-key:@127.0.0.1:6001/apps/app-id", "has no secret"),
+        ("http://:{secret}@127.0.0.1:6001/apps/app-id", "has no key"),
+        ("http://127.0.0.1:6001/apps/app-id", "has no key and secret"),
+        ("http://app-key:{secret}@127.0.0.1:6001/apps/", "has no app id"),
+        ("http://app-key:{secret}@127.0.0.1:6001/app-id", "has no /apps/APP_ID path"),
+        ("ws://app-key:{secret}@127.0.0.1:6001/apps/app-id", "does not start with http://"),
+    ],
+)
+def test_a_sockudo_url_missing_a_part_says_which_without_the_secret(capsys, url, missing):
+    secret = "s3cr3t-do-not-print"
+    url = url.format(secret=secret)
+    code, out, err = cli(capsys, "worker", "--once", "--sockudo-url", url)
+    assert (code, out) == (2, "")
+    assert err.startswith(f"outbox: error: SOCKUDO_URL: Sockudo URL {missing}"), err
+    assert "http(s)://KEY:SECRET@HOST[:PORT]/apps/APP_ID" in err and err.count("\n") == 1
+    assert secret not in err
+
+
+def test_outbox_leases_shows_how_long_each_lease_has_left(env, engine, capsys):
+    now = dt.datetime.now(dt.UTC)  # the database's clock is this machine's
+    live = add(engine, status="in_flight", attempts=1, lease_expires_at=now + dt.timedelta(hours=1))
+    stale = add(
+        engine, status="in_flight", attempts=2, lease_expires_at=now - dt.timedelta(minutes=2)
+    )
+    code, out, err = cli(capsys, "leases")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "2 leased row(s), 1 expired"
+    assert re.fullmatch(
+        rf"  row {stale} orders created \(attempts 2\) lease EXPIRED 2 min \d+ s ago", lines[1]
+    ), lines[1]
+    assert re.fullmatch(
+        rf"  row {live} orders created \(attempts 1\) lease expires in (59 min \d+ s|1 h 0 min)",
+        lines[2],
+    ), lines[2]
+    assert not re.search(r"\d\d:\d\d:\d\d", out), out  # no clock time at all
+    report = json.loads(cli(capsys, "leases", "--json")[1])
+    assert (report["leased"], report["expired"]) == (2, 1)
+    assert [(r["id"], r["expired"]) for r in report["leases"]] == [(stale, True), (live, False)]
+    shown = dt.datetime.fromisoformat(report["leases"][1]["lease_expires_at"])
+    assert abs(shown - (now + dt.timedelta(hours=1))) < dt.timedelta(milliseconds=1)
+
+
+def test_the_workers_batch_line_counts_rows_and_requests_apart(env, engine):
+    """A batch of four with one event the server refuses: the batch request is refused whole,
+    its four rows are sent again alone. The line says so without contradicting itself."""
+    with TestServer(max_payload_kb=1) as server:
+        env = {**env, "SOCKUDO_URL": server.url}
+        for data in ('{"n": 1}', '{"n": 2}', json.dumps({"blob": "x" * 2000}), '{"n": 3}'):
+            assert run(env, "enqueue", "orders", "created", data).returncode == 0
+        done = run(env, "worker", "--once")
+    assert done.returncode == 0, done.stderr
+    [line] = [line for line in done.stderr.splitlines() if "batch of" in line]
+    assert re.search(
+        r"batch of 4: 3 published, 0 to retry, 1 dead, 0 given back; "
+        r"1 batch request \(4 rows\), 4 requests alone; in [\d.]+ ms$",
+        line,
+    ), line
+
+
+# -- delete-dead ----------------------------------------------------------------------------
+
+
+def test_delete_dead_dry_run_first_then_for_good(env, engine, capsys):
+    orders = [dead(engine, "orders", event=f"e{i}") for i in range(12)]
+    audit = dead(engine, "audit")
+    pending, published = add(engine), add(engine, status="published", published_at=NOW)
+    before = rows(engine)
+    code, out, err = cli(capsys, "delete-dead", "--dry-run", "--channel", "orders")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "would delete 12 dead event(s)"
+    assert lines[1].startswith(f"  row {orders[0]} orders e0 [413 payload_too_large]")
+    assert lines[-1] == "  ... and 2 more"
+    assert rows(engine) == before
+
+    code, out, err = cli(capsys, "delete-dead", "--channel", "orders", "--limit", "10", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert (report["matched"], report["deleted"], report["dry_run"]) == (10, 10, False)
+    assert set(rows(engine)) == {*orders[10:], audit, pending, published}
+    # By id, event id or key; only dead rows.
+    code, out, err = cli(
+        capsys, "delete-dead", str(orders[10]), str(before[orders[11]].event_id), str(pending)
+    )
+    assert code == 0 and out.splitlines()[0] == "deleted 2 of 2 dead event(s)", err
+    assert set(rows(engine)) == {audit, pending, published}
+    assert rows(engine)[pending] == before[pending]
+
+
+def test_delete_dead_without_a_filter_is_refused_unless_all(env, engine, capsys):
+    ids = [dead(engine) for _ in range(3)]
+    code, out, err = cli(capsys, "delete-dead")
+    assert (code, out) == (2, "")
+    assert err.startswith("outbox: error: refusing to delete every dead event without a filter")
+    assert "--all" in err and err.count("\n") == 1
+    assert set(rows(engine)) == set(ids)
+    code, out, _ = cli(capsys, "delete-dead", "--dry-run")  # a dry run needs no filter
+    assert code == 0 and out.startswith("would delete 3 dead event(s)\n")
+    code, out, err = cli(capsys, "delete-dead", "--all")
+    assert code == 0 and out.startswith("deleted 3 of 3 dead event(s)\n"), err
+    assert rows(engine) == {}
+
+
+def test_delete_dead_that_matches_nothing_exits_6_and_says_where_the_events_are(
+    env, engine, capsys
+):
+    pending = add(engine)
+    dead(engine)
+    code, out, err = cli(capsys, "delete-dead", "--channel", "nope")
+    assert (code, out) == (6, "")
+    assert err == "outbox: error: nothing to delete: no dead event matches\n"
+    code, out, err = cli(capsys, "delete-dead", "--json", str(pending))
+    assert code == 6 and json.loads(out)["matched"] == 0
+    assert err == (
+        "outbox: error: nothing to delete: no dead event matches (1 pending does); "
+        "only dead events are deleted\n"
+    )
+    assert len(rows(engine)) == 2
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"], indirect=True)  # MariaDB: no keys
+def test_deleting_a_parked_head_says_its_key_goes_on(env, engine, capsys):
+    from outbox.dialects import dialect_for
+
+    with engine.begin() as conn:
+        for n in range(2):
+            enqueue(conn, "orders", "step", {"n": n}, ordering_key="k")
+        head = conn.execute(sa.select(sa.func.min(T.c.id))).scalar_one()
+    set_row(engine, head, status="dead", last_error_code="payload_too_large")
+    with engine.begin() as conn:
+        dialect_for(conn).park_keys(conn, T, [head])
+    code, out, _ = cli(capsys, "delete-dead", "--dry-run", str(head))
+    assert out.splitlines()[-1] == (
+        "1 of them is the dead head of a parked ordering key: deleting it lets its key go on "
+        "(as outbox keys --skip)"
+    )
+    code, out, err = cli(capsys, "delete-dead", str(head))
+    assert code == 0, err
+    assert out.splitlines()[-1] == (
+        "1 of them was the dead head of a parked ordering key: its key goes on"
+    )
+    assert cli(capsys, "keys")[1].startswith("0 parked key(s)")
+
+
+def test_delete_dead_runs_in_constant_memory_and_shows_its_progress(env, engine, capsys):
+    import tracemalloc
+
+    n = admin.REPLAY_PAGE * 2 + 500
+    with engine.begin() as conn:
+        enqueue_many(conn, [OutboxEvent("orders", "created", "x" * 200) for _ in range(n)])
+        move_where(conn, sa.true(), "dead", last_error_message="m" * 400)
+    tracemalloc.start()
+    try:
+        code, out, err = cli(capsys, "delete-dead", "--all")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert code == 0, err
+    assert out.startswith(f"deleted {n} of {n} dead event(s)")
+    assert err.splitlines()[-1] == f"deleted {n:,} of {n:,} (100%)"
+    assert peak < 8 * 1024 * 1024, f"peak {peak / 1e6:.1f} MB"
+    assert rows(engine) == {}

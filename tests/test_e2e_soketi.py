@@ -475,5 +475,9 @@ async def test_oversized_event_is_dead_with_soketis_reason_and_its_batch_is_deli
         assert by_event[name].status == "published"
         assert by_event[name].last_error_status is None
     # They were one batch: soketi refused it whole, the rows were re-sent alone at once.
-    assert re.search(r"batch of 4: 3 published \(4 in a batch, 4 alone\).* 1 dead", log), log
+    assert re.search(
+        r"batch of 4: 3 published, 0 to retry, 1 dead, 0 given back; "
+        r"1 batch request \(4 rows\), 4 requests alone;",
+        log,
+    ), log
     assert "The event data should be less than 1 KB." in log

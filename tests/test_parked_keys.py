@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import threading
 import uuid
 
@@ -434,3 +435,22 @@ def test_the_parked_keys_gauge_reads_the_snapshot(engine):
     registry = prometheus_client.CollectorRegistry()
     registry.register(_StateCollector(T.name, lambda: report, lambda: 0, lambda: 0))
     assert registry.get_sample_value("outbox_parked_keys", {"table": T.name}) == 1
+
+
+@on_both
+def test_outbox_keys_says_how_long_ago_a_key_was_parked(engine, capsys):
+    """``outbox keys`` shows an age against the database's clock (``parked 3 min 0 s ago``),
+    not a timestamp to the microsecond; ``--json`` keeps the time, in ISO 8601."""
+    a = keyed(engine, "k", 2)
+    bury_and_park(engine, a[0])
+    parked_at = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=3)  # the database's clock too
+    with engine.begin() as conn:
+        conn.execute(sa.update(PARKED).values(parked_at=parked_at))
+    code, out = cli(capsys, "keys")
+    assert code == 0
+    line = next(line for line in out.splitlines() if line.startswith("  'k'"))
+    assert re.search(r", parked 3 min \d+ s ago: payload_too_large payload too large$", line), line
+    assert not re.search(r"\d\d:\d\d:\d\d", out), out  # no clock time at all
+    report = json.loads(cli(capsys, "keys", "--json")[1])
+    shown = dt.datetime.fromisoformat(report["keys"][0]["parked_at"])
+    assert abs(shown - parked_at) < dt.timedelta(milliseconds=1)

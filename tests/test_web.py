@@ -9,6 +9,7 @@ the plaintext of an encrypted channel. The browser tests are in test_web_browser
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import re
 import subprocess
 import sys
@@ -21,10 +22,12 @@ import sqlalchemy as sa
 
 from outbox import enqueue
 from outbox.cli import main
+from outbox.database import normalize_url
 from outbox.dialects import dialect_for
 from outbox.settings import ENVIRONMENT
 from outbox.testing.soketi import free_port
-from tests.outbox_rows import T, add, add_dead, row, set_row
+from outbox.web.views import database_label
+from tests.outbox_rows import EV, T, add, add_dead, add_in_flight, row, set_row
 from tests.plugins.dashboard import OUTBOX, csrf_token
 
 TOKEN = "t0ken-" + "x" * 26
@@ -487,5 +490,386 @@ def test_the_dashboard_lists_parked_keys_with_their_dead_heads(
         page = client.get("/")
     assert "Parked keys" in page.text
     assert "&lt;i&gt;order-7&lt;/i&gt;" in page.text and "<i>order-7" not in page.text
-    assert f"row {head} orders step" in page.text
+    assert f'<a href="/event/{head}">row {head}</a> orders step' in page.text
     assert "payload_too_large" in page.text
+
+
+# -- #21: the login page, the queue's lists, compact search, deletion, skipping a key ----------
+
+
+def test_the_login_page_tells_a_visitor_nothing_about_the_installation(
+    database_url, serve_dashboard
+):
+    """A visitor who is not logged in sees the form, not the database's URL, the version or
+    whether the dashboard may change anything; nor does any refusal they can provoke."""
+    import outbox
+
+    served = serve_dashboard(
+        database_url, "--write", host="0.0.0.0", env={"OUTBOX_WEB_TOKEN": TOKEN}
+    )
+    label = database_label(normalize_url(database_url))  # as the page shows it
+    with served.client() as client:
+        login = client.get("/login")
+        csrf = csrf_token(login)
+        refused = client.post(
+            "/login", data={"csrf": csrf, "token": "wrong"}, headers=served.same_origin()
+        )
+        stale = client.post(
+            "/login", data={"csrf": "x", "token": "x"}, headers=served.same_origin()
+        )
+        not_found = client.get("/nowhere", headers={"accept": "text/html"})
+        logged_in = client.post(
+            "/login", data={"csrf": csrf, "token": TOKEN}, headers=served.same_origin()
+        )
+        dashboard = client.get("/")
+    assert (login.status_code, refused.status_code, stale.status_code) == (200, 401, 403)
+    assert logged_in.status_code == 303
+    for page in (login, refused, stale, not_found):
+        for detail in (
+            label,
+            make_display_host(database_url),
+            f"sockudo-outbox {outbox.__version__}",
+            "write access",
+            "read-only",
+            'action="/search"',
+        ):
+            assert detail not in page.text, (page.url, detail)
+    # Once logged in, all of it is there.
+    assert label in dashboard.text and "write access" in dashboard.text
+    assert f"sockudo-outbox {outbox.__version__}" in dashboard.text
+
+
+def make_display_host(database_url: str) -> str:
+    """The part of a database URL that names where it is (a path, or a host and database)."""
+    url = sa.make_url(database_url)
+    return url.database if url.get_backend_name() == "sqlite" else f"{url.host}:{url.port or ''}"
+
+
+def test_the_pending_and_in_flight_lists_page_through_the_queue_oldest_first(
+    database_url, engine, serve_dashboard
+):
+    from outbox import OutboxEvent, enqueue_many
+    from outbox.web.views import QUEUE_PAGE_SIZE
+
+    now = dt.datetime.now(dt.UTC)
+    first = add(engine, "orders", "created")
+    retrying = add(
+        engine,
+        "orders",
+        "retried",
+        attempts=2,
+        failures=1,
+        last_error_status=503,
+        last_error_code="backpressure",
+        last_error_message="busy",
+        next_attempt_at=now + dt.timedelta(minutes=10),
+    )
+    leased = add_in_flight(engine, "audit")
+    add_dead(engine)
+    with engine.begin() as conn:
+        enqueue_many(
+            conn, [OutboxEvent("bulk", "created", {"n": n}) for n in range(QUEUE_PAGE_SIZE)]
+        )
+    served = serve_dashboard(database_url)
+    with served.client() as client:
+        main_page = client.get("/").text
+        pending = client.get("/pending")
+        in_flight = client.get("/in-flight")
+        after = listed(pending)[-1]
+        second = client.get(f"/pending?after={after}")
+        bad = client.get("/pending?after=soon")
+    assert 'href="/pending"' in main_page and 'href="/in-flight"' in main_page
+    assert pending.status_code == 200 and queue_count(pending) == QUEUE_PAGE_SIZE + 2
+    rows = listed(pending)
+    assert rows[:2] == [first, retrying] and len(rows) == QUEUE_PAGE_SIZE
+    assert f'href="/pending?after={after}"' in pending.text
+    assert listed(second) == [rows[-1] + 1, rows[-1] + 2] and 'id="next-page"' not in second.text
+    retry_line = line_of(pending, retrying)
+    assert "503 backpressure: busy" in retry_line and "(1 failed)" in retry_line
+    assert re.search(r"due in (9 min \d+ s|10 min 0 s)", retry_line), retry_line
+    assert "due now" in line_of(pending, first)
+    assert listed(in_flight) == [leased] and queue_count(in_flight) == 1
+    assert re.search(r"ends in \d+", line_of(in_flight, leased))
+    assert bad.status_code == 400 and "not a row id" in bad.text
+
+
+def listed(page: httpx.Response) -> list[int]:
+    return [int(i) for i in re.findall(r'<tr data-row-id="(\d+)" data-state=', page.text)]
+
+
+def queue_count(page: httpx.Response) -> int:
+    found = re.search(r'id="queue-heading" data-state="\w+" data-count="(\d+)"', page.text)
+    assert found, page.text
+    return int(found.group(1))
+
+
+def line_of(page: httpx.Response, row_id: int) -> str:
+    found = re.search(rf'<tr data-row-id="{row_id}".*?</tr>', page.text, re.S)
+    assert found, (row_id, page.text)
+    return found.group(0)
+
+
+def test_a_search_lists_one_line_per_row_a_page_at_a_time(database_url, engine, serve_dashboard):
+    """A channel with many rows: compact lines (no expanded record), newest first, paged; a
+    search that finds one row shows it whole; each line leads to its record."""
+    from outbox import OutboxEvent, enqueue_many
+    from outbox.web.views import SEARCH_LIMIT
+
+    with engine.begin() as conn:
+        enqueue_many(
+            conn, [OutboxEvent("orders", "created", {"n": n}) for n in range(SEARCH_LIMIT + 5)]
+        )
+    one = add_dead(engine, "audit")
+    served = serve_dashboard(database_url)
+    with served.client() as client:
+        first = client.get("/search?q=orders")
+        older = re.search(r'id="next-page" href="([^"]+)"', first.text)
+        assert older, first.text
+        second = client.get(older.group(1).replace("&amp;", "&"))
+        single = client.get("/search?q=audit")
+        record = client.get(f"/event/{one}")
+        missing = client.get("/event/999999999")
+    lines = results(first)
+    assert len(lines) == SEARCH_LIMIT and lines == sorted(lines, reverse=True)
+    assert '<dl class="life">' not in first.text and "<article" not in first.text
+    assert len(first.text) < 60_000, len(first.text)  # was 30,000 px of expanded records
+    assert results(second) == list(range(lines[-1] - 1, lines[-1] - 6, -1))
+    assert 'id="next-page"' not in second.text
+    assert results(single) == [one]
+    assert f'<article class="record" data-row-id="{one}" data-status="dead">' in single.text
+    assert f'<a href="/event/{one}" class="details">details</a>' in single.text
+    assert record.status_code == 200 and '<dl class="life">' in record.text
+    assert "payload_too_large" in record.text and "last failure (refused, dead)" in record.text
+    assert missing.status_code == 404 and "no such row" in missing.text
+
+
+def results(page: httpx.Response) -> list[int]:
+    return [int(i) for i in re.findall(r'<tr class="result" data-row-id="(\d+)"', page.text)]
+
+
+def test_replay_from_search_results_after_a_dry_run(database_url, engine, serve_dashboard):
+    ticked = [add_dead(engine, "orders") for _ in range(2)]
+    untouched = add_dead(engine, "orders")
+    pending = add(engine, "orders")
+    served = serve_dashboard(database_url, "--write")
+    with served.client() as client:
+        found = client.get("/search?q=orders")
+        # Only dead rows can be ticked.
+        assert sorted(int(i) for i in re.findall(r'name="ids" value="(\d+)"', found.text)) == [
+            *ticked,
+            untouched,
+        ]
+        csrf = csrf_token(found)
+        fields = {"csrf": csrf, "q": "orders", "scope": "ids", "ids": [str(i) for i in ticked]}
+        preview = client.post("/replay/preview", data=fields, headers=served.same_origin())
+        assert dry_run_count(preview) == 2
+        assert {row(engine, i).status for i in ticked} == {"dead"}
+        done = client.post(
+            "/replay",
+            data={**fields, "expected": "2", "key": "fresh"},
+            headers=served.same_origin(),
+        )
+    assert done.status_code == 200 and 'data-count="2"' in done.text
+    assert 'href="/search?q=orders">back to the search</a>' in done.text
+    assert {row(engine, i).status for i in ticked} == {"pending"}
+    assert row(engine, untouched).status == "dead" and row(engine, pending).status == "pending"
+
+
+def test_delete_dead_over_http_dry_run_first_then_at_most_the_previewed_count(
+    database_url, engine, serve_dashboard
+):
+    one = add_dead(engine, "orders")
+    ticked = [add_dead(engine, "orders") for _ in range(2)]
+    audit = [add_dead(engine, "audit") for _ in range(3)]
+    pending = add(engine, "audit")
+    served = serve_dashboard(database_url, "--write")
+    with served.client() as client:
+        page = client.get("/")
+        assert 'formaction="/delete/preview"' in page.text and 'id="delete-filter"' in page.text
+        csrf = csrf_token(page)
+
+        def post(path: str, **fields: str | list[str]) -> httpx.Response:
+            answer = client.post(path, data={"csrf": csrf, **fields}, headers=served.same_origin())
+            assert answer.status_code == 200, answer.text
+            return answer
+
+        preview = post("/delete/preview", one=str(one))
+        assert dry_run_count(preview) == 1 and row(engine, one).status == "dead"
+        assert "cannot be replayed" in preview.text
+        done = post("/delete", scope="ids", ids=str(one), expected="1")
+        assert 'id="deleted" data-count="1"' in done.text
+        assert gone(engine, one)
+
+        ids = [str(i) for i in ticked]
+        assert dry_run_count(post("/delete/preview", scope="ids", ids=ids)) == 2
+        post("/delete", scope="ids", ids=ids, expected="2")
+        assert all(gone(engine, i) for i in ticked)
+
+        # A filter: at most the previewed count, oldest first.
+        assert dry_run_count(post("/delete/preview", scope="filter", channel="audit")) == 3
+        done = post("/delete", scope="filter", channel="audit", expected="2")
+        assert 'data-count="2"' in done.text
+        assert [gone(engine, i) for i in audit] == [True, True, False]
+
+        # Nothing changes without a previewed count, or with a filter it cannot read.
+        for fields in (
+            {"scope": "filter", "channel": "audit"},
+            {"scope": "filter", "since": "yesterday", "expected": "1"},
+            {"scope": "ids", "expected": "1"},
+        ):
+            answer = client.post(
+                "/delete", data={"csrf": csrf, **fields}, headers=served.same_origin()
+            )
+            assert answer.status_code == 400, fields
+        nothing = post("/delete/preview", one=str(pending))
+        assert dry_run_count(nothing) == 0 and "Nothing to delete" in nothing.text
+    assert row(engine, audit[2]).status == "dead" and row(engine, pending).status == "pending"
+    assert "deletion from the dashboard by 127.0.0.1: 2 of 2 previewed" in served.process.log
+
+
+def gone(engine: sa.Engine, row_id: int) -> bool:
+    with engine.connect() as conn:
+        return conn.execute(sa.select(EV.c.id).where(EV.c.id == row_id)).first() is None
+
+
+def test_deleting_and_skipping_need_write_access_and_a_same_site_form(
+    database_url, engine, serve_dashboard
+):
+    """Every database: the new actions are refused read-only, cross-site or without the
+    session's token, before anything is read or changed."""
+    dead = add_dead(engine)
+    actions = {
+        "/delete/preview": {"one": str(dead)},
+        "/delete": {"scope": "ids", "ids": str(dead), "expected": "1"},
+        "/keys/skip/preview": {"ordering_key": "k"},
+        "/keys/skip": {"ordering_key": "k", "head": str(dead)},
+    }
+    read_only = serve_dashboard(database_url)
+    with read_only.client() as client:
+        page = client.get("/")
+        assert "Delete" not in page.text and "/delete/preview" not in page.text
+        assert "Delete" not in client.get(f"/event/{dead}").text
+        assert 'name="ids"' not in client.get("/search?q=orders").text
+        csrf = csrf_token(page)
+        for path, fields in actions.items():
+            answer = client.post(
+                path, data={"csrf": csrf, **fields}, headers=read_only.same_origin()
+            )
+            assert answer.status_code == 403 and "read-only" in answer.text, path
+    writable = serve_dashboard(database_url, "--write")
+    with writable.client() as client, writable.client() as other:
+        csrf = csrf_token(client.get("/"))
+        other_csrf = csrf_token(other.get("/"))
+        for path, fields in actions.items():
+            for headers in (
+                {"origin": "http://evil.example"},
+                {"origin": writable.url, "sec-fetch-site": "cross-site"},
+            ):
+                answer = client.post(path, data={"csrf": csrf, **fields}, headers=headers)
+                assert answer.status_code == 403, (path, headers)
+                assert "cross-site request refused" in answer.text
+            for token in ("", other_csrf):
+                answer = client.post(
+                    path, data={"csrf": token, **fields}, headers=writable.same_origin()
+                )
+                assert answer.status_code == 403 and "token is missing or stale" in answer.text
+    assert row(engine, dead).status == "dead"
+
+
+@sqlite_only
+def test_hostile_names_are_escaped_on_every_new_page(database_url, engine, serve_dashboard):
+    markup = '<img src=x onerror="window.pwned=1">'
+    key = "<script>window.pwned=2</script>"
+    with engine.begin() as conn:
+        for n in range(2):
+            enqueue(conn, "orders", "step", {"n": n}, ordering_key=key)
+        head = conn.execute(sa.select(sa.func.min(T.c.id))).scalar_one()
+    set_row(engine, head, status="dead", channel=markup, event=markup, last_error_message=markup)
+    with engine.begin() as conn:
+        dialect_for(conn).park_keys(conn, T, [head])
+    leased = add_in_flight(engine)
+    set_row(engine, leased, channel=markup, event=markup)
+    served = serve_dashboard(database_url, "--write")
+    with served.client() as client:
+        csrf = csrf_token(client.get("/"))
+        pages = [
+            client.get("/pending"),
+            client.get("/in-flight"),
+            client.get("/search", params={"q": markup}),
+            client.get(f"/event/{head}"),
+        ]
+        for path, fields in (
+            ("/delete/preview", {"one": str(head)}),
+            ("/keys/skip/preview", {"ordering_key": key}),
+            ("/keys/skip", {"ordering_key": key, "head": str(head + 1000)}),
+        ):
+            pages.append(
+                client.post(path, data={"csrf": csrf, **fields}, headers=served.same_origin())
+            )
+    for page in pages:
+        assert page.status_code == 200, page.url
+        assert "<img" not in page.text and "<script>window" not in page.text, page.url
+    assert "&lt;script&gt;window.pwned=2&lt;/script&gt;" in pages[0].text  # the key, waiting
+    assert "&lt;img src=x" in pages[1].text and "&lt;img src=x" in pages[2].text
+    assert 'value="&lt;script&gt;window.pwned=2&lt;/script&gt;"' in pages[5].text
+
+
+# MariaDB refuses ordering keys (tested in test_ordering.py).
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"], indirect=True)
+def test_skip_a_parked_key_from_the_page_after_a_preview(database_url, engine, serve_dashboard):
+    key = "order 7 "  # spaces kept: a key is matched exactly as stored
+    with engine.begin() as conn:
+        for n in range(3):
+            enqueue(conn, "orders", "step", {"n": n}, ordering_key=key)
+        head = conn.execute(sa.select(sa.func.min(T.c.id))).scalar_one()
+    set_row(engine, head, status="dead", last_error_code="payload_too_large")
+    with engine.begin() as conn:
+        dialect_for(conn).park_keys(conn, T, [head])
+    served = serve_dashboard(database_url, "--write")
+    with served.client() as client:
+        page = client.get("/")
+        assert 'name="ordering_key" value="order 7 "' in page.text
+        csrf = csrf_token(page)
+
+        def post(path: str, **fields: str) -> httpx.Response:
+            answer = client.post(path, data={"csrf": csrf, **fields}, headers=served.same_origin())
+            assert answer.status_code == 200, answer.text
+            return answer
+
+        preview = post("/keys/skip/preview", ordering_key=key)
+        assert 'id="skip-preview" data-waiting="2"' in preview.text
+        assert f'name="head" value="{head}"' in preview.text
+        assert parked(engine) == {key: head}  # the preview changed nothing
+        # A head other than the previewed one: nothing is skipped.
+        stale = post("/keys/skip", ordering_key=key, head=str(head + 1))
+        assert 'id="skipped" data-count="0"' in stale.text and parked(engine) == {key: head}
+        done = post("/keys/skip", ordering_key=key, head=str(head))
+        assert 'id="skipped" data-count="1"' in done.text
+        assert parked(engine) == {}
+        again = post("/keys/skip/preview", ordering_key=key)
+        assert 'data-waiting="0"' in again.text and "is not parked" in again.text
+        for bad in ("", "k" * 201):
+            answer = client.post(
+                "/keys/skip/preview",
+                data={"csrf": csrf, "ordering_key": bad},
+                headers=served.same_origin(),
+            )
+            assert answer.status_code == 400 and "ordering_key" in answer.text
+    assert row(engine, head).status == "dead"  # the head stays dead
+    with engine.connect() as conn:  # the key's next event is due: the worker sends it next
+        [due] = conn.execute(
+            sa.select(T.c.id).where(T.c.ordering_key == key, T.c.next_attempt_at < FAR)
+        ).scalars()
+    assert due == head + 1
+    assert "skip from the dashboard by 127.0.0.1: ordering key 'order 7 '" in served.process.log
+
+
+FAR = dt.datetime(9000, 1, 1, tzinfo=dt.UTC)
+
+
+def parked(engine: sa.Engine) -> dict[str, int]:
+    from outbox.schema import parked_table
+
+    table = parked_table(T)
+    with engine.connect() as conn:
+        return dict(conn.execute(sa.select(table.c.ordering_key, table.c.row_id)).all())

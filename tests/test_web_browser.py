@@ -3,43 +3,36 @@
 ``outbox web`` and ``python worker.py`` run as processes, the worker publishing to the
 Sockudo-faithful test server. The page must show every state, follow a draining worker without
 being reloaded, replay dead events (dry run first) until they are published, show event text that
-is markup as text without running it, and log a browser in with the token. One test seeds an hour
-of traffic and saves the screenshots the README shows (docs/dashboard*.png).
+is markup as text without running it, log a browser in with the token, list the pending rows,
+delete a dead event and skip a parked key. The README's screenshots (docs/dashboard*.png) are made
+by their own command, ``python -m outbox.web.screenshots docs/``, which one test runs into a
+temporary folder: no test writes a file of the repository (the ``browser`` fixture checks).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import math
+import struct
+import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 
-from outbox import OutboxEvent, admin, enqueue_many
+from outbox import admin, enqueue
+from outbox.dialects import dialect_for
 from outbox.testing.server import TestServer
-from tests.outbox_rows import (
-    T,
-    add,
-    add_dead,
-    add_in_flight,
-    add_published,
-    move_where,
-    row,
-    set_row,
-)
-from tests.plugins.browser import wait_until
+from tests.outbox_rows import T, add, add_dead, add_in_flight, add_published, row, set_row
+from tests.plugins.browser import changed_files, tracked_files, wait_until
 from tests.plugins.processes import Child, Spawn, child_environment
 
 pytestmark = pytest.mark.browser
 
 REPO = Path(__file__).resolve().parents[1]
-DOCS = REPO / "docs"
 sqlite_only = pytest.mark.parametrize("backend", ["sqlite"])  # page behaviour, not the database
 
 
@@ -277,118 +270,126 @@ def test_a_browser_logs_in_with_the_token(database_url, engine, browser, serve_d
     wait_until(browser, lambda page: page.find_elements(By.ID, "token"), "the login form again")
 
 
-# -- the README's screenshots -------------------------------------------------------------------
-
-
-def seed_an_hour(engine: sa.Engine, now: dt.datetime) -> dict[str, int]:
-    """A plausible last hour: a daily-ish wave of orders, retries in a bad patch, a few refusals,
-    some events still waiting; returns the totals the chart must show."""
-    plan: list[dict[str, Any]] = []
-    for minute in range(4, 58):  # whole minutes well inside the window, whatever the second
-        at = now - dt.timedelta(minutes=minute, seconds=20)
-        wave = 18 + 12 * math.sin(minute / 7) + (25 if 20 <= minute <= 24 else 0)
-        for n in range(int(wave)):
-            retried = 20 <= minute <= 24 and n % 4 == 0
-            plan.append({"status": "published", "published_at": at, "error_at": retried})
-        if minute in (21, 22, 23, 40):
-            plan.append({"status": "dead", "published_at": None, "error_at": True, "at": at})
-    for _ in range(7):
-        plan.append({"status": "pending", "published_at": None, "error_at": False})
-    events = [
-        OutboxEvent(
-            "orders" if i % 3 else "invoices",
-            "order-created" if i % 5 else "order-shipped",
-            {"order": 1000 + i, "total": round(12.5 + i % 40 * 3.25, 2)},
-        )
-        for i in range(len(plan))
-    ]
-    with engine.begin() as conn:
-        enqueue_many(conn, events)
-        ids = list(conn.execute(sa.select(T.c.id).order_by(T.c.id)).scalars())
-        values = []
-        for row_id, step in zip(ids, plan, strict=True):
-            error_at = step.get("at", step["published_at"]) if step["error_at"] else None
-            dead = step["status"] == "dead"
-            created = (step.get("at") or step["published_at"] or now) - dt.timedelta(seconds=3)
-            values.append(
-                {
-                    "row_id": row_id,
-                    "new_created_at": created,
-                    "new_status": step["status"],
-                    "new_attempts": 0 if step["status"] == "pending" else 1 + bool(error_at),
-                    "new_failures": int(dead),
-                    "new_published_at": step["published_at"],
-                    "new_ack": f"ack-{row_id}" if step["published_at"] else None,
-                    "new_error_status": (413 if dead else 503) if error_at else None,
-                    "new_error_code": ("payload_too_large" if dead else "backpressure")
-                    if error_at
-                    else None,
-                    "new_error_message": (
-                        "Event payload size exceeds limit" if dead else "try again later"
-                    )
-                    if error_at
-                    else None,
-                    "new_error_at": error_at,
-                }
-            )
-        conn.execute(
-            sa.update(T)
-            .where(T.c.id == sa.bindparam("row_id"))
-            .values(
-                created_at=sa.bindparam("new_created_at"),
-                queued_at=sa.bindparam("new_created_at"),
-                next_attempt_at=sa.bindparam("new_created_at"),
-                attempts=sa.bindparam("new_attempts"),
-                failures=sa.bindparam("new_failures"),
-                published_at=sa.bindparam("new_published_at"),
-                acknowledgement_id=sa.bindparam("new_ack"),
-                last_error_status=sa.bindparam("new_error_status"),
-                last_error_code=sa.bindparam("new_error_code"),
-                last_error_message=sa.bindparam("new_error_message"),
-                last_error_at=sa.bindparam("new_error_at"),
-            ),
-            values,
-        )
-        for status in ("published", "dead"):
-            moved = [i for i, step in zip(ids, plan, strict=True) if step["status"] == status]
-            move_where(conn, T.c.id.in_(moved), status)
-    return {
-        "published": sum(step["status"] == "published" for step in plan),
-        "retried": sum(step["status"] == "published" and step["error_at"] for step in plan),
-        "dead": sum(step["status"] == "dead" for step in plan),
-    }
+# -- the operator's lists and actions (#21) -------------------------------------------------------
 
 
 @sqlite_only
-def test_screenshots_of_the_dashboard(database_url, engine, browser, serve_dashboard):
-    totals = seed_an_hour(engine, dt.datetime.now(dt.UTC))
+def test_list_pending_delete_a_dead_event_and_skip_a_parked_key_from_the_page(
+    database_url, engine, browser, serve_dashboard
+):
+    """A click-through: the pending count leads to the pending rows; a dead event is deleted
+    after its dry run; a parked key goes on without its dead head after a preview; a search's
+    dead row is replayed from the results."""
+    waiting = [add(engine, "orders", "created") for _ in range(3)]
+    doomed = add_dead(engine, "audit", "logged")
+    kept = add_dead(engine, "audit", "logged")
+    with engine.begin() as conn:
+        for n in range(3):
+            enqueue(conn, "orders", "step", {"n": n}, ordering_key="order-7")
+        head = conn.execute(sa.select(sa.func.max(T.c.id))).scalar_one() - 2
+    set_row(engine, head, status="dead", last_error_code="payload_too_large")
+    with engine.begin() as conn:
+        dialect_for(conn).park_keys(conn, T, [head])
     served = serve_dashboard(database_url, "--write")
-    browser.set_window_size(1280, 1000)
-    browser.get(served.url)
-    wait_until(browser, lambda page: updates(page) >= 1, "the chart")
-    assert chart(browser) == {**{k: str(v) for k, v in totals.items()}, "buckets": "60"}
-    # Every bar is the count admin gives for its minute.
-    bars = browser.execute_script(
-        "return [...document.querySelectorAll('#throughput g.bucket')]"
-        ".map(g => [g.dataset.start, g.querySelector('title').textContent]);"
-    )
-    since = dt.datetime.fromisoformat(bars[0][0])
-    with engine.connect() as conn:
-        buckets = admin.throughput(conn, T, since, 60, since + dt.timedelta(minutes=60))
-    assert [title.split(" UTC: ")[1] for _, title in bars] == [
-        f"{b.published} published, {b.retried} retried, {b.dead} dead" for b in buckets
-    ]
-    DOCS.mkdir(exist_ok=True)
-    browser.save_screenshot(str(DOCS / "dashboard.png"))
 
-    browser.get(f"{served.url}/?error=413")
-    [first, *_] = browser.find_elements(By.CSS_SELECTOR, "tbody.event")
-    first.find_element(By.CSS_SELECTOR, "input[name=ids]").click()
-    first.find_element(By.TAG_NAME, "summary").click()
-    browser.execute_script(
-        "document.getElementById('dead-heading').scrollIntoView({block: 'start'});"
+    # The pending count leads to the pending rows, oldest first, with what each waits for.
+    browser.get(served.url)
+    browser.find_element(By.ID, "card-pending").click()
+    heading = wait_until(browser, lambda page: page.find_elements(By.ID, "queue-heading"), "list")
+    assert heading[0].get_attribute("data-count") == "5"
+    listed = browser.find_elements(By.CSS_SELECTOR, "#queue tbody tr")
+    assert [int(r.get_attribute("data-row-id")) for r in listed] == [*waiting, head + 1, head + 2]
+    assert "due now" in listed[0].text
+    assert "behind an earlier event of its key" in listed[3].text and "order-7" in listed[3].text
+
+    # A dead event deleted, after its dry run.
+    browser.get(served.url)
+    browser.find_element(By.CSS_SELECTOR, f'tbody[data-row-id="{doomed}"] .delete-one').click()
+    [dry_run] = wait_until(browser, lambda page: page.find_elements(By.ID, "dry-run"), "dry run")
+    assert dry_run.get_attribute("data-count") == "1"
+    assert row(engine, doomed).status == "dead"  # the dry run changed nothing
+    browser.find_element(By.ID, "confirm-delete").click()
+    [done] = wait_until(browser, lambda page: page.find_elements(By.ID, "deleted"), "deletion")
+    assert done.get_attribute("data-count") == "1"
+    assert statuses(engine)["dead"] == 2  # the other audit event and the parked head
+
+    # The parked key goes on without its head, after a preview.
+    browser.get(served.url)
+    browser.find_element(By.CSS_SELECTOR, "#parked-keys .skip-key").click()
+    [preview] = wait_until(browser, lambda page: page.find_elements(By.ID, "skip-preview"), "it")
+    assert preview.get_attribute("data-waiting") == "2" and "order-7" in preview.text
+    browser.find_element(By.ID, "confirm-skip").click()
+    [skipped] = wait_until(browser, lambda page: page.find_elements(By.ID, "skipped"), "the skip")
+    assert skipped.get_attribute("data-count") == "1"
+    browser.get(served.url)
+    assert not browser.find_elements(By.ID, "parked-keys")
+    assert row(engine, head).status == "dead"  # the head stays dead
+
+    # A search's dead row replayed from the results.
+    browser.find_element(By.ID, "search-q").send_keys("audit\n")
+    wait_until(browser, lambda page: page.find_elements(By.CSS_SELECTOR, "tr.result"), "hits")
+    browser.find_element(By.ID, "tick-all").click()
+    browser.find_element(By.ID, "replay-ticked").click()
+    [dry_run] = wait_until(browser, lambda page: page.find_elements(By.ID, "dry-run"), "dry run")
+    assert dry_run.get_attribute("data-count") == "1"
+    browser.find_element(By.ID, "confirm-replay").click()
+    wait_until(browser, lambda page: page.find_elements(By.ID, "replayed"), "the replay")
+    assert row(engine, kept).status == "pending"
+    browser.find_element(By.LINK_TEXT, "back to the search").click()
+    wait_until(browser, lambda page: page.find_elements(By.CSS_SELECTOR, "tr.result"), "hits")
+    assert [
+        r.get_attribute("data-status") for r in browser.find_elements(By.CSS_SELECTOR, "tr.result")
+    ] == ["pending"]
+    assert not [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+
+
+# -- the README's screenshots -------------------------------------------------------------------
+
+
+def test_the_readme_screenshots_are_made_by_their_own_command(tmp_path):
+    """`python -m outbox.web.screenshots DIR` seeds an hour, serves it and saves the README's
+    screenshots into DIR, after checking the page shows what was seeded and no temporary path
+    (it raises otherwise). It writes nothing else: no tracked file changes, docs/ included."""
+    from outbox.web.screenshots import SHOTS
+
+    before = tracked_files(REPO)
+    shots = tmp_path / "shots"
+    done = subprocess.run(
+        [sys.executable, "-m", "outbox.web.screenshots", str(shots)],
+        cwd=tmp_path,
+        env=child_environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
-    assert browser.find_element(By.ID, "matched").text == str(totals["dead"])
-    browser.save_screenshot(str(DOCS / "dashboard-dead.png"))
-    for name in ("dashboard.png", "dashboard-dead.png"):
-        assert (DOCS / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [str(shots / name) for name in SHOTS]
+    for name in SHOTS:
+        png = (shots / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        width, _height = struct.unpack(">II", png[16:24])
+        assert width == 1280, (name, width)  # the README's width
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shots"]  # nothing else, here either
+    assert changed_files(before, tracked_files(REPO)) == []
+
+
+def test_the_screenshots_command_says_what_is_missing(tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "outbox.web.screenshots",
+            str(tmp_path / "shots"),
+            "--chromium",
+            str(tmp_path / "chromium"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stderr == (
+        f"screenshots: error: {tmp_path / 'chromium'} not found: "
+        "apt-get install chromium chromium-driver\n"
+    )
+    assert not (tmp_path / "shots").exists()

@@ -330,6 +330,55 @@ def test_a_replay_request_from_a_form():
     assert views.parse_after("") == 0 and views.parse_after("42") == 42
 
 
+def test_a_delete_request_from_a_form_picks_dead_events_as_a_replay_does():
+    one = views.DeleteRequest.from_form({"one": ["7"], "key": ["ignored"]})
+    assert (one.ids, one.expected, one.scope) == ((7,), None, "ids")
+    assert one.selection() == ReplayFilter(statuses=("dead",), ids=(7,))
+    ticked = views.DeleteRequest.from_form({"scope": ["ids"], "ids": ["9", "8"], "expected": ["2"]})
+    assert ticked.selection() == ReplayFilter(statuses=("dead",), ids=(9, 8), limit=2)
+    matching = views.DeleteRequest.from_form(
+        {"scope": ["filter"], "error": ["413"], "expected": ["5"]}
+    )
+    assert matching.selection() == ReplayFilter(statuses=("dead",), error_code="413", limit=5)
+    for form, message in (
+        ({"scope": ["ids"]}, "tick at least one event to delete"),
+        ({}, "say what to delete"),
+        ({"one": ["1; DROP TABLE"]}, "not a row id"),
+    ):
+        with pytest.raises(views.FormError, match=message):
+            views.DeleteRequest.from_form(form)
+
+
+def test_an_ordering_key_from_a_form_is_taken_exactly_as_typed():
+    assert views.ordering_key({"ordering_key": [" order 7 "]}) == " order 7 "
+    assert views.ordering_key({"ordering_key": ["k" * 200]}) == "k" * 200
+    for bad in ([], [""], ["k" * 201], ["a\x00b"]):
+        with pytest.raises(views.FormError, match="ordering_key: 1 to 200 characters"):
+            views.ordering_key({"ordering_key": bad})
+    assert views.parse_before("") is None and views.parse_before("42") == 42
+    with pytest.raises(views.FormError, match="not a row id"):
+        views.parse_before("-1")
+
+
+def test_relative_times_and_what_a_pending_row_waits_for():
+    now = T0
+    assert views.relative(None, now) == "—"
+    assert views.relative(now, now) == "now"
+    assert views.relative(minutes(1.5), now) == "in 1 min 30 s"
+    assert views.relative(minutes(-125), now) == "2 h 5 min ago"
+
+    def queued(**values: object) -> admin.QueuedEvent:
+        base = {f.name: None for f in dataclasses.fields(admin.QueuedEvent)}
+        row = {"next_attempt_at": now, "attempts": 0, "failures": 0, "state": "pending"}
+        return admin.QueuedEvent(**{**base, **row, **values})  # type: ignore[arg-type]
+
+    assert views.waits(queued(), now) == "due now"
+    assert views.waits(queued(next_attempt_at=minutes(-3)), now) == "due now"
+    assert views.waits(queued(next_attempt_at=minutes(2)), now) == "due in 2 min 0 s"
+    assert views.waits(queued(waiting_for="key"), now) == "behind an earlier event of its key"
+    assert views.waits(queued(waiting_for="message"), now) == "for its message to be published"
+
+
 # -- formatting ---------------------------------------------------------------------------------
 
 

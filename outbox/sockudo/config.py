@@ -59,9 +59,10 @@ class Config:
         """
         match = _SOCKUDO_URL.fullmatch(url) if isinstance(url, str) else None
         if match is None:
+            what = _what_is_missing(url) if isinstance(url, str) else "it is not text"
             raise ConfigError(
-                "Sockudo URL must look like http(s)://KEY:SECRET@HOST[:PORT]/apps/APP_ID: "
-                f"{mask_url(str(url))}"
+                f"Sockudo URL {what}; it must look like "
+                f"http(s)://KEY:SECRET@HOST[:PORT]/apps/APP_ID: {mask_url(str(url))}"
             )
         scheme, key, secret, host, port_text, app_id = match.groups()
         try:
@@ -120,6 +121,36 @@ _SOCKUDO_URL = re.compile(
     r"(https?)://([^:/?#@]+):(.+)@(\[[^\]/]+\]|[^:/?#@\[\]]+)(?::([^/?#@]*))?/apps/([^/?#@]+)/?",
     re.IGNORECASE,
 )
+
+
+def _what_is_missing(url: str) -> str:
+    """Which part of a Sockudo URL that :data:`_SOCKUDO_URL` refused is missing or wrong, in
+    words that never quote the credentials (they may hold the secret)."""
+    scheme, separator, rest = url.partition("://")
+    if not separator or scheme.lower() not in ("http", "https"):
+        return "does not start with http:// or https://"
+    credentials, at, address = rest.rpartition("@")
+    if not at:
+        return "has no key and secret (KEY:SECRET@ before the host)"
+    key, colon, secret = credentials.partition(":")
+    if not colon:
+        return "has no secret (KEY:SECRET@ before the host holds no ':')"
+    if not key:
+        return "has no key (nothing before the ':' of KEY:SECRET@)"
+    if not secret:
+        return "has no secret (nothing after the ':' of KEY:SECRET@)"
+    if any(c in key for c in "/?#@"):
+        return "has a key with a character a URL reserves (/ ? # @)"
+    host, _, path = address.partition("/")
+    if not host or host.startswith(":"):
+        return "has no host"
+    if not path.lower().startswith("apps/"):
+        return "has no /apps/APP_ID path"
+    if not path[5:].strip("/"):
+        return "has no app id (nothing after /apps/)"
+    return "is malformed (a bad host or port, or more after /apps/APP_ID)"
+
+
 #: scheme://USER:PASSWORD@..., the password being anything up to the last "@" of the URL.
 _CREDENTIALS = re.compile(r"^([A-Za-z][A-Za-z0-9+.\- ]*:?//[^:/?#@]*):(.*)@([^@]*)$", re.DOTALL)
 

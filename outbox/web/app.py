@@ -1,5 +1,6 @@
 """The dashboard's ASGI app (Starlette): pages rendered on the server, one static script for the
-live chart, every read and the replay through :mod:`outbox.admin`.
+live chart, every read and every change (replay, deletion of dead events, skipping a parked key)
+through :mod:`outbox.admin`.
 
 Read-only unless built with ``write=True``. Every answer carries the security headers; every
 request passes :class:`Guard` (Host, credentials, session); every POST is checked for its origin
@@ -79,13 +80,17 @@ class Dashboard:
         self, request: Request, template: str, status_code: int = 200, **context: Any
     ) -> HTMLResponse:
         session: Session | None = request.state.session
+        # A visitor who may not see the dashboard (the login form, a refusal) is told nothing
+        # about the installation: not the database, the version nor the mode.
+        authorized = bool(getattr(request.state, "authorized", False))
         html = self.templates.get_template(template).render(
-            write=self.options.write,
-            database=self.database,
+            authorized=authorized,
+            write=self.options.write and authorized,
+            database=self.database if authorized else "",
             refresh_ms=int(self.options.refresh_seconds * 1000),
             csrf=self.sessions.csrf_token(session) if session else "",
             logged_in=bool(session and session.authenticated),
-            version=__version__,
+            version=__version__ if authorized else "",
             **context,
         )
         return HTMLResponse(html, status_code)
@@ -99,15 +104,24 @@ def create_app(engine: sa.Engine, table: sa.Table, options: WebOptions) -> Starl
         undefined=jinja2.StrictUndefined,
     )
     templates.filters.update(when=views.when, age=views.age, error_text=views.error_text)
-    templates.globals.update(payload=views.payload, timeline=views.timeline)
+    templates.globals.update(
+        payload=views.payload, timeline=views.timeline, relative=views.relative, waits=views.waits
+    )
     database = views.database_label(engine.url)
     dash = Dashboard(engine, table, options, database, Sessions(), templates)
     routes = [
         Route("/", _bind(dash, dashboard)),
         Route("/api/summary", _bind(dash, summary)),
+        Route("/pending", _bind(dash, queue_list)),
+        Route("/in-flight", _bind(dash, queue_list)),
         Route("/search", _bind(dash, search)),
+        Route("/event/{row_id:int}", _bind(dash, event_page)),
         Route("/replay/preview", _bind(dash, replay_preview), methods=["POST"]),
         Route("/replay", _bind(dash, replay), methods=["POST"]),
+        Route("/delete/preview", _bind(dash, delete_preview), methods=["POST"]),
+        Route("/delete", _bind(dash, delete), methods=["POST"]),
+        Route("/keys/skip/preview", _bind(dash, skip_preview), methods=["POST"]),
+        Route("/keys/skip", _bind(dash, skip), methods=["POST"]),
         Route("/login", _bind(dash, login), methods=["GET", "POST"]),
         Route("/logout", _bind(dash, logout), methods=["POST"]),
         Route("/healthz", healthz),
@@ -170,7 +184,8 @@ class Guard(BaseHTTPMiddleware):
             if session is None and not static and request.url.path != "/healthz":
                 session, cookie = sessions.issue(authenticated=False)
             request.state.session = session
-            if static or request.url.path in OPEN_PATHS or _authorized(self.dash, request, session):
+            request.state.authorized = _authorized(self.dash, request, session)
+            if static or request.url.path in OPEN_PATHS or request.state.authorized:
                 response = await call_next(request)
             else:
                 response = _ask_for_credentials(self.dash, request)
@@ -246,8 +261,13 @@ async def checked_form(dash: Dashboard, request: Request) -> views.Form:
 def _require_write(dash: Dashboard) -> None:
     if not dash.options.write:
         raise HTTPException(
-            403, "this dashboard is read-only: start `outbox web --write` to replay"
+            403,
+            "this dashboard is read-only: start `outbox web --write` to replay, delete or skip",
         )
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "?"
 
 
 # -- pages --------------------------------------------------------------------------------------
@@ -308,10 +328,69 @@ async def summary(dash: Dashboard, request: Request) -> Response:
     return JSONResponse(await dash.read(read))
 
 
+async def queue_list(dash: Dashboard, request: Request) -> Response:
+    """A page of the pending or the in-flight rows, oldest first."""
+    name = request.url.path.strip("/")
+    state, title = views.QUEUE_LISTS[name]
+    try:
+        after = views.parse_after(views.first(_query(request), "after"))
+    except views.FormError as exc:
+        return dash.page(request, "message.html", 400, title="Bad page", message=str(exc))
+
+    def read(conn: sa.Connection, table: sa.Table) -> tuple[Any, ...]:
+        report = admin.snapshot(conn, table, published=False)
+        rows = admin.queued_events(conn, table, state, views.QUEUE_PAGE_SIZE + 1, after)
+        return report, rows, admin.database_now(conn)
+
+    report, rows, now = await dash.read(read)
+    more = len(rows) > views.QUEUE_PAGE_SIZE
+    rows = rows[: views.QUEUE_PAGE_SIZE]
+    return dash.page(
+        request,
+        "queue.html",
+        name=name,
+        state=state,
+        title=title,
+        report=report,
+        rows=rows,
+        now=now,
+        after=after,
+        next_after=rows[-1].id if more else None,
+    )
+
+
 async def search(dash: Dashboard, request: Request) -> Response:
-    text = views.first(_query(request), "q")
-    records = await dash.read(admin.find_events, text, views.SEARCH_LIMIT) if text else []
-    return dash.page(request, "search.html", q=text, records=records, limit=views.SEARCH_LIMIT)
+    """One line per row the text names, newest first, a page at a time; a single row found is
+    shown whole."""
+    form = _query(request)
+    text = views.first(form, "q")
+    try:
+        before = views.parse_before(views.first(form, "before"))
+    except views.FormError as exc:
+        return dash.page(request, "message.html", 400, title="Bad page", message=str(exc))
+    records: list[admin.EventRecord] = []
+    if text:
+        records = await dash.read(admin.search_events, text, views.SEARCH_LIMIT + 1, before)
+    more = len(records) > views.SEARCH_LIMIT
+    records = records[: views.SEARCH_LIMIT]
+    return dash.page(
+        request,
+        "search.html",
+        q=text,
+        records=records,
+        before=before,
+        next_before=records[-1].id if more else None,
+        whole=records[0] if len(records) == 1 and before is None else None,
+        any_dead=any(r.status == "dead" for r in records),
+    )
+
+
+async def event_page(dash: Dashboard, request: Request) -> Response:
+    """One row's whole life, with what can be done about it."""
+    record = await dash.read(admin.event_record, int(request.path_params["row_id"]))
+    if record is None:
+        raise HTTPException(404, "no such row (deleted, or trimmed by retention)")
+    return dash.page(request, "event.html", r=record)
 
 
 async def replay_preview(dash: Dashboard, request: Request) -> Response:
@@ -326,7 +405,14 @@ async def replay_preview(dash: Dashboard, request: Request) -> Response:
         return matched, admin.dead_events(conn, table, selection, views.SAMPLE)
 
     matched, sample = await dash.read(read)
-    return dash.page(request, "preview.html", ask=ask, matched=matched, sample=sample)
+    return dash.page(
+        request,
+        "preview.html",
+        ask=ask,
+        matched=matched,
+        sample=sample,
+        back=views.first(form, "q"),
+    )
 
 
 async def replay(dash: Dashboard, request: Request) -> Response:
@@ -344,12 +430,14 @@ async def replay(dash: Dashboard, request: Request) -> Response:
     replayed = await run_in_threadpool(run)
     log.info(
         "replay from the dashboard by %s: %d of %d previewed dead event(s), %s keys",
-        request.client.host if request.client else "?",
+        _client(request),
         replayed,
         ask.expected,
         ask.key,
     )
-    return dash.page(request, "replayed.html", ask=ask, replayed=replayed)
+    return dash.page(
+        request, "replayed.html", ask=ask, replayed=replayed, back=views.first(form, "q")
+    )
 
 
 def _replay_request(form: views.Form) -> views.ReplayRequest:
@@ -359,6 +447,109 @@ def _replay_request(form: views.Form) -> views.ReplayRequest:
     except views.FormError as exc:
         raise HTTPException(400, str(exc)) from None
     return ask
+
+
+async def delete_preview(dash: Dashboard, request: Request) -> Response:
+    """The dry run of a deletion: how many dead events it would delete, a sample, and how many
+    of them parked keys wait behind; then the confirmation."""
+    _require_write(dash)
+    form = await checked_form(dash, request)
+    ask = _delete_request(form)
+    selection = ask.selection()
+
+    def read(conn: sa.Connection, table: sa.Table) -> tuple[int, list[admin.EventRecord], int]:
+        matched = admin.count_for_replay(conn, table, selection)
+        sample = admin.dead_events(conn, table, selection, views.SAMPLE)
+        return matched, sample, admin.parked_heads_among(conn, table, selection)
+
+    matched, sample, heads = await dash.read(read)
+    return dash.page(
+        request,
+        "delete_preview.html",
+        ask=ask,
+        matched=matched,
+        sample=sample,
+        parked_heads=heads,
+        back=views.first(form, "q"),
+    )
+
+
+async def delete(dash: Dashboard, request: Request) -> Response:
+    _require_write(dash)
+    form = await checked_form(dash, request)
+    ask = _delete_request(form)
+    if ask.expected is None:
+        raise HTTPException(400, "preview the deletion first: its count is part of the request")
+    selection = ask.selection()
+
+    def run() -> int:
+        # A page per transaction, as `outbox delete-dead` does: short locks, flat memory.
+        return sum(admin.delete_dead_in_pages(dash.engine, dash.table, selection))
+
+    deleted = await run_in_threadpool(run)
+    log.info(
+        "deletion from the dashboard by %s: %d of %d previewed dead event(s)",
+        _client(request),
+        deleted,
+        ask.expected,
+    )
+    return dash.page(request, "deleted.html", ask=ask, deleted=deleted, back=views.first(form, "q"))
+
+
+def _delete_request(form: views.Form) -> views.DeleteRequest:
+    try:
+        ask = views.DeleteRequest.from_form(form)
+        ask.selection()
+    except views.FormError as exc:
+        raise HTTPException(400, str(exc)) from None
+    return ask
+
+
+async def skip_preview(dash: Dashboard, request: Request) -> Response:
+    """What letting a parked key go on without its dead head means, before it is done."""
+    _require_write(dash)
+    form = await checked_form(dash, request)
+    key = _ordering_key(form)
+    parked = await dash.read(admin.parked_key, key)
+    return dash.page(request, "skip_preview.html", key=key, parked=parked)
+
+
+async def skip(dash: Dashboard, request: Request) -> Response:
+    """``outbox keys --skip KEY``, for the key still parked behind the head the preview showed
+    (a key parked again since, behind another head, waits for a preview of its own)."""
+    _require_write(dash)
+    form = await checked_form(dash, request)
+    key = _ordering_key(form)
+    try:
+        head = views.parse_ids([views.first(form, "head")])[0]
+    except views.FormError:
+        raise HTTPException(
+            400, "preview the skip first: its dead head is part of the request"
+        ) from None
+
+    def run() -> int:
+        with dash.engine.begin() as conn:
+            parked = admin.parked_key(conn, dash.table, key)
+            if parked is None or parked.head_id != head:
+                return 0
+            return admin.skip_parked(conn, dash.table, [key])
+
+    skipped = await run_in_threadpool(run)
+    log.info(
+        "skip from the dashboard by %s: ordering key %r behind row %d: %s",
+        _client(request),
+        key,
+        head,
+        "goes on" if skipped else "not parked behind that row any more, left as it is",
+    )
+    return dash.page(request, "skipped.html", key=key, head=head, skipped=skipped)
+
+
+def _ordering_key(form: views.Form) -> str:
+    try:
+        return views.ordering_key(form)
+    except views.FormError as exc:
+        raise HTTPException(400, str(exc)) from None
 
 
 async def login(dash: Dashboard, request: Request) -> Response:

@@ -11,14 +11,19 @@ from typing import Any
 import sqlalchemy as sa
 
 from .. import admin
-from ..admin import EventRecord, ReplayFilter, StatusReport, ThroughputBucket
+from ..admin import EventRecord, QueuedEvent, ReplayFilter, StatusReport, ThroughputBucket
+from ..schema import ORDERING_KEY_MAX
 
 #: Dead events per page of the list.
 PAGE_SIZE = 50
 #: Rows a replay preview shows.
 SAMPLE = 10
-#: Matches shown by a search.
+#: Matches per page of a search (one line each).
 SEARCH_LIMIT = 50
+#: Rows per page of the pending and in-flight lists.
+QUEUE_PAGE_SIZE = 50
+#: The queue's lists: the path's name -> (the state, its title).
+QUEUE_LISTS = {"pending": ("pending", "Pending"), "in-flight": ("in_flight", "In flight")}
 #: The chart: one bar per minute over the last hour.
 BUCKET_SECONDS = 60
 BUCKETS = 60
@@ -48,6 +53,19 @@ def first_secret(form: Form, name: str) -> str:
 def parse_after(text: str) -> int:
     """The row id a page of the list starts after (0: the first page)."""
     return parse_ids([text])[0] if text else 0
+
+
+def parse_before(text: str) -> int | None:
+    """The row id a page of newest-first results starts below (None: the first page)."""
+    return parse_ids([text])[0] if text else None
+
+
+def ordering_key(form: Form) -> str:
+    """The ordering key a form names, exactly as stored (not stripped: a key may hold spaces)."""
+    key = first_secret(form, "ordering_key")
+    if not key or len(key) > ORDERING_KEY_MAX or "\x00" in key:
+        raise FormError(f"ordering_key: 1 to {ORDERING_KEY_MAX} characters, without NUL")
+    return key
 
 
 def parse_time(name: str, text: str) -> dt.datetime | None:
@@ -113,35 +131,32 @@ def parse_ids(values: Sequence[str]) -> tuple[int, ...]:
     return tuple(dict.fromkeys(ids))
 
 
-@dataclass(frozen=True)
-class ReplayRequest:
-    """A replay asked for on the page: of rows by id (one, or the ticked ones) or of a filter,
-    with the key choice, and (once previewed) the count the operator saw."""
+def _picked(form: Form, verb: str) -> tuple[tuple[int, ...], DeadQuery, int | None]:
+    """The dead events a form picks (one, the ticked ones, or all that match its filter) and
+    the count its preview showed, if it was previewed; ``verb`` names the action in errors."""
+    scope = first(form, "scope")
+    if first(form, "one"):
+        ids = parse_ids([first(form, "one")])
+    elif scope == "ids":
+        ids = parse_ids([v.strip() for v in form.get("ids", [])])
+        if not ids:
+            raise FormError(f"tick at least one event to {verb}")
+    elif scope == "filter":
+        ids = ()
+    else:
+        raise FormError(f"say what to {verb}: some events, or all that match the filter")
+    expected_text = first(form, "expected")
+    expected = parse_ids([expected_text])[0] if expected_text else None
+    return ids, DeadQuery() if ids else DeadQuery.from_form(form), expected
+
+
+class _PickedDead:
+    """What a replay and a deletion asked for on a page share: which dead rows, and how many
+    the operator saw in the preview."""
 
     ids: tuple[int, ...]
     query: DeadQuery
-    key: str
     expected: int | None
-
-    @classmethod
-    def from_form(cls, form: Form) -> ReplayRequest:
-        scope = first(form, "scope")
-        if first(form, "one"):
-            ids = parse_ids([first(form, "one")])
-        elif scope == "ids":
-            ids = parse_ids([v.strip() for v in form.get("ids", [])])
-            if not ids:
-                raise FormError("tick at least one event to replay")
-        elif scope == "filter":
-            ids = ()
-        else:
-            raise FormError("say what to replay: some events, or all that match the filter")
-        key = first(form, "key") or admin.KEY_FRESH
-        if key not in (admin.KEY_FRESH, admin.KEY_KEEP):
-            raise FormError(f"key: {admin.KEY_FRESH!r} or {admin.KEY_KEEP!r}, not {key!r}")
-        expected_text = first(form, "expected")
-        expected = parse_ids([expected_text])[0] if expected_text else None
-        return cls(ids, DeadQuery() if ids else DeadQuery.from_form(form), key, expected)
 
     @property
     def scope(self) -> str:
@@ -153,6 +168,39 @@ class ReplayRequest:
         if self.ids:
             return ReplayFilter(statuses=("dead",), ids=self.ids, limit=self.expected)
         return self.query.selection(limit=self.expected)
+
+
+@dataclass(frozen=True)
+class ReplayRequest(_PickedDead):
+    """A replay asked for on the page: of rows by id (one, or the ticked ones) or of a filter,
+    with the key choice, and (once previewed) the count the operator saw."""
+
+    ids: tuple[int, ...]
+    query: DeadQuery
+    key: str
+    expected: int | None
+
+    @classmethod
+    def from_form(cls, form: Form) -> ReplayRequest:
+        ids, query, expected = _picked(form, "replay")
+        key = first(form, "key") or admin.KEY_FRESH
+        if key not in (admin.KEY_FRESH, admin.KEY_KEEP):
+            raise FormError(f"key: {admin.KEY_FRESH!r} or {admin.KEY_KEEP!r}, not {key!r}")
+        return cls(ids, query, key, expected)
+
+
+@dataclass(frozen=True)
+class DeleteRequest(_PickedDead):
+    """A deletion of dead events asked for on the page, picked as a replay is, and (once
+    previewed) the count the operator saw: no more than that many are deleted."""
+
+    ids: tuple[int, ...]
+    query: DeadQuery
+    expected: int | None
+
+    @classmethod
+    def from_form(cls, form: Form) -> DeleteRequest:
+        return cls(*_picked(form, "delete"))
 
 
 # -- formatting ---------------------------------------------------------------------------------
@@ -168,6 +216,27 @@ def when(moment: dt.datetime | None) -> str:
     if moment is None:
         return "—"
     return moment.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def relative(moment: dt.datetime | None, now: dt.datetime) -> str:
+    """``moment`` from ``now``: ``in 42 s``, ``3 min 5 s ago``, ``now`` (``—`` for none)."""
+    if moment is None:
+        return "—"
+    seconds = (moment - now).total_seconds()
+    if abs(seconds) < 1:
+        return "now"
+    return f"in {age(seconds)}" if seconds > 0 else f"{age(-seconds)} ago"
+
+
+def waits(row: QueuedEvent, now: dt.datetime) -> str:
+    """When a pending row goes next, in words: due, due in some time, or what it waits for."""
+    if row.waiting_for == admin.WAITING_FOR_ITS_KEY:
+        return "behind an earlier event of its key"
+    if row.waiting_for == admin.WAITING_FOR_MESSAGE:
+        return "for its message to be published"
+    if row.next_attempt_at <= now:
+        return "due now"
+    return f"due {relative(row.next_attempt_at, now)}"
 
 
 def age(seconds: float | None) -> str:
@@ -187,7 +256,7 @@ def age(seconds: float | None) -> str:
     return f"{days} d {hours} h"
 
 
-def error_text(record: EventRecord) -> str:
+def error_text(record: EventRecord | QueuedEvent) -> str:
     """``413 payload_too_large: payload too large``, from whichever parts the row has."""
     head = " ".join(
         str(part) for part in (record.last_error_status, record.last_error_code) if part

@@ -6,12 +6,16 @@ Manager to look for one. A missing browser FAILS the test that asked for it, nev
 
 Tests take ``browser`` (a Selenium ``WebDriver`` on a fresh profile, quit afterwards) and wait with
 :func:`wait_until`. When a test fails, the browser's console and the page's text are printed with
-the test's report.
+the test's report. A test that changed a file of the repository (one git tracks, such as the
+README's screenshots in docs/) fails: tests write only to temporary folders, and the screenshots
+are made by their own command, ``python -m outbox.web.screenshots docs/``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -26,6 +30,8 @@ from selenium.webdriver.support.wait import WebDriverWait
 
 T = TypeVar("T")
 
+#: The repository whose tracked files a browser test must leave alone.
+REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 #: Headless, as root in a container, and silent: no first-run UI, no background requests (the
@@ -74,6 +80,32 @@ def chromium_options(chromium: Path, profile: Path) -> Options:
     # Keep the console (console.log, uncaught errors, failed loads) for failure reports.
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     return options
+
+
+def tracked_files(repo: Path) -> dict[str, tuple[int, int]]:
+    """(modification time in ns, size) of every file git tracks in ``repo``; empty outside a git
+    checkout (an unpacked sdist has nothing to protect)."""
+    try:
+        listed = subprocess.run(
+            ["git", "-C", str(repo), "ls-files", "-z"], capture_output=True, check=True, timeout=60
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    stats = {}
+    for name in filter(None, listed.decode("utf-8", "surrogateescape").split("\0")):
+        with contextlib.suppress(OSError):
+            stat = (repo / name).stat()
+            stats[name] = (stat.st_mtime_ns, stat.st_size)
+    return stats
+
+
+def changed_files(
+    before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]
+) -> list[str]:
+    """The tracked files written, created or removed between two :func:`tracked_files`."""
+    return sorted(
+        name for name in before.keys() | after.keys() if before.get(name) != after.get(name)
+    )
 
 
 def wait_until(
@@ -125,6 +157,7 @@ def browser(
     if failure:
         pytest.fail(failure, pytrace=False)
     driver.set_page_load_timeout(WAIT_SECONDS)
+    before = tracked_files(REPO)
     try:
         yield driver
     finally:
@@ -132,6 +165,14 @@ def browser(
         if call is not None and call.failed:
             _print_post_mortem(driver)
         driver.quit()
+    changed = changed_files(before, tracked_files(REPO))
+    if changed:
+        pytest.fail(
+            f"the test changed files of the repository: {', '.join(changed)}. Tests write only "
+            "to temporary folders; the README's screenshots are made by "
+            "python -m outbox.web.screenshots docs/",
+            pytrace=False,
+        )
 
 
 def _print_post_mortem(driver: WebDriver) -> None:

@@ -1,7 +1,7 @@
 // The dashboard's one script: live counts and the throughput chart, redrawn from /api/summary
-// without reloading the page; and the "tick all" box of the dead list. No inline script anywhere
-// (the Content-Security-Policy forbids it). The summary holds numbers only, and everything is
-// written with textContent, never as HTML.
+// without reloading the page; and the "tick all" box of the dead list and of a search. No
+// inline script anywhere (the Content-Security-Policy forbids it). The summary holds numbers
+// only, and everything is written with textContent, never as HTML.
 "use strict";
 
 (() => {
@@ -134,10 +134,11 @@
   const section = document.getElementById("now");
   if (section) live(section);
 
+  // "Tick all" ticks every event of its own form (the dead list, or a search's dead rows).
   const tickAll = document.getElementById("tick-all");
   if (tickAll) {
     tickAll.addEventListener("change", () => {
-      for (const box of document.querySelectorAll('#dead-list input[name="ids"]')) {
+      for (const box of tickAll.form.querySelectorAll('input[name="ids"]')) {
         box.checked = tickAll.checked;
       }
     });
