@@ -77,7 +77,13 @@ def test_python_worker_py_creates_the_default_database_and_then_publishes(
     tmp_path: Path, sockudo_server: TestServer
 ) -> None:
     """The README's quick start: no OUTBOX_DATABASE_URL, no `outbox migrate`."""
-    assert quick_start_commands() == ['pip install -e ".[dev]"', "python worker.py", "pytest"]
+    assert quick_start_commands() == [
+        "python3 -m venv .venv && . .venv/bin/activate",
+        'pip install -e ".[dev]"',
+        "python worker.py",
+        "pytest",
+        "bash .ci/run",
+    ]
     worker = [sys.executable, str(REPO / "worker.py"), "--once"]
     first = run(worker, tmp_path, SOCKUDO_URL=sockudo_server.url)
     assert first.returncode == 0, first.stderr
