@@ -89,9 +89,26 @@ def create_engine(url: str | URL, **kwargs: Any) -> sa.Engine:
         kwargs.setdefault("pool_pre_ping", False)
         from .dialects import dialect_class
 
-        for option, value in dialect_class(parsed.get_dialect().name).engine_options.items():
+        dialect = dialect_class(parsed.get_dialect().name)
+        for option, value in dialect.engine_options.items():
             kwargs.setdefault(option, value)
-        return sa.create_engine(parsed, **kwargs)
+        engine = sa.create_engine(parsed, **kwargs)
+        if dialect.session_setup is not None:
+            setup = dialect.session_setup
+            sa.event.listen(engine, "connect", lambda dbapi, _record: _run_setup(dbapi, setup))
+        return engine
+
+
+def _run_setup(dbapi_connection: Any, statement: str) -> None:
+    """Run a dialect's session setup on a new connection of an engine of ours."""
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(statement)
+    finally:
+        cursor.close()
+    # The DBAPI opened a transaction for it (autocommit off): end it, so the pool lends the
+    # connection idle; a SET outside SET LOCAL stays for the session.
+    dbapi_connection.commit()
 
 
 @contextlib.contextmanager
