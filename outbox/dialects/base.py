@@ -743,7 +743,11 @@ def claimable_in_order(row: str, hot: str, parked: str) -> str:
     key instead, filtering every row of the table until one of the key comes (a rare key at the
     end of a long backlog), because the equality makes both orders the same to it.
     """
-    return f"""(
+    # COALESCE(..., false): a NULL (a key's first row not found) is not claimable, and the
+    # planner estimates the whole as one opaque test. Estimated term by term, its subqueries
+    # made it expect almost no row to pass, and it sorted every due row instead of reading
+    # the due index in order up to the batch (120 ms instead of 0.3 over 100,000 rows).
+    return f"""COALESCE(
         ({row}.ordering_key IS NULL OR (
             (SELECT h.id FROM {hot} AS h
              WHERE h.ordering_key IS NOT NULL
@@ -754,7 +758,7 @@ def claimable_in_order(row: str, hot: str, parked: str) -> str:
         AND ({row}.target_event_id IS NULL OR (
             SELECT 1 FROM {hot} AS t
             WHERE t.event_id = {row}.target_event_id AND t.channel = {row}.channel
-            LIMIT 1) IS NULL))"""
+            LIMIT 1) IS NULL), false)"""
 
 
 def moved_columns(overrides: Mapping[str, str], prefix: str = "") -> str:
