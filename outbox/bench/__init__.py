@@ -50,6 +50,8 @@ SIZES = {
         history=5_000,
         gauge_history=5_000,
         metrics_rounds=1,
+        backlogs=(5_000,),
+        overload_s=2,
     ),
     "default": dict(
         events=20_000,
@@ -60,6 +62,8 @@ SIZES = {
         history=200_000,
         gauge_history=1_000_000,
         metrics_rounds=3,
+        backlogs=(100_000,),
+        overload_s=10,
     ),
     "long": dict(
         events=1_000_000,
@@ -70,6 +74,8 @@ SIZES = {
         history=1_000_000,
         gauge_history=1_000_000,
         metrics_rounds=3,
+        backlogs=(100_000, 1_000_000),
+        overload_s=30,
     ),
 }
 #: Pending rows beside the published history when the gauges are timed (a small backlog).
@@ -82,6 +88,8 @@ SCENARIOS = (
     "baseline",
     "enqueue",
     "drain",
+    "catch-up",
+    "overload",
     "metrics",
     "latency",
     "history",
@@ -216,6 +224,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                         ratio = results[-1].rate / plain.rate if plain.rate else 0.0
                         results[-1].extra["x_unordered"] = ratio
                         say(f"{backend}: ordered / unordered: {ratio:.2f}x")
+            if "catch-up" in chosen:
+                results.extend(catch_up(backend, url, pid, size, settings, servers, workdir, say))
+            if "overload" in chosen:
+                for keyed in (False, True):
+                    with database(backend, servers, workdir) as db:
+                        results.append(
+                            scenarios.overload(
+                                db,
+                                url,
+                                backend,
+                                size["overload_s"],
+                                workdir,
+                                keyed=keyed,
+                                server_pid=pid,
+                                progress=lambda line, backend=backend: say(
+                                    f"{backend}: overload: {line}"
+                                ),
+                                **settings,
+                            )
+                        )
+                    m = results[-1]
+                    say(
+                        f"{backend}: {m.scenario}: backlog peak {m.extra['backlog_peak']:,}, "
+                        f"caught up at {m.rate:,.0f} events/s"
+                    )
             if "metrics" in chosen:
                 results.extend(
                     metrics_pair(
@@ -294,6 +327,47 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.json.write_text(json.dumps(report, indent=2))
         print(f"JSON written to {args.json}", file=sys.stderr)
     return 0
+
+
+def catch_up(
+    backend: str,
+    url: str,
+    server_pid: int | None,
+    size: dict[str, Any],
+    settings: dict[str, Any],
+    servers: dict[str, str],
+    workdir: Path,
+    say: Callable[[str], None],
+) -> list[Measurement]:
+    """One worker meets each backlog of ``size["backlogs"]`` at once, as after an outage: the
+    table has no fresh statistics and the server its default settings. Unkeyed, then (where the
+    backend takes keys) the first backlog half keyed."""
+    runs = [(events, False) for events in size["backlogs"]]
+    if backend in scenarios.ORDERED_BACKENDS:
+        runs.append((size["backlogs"][0], True))
+    measured = []
+    for events, keyed in runs:
+        label = scenarios.catch_up_label(events, keyed)
+        with database(backend, servers, workdir) as db:
+            measured.append(
+                scenarios.drain(
+                    db,
+                    url,
+                    backend,
+                    events,
+                    1,
+                    workdir,
+                    label=label,
+                    server_pid=server_pid,
+                    progress=lambda line, label=label: say(f"{backend}: {label}: {line}"),
+                    ordering_keys=scenarios.MIXED_KEYS if keyed else 0,
+                    keyed_every=2,
+                    timeout=3600.0,
+                    **settings,
+                )
+            )
+        say(f"{backend}: {label}: {measured[-1].rate:,.0f} events/s")
+    return measured
 
 
 def metrics_pair(

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from .scenarios import CEILING, GAUGES, INTAKE, METRICS_OFF, METRICS_ON, Measurement
+from .scenarios import (
+    CATCH_UP,
+    CEILING,
+    GAUGES,
+    INTAKE,
+    METRICS_OFF,
+    METRICS_ON,
+    OVERLOAD,
+    Measurement,
+)
 
 BASELINE = "per-event trigger (outbox.sockudo)"
 
@@ -115,6 +124,7 @@ def evaluate_targets(results: list[Measurement]) -> list[dict[str, Any]]:
                 f"{plain.rate if plain else 0:,.0f} events/s)" + _busy(r),
                 ratio >= 0.5,
             )
+    out.extend(_catch_up_targets(results, baseline))
     lite = _find(results, "outbox drain, 1 worker(s)", "sqlite")
     if lite:
         add("SQLite drain >= 10,000 events/s", f"{lite.rate:,.0f} events/s", lite.rate >= 10_000)
@@ -179,4 +189,87 @@ def evaluate_targets(results: list[Measurement]) -> list[dict[str, Any]]:
     if growth:
         worst = max(growth)
         add("worker RSS growth over a drain < 50 MB", f"{worst:.1f} MB (worst drain)", worst < 50)
+    return out
+
+
+def _catch_up_targets(
+    results: list[Measurement], baseline: Measurement | None
+) -> list[dict[str, Any]]:
+    """Issue 22: a backlog drains as fast as a small batch does, whatever its size, and a
+    backlog grown under overload drains as fast as the same backlog met at once."""
+    out = []
+    backlog = CATCH_UP.split("{")[0]
+    for backend in ("postgresql", "sqlite", "mariadb"):
+        drains = [
+            r
+            for r in results
+            if r.backend == backend
+            and r.scenario.startswith(backlog)
+            and "ordering_keys" not in r.extra
+        ]
+        drains.sort(key=lambda r: r.events)
+        if not drains:
+            continue
+        first = drains[0]
+        if backend == "postgresql":
+            out.append(
+                {
+                    "target": f"PostgreSQL catch-up of {first.events:,}+ events at default "
+                    "settings >= 30,000 events/s",
+                    "measured": f"{first.rate:,.0f} events/s" + _busy(first),
+                    "met": first.rate >= 30_000,
+                }
+            )
+            if baseline and baseline.rate:
+                ratio = first.rate / baseline.rate
+                out.append(
+                    {
+                        "target": "PostgreSQL catch-up >= 20x the per-event baseline",
+                        "measured": f"{ratio:.1f}x",
+                        "met": ratio >= 20,
+                    }
+                )
+        for bigger in drains[1:]:
+            drop = 1 - bigger.rate / first.rate if first.rate else 1.0
+            out.append(
+                {
+                    "target": f"{backend} catch-up of {bigger.events:,} events within 15% of "
+                    f"{first.events:,}",
+                    "measured": f"{drop:+.0%} ({bigger.rate:,.0f} vs {first.rate:,.0f} events/s)",
+                    "met": drop <= 0.15,
+                }
+            )
+        for keyed in (False, True):
+            storm = next(
+                (
+                    r
+                    for r in results
+                    if r.backend == backend
+                    and r.scenario.startswith(OVERLOAD.split("{")[0])
+                    and ("ordering_keys" in r.extra) == keyed
+                ),
+                None,
+            )
+            alone = next(
+                (
+                    r
+                    for r in results
+                    if r.backend == backend
+                    and r.scenario.startswith(backlog)
+                    and ("ordering_keys" in r.extra) == keyed
+                ),
+                None,
+            )
+            if storm is None or alone is None or not alone.rate:
+                continue
+            ratio = storm.rate / alone.rate
+            out.append(
+                {
+                    "target": f"{backend} catch-up after overload{' (half keyed)' if keyed else ''} "
+                    "within 15% of the backlog drain",
+                    "measured": f"{ratio:.2f}x (backlog peak {storm.extra['backlog_peak']:,}, "
+                    f"{storm.rate:,.0f} vs {alone.rate:,.0f} events/s)" + _busy(storm),
+                    "met": ratio >= 0.85,
+                }
+            )
     return out

@@ -203,29 +203,45 @@ def _time_transactions(
 
 
 def bulk_enqueue(
-    url: str, backend: str, events: int, chunk: int = 10_000, ordering_keys: int = 0
+    url: str,
+    backend: str,
+    events: int,
+    chunk: int = 10_000,
+    ordering_keys: int = 0,
+    keyed_every: int = 1,
 ) -> Measurement:
     """``events`` through ``enqueue_many``, ``chunk`` per transaction; with ``ordering_keys``,
-    event ``i`` gets the key ``k{i % ordering_keys}`` (the keys interleaved in id order)."""
+    every ``keyed_every``-th event ``i`` gets the key ``k{i % ordering_keys}`` (the keys
+    interleaved in id order; ``keyed_every=2``: half the events keyed, half not)."""
     engine = create_engine(url)
     try:
         started = time.perf_counter()
         for start in range(0, events, chunk):
-            batch = [
-                OutboxEvent(
-                    CHANNEL,
-                    EVENT,
-                    payload(i),
-                    ordering_key=f"k{i % ordering_keys}" if ordering_keys else None,
-                )
-                for i in range(start, min(events, start + chunk))
-            ]
             with engine.begin() as conn:
-                enqueue_many(conn, batch)
+                enqueue_many(
+                    conn, events_from(start, min(events, start + chunk), ordering_keys, keyed_every)
+                )
         seconds = time.perf_counter() - started
     finally:
         engine.dispose()
     return Measurement("bulk enqueue (enqueue_many)", backend, events=events, seconds=seconds)
+
+
+def events_from(
+    start: int, stop: int, ordering_keys: int = 0, keyed_every: int = 1
+) -> list[OutboxEvent]:
+    """Events ``start`` to ``stop`` of a run (see :func:`bulk_enqueue` for their keys)."""
+    return [
+        OutboxEvent(
+            CHANNEL,
+            EVENT,
+            payload(i),
+            ordering_key=f"k{i % ordering_keys}"
+            if ordering_keys and i % keyed_every == 0
+            else None,
+        )
+        for i in range(start, stop)
+    ]
 
 
 def add_history(url: str, rows: int) -> float:
@@ -423,6 +439,53 @@ ORDERED_KEYS = 1_000
 ORDERED_BACKENDS = ("sqlite", "postgresql")
 
 
+class Backlog:
+    """What a drain has left, read cheaply enough to ask every 20 ms over any backlog.
+
+    Counting the hot table costs a scan of the backlog (100 ms over a million rows on
+    PostgreSQL), which would load the database whose speed is measured: whether it is empty is
+    one step down the primary key, and what was published since :meth:`mark` is a range of the
+    published log's key (new rows take ids above every row there before).
+    """
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+        self.hot = outbox_table()
+        self.log = published_table(self.hot)
+        self.since = 0
+
+    def mark(self) -> None:
+        with self.engine.connect() as conn:
+            self.since = conn.execute(sa.select(sa.func.max(self.log.c.id))).scalar() or 0
+
+    def published(self) -> int:
+        with self.engine.connect() as conn:
+            return conn.execute(
+                sa.select(sa.func.count()).where(self.log.c.id > self.since)
+            ).scalar_one()
+
+    def started(self) -> bool:
+        with self.engine.connect() as conn:
+            return (
+                conn.execute(
+                    sa.select(self.log.c.id).where(self.log.c.id > self.since).limit(1)
+                ).first()
+                is not None
+            )
+
+    def empty(self) -> bool:
+        with self.engine.connect() as conn:
+            return (
+                conn.execute(sa.select(self.hot.c.id).order_by(self.hot.c.id).limit(1)).first()
+                is None
+            )
+
+    def size(self) -> int:
+        """The exact backlog (a scan: for a moment, not a loop)."""
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.count()).select_from(self.hot)).scalar_one()
+
+
 def drain(
     database_url: str,
     sockudo_url: str,
@@ -435,27 +498,32 @@ def drain(
     server_pid: int | None = None,
     progress: Callable[[str], None] = lambda line: None,
     ordering_keys: int = 0,
+    keyed_every: int = 1,
     **settings: Any,
 ) -> Measurement:
     """Enqueue ``events`` (not timed), then time ``worker_count`` workers publishing them all.
 
     With ``ordering_keys``, the events are spread over that many ordering keys, interleaved
     (event ``i`` has key ``k{i % ordering_keys}``), so the claim takes only the head of each key
-    and at most one row per key is in flight (the ordered drain, :data:`ORDERED_DRAIN`).
+    and at most one row per key is in flight (the ordered drain, :data:`ORDERED_DRAIN`); with
+    ``keyed_every=2`` only every other event has a key.
+
+    Nothing analyzes the table: the workers meet the backlog as they would after an outage,
+    with whatever statistics the server has (none, on a new table with autovacuum behind).
 
     CPU per event is measured over the same span for the workers, the server (``server_pid``)
     and, on PostgreSQL, every ``postgres`` process of the machine. With a ``metrics_port``
     setting (one worker), ``/metrics`` is scraped every second as Prometheus would, so the
     figure includes the queue gauges' reads. ``progress`` gets a line every few seconds."""
     engine = create_engine(database_url)
-    t = outbox_table()
-    bulk_enqueue(database_url, backend, events, ordering_keys=ordering_keys)
-    with engine.connect() as conn:
-        left_before = conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one()
-    already = 0
-    target = left_before
+    backlog = Backlog(engine)
+    backlog.mark()
+    bulk_enqueue(
+        database_url, backend, events, ordering_keys=ordering_keys, keyed_every=keyed_every
+    )
     peak_rss = 0
     rss_after_warmup = 0
+    warmup_at = time.perf_counter() + 1.0
     metrics_port = settings.get("metrics_port")
     scrapes = 0
     next_scrape = next_progress = time.monotonic() + 1.0
@@ -463,17 +531,14 @@ def drain(
         first = None
         deadline = time.monotonic() + timeout
         while True:
-            # Count what is left in the hot table, not what is published: counting a growing
-            # history every 20 ms would load the database whose speed is being measured.
-            with engine.connect() as conn:
-                left = conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one()
-            published = target - left
             now = time.perf_counter()
             rss = sum(rss_kb(p.pid) for p in procs)
             peak_rss = max(peak_rss, rss)
-            if first is None and published > already:
+            if first is None and backlog.started():
                 first = now
-                first_count = published - already
+                warmup_at = now + 1.0
+                # Rows published before this sample are counted out of the timed span.
+                first_count = backlog.published()
                 meter = CpuMeter(
                     {
                         "worker": [p.pid for p in procs],
@@ -481,10 +546,10 @@ def drain(
                         **database_pids(backend),
                     }
                 ).start()
-            if not rss_after_warmup and published - already >= events // 10:
+            if first is not None and not rss_after_warmup and now >= warmup_at:
                 rss_after_warmup = rss
-            if published >= target:
-                finished = now
+            if first is not None and backlog.empty():
+                finished = time.perf_counter()
                 used = meter.stop()
                 break
             # From the first publish on: the worker serves its port before its first claim.
@@ -493,20 +558,22 @@ def drain(
                 scrapes += 1
                 next_scrape = time.monotonic() + 1.0
             if time.monotonic() >= next_progress:
-                progress(f"{published - already:,} of {events:,} published")
+                progress(f"{backlog.published():,} of {events:,} published")
                 next_progress = time.monotonic() + 5.0
             for p in procs:
                 if not p.alive:
                     raise RuntimeError(f"worker exited early; see {p.log_path}")
             if time.monotonic() > deadline:
                 raise RuntimeError(
-                    f"drain did not finish in {timeout:.0f} s ({published - already}/{events})"
+                    f"drain did not finish in {timeout:.0f} s ({backlog.published()}/{events})"
                 )
             time.sleep(0.02)
         end_rss = sum(rss_kb(p.pid) for p in procs)
+    published = backlog.published()
     engine.dispose()
     assert first is not None
-    # Rows published before the first sample are counted out of the timed span.
+    if published != events:
+        raise RuntimeError(f"the drain published {published:,} of {events:,} events")
     timed_events = events - first_count
     seconds = max(finished - first, 1e-6)
     if not label:
@@ -523,10 +590,127 @@ def drain(
             "rss_growth_mb": (end_rss - rss_after_warmup) / 1024 if rss_after_warmup else None,
             "workers": worker_count,
             **({"ordering_keys": ordering_keys} if ordering_keys else {}),
+            **({"keyed_every": keyed_every} if ordering_keys and keyed_every != 1 else {}),
             **({"metrics_scrapes": scrapes} if metrics_port is not None else {}),
             **cpu_figures(used, timed_events, seconds),
         },
     )
+
+
+#: The label of a drain of a backlog the workers meet all at once (issue 22).
+CATCH_UP = "catch-up: {events:,}-event backlog, 1 worker{keys}"
+#: The label of the sustained-overload run.
+OVERLOAD = "overload: producers above the drain for {seconds:.0f} s, 1 worker{keys}"
+#: How the backlog drains and the overload run key their events when keyed: every other event,
+#: over this many keys (the other half unkeyed).
+MIXED_KEYS = 1_000
+
+
+def catch_up_label(events: int, keyed: bool) -> str:
+    return CATCH_UP.format(
+        events=events, keys=f", half keyed on {MIXED_KEYS:,} keys" if keyed else ""
+    )
+
+
+def overload(
+    database_url: str,
+    sockudo_url: str,
+    backend: str,
+    seconds: float,
+    workdir: Path,
+    producers: int = 2,
+    keyed: bool = False,
+    server_pid: int | None = None,
+    progress: Callable[[str], None] = lambda line: None,
+    timeout: float = 600.0,
+    **settings: Any,
+) -> Measurement:
+    """Producers above the drain rate for ``seconds`` while one worker drains, then stopped.
+
+    ``producers`` processes each write ``enqueue_many`` transactions of 1,000 events as fast as
+    they can (with ``keyed``, half of them keyed as in :data:`MIXED_KEYS`), so the backlog grows
+    while the worker runs. The measurement is the catch-up: the backlog when the producers stop
+    (``backlog_peak``), drained at ``events_per_s``; a system that sinks under a backlog would
+    catch up slower than the same backlog drained alone (:data:`CATCH_UP`).
+    """
+    import multiprocessing
+
+    engine = create_engine(database_url)
+    backlog = Backlog(engine)
+    backlog.mark()
+    context = multiprocessing.get_context("spawn")
+    with workers(1, database_url, sockudo_url, workdir, **settings) as procs:
+        procs[0].wait_until_started()
+        with context.Pool(producers) as pool:
+            started = time.perf_counter()
+            produced_async = pool.starmap_async(
+                produce,
+                [(database_url, seconds, n, MIXED_KEYS if keyed else 0) for n in range(producers)],
+            )
+            samples = []
+            while not produced_async.ready():
+                time.sleep(1.0)
+                samples.append(backlog.size())
+                progress(f"backlog {samples[-1]:,}")
+            produced = sum(produced_async.get())
+            stopped = time.perf_counter()
+            peak = backlog.size()
+            published_during = backlog.published()
+        meter = CpuMeter(
+            {
+                "worker": [procs[0].pid],
+                "server": [server_pid] if server_pid else [],
+                **database_pids(backend),
+            }
+        ).start()
+        deadline = time.monotonic() + timeout
+        while not backlog.empty():
+            procs[0].check_alive()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the overload backlog did not drain in {timeout:.0f} s")
+            time.sleep(0.02)
+        finished = time.perf_counter()
+        used = meter.stop()
+    published = backlog.published()
+    engine.dispose()
+    if published != produced:
+        raise RuntimeError(f"the overload run published {published:,} of {produced:,} events")
+    catch_up_seconds = max(finished - stopped, 1e-6)
+    produced_seconds = stopped - started
+    return Measurement(
+        OVERLOAD.format(
+            seconds=seconds, keys=f", half keyed on {MIXED_KEYS:,} keys" if keyed else ""
+        ),
+        backend,
+        events=peak,
+        seconds=catch_up_seconds,
+        extra={
+            "backlog_peak": max([peak, *samples]),
+            "produced": produced,
+            "produced_per_s": produced / produced_seconds,
+            "drained_per_s_under_load": published_during / produced_seconds,
+            "workers": 1,
+            **({"ordering_keys": MIXED_KEYS, "keyed_every": 2} if keyed else {}),
+            **cpu_figures(used, peak, catch_up_seconds),
+        },
+    )
+
+
+def produce(database_url: str, seconds: float, producer: int, ordering_keys: int) -> int:
+    """One producer process of :func:`overload`: returns how many events it committed."""
+    engine = create_engine(database_url)
+    deadline = time.perf_counter() + seconds
+    chunk = 1_000
+    done = 0
+    base = producer * 1_000_000_000
+    try:
+        while time.perf_counter() < deadline:
+            with engine.begin() as conn:
+                enqueue_many(conn, events_from(base + done, base + done + chunk, ordering_keys, 2))
+            done += chunk
+    finally:
+        engine.dispose()
+    return done
 
 
 # -- 4. latency: steady load, commit to acknowledgement ----------------------------------------
