@@ -171,6 +171,17 @@ def test_a_row_key_is_derived_from_the_event_key_and_its_channel(engine):
     assert given_row.event_id == given
 
 
+@pytest.mark.parametrize(
+    ("key", "channel"),
+    [("order-7-created", "orders"), ("", "a"), ("ключ-€-🚀", "private-encrypted-x"), ("k\n", "#")],
+)
+def test_a_derived_key_is_uuid5_of_the_key_and_channel_in_the_outbox_namespace(key, channel):
+    """The derivation is a contract: rows written by every earlier release carry these keys,
+    and an event enqueued again with its key must derive the same one, never a new one."""
+    namespace = uuid.UUID("5b0c1a3e-8f7d-4e52-9a61-0f2d7c9b4e10")
+    assert derive_channel_key(key, channel) == str(uuid.uuid5(namespace, f"{key}\n{channel}"))
+
+
 @pytest.mark.parametrize("key", [None, "order-7-created"])
 def test_several_channels_one_row_each_with_a_derived_key(engine, key):
     channels = ["orders", "private-orders", "presence-staff"]

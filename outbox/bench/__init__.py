@@ -366,6 +366,7 @@ def catch_up(
                     **settings,
                 )
             )
+        measured[-1].extra["backlog"] = events
         say(f"{backend}: {label}: {measured[-1].rate:,.0f} events/s")
     return measured
 

@@ -207,15 +207,15 @@ def _catch_up_targets(
             and r.scenario.startswith(backlog)
             and "ordering_keys" not in r.extra
         ]
-        drains.sort(key=lambda r: r.events)
+        drains.sort(key=lambda r: r.extra.get("backlog", r.events))
         if not drains:
             continue
         first = drains[0]
         if backend == "postgresql":
             out.append(
                 {
-                    "target": f"PostgreSQL catch-up of {first.events:,}+ events at default "
-                    "settings >= 30,000 events/s",
+                    "target": f"PostgreSQL catch-up of a {first.extra.get('backlog', 0):,}-event "
+                    "backlog at default settings >= 30,000 events/s",
                     "measured": f"{first.rate:,.0f} events/s" + _busy(first),
                     "met": first.rate >= 30_000,
                 }
@@ -233,8 +233,8 @@ def _catch_up_targets(
             drop = 1 - bigger.rate / first.rate if first.rate else 1.0
             out.append(
                 {
-                    "target": f"{backend} catch-up of {bigger.events:,} events within 15% of "
-                    f"{first.events:,}",
+                    "target": f"{backend} catch-up of {bigger.extra.get('backlog', 0):,} events "
+                    f"within 15% of {first.extra.get('backlog', 0):,}",
                     "measured": f"{drop:+.0%} ({bigger.rate:,.0f} vs {first.rate:,.0f} events/s)",
                     "met": drop <= 0.15,
                 }

@@ -223,13 +223,7 @@ def validate_event_fields(
     limits: Limits = DEFAULT_LIMITS,
 ) -> None:
     """Check everything Sockudo would refuse about one event besides its channels."""
-    check_text(name, "event")
-    if utf8_len(name) > limits.max_event_name_bytes:
-        raise InvalidEvent(
-            f"event name is {utf8_len(name)} bytes, over the limit of "
-            f"{limits.max_event_name_bytes}",
-            field="event",
-        )
+    _valid_event_name(check_text(name, "event"), limits)
     if not isinstance(data, str):
         raise InvalidEvent("data must be encoded to a string first", field="data")
     try:
@@ -252,6 +246,19 @@ def validate_event_fields(
             )
     if socket_id is not None:
         check_text(socket_id, "socket_id")
+
+
+# A bulk enqueue names the same few events over and over (as with channel names, a refused name
+# raises every time).
+@functools.lru_cache(maxsize=4096)
+def _valid_event_name(name: str, limits: Limits) -> str:
+    if utf8_len(name) > limits.max_event_name_bytes:
+        raise InvalidEvent(
+            f"event name is {utf8_len(name)} bytes, over the limit of "
+            f"{limits.max_event_name_bytes}",
+            field="event",
+        )
+    return name
 
 
 def event_item(
