@@ -142,27 +142,31 @@ def test_enqueue_subprocess_exit_codes(env, engine, backend):
 
 @pytest.fixture
 def populated(engine: sa.Engine) -> dict[str, int]:
-    """One row in each status (two dead), with known ages and errors."""
+    """One row in each status (two dead), with known ages and errors.
+
+    Times come from the clock now, not from the module's import: the full tier reaches these
+    tests many minutes after the import, when a lease from then has expired (the row would be
+    pending) and a publish from then is no longer in the last minute.
+    """
+    now = dt.datetime.now(dt.UTC)
     return {
-        "pending": add(engine, created_at=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)),
+        "pending": add(engine, created_at=now - dt.timedelta(hours=1)),
         "in_flight": add(
             engine,
             status="in_flight",
             attempts=1,
             lease_token=uuid.uuid4(),
-            # From the clock now, not the module's import: the full tier reaches this test
-            # many minutes after the import, and a lease already expired is a pending row.
-            lease_expires_at=dt.datetime.now(dt.UTC) + dt.timedelta(hours=1),
+            lease_expires_at=now + dt.timedelta(hours=1),
         ),
-        "published": add(engine, status="published", attempts=1, published_at=NOW),
+        "published": add(engine, status="published", attempts=1, published_at=now),
         "dead_old": dead(
             engine,
             last_error_status=400,
             last_error_code="invalid_input",
             last_error_message="bad name",
-            last_error_at=NOW - dt.timedelta(minutes=5),
+            last_error_at=now - dt.timedelta(minutes=5),
         ),
-        "dead_new": dead(engine, last_error_message="too big", last_error_at=NOW),
+        "dead_new": dead(engine, last_error_message="too big", last_error_at=now),
     }
 
 
@@ -845,7 +849,9 @@ def test_replay_and_its_dry_run_run_in_constant_memory(env, engine, capsys):
     small = peaks(10_000)
     large = peaks(20_000)  # 30,000 dead rows now: 18 MB of payload and errors alone
     for command, few, many in zip(("dry run", "replay"), small, large, strict=True):
-        assert many < few * 1.3 + 256 * 1024, f"{command}: peak {few} B for 10,000, {many} B for 30,000"
+        assert many < few * 1.3 + 256 * 1024, (
+            f"{command}: peak {few} B for 10,000, {many} B for 30,000"
+        )
         assert many < 9 * 1024 * 1024, f"{command}: peak {many / 1e6:.1f} MB"
 
 

@@ -129,6 +129,18 @@ async def test_a_replayed_old_event_survives_a_rate_limit(engine, database_url, 
     assert len(sockudo_server.deliveries()) == 1
 
 
+async def make_due(engine: sa.Engine, where: sa.ColumnElement[bool]) -> None:
+    """Make rows due from a thread: the UPDATE waits for the row locks of the worker running on
+    this event loop, which could never commit while the loop itself waited (a hang seen when
+    the worker was recording the row's retry at that moment)."""
+
+    def update() -> None:
+        with engine.begin() as conn:
+            conn.execute(sa.update(T).where(where).values(next_attempt_at=LONG_AGO))
+
+    await asyncio.to_thread(update)
+
+
 async def test_an_outage_does_not_spend_the_attempt_budget(engine, database_url, sockudo_server):
     """Seconds of 502s leave rows with many attempts. Once the endpoint serves again, one ordinary
     500 on such a row is its first failure of its own, not the one past its budget."""
@@ -161,14 +173,12 @@ async def test_an_outage_does_not_spend_the_attempt_budget(engine, database_url,
             assert time.monotonic() < deadline, "the fresh event was not published"
             await asyncio.sleep(0.02)
         sockudo_server.fail_next(1, status=500, stage="received", endpoints=("events",))
-        with engine.begin() as conn:
-            conn.execute(sa.update(T).where(T.c.id == worn).values(next_attempt_at=LONG_AGO))
+        await make_due(engine, T.c.id == worn)
         deadline = time.monotonic() + 10
         while sockudo_server.request_count("events", 500) < 1:
             assert time.monotonic() < deadline, "the worn row was not tried"
             await asyncio.sleep(0.02)
-        with engine.begin() as conn:
-            conn.execute(sa.update(T).where(T.c.event_id != fresh).values(next_attempt_at=LONG_AGO))
+        await make_due(engine, T.c.event_id != fresh)
         deadline = time.monotonic() + 20
         while sum(by_status(engine).get(s, 0) for s in ("published", "dead")) < n + 1:
             assert time.monotonic() < deadline, by_status(engine)

@@ -56,23 +56,29 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
-#: Processes the self-contained tier runs on (pytest-xdist): its tests wait more than they
-#: compute (a worker's backoff, a server's latency), so two keep both cores of a small machine
-#: busy and the tier well under three minutes.
-SELF_CONTAINED_PROCESSES = 2
+#: Processes each tier runs on (pytest-xdist): the tests wait more than they compute (a
+#: worker's backoff, a server's latency, a killed process's restart), so two keep both cores of
+#: a small machine busy: the self-contained tier in about two minutes, the full tier in about
+#: ten instead of twenty-seven on one. Every test owns its database, server and ports, and
+#: timing-sensitive tests wait on conditions with margins, never on a quiet machine.
+PROCESSES = 2
+#: The full tier names its slowest tests at the end, so a run that grows shows where.
+FULL_TIER_DURATIONS = 25
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config: pytest.Config) -> None:
-    """Without ``-n``: the self-contained tier on two processes, the full tier on one (its
-    timing-sensitive suites, workers killed mid-request, are measured on a quiet process)."""
-    if getattr(config.option, "numprocesses", "absent") is not None:
-        return  # given on the command line, or pytest-xdist is not installed
+    """Without ``-n``: either tier on :data:`PROCESSES` processes."""
     if hasattr(config, "workerinput"):
         return  # one of the processes themselves
+    full = config.getoption("--full")
+    if full and not config.getoption("durations", None):
+        config.option.durations = FULL_TIER_DURATIONS
+    if getattr(config.option, "numprocesses", "absent") is not None:
+        return  # given on the command line, or pytest-xdist is not installed
     if config.getoption("usepdb", False) or config.getoption("collectonly", False):
         return
-    config.option.numprocesses = 0 if config.getoption("--full") else SELF_CONTAINED_PROCESSES
+    config.option.numprocesses = PROCESSES
 
 
 def enabled(config: pytest.Config) -> set[str]:
