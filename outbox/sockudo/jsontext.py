@@ -10,6 +10,11 @@ import json
 from typing import Any
 
 
+#: One encoder for every call: ``json.dumps`` with options builds a new one each time, which
+#: was a third of the cost of encoding a small event.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def compact_json(value: Any) -> str:
     """``value`` as compact JSON text; ``TypeError``/``ValueError`` when it is not JSON."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return _ENCODER.encode(value)
