@@ -29,13 +29,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from . import admin, logs, migrate, status_view
-from .database import (
-    DEFAULT_DATABASE_URL,
-    DatabaseURLError,
-    UnfollowableEngine,
-    create_engine,
-    display_url,
-)
+from .connections import UnfollowableEngine
+from .database import DEFAULT_DATABASE_URL, DatabaseURLError, create_engine, display_url
 from .enqueue import enqueue
 from .progress import Progress
 from .schema import DEFAULT_TABLE_NAME, Status, outbox_table

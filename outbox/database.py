@@ -10,18 +10,15 @@ level) come from its dialect module, which says why.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import sqlite3
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, make_url
 
 from .sockudo.config import mask_url
-
-T = TypeVar("T")
 
 DEFAULT_DATABASE_URL = "sqlite:///outbox.db"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -38,12 +35,6 @@ class DriverMissing(DatabaseURLError):
 
 #: The drivers this package picks for bare URLs, and the extra that installs each.
 DRIVER_EXTRAS = {"pymysql": "mysql", "aiomysql": "mysql"}
-
-
-class UnfollowableEngine(RuntimeError):
-    """The worker's own connections (PostgreSQL's hot path and LISTEN) would not see what the
-    engine's connections see (its setup ran SQL no connection parameter repeats): the worker
-    refuses to start. The message is one line saying what differs and what to do."""
 
 
 def normalize_url(url: str | URL, *, asyncio: bool = False) -> URL:
@@ -155,66 +146,6 @@ def display_url(url: str | URL) -> str:
         )
     except sa.exc.ArgumentError:
         return mask_url(str(url))
-
-
-def libpq_conninfo(url: URL) -> str:
-    """A libpq connection string for psycopg's own connections (LISTEN and the worker's hot
-    path run outside SQLAlchemy's pool), with the URL's parameters as SQLAlchemy reads them.
-
-    Keyword form, not a URI: a URI rendered by SQLAlchemy writes a space in a query value as
-    ``+``, which libpq does not decode (``options=-csearch_path=x -cwork_mem=64MB`` would set
-    the search path to ``x+-cwork_mem=64MB`` on these connections only).
-    """
-    from psycopg.conninfo import make_conninfo
-
-    params: dict[str, object] = {
-        "host": url.host,
-        "port": url.port,
-        "user": url.username,
-        "password": url.password,
-        "dbname": url.database,
-    }
-    for name, value in url.query.items():
-        params[name] = value if isinstance(value, str) else value[-1]
-    return make_conninfo(**{k: v for k, v in params.items() if v is not None})
-
-
-def engine_conninfo(engine: sa.Engine) -> str:
-    """A libpq connection string for a connection made as ``engine`` makes its own: the
-    parameters of one of its connections (see :func:`connection_conninfo`)."""
-    with engine.connect() as conn:
-        return connection_conninfo(conn)
-
-
-def connection_conninfo(conn: sa.Connection) -> str:
-    """A libpq connection string for a new connection made as ``conn`` was, for psycopg's own
-    connections (LISTEN and the worker's hot path run outside SQLAlchemy's pool).
-
-    The parameters libpq reports for ``conn`` (psycopg's ``info.get_parameters()``), whatever
-    set them: the URL, ``connect_args``, a ``creator``, a ``do_connect`` handler or ``PG*``
-    variables. With the password, which that report leaves out. SQL run on the connection
-    afterwards (a connect event's ``SET``) is not a parameter and is not in it. A driver that
-    reports no parameters (not psycopg 3) gets the URL's.
-    """
-    from psycopg.conninfo import make_conninfo
-
-    info = getattr(conn.connection.driver_connection, "info", None)
-    if not hasattr(info, "get_parameters"):
-        return libpq_conninfo(conn.engine.url)
-    params = info.get_parameters()
-    if info.password:
-        params["password"] = info.password
-    return make_conninfo(**params)
-
-
-async def in_transaction(engine: sa.Engine, work: Callable[[sa.Connection], T]) -> T:
-    """Run ``work`` in one short transaction on a thread (the SQL seam is synchronous)."""
-
-    def run() -> T:
-        with engine.begin() as conn:
-            return work(conn)
-
-    return await asyncio.to_thread(run)
 
 
 def short_error(exc: BaseException) -> str:

@@ -14,7 +14,8 @@ from collections.abc import Callable
 
 import sqlalchemy as sa
 
-from .database import in_transaction, short_error
+from .connections import in_transaction
+from .database import short_error
 from .dialects import Dialect
 
 log = logging.getLogger("outbox.worker")

@@ -17,12 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .settings import SettingsError
-from .sockudo.errors import (
-    ClientMisconfigured,
-    EndpointUnavailable,
-    EventRefused,
-    PublishFailed,
-)
+from .sockudo.errors import request_result
 
 if TYPE_CHECKING:
     from .admin import StatusReport
@@ -54,34 +49,6 @@ LATENCY_BUCKETS = (
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 #: Rows per claim.
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
-
-#: Result classes of a publish request (the ``result`` label).
-RESULT_OK = "ok"
-RESULT_REFUSED = "refused"
-RESULT_UNAUTHORIZED = "unauthorized"
-RESULT_RATE_LIMITED = "rate_limited"
-RESULT_BACKPRESSURE = "backpressure"
-RESULT_UNAVAILABLE = "unavailable"
-RESULT_NETWORK = "network"
-
-
-def request_result(exc: BaseException | None) -> str:
-    """The result class of one publish request: None (it succeeded) or what it raised."""
-    if exc is None:
-        return RESULT_OK
-    if isinstance(exc, EventRefused):
-        return RESULT_REFUSED
-    if isinstance(exc, ClientMisconfigured):
-        return RESULT_UNAUTHORIZED
-    if isinstance(exc, EndpointUnavailable):
-        if exc.status == 429:
-            return RESULT_RATE_LIMITED
-        if exc.code == "backpressure":
-            return RESULT_BACKPRESSURE
-        return RESULT_NETWORK if exc.status is None else RESULT_UNAVAILABLE
-    if isinstance(exc, PublishFailed):
-        return RESULT_UNAVAILABLE
-    return RESULT_NETWORK
 
 
 def ack_latencies(plan: Plan, rows: Sequence[ClaimedRow], now: dt.datetime) -> Iterator[float]:

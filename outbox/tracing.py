@@ -21,6 +21,8 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .sockudo.errors import request_result
+
 if TYPE_CHECKING:
     from .dialects import ClaimedRow
 
@@ -81,8 +83,6 @@ class PublishSpans:
             try:
                 yield
             except Exception as exc:
-                from .metrics import request_result
-
                 span.set_attribute("error.type", request_result(exc))
                 span.set_status(Status(StatusCode.ERROR, str(exc)[:200]))
                 raise

@@ -25,7 +25,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from . import admin
-from .database import create_engine, display_url, in_transaction, short_error
+from .connections import in_transaction
+from .database import create_engine, display_url, short_error
 from .delivery import Deliverer, Outcome
 from .dialects import ClaimedRow, Dialect, dialect_for
 from .dialects.hotpath import Recording

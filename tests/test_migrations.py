@@ -558,7 +558,8 @@ def test_postgresql_insert_trigger_notifies_on_commit_only(postgres_url):
     """Migration 0002: an INSERT wakes LISTENing workers when (and only if) it commits."""
     import psycopg
 
-    from outbox.database import libpq_conninfo, normalize_url
+    from outbox.connections import libpq_conninfo
+    from outbox.database import normalize_url
     from outbox.dialects.postgresql import notify_channel
 
     table = outbox_table()

@@ -26,7 +26,8 @@ from outbox import OutboxEvent, enqueue_many, outbox_table
 from outbox.database import create_engine
 from outbox.health import readiness
 from outbox.logs import JsonFormatter, TextFormatter, secrets_in
-from outbox.metrics import (
+from outbox.settings import Settings, SettingsError
+from outbox.sockudo.errors import (
     RESULT_BACKPRESSURE,
     RESULT_NETWORK,
     RESULT_OK,
@@ -34,10 +35,11 @@ from outbox.metrics import (
     RESULT_REFUSED,
     RESULT_UNAUTHORIZED,
     RESULT_UNAVAILABLE,
+    ClientMisconfigured,
+    EndpointUnavailable,
+    EventRefused,
     request_result,
 )
-from outbox.settings import Settings, SettingsError
-from outbox.sockudo.errors import ClientMisconfigured, EndpointUnavailable, EventRefused
 from outbox.testing.worker import WorkerProcess
 from outbox.worker import Worker
 from tests.outbox_rows import EV

@@ -282,7 +282,7 @@ def test_psycopg_connections_get_the_url_parameters_as_sqlalchemy_reads_them():
     from psycopg.conninfo import conninfo_to_dict
     from sqlalchemy.engine import make_url
 
-    from outbox.database import libpq_conninfo
+    from outbox.connections import libpq_conninfo
 
     url = make_url(
         "postgresql+psycopg://app:p%40ss%20w%3Ard@db.example:6543/orders"

@@ -23,7 +23,8 @@ from sqlalchemy.engine import make_url
 
 from outbox import enqueue
 from outbox.cli import main
-from outbox.database import UnfollowableEngine, create_engine, libpq_conninfo, normalize_url
+from outbox.connections import UnfollowableEngine, libpq_conninfo
+from outbox.database import create_engine, normalize_url
 from outbox.dialects.postgresql import _refusal
 from outbox.settings import ENVIRONMENT
 from outbox.testing.server import TestServer

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import sqlalchemy as sa
 
-from ..database import in_transaction
+from ..connections import in_transaction
 from .base import Ack, ClaimedRow, Failure
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ class Recording:
 class HotPath(Protocol):
     async def start(self) -> None:
         """Check, before the worker claims anything, that the hot path can run as the engine's
-        connections do (:class:`~outbox.database.UnfollowableEngine` if not); a database error
+        connections do (:class:`~outbox.connections.UnfollowableEngine` if not); a database error
         is a ``DBAPIError``, as for the other calls."""
         ...
 

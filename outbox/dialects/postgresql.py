@@ -27,7 +27,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from .. import schema
-from ..database import UnfollowableEngine, engine_conninfo
+from ..connections import UnfollowableEngine, engine_conninfo
 from ..schema import WAITING_FOR_KEY, dead_table, parked_table, published_table
 from .base import (
     CLAIM_COLUMNS,
@@ -414,7 +414,7 @@ class PostgresDialect(Dialect):
         A lost connection is re-opened after a pause; the worker polls meanwhile, so a gap only
         costs latency, never an event. Each (re)connection calls ``on_notify`` once for whatever
         was committed while nobody listened. Connections are made as the engine makes its own
-        (:func:`~outbox.database.engine_conninfo`).
+        (:func:`~outbox.connections.engine_conninfo`).
         """
         import psycopg
         from psycopg import sql
@@ -446,7 +446,7 @@ class PostgresHotPath:
     again), a recording is one explicit transaction.
 
     Each connection is made as the engine makes its own, with the parameters of one of the
-    engine's connections (:func:`~outbox.database.engine_conninfo`); :meth:`start` checks that
+    engine's connections (:func:`~outbox.connections.engine_conninfo`); :meth:`start` checks that
     they see what the engine's connections see.
     """
 
@@ -457,7 +457,7 @@ class PostgresHotPath:
         self._idle: list[Any] = []
 
     async def start(self) -> None:
-        """Refuse (:class:`~outbox.database.UnfollowableEngine`) an engine whose connections
+        """Refuse (:class:`~outbox.connections.UnfollowableEngine`) an engine whose connections
         see another database, user or outbox table than connections made with their
         parameters: what a connect event's SQL changes (``SET search_path``) is not a parameter.
         """

@@ -159,3 +159,33 @@ class Unsupported(NotAllowed):
 
 class WebhookInvalid(SockudoError):
     """A webhook's key or signature does not match, or its body cannot be read."""
+
+
+#: Result classes of a publish request, as the metrics (their ``result`` label) and the traces
+#: (``error.type``) name them.
+RESULT_OK = "ok"
+RESULT_REFUSED = "refused"
+RESULT_UNAUTHORIZED = "unauthorized"
+RESULT_RATE_LIMITED = "rate_limited"
+RESULT_BACKPRESSURE = "backpressure"
+RESULT_UNAVAILABLE = "unavailable"
+RESULT_NETWORK = "network"
+
+
+def request_result(exc: BaseException | None) -> str:
+    """The result class of one publish request: None (it succeeded) or what it raised."""
+    if exc is None:
+        return RESULT_OK
+    if isinstance(exc, EventRefused):
+        return RESULT_REFUSED
+    if isinstance(exc, ClientMisconfigured):
+        return RESULT_UNAUTHORIZED
+    if isinstance(exc, EndpointUnavailable):
+        if exc.status == 429:
+            return RESULT_RATE_LIMITED
+        if exc.code == "backpressure":
+            return RESULT_BACKPRESSURE
+        return RESULT_NETWORK if exc.status is None else RESULT_UNAVAILABLE
+    if isinstance(exc, PublishFailed):
+        return RESULT_UNAVAILABLE
+    return RESULT_NETWORK

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-
 #: One encoder for every call: ``json.dumps`` with options builds a new one each time, which
 #: was a third of the cost of encoding a small event.
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
