@@ -10,26 +10,19 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, overload
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
-from sqlalchemy.orm import Session
 
-from .dialects import dialect_for
+from .rows import AsyncTarget, SyncTarget, Target, write_rows
 from .schema import ORDERING_KEY_MAX, outbox_table
 from .sockudo import crypto
 from .sockudo.errors import InvalidEvent
 from .sockudo.events import DEFAULT_LIMITS, CheckedEvent, Limits, check_event
 from .sockudo.jsontext import compact_json
-from .tracing import current_traceparent
-
-SyncTarget = Session | sa.Connection
-AsyncTarget = AsyncSession | AsyncConnection
-Target = SyncTarget | AsyncTarget
 
 #: Namespace of per-channel keys derived from an event's key (uuid5 of key + channel).
 _CHANNEL_KEY_NAMESPACE = uuid.UUID("5b0c1a3e-8f7d-4e52-9a61-0f2d7c9b4e10")
@@ -105,8 +98,7 @@ def enqueue(
         channel, event, data, idempotency_key, socket_id, info, tags, extras, ordering_key
     )
     event_id, rows = build_rows(one, limits)
-    _add_trace_context(rows)
-    return _insert(target, table if table is not None else outbox_table(), rows, event_id)
+    return write_rows(target, table if table is not None else outbox_table(), rows, event_id)
 
 
 @overload
@@ -124,8 +116,12 @@ def enqueue_many(
     limits: Limits = DEFAULT_LIMITS,
     table: sa.Table | None = None,
 ) -> list[uuid.UUID] | Awaitable[list[uuid.UUID]]:
-    """Enqueue many events in one statement (COPY on PostgreSQL, else one executemany INSERT);
-    all are validated before any SQL runs."""
+    """Enqueue many events at once; all are validated before any SQL runs.
+
+    Unkeyed events go in one statement: ``COPY`` on PostgreSQL (8 rows or more), else one
+    ``INSERT`` executed for every row. Events with ordering keys first lock their keys, then go
+    in as two ``INSERT``s: the rows due now, then those waiting behind their key.
+    """
     ids: list[uuid.UUID] = []
     rows: list[dict[str, Any]] = []
     for index, item in enumerate(events):
@@ -135,8 +131,7 @@ def enqueue_many(
             raise InvalidEvent(f"event #{index}: {exc}", field=exc.field) from exc
         ids.append(event_id)
         rows.extend(item_rows)
-    _add_trace_context(rows)
-    return _insert(target, table if table is not None else outbox_table(), rows, ids)
+    return write_rows(target, table if table is not None else outbox_table(), rows, ids)
 
 
 def build_rows(
@@ -245,76 +240,6 @@ def derive_channel_key(key: str, channel: str) -> str:
 _NAMESPACE_BYTES = _CHANNEL_KEY_NAMESPACE.bytes
 #: The first hex digit of a UUID's eighth byte once its variant bits are set to RFC 4122's (10).
 _RFC_4122_VARIANT = {digit: "89ab"[int(digit, 16) & 0x3] for digit in "0123456789abcdef"}
-
-
-def _add_trace_context(rows: list[dict[str, Any]]) -> None:
-    """Store the caller's trace context on its rows (OpenTelemetry in use and a span current):
-    the worker links the publish to it. Every row of one call gets the same, so executemany
-    sees one set of columns."""
-    traceparent = current_traceparent()
-    if traceparent is not None:
-        for row in rows:
-            row["traceparent"] = traceparent
-
-
-#: Run on the caller's connection, in its transaction, just before the rows are inserted: to
-#: complete them with what only the database knows.
-Prepare = Callable[[sa.Connection], None]
-
-
-def _insert(
-    target: Target,
-    table: sa.Table,
-    rows: list[dict[str, Any]],
-    result: Any,
-    prepare: Prepare | None = None,
-) -> Any:
-    if not isinstance(target, Session | sa.Connection | AsyncSession | AsyncConnection):
-        raise TypeError(
-            "expected a SQLAlchemy Session, Connection, AsyncSession or AsyncConnection, "
-            f"got {type(target).__name__}"
-        )
-    # The database's own way to write many rows at once (see Dialect.insert_many), on the
-    # connection of the caller's transaction. On PostgreSQL a trigger on the table (migration
-    # 0002) wakes the workers when the caller commits.
-    if isinstance(target, AsyncSession | AsyncConnection):
-        return _run_async(target, table, rows, result, prepare)
-    if rows:
-        conn = target if isinstance(target, sa.Connection) else target.connection()
-        _prepare_and_insert(conn, table, rows, prepare)
-    return result
-
-
-def _prepare_and_insert(
-    conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]], prepare: Prepare | None
-) -> None:
-    if prepare is not None:
-        prepare(conn)
-    insert_rows(conn, table, rows)
-
-
-def insert_rows(conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
-    """Insert built rows on the caller's connection, serializing the producers of their keys."""
-    dialect = dialect_for(conn)
-    keys = [row["ordering_key"] for row in rows if row.get("ordering_key") is not None]
-    if keys:
-        held = dialect.lock_ordering_keys(conn, table, keys)
-        dialect.insert_keyed(conn, table, rows, held)
-    else:
-        dialect.insert_many(conn, table, rows)
-
-
-async def _run_async(
-    target: AsyncTarget,
-    table: sa.Table,
-    rows: list[dict[str, Any]],
-    result: Any,
-    prepare: Prepare | None = None,
-) -> Any:
-    if rows:
-        conn = target if isinstance(target, AsyncConnection) else await target.connection()
-        await conn.run_sync(lambda sync: _prepare_and_insert(sync, table, rows, prepare))
-    return result
 
 
 def _json_column(value: dict[str, Any], field: str) -> str:

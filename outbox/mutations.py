@@ -23,7 +23,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from .enqueue import Target, _add_trace_context, _insert
+from .rows import Target, write_rows
 from .schema import ORDERING_KEY_MAX, Operation, outbox_table, published_table
 from .sockudo import crypto, events
 from .sockudo.errors import InvalidEvent
@@ -256,8 +256,6 @@ def _add(
         "target_event_id": target_event_id,
         "target_serial": target_serial,
     }
-    rows = [row]
-    _add_trace_context(rows)
     prepare = None
     if target_serial is not None:
         serial = target_serial
@@ -270,4 +268,4 @@ def _add(
                 row["ordering_key"] = message_ordering_key(channel, published_by)
 
         prepare = key_by_publishing_event
-    return _insert(target, table, rows, event_id, prepare)
+    return write_rows(target, table, [row], event_id, prepare)

@@ -1,7 +1,9 @@
 """The worker loop: claim -> publish -> ack, with several batches in flight.
 
-Database statements run in short transactions on a thread (the SQL seam is synchronous); HTTP runs
-on the event loop. No transaction is open while a request is in flight: a claim commits before the
+The three hot statements (claim, lease renewal, recording) go through the database's hot path
+(:mod:`.dialects.hotpath`): on PostgreSQL psycopg's asyncio connections on the event loop, elsewhere
+short transactions on a thread; upkeep (reclaim, retention, gauges) runs on a thread. HTTP runs on
+the event loop. No transaction is open while a request is in flight: a claim commits before the
 publish starts, and the outcome is written in a new transaction after it ends.
 
 The worker keeps the claim loop, the claims in flight and the recording of their outcomes. What an
