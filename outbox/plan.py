@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import uuid
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from .delivery import (
@@ -32,7 +34,8 @@ from .delivery import (
     Outcome,
     failure_of,
 )
-from .dialects import Ack, ClaimedRow, Failure
+from .dialects import ClaimedRow, Failure
+from .dialects.hotpath import Recording
 from .retry import RetryPolicy
 from .sockudo.errors import EndpointUnavailable, PublishFailed
 
@@ -52,21 +55,10 @@ class Note:
 
 
 @dataclass
-class Plan:
-    """The writes that record one claim's outcome, all guarded by the claim's token."""
+class Plan(Recording):
+    """The writes that record one claim's outcome (a :class:`Recording`, which the worker's hot
+    path writes as it stands) and the lines worth logging about it."""
 
-    published: list[Ack] = field(default_factory=list)
-    #: Back to pending after a delay, keeping the attempt (the row goes alone next time).
-    retry: list[Failure] = field(default_factory=list)
-    #: Back to pending after a delay, the attempt refunded (a first attempt stays batchable).
-    retry_refund: list[Failure] = field(default_factory=list)
-    dead: list[Failure] = field(default_factory=list)
-    #: Not sent (the worker is stopping): back to pending at once, the attempt refunded ...
-    give_back: list[int] = field(default_factory=list)
-    #: ... or kept, for rows a request of this claim carried.
-    give_back_carried: list[int] = field(default_factory=list)
-    #: Dead rows whose ordering key parks behind them (the "park" policy).
-    park: list[int] = field(default_factory=list)
     notes: list[Note] = field(default_factory=list)
 
     @property
@@ -76,6 +68,7 @@ class Plan:
 
 def plan_outcome(
     outcome: Outcome,
+    claimed: Sequence[ClaimedRow] = (),
     *,
     policy: RetryPolicy,
     endpoint_serving: bool,
@@ -83,15 +76,34 @@ def plan_outcome(
     unsendable_retry: float,
     park_dead_heads: bool = True,
 ) -> Plan:
-    """The plan for ``outcome``. ``endpoint_serving``: the endpoint's last answer before this
-    outcome was a success and the breaker was closed. ``now`` is the time the row ages count to.
-    ``park_dead_heads``: a keyed row that goes dead parks its key (else the key goes on)."""
+    """The plan for ``outcome`` of the rows ``claimed``. ``endpoint_serving``: the endpoint's last
+    answer before this outcome was a success and the breaker was closed. ``now`` is the time the
+    row ages count to. ``park_dead_heads``: a keyed row that goes dead parks its key (else the
+    key goes on)."""
     plan = Plan(published=list(outcome.published))
     plan_failures(plan, outcome, policy, endpoint_serving, now, unsendable_retry)
     if park_dead_heads:
         keyed = {row.id for row in outcome.rows_with_keys()}
         plan.park = [f.id for f in plan.dead if f.id in keyed]
+    gone = {a.id for a in plan.published} | {f.id for f in plan.dead}
+    plan.heads_gone = keys_of(claimed, gone)
+    plan.messages_gone = messages_of(claimed, gone)
     return plan
+
+
+def keys_of(rows: Iterable[ClaimedRow], ids: Container[int]) -> list[str]:
+    """The ordering keys of the rows ``ids`` (each once): the keys whose head leaves the table."""
+    return sorted({r.ordering_key for r in rows if r.id in ids and r.ordering_key is not None})
+
+
+def messages_of(rows: Iterable[ClaimedRow], ids: Container[int]) -> list[tuple[uuid.UUID, str]]:
+    """(event id, channel) of the rows ``ids`` that publish a message (not mutations): the
+    messages whose waiting mutations become due."""
+    return [
+        (r.event_id, r.channel)
+        for r in rows
+        if r.id in ids and r.operation is None and r.event_id is not None
+    ]
 
 
 def plan_failures(

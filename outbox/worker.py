@@ -31,7 +31,6 @@ from .connections import in_transaction
 from .database import create_engine, display_url, short_error
 from .delivery import Deliverer, Outcome
 from .dialects import ClaimedRow, Dialect, dialect_for
-from .dialects.hotpath import Recording
 from .health import HealthServer, Readiness, readiness
 from .maintenance import Maintenance
 from .metrics import Recorder
@@ -429,6 +428,7 @@ class Worker:
         self._judge_endpoint(endpoint_verdict(outcome))
         plan = plan_outcome(
             outcome,
+            rows,
             policy=self.policy,
             endpoint_serving=endpoint_serving,
             now=dt.datetime.now(dt.UTC),
@@ -513,27 +513,15 @@ class Worker:
     async def _record(self, token: uuid.UUID, plan: Plan, rows: list[ClaimedRow]) -> None:
         """Write the plan in one short transaction, retrying while the database is away."""
         acked = 0
-        gone = [a.id for a in plan.published] + [f.id for f in plan.dead]
-        recording = Recording(
-            published=plan.published,
-            retry=plan.retry,
-            retry_refund=plan.retry_refund,
-            dead=plan.dead,
-            give_back=plan.give_back,
-            give_back_carried=plan.give_back_carried,
-            park=plan.park,
-            heads_gone=_keys_of(rows, gone),
-            messages_gone=_messages_of(rows, gone),
-        )
         for attempt in range(1, RECORD_TRIES + 1):
             started = time.perf_counter()
             try:
                 # Rows whose lease expired and were taken over are not acked (token guard):
                 # ``acked`` counts only the rows this ack really moved.
-                acked = await self.hot_path.record(token, recording)
+                acked = await self.hot_path.record(token, plan)
                 self._database_errors_in_a_row = 0
                 self._last_progress = time.monotonic()
-                if recording.heads_gone or recording.messages_gone:
+                if plan.heads_gone or plan.messages_gone:
                     # The next event of each key that lost its head, and the mutations waiting
                     # for a message that went out, may have just become due: claim now, not at
                     # the next poll (no notification says so; only inserts notify).
@@ -570,19 +558,3 @@ class Worker:
         )
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), timeout=pause)
-
-
-def _messages_of(rows: list[ClaimedRow], ids: list[int]) -> list[tuple[uuid.UUID, str]]:
-    """(event id, channel) of the rows ``ids`` that publish a message (not mutations)."""
-    wanted = set(ids)
-    return [
-        (r.event_id, r.channel)
-        for r in rows
-        if r.id in wanted and r.operation is None and r.event_id is not None
-    ]
-
-
-def _keys_of(rows: list[ClaimedRow], ids: list[int]) -> list[str]:
-    """The ordering keys of the rows ``ids`` (each once)."""
-    wanted = set(ids)
-    return sorted({r.ordering_key for r in rows if r.id in wanted and r.ordering_key is not None})

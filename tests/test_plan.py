@@ -259,3 +259,27 @@ def test_a_keyed_row_that_goes_dead_parks_its_key_unless_the_policy_skips():
         park_dead_heads=False,
     )
     assert {f.id for f in skipped.dead} == {1, 2, 4} and skipped.park == []
+
+
+def test_the_plan_names_the_keys_and_messages_its_rows_take_out_of_the_table():
+    """What leaves the table (published or dead) frees its key's next row and wakes the
+    mutations waiting for its message; a row that stays (a retry, a give-back) frees nothing,
+    and a mutation that leaves is no message anyone waits for."""
+    published = replace(row(1), ordering_key="a")
+    refused = replace(row(2), ordering_key="b")
+    retrying = replace(row(3), ordering_key="c")
+    given_back = replace(row(4), ordering_key="d")
+    mutation = replace(row(5), ordering_key="e", operation="update")
+    claimed = [published, refused, retrying, given_back, mutation]
+    outcome = Outcome(
+        published=[Ack(1), Ack(5)],
+        refused=[(refused, EventRefused("bad", status=413))],
+        retry=[(retrying, server_error())],
+        unsent=[given_back],
+    )
+    planned = plan_outcome(
+        outcome, claimed, policy=POLICY, endpoint_serving=True, now=NOW, unsendable_retry=30.0
+    )
+    assert planned.heads_gone == ["a", "b", "e"]
+    assert planned.messages_gone == [(event_id_of(1), "c"), (event_id_of(2), "c")]
+    assert planned.give_back == [4] and [f.id for f in planned.retry] == [3]

@@ -24,27 +24,33 @@ if TYPE_CHECKING:
     from .base import Dialect
 
 
-@dataclass(frozen=True)
+@dataclass
 class Recording:
-    """The outcome of one claim, written in one transaction guarded by the claim's token."""
+    """The outcome of one claim, written in one transaction guarded by the claim's token.
 
-    published: Sequence[Ack] = ()
-    retry: Sequence[Failure] = ()
-    #: Retried with the claim's attempt taken back (no request carried the row).
-    retry_refund: Sequence[Failure] = ()
-    dead: Sequence[Failure] = ()
+    The worker's planner (:class:`outbox.plan.Plan`, a Recording with log lines) fills it;
+    the hot path writes it as it stands.
+    """
+
+    published: list[Ack] = field(default_factory=list)
+    #: Back to pending after a delay, keeping the attempt (the row goes alone next time).
+    retry: list[Failure] = field(default_factory=list)
+    #: Back to pending after a delay, the attempt refunded (no request carried the row, so a
+    #: first attempt stays batchable).
+    retry_refund: list[Failure] = field(default_factory=list)
+    dead: list[Failure] = field(default_factory=list)
     #: Rows of ``dead`` whose ordering key parks (the "park" policy): the rest of the key waits.
-    park: Sequence[int] = ()
+    park: list[int] = field(default_factory=list)
     #: The ordering keys of rows this recording takes out of the table (published or dead):
     #: the next row of each becomes due, unless its key parks.
-    heads_gone: Sequence[str] = ()
+    heads_gone: list[str] = field(default_factory=list)
     #: (event id, channel) of the messages this recording takes out of the table (published
     #: or dead): the mutations waiting for them become due (see ``Dialect.wake_mutations``).
-    messages_gone: Sequence[tuple[uuid.UUID, str]] = ()
-    #: Not sent (shutdown): given back with the attempt refunded ...
-    give_back: Sequence[int] = ()
+    messages_gone: list[tuple[uuid.UUID, str]] = field(default_factory=list)
+    #: Not sent (the worker is stopping): back to pending at once, the attempt refunded ...
+    give_back: list[int] = field(default_factory=list)
     #: ... or kept (a request of this claim carried the row: it must go alone next time).
-    give_back_carried: Sequence[int] = field(default=())
+    give_back_carried: list[int] = field(default_factory=list)
 
 
 class HotPath(Protocol):
