@@ -2,8 +2,9 @@
 
 An operation of the client is a method of the pure core that *builds* a :class:`Call`: the
 request (method, path, query, body bytes) and how to read its answer. It does no I/O. The two
-shells decide how a call is run: :class:`~outbox.sockudo.Sockudo` sends it and returns the parsed
-answer, :class:`~outbox.sockudo.AsyncSockudo` returns an awaitable of it. The ``@operation`` and
+shells decide how a call is run: :class:`SyncShell` (:class:`~outbox.sockudo.Sockudo`) sends it
+and returns the parsed answer, :class:`AsyncShell` (:class:`~outbox.sockudo.AsyncSockudo`)
+returns an awaitable of it; each needs only a ``send`` from its client. The ``@operation`` and
 ``@paginated`` descriptors below make that binding, so no operation is written twice:
 
     class _Core:
@@ -28,7 +29,6 @@ from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar,
 from .responses import Result
 
 if TYPE_CHECKING:
-    from .client import AsyncSockudo, Sockudo
     from .models import Page
 
 T = TypeVar("T")
@@ -81,9 +81,9 @@ class operation(Generic[P, T]):
     @overload
     def __get__(self, instance: None, owner: type) -> operation[P, T]: ...
     @overload
-    def __get__(self, instance: Sockudo, owner: type) -> Callable[P, T]: ...
+    def __get__(self, instance: SyncShell, owner: type) -> Callable[P, T]: ...
     @overload
-    def __get__(self, instance: AsyncSockudo, owner: type) -> Callable[P, Awaitable[T]]: ...
+    def __get__(self, instance: AsyncShell, owner: type) -> Callable[P, Awaitable[T]]: ...
     @overload
     def __get__(self, instance: object, owner: type) -> Callable[P, Call[T]]: ...
     def __get__(self, instance: Any, owner: type) -> Any:
@@ -102,12 +102,77 @@ class paginated(Generic[P, ItemT]):
     @overload
     def __get__(self, instance: None, owner: type) -> paginated[P, ItemT]: ...
     @overload
-    def __get__(self, instance: Sockudo, owner: type) -> Callable[P, Iterator[ItemT]]: ...
+    def __get__(self, instance: SyncShell, owner: type) -> Callable[P, Iterator[ItemT]]: ...
     @overload
-    def __get__(self, instance: AsyncSockudo, owner: type) -> Callable[P, AsyncIterator[ItemT]]: ...
+    def __get__(self, instance: AsyncShell, owner: type) -> Callable[P, AsyncIterator[ItemT]]: ...
     @overload
     def __get__(self, instance: object, owner: type) -> Callable[P, Walk[ItemT]]: ...
     def __get__(self, instance: Any, owner: type) -> Any:
         if instance is None:
             return self
         return instance._bind_walk(self.build.__get__(instance, owner))
+
+
+class SyncShell:
+    """How :class:`~outbox.sockudo.Sockudo` runs operations: each call is sent at once and
+    answers its parsed result; a walk is an iterator that sends one page's call at a time."""
+
+    #: Sign a request now, send it once, and return its :class:`Result` or raise.
+    send: Callable[[PreparedRequest], Result]
+
+    def run(self, call: Call[T]) -> T:
+        """Send a prepared call (again: the same bytes) and return its parsed answer."""
+        return call.parse(self.send(call.request))
+
+    def _bind_call(self, build: Callable[..., Call[T]]) -> Callable[..., T]:
+        @functools.wraps(build)
+        def run(*args: Any, **kwargs: Any) -> T:
+            return self.run(build(*args, **kwargs))
+
+        run.prepare = build  # type: ignore[attr-defined]
+        return run
+
+    def _bind_walk(self, build: Callable[..., Walk[T]]) -> Callable[..., Iterator[T]]:
+        @functools.wraps(build)
+        def walk(*args: Any, **kwargs: Any) -> Iterator[T]:
+            step = build(*args, **kwargs)
+            call: Call[Any] | None = step.first
+            while call is not None:
+                page = self.run(call)
+                yield from page.items
+                call = step.after(page)
+
+        return walk
+
+
+class AsyncShell:
+    """How :class:`~outbox.sockudo.AsyncSockudo` runs operations: each call is an awaitable of
+    its parsed result; a walk is an async iterator that sends one page's call at a time."""
+
+    #: Sign a request now, send it once, and return its :class:`Result` or raise.
+    send: Callable[[PreparedRequest], Awaitable[Result]]
+
+    async def run(self, call: Call[T]) -> T:
+        """Send a prepared call (again: the same bytes) and return its parsed answer."""
+        return call.parse(await self.send(call.request))
+
+    def _bind_call(self, build: Callable[..., Call[T]]) -> Callable[..., Awaitable[T]]:
+        @functools.wraps(build)
+        async def run(*args: Any, **kwargs: Any) -> T:
+            return await self.run(build(*args, **kwargs))
+
+        run.prepare = build  # type: ignore[attr-defined]
+        return run
+
+    def _bind_walk(self, build: Callable[..., Walk[T]]) -> Callable[..., AsyncIterator[T]]:
+        @functools.wraps(build)
+        async def walk(*args: Any, **kwargs: Any) -> AsyncIterator[T]:
+            step = build(*args, **kwargs)
+            call: Call[Any] | None = step.first
+            while call is not None:
+                page = await self.run(call)
+                for item in page.items:
+                    yield item
+                call = step.after(page)
+
+        return walk

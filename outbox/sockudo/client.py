@@ -3,24 +3,24 @@
 Everything but the network call lives in :class:`_Core` and :class:`.operations.Operations`
 (building bodies, sealing encrypted data, signing at send time) and in :mod:`.responses`
 (classifying answers). Each operation is written once, as a method that builds a
-:class:`~.calls.Call`; the shells only send it (see :mod:`.calls`). There are no retries in here:
-the caller owns its retry policy (the outbox worker does it durably).
+:class:`~.calls.Call`; how a shell runs it is :mod:`.calls`'s, and the shells here add only the
+sending (an ``httpx`` client or an async transport) and their lifetime. There are no retries in
+here: the caller owns its retry policy (the outbox worker does it durably).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal, Self, TypedDict, TypeVar, Unpack
 
 import httpx
 
 from . import auth, events
-from .calls import Call, PreparedRequest, Walk, keep, operation
+from .calls import AsyncShell, Call, PreparedRequest, SyncShell, Walk, keep, operation
 from .config import Config, ConfigError
 from .errors import InvalidEvent
 from .events import DEFAULT_LIMITS, Event, Limits
@@ -287,11 +287,12 @@ class _Core(Operations):
         return build
 
 
-class Sockudo(_Core):
+class Sockudo(SyncShell, _Core):
     """Synchronous client. Use it as a context manager, or call :meth:`close`.
 
     Every operation of :class:`_Core` (``trigger``, ``get_channel_history``, ``update_message``...)
-    is sent at once and returns its parsed answer; ``iter_*`` operations return an iterator.
+    is sent at once and returns its parsed answer; ``iter_*`` operations return an iterator
+    (:class:`~.calls.SyncShell`).
     """
 
     def __init__(
@@ -329,36 +330,13 @@ class Sockudo(_Core):
             raise translate_transport_error(exc) from exc
         return interpret(response.status_code, response.headers, response.content, request.path)
 
-    def run(self, call: Call[T]) -> T:
-        """Send a prepared call (again: the same bytes) and return its parsed answer."""
-        return call.parse(self.send(call.request))
 
-    def _bind_call(self, build: Callable[..., Call[T]]) -> Callable[..., T]:
-        @functools.wraps(build)
-        def run(*args: Any, **kwargs: Any) -> T:
-            return self.run(build(*args, **kwargs))
-
-        run.prepare = build  # type: ignore[attr-defined]
-        return run
-
-    def _bind_walk(self, build: Callable[..., Walk[T]]) -> Callable[..., Iterator[T]]:
-        @functools.wraps(build)
-        def walk(*args: Any, **kwargs: Any) -> Iterator[T]:
-            step = build(*args, **kwargs)
-            call: Call[Any] | None = step.first
-            while call is not None:
-                page = self.run(call)
-                yield from page.items
-                call = step.after(page)
-
-        return walk
-
-
-class AsyncSockudo(_Core):
+class AsyncSockudo(AsyncShell, _Core):
     """asyncio client. Use it as an async context manager, or await :meth:`aclose`.
 
     Every operation of :class:`_Core` returns an awaitable of the same answer as on
-    :class:`Sockudo`; ``iter_*`` operations return an async iterator (``async for``).
+    :class:`Sockudo`; ``iter_*`` operations return an async iterator (``async for``;
+    :class:`~.calls.AsyncShell`).
 
     ``transport`` picks how requests travel: ``"httpx"`` (the default: TLS, HTTP/2), ``"h11"``
     (plain-http HTTP/1.1 at a fraction of the CPU; see :mod:`.transport`) or any
@@ -411,31 +389,6 @@ class AsyncSockudo(_Core):
             request.method, self._url(request), _HEADERS, request.body
         )
         return interpret(response.status, response.headers, response.content, request.path)
-
-    async def run(self, call: Call[T]) -> T:
-        """Send a prepared call (again: the same bytes) and return its parsed answer."""
-        return call.parse(await self.send(call.request))
-
-    def _bind_call(self, build: Callable[..., Call[T]]) -> Callable[..., Awaitable[T]]:
-        @functools.wraps(build)
-        async def run(*args: Any, **kwargs: Any) -> T:
-            return await self.run(build(*args, **kwargs))
-
-        run.prepare = build  # type: ignore[attr-defined]
-        return run
-
-    def _bind_walk(self, build: Callable[..., Walk[T]]) -> Callable[..., AsyncIterator[T]]:
-        @functools.wraps(build)
-        async def walk(*args: Any, **kwargs: Any) -> AsyncIterator[T]:
-            step = build(*args, **kwargs)
-            call: Call[Any] | None = step.first
-            while call is not None:
-                page = await self.run(call)
-                for item in page.items:
-                    yield item
-                call = step.after(page)
-
-        return walk
 
 
 def _merge_options(
