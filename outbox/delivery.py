@@ -27,6 +27,8 @@ from .dialects import Ack, ClaimedRow, Failure
 from .dialects.base import FoundSerial, Target, UnknownSerial
 from .schema import SERIAL_MAX, Operation
 from .sockudo import AsyncSockudo, PreparedRequest
+from .sockudo.bodies import batch_body, dump_body, event_item
+from .sockudo.crypto import seal_for_channel
 from .sockudo.errors import (
     ClientMisconfigured,
     EndpointUnavailable,
@@ -35,7 +37,6 @@ from .sockudo.errors import (
     NotAllowed,
     PublishFailed,
 )
-from .sockudo.events import batch_body, dump_body, event_item, seal_for_channel
 from .sockudo.params import ANNOTATION_KEPT_FIELDS
 from .sockudo.responses import ChannelAck, Result
 from .tracing import PublishSpans

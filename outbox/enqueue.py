@@ -21,8 +21,8 @@ from .rows import AsyncTarget, SyncTarget, Target, write_rows
 from .schema import ORDERING_KEY_MAX, outbox_table
 from .sockudo import crypto
 from .sockudo.errors import InvalidEvent
-from .sockudo.events import DEFAULT_LIMITS, CheckedEvent, Limits, check_event
 from .sockudo.jsontext import compact_json
+from .sockudo.validation import DEFAULT_LIMITS, CheckedEvent, Limits, check_event
 
 #: Namespace of per-channel keys derived from an event's key (uuid5 of key + channel).
 _CHANNEL_KEY_NAMESPACE = uuid.UUID("5b0c1a3e-8f7d-4e52-9a61-0f2d7c9b4e10")

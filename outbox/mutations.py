@@ -25,9 +25,9 @@ import sqlalchemy as sa
 
 from .rows import Target, write_rows
 from .schema import ORDERING_KEY_MAX, Operation, outbox_table, published_table
-from .sockudo import crypto, events
+from .sockudo import crypto
+from .sockudo.bodies import dump_body
 from .sockudo.errors import InvalidEvent
-from .sockudo.events import DEFAULT_LIMITS, Limits
 from .sockudo.operations import check_serial
 from .sockudo.params import (
     ANNOTATION_KEPT_FIELDS,
@@ -39,6 +39,7 @@ from .sockudo.params import (
     mutation_from,
     with_op_id,
 )
+from .sockudo.validation import DEFAULT_LIMITS, Limits, validate_channels
 
 #: A message: the outbox event that publishes it (its id), or its known ``message_serial``.
 MessageRef = uuid.UUID | str
@@ -226,7 +227,7 @@ def _add(
     key: str | None = None,
 ) -> uuid.UUID | Awaitable[uuid.UUID]:
     table = table if table is not None else outbox_table()
-    (channel,) = events.validate_channels([channel], limits)
+    (channel,) = validate_channels([channel], limits)
     if crypto.is_encrypted_channel(channel):
         raise InvalidEvent("encrypted channels have no versioned messages", field="channel")
     if isinstance(message, uuid.UUID):
@@ -242,7 +243,7 @@ def _add(
     if isinstance(body, str):
         data = body
     else:
-        data = events.dump_body(body).decode()
+        data = dump_body(body).decode()
         key = body.get("op_id", key)
     event_id = uuid.uuid4()
     row = {

@@ -39,7 +39,7 @@ from .retry import EndpointBreaker, RetryPolicy
 from .schema import outbox_table
 from .settings import Settings
 from .sockudo import AsyncSockudo
-from .sockudo.events import Limits
+from .sockudo.validation import Limits
 from .tracing import publish_spans
 
 log = logging.getLogger("outbox.worker")

@@ -33,7 +33,7 @@ from outbox.sockudo import (
     PublishAnnotationRequest,
     Sockudo,
 )
-from outbox.sockudo.events import dump_body
+from outbox.sockudo.bodies import dump_body
 from outbox.testing.server import TestServer, TestServerProcess
 from tests.plugins.sockudo_server import ALL_FEATURES as ALL_ON
 

@@ -22,7 +22,7 @@ from outbox.sockudo import (
     Limits,
     Sockudo,
 )
-from outbox.sockudo.events import dump_body, event_item
+from outbox.sockudo.bodies import dump_body, event_item
 from outbox.testing.server import TestServer
 
 

@@ -12,7 +12,7 @@ import pytest
 from nacl.secret import SecretBox
 
 from outbox.sockudo import Event, InvalidEvent, Limits, Sockudo, SockudoError, crypto
-from outbox.sockudo.events import encode_data
+from outbox.sockudo.validation import encode_data
 
 MASTER_KEY = hashlib.sha256(b"test master key").digest()
 MASTER_KEY_B64 = base64.b64encode(MASTER_KEY).decode()

@@ -19,7 +19,7 @@ from outbox import outbox_table as _outbox_table
 from outbox.database import normalize_url
 from outbox.dialects.postgresql import COPY_FROM_ROWS
 from outbox.sockudo import crypto
-from outbox.sockudo.events import Limits
+from outbox.sockudo.validation import Limits
 from tests.outbox_rows import EV
 
 T = _outbox_table()

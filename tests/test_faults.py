@@ -30,7 +30,7 @@ from sqlalchemy.engine import make_url
 import outbox
 from outbox import OutboxEvent, enqueue, enqueue_many, outbox_table
 from outbox.database import create_engine
-from outbox.sockudo.events import DEFAULT_LIMITS, Limits
+from outbox.sockudo.validation import DEFAULT_LIMITS, Limits
 from outbox.testing.server import RemoteTestServer, TestServerProcess
 from outbox.testing.worker import WorkerProcess
 from tests.faultlib import (

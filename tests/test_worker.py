@@ -26,7 +26,7 @@ from outbox import admin, enqueue, outbox_table
 from outbox.cli import main as cli_main
 from outbox.settings import Settings
 from outbox.sockudo import AsyncSockudo
-from outbox.sockudo.events import Limits
+from outbox.sockudo.validation import Limits
 from outbox.testing.server import TestServer
 from outbox.testing.worker import WorkerProcess
 from outbox.worker import Worker

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ..sockudo import AsyncSockudo, Config
-from ..sockudo.events import batch_body, event_item
+from ..sockudo.bodies import batch_body, event_item
 from ..sockudo.signing import Signer
 from ..sockudo.transport import H11Transport
 from .cpu import CpuMeter

@@ -38,8 +38,8 @@ from ..schema import (
     published_table,
     utc_now,
 )
+from ..sockudo.bodies import dump_body
 from ..sockudo.errors import EventRefused, InvalidEvent
-from ..sockudo.events import dump_body
 
 if TYPE_CHECKING:
     from .hotpath import HotPath

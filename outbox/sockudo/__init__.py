@@ -8,6 +8,7 @@ with Sockudo.from_url("http://KEY:SECRET@127.0.0.1:6001/apps/APP_ID") as sockudo
 """
 
 from .auth import PresenceUser, Webhook, WebhookEvent
+from .bodies import Event
 from .calls import Call, PreparedRequest
 from .client import AsyncSockudo, Sockudo, TriggerOptions
 from .config import Config, ConfigError, mask_url
@@ -26,7 +27,6 @@ from .errors import (
     Unsupported,
     WebhookInvalid,
 )
-from .events import DEFAULT_LIMITS, Event, Limits
 from .models import (
     AnnotationDeleted,
     AnnotationEvent,
@@ -64,6 +64,7 @@ from .params import (
 )
 from .responses import ChannelAck, Result, parse_retry_after
 from .signing import Signer, body_md5, string_to_sign
+from .validation import DEFAULT_LIMITS, Limits
 
 __all__ = [
     "DEFAULT_LIMITS",

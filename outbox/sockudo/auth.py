@@ -16,8 +16,8 @@ from typing import Any
 from . import crypto
 from .config import Config
 from .errors import InvalidEvent, SockudoError, WebhookInvalid
-from .events import CHANNEL_NAME_RE
 from .signing import hmac_sha256_hex
+from .validation import CHANNEL_NAME_RE
 
 _SOCKET_ID_RE = re.compile(r"^[0-9]+\.[0-9]+\Z")
 

@@ -19,16 +19,17 @@ from typing import Any, Literal, Self, TypedDict, TypeVar, Unpack
 
 import httpx
 
-from . import auth, events
+from . import auth
+from .bodies import Event, batch_body, dump_body, prepare_event
 from .calls import AsyncShell, Call, PreparedRequest, SyncShell, Walk, keep, operation
 from .config import Config, ConfigError
 from .errors import InvalidEvent
-from .events import DEFAULT_LIMITS, Event, Limits
 from .operations import Operations
 from .params import SockudoOptions
 from .responses import Result, interpret, translate_transport_error
 from .signing import Signer
 from .transport import AsyncTransport, HttpxTransport, open_transport
+from .validation import DEFAULT_LIMITS, SERVER_TO_USER_PREFIX, Limits, check_text
 
 USER_AGENT = "sockudo-outbox/0.1"
 #: Sent with every request, so a caller-supplied ``httpx`` client still sends JSON as JSON
@@ -148,8 +149,8 @@ class _Core(Operations):
             extras=extras,
             encryption_nonce=encryption_nonce,
         )
-        item = events.prepare_event(one, self._master_key, self.limits)
-        return PreparedRequest("POST", self.app_path("/events"), events.dump_body(item))
+        item = prepare_event(one, self._master_key, self.limits)
+        return PreparedRequest("POST", self.app_path("/events"), dump_body(item))
 
     def prepare_batch(self, batch: Sequence[Event]) -> PreparedRequest:
         if self.auto_idempotency and any(e.idempotency_key is None for e in batch):
@@ -166,9 +167,9 @@ class _Core(Operations):
             )
             for e, key in zip(batch, keys, strict=True)
         ]
-        items = [events.prepare_event(e, self._master_key, self.limits) for e in batch]
+        items = [prepare_event(e, self._master_key, self.limits) for e in batch]
         return PreparedRequest(
-            "POST", self.app_path("/batch_events"), events.batch_body(items, self.limits)
+            "POST", self.app_path("/batch_events"), batch_body(items, self.limits)
         )
 
     def prepare_events_body(self, body: bytes) -> PreparedRequest:
@@ -407,5 +408,5 @@ def _merge_options(
 
 
 def _user_channel(user_id: str) -> str:
-    events.check_text(user_id, "user_id")
-    return f"{events.SERVER_TO_USER_PREFIX}{user_id}"
+    check_text(user_id, "user_id")
+    return f"{SERVER_TO_USER_PREFIX}{user_id}"

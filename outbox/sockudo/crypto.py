@@ -75,6 +75,29 @@ def seal(channel: str, plaintext: str, master_key: bytes, nonce: bytes) -> str:
     )
 
 
+def seal_for_channel(
+    channel: str,
+    plaintext: str,
+    master_key: bytes | None,
+    idempotency_key: str | None,
+    nonce: bytes | None,
+) -> str:
+    """Seal ``plaintext`` for an encrypted channel, its nonce chosen by the rule of this module's
+    docstring: ``nonce`` if given, else derived from ``idempotency_key``, else random."""
+    if master_key is None:
+        raise InvalidEvent(
+            f"{channel!r} is an encrypted channel but no encryption master key is configured",
+            field="channel",
+        )
+    if nonce is None:
+        nonce = (
+            derive_nonce(master_key, channel, idempotency_key, plaintext)
+            if idempotency_key is not None
+            else random_nonce()
+        )
+    return seal(channel, plaintext, master_key, nonce)
+
+
 def sealed_size(plaintext_bytes: int) -> int:
     """The length of :func:`seal`'s ``data`` for a plaintext of ``plaintext_bytes`` UTF-8 bytes.
 

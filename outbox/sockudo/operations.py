@@ -13,11 +13,11 @@ import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
-from . import crypto, events
+from . import crypto
+from .bodies import dump_body
 from .calls import Call, PreparedRequest, Walk, keep, operation, paginated
 from .config import Config
 from .errors import InvalidEvent
-from .events import Limits
 from .models import (
     AnnotationDeleted,
     AnnotationEvent,
@@ -60,6 +60,7 @@ from .params import (
 )
 from .responses import Result
 from .signing import quote_path_segment
+from .validation import Limits, check_text, utf8_len, validate_channels
 
 AnswerT = TypeVar("AnswerT")
 #: Sockudo's bounds on a message or version serial (1..=128 bytes, no whitespace).
@@ -86,7 +87,7 @@ class Operations:
     # -- paths and requests -----------------------------------------------------------------
 
     def _channel_path(self, channel: str, suffix: str = "") -> str:
-        name = events.validate_channels([channel], self.limits)[0]
+        name = validate_channels([channel], self.limits)[0]
         return self.app_path(f"/channels/{quote_path_segment(name)}{suffix}")
 
     def _message_path(self, channel: str, message_serial: str, suffix: str = "") -> str:
@@ -99,7 +100,7 @@ class Operations:
 
     @staticmethod
     def _post(path: str, body: Mapping[str, Any]) -> PreparedRequest:
-        return PreparedRequest("POST", path, events.dump_body(body))
+        return PreparedRequest("POST", path, dump_body(body))
 
     # -- channel state ----------------------------------------------------------------------
 
@@ -480,7 +481,7 @@ class Operations:
         return Call(self._post(self._user_path(user_id, "/force_reconnect"), {}), keep)
 
     def _user_path(self, user_id: str, suffix: str) -> str:
-        events.check_text(user_id, "user_id")
+        check_text(user_id, "user_id")
         return self.app_path(f"/users/{quote_path_segment(user_id)}{suffix}")
 
     def channel_shared_secret(self, channel: str) -> bytes:
@@ -525,8 +526,8 @@ def _walk(
 def check_serial(value: object, field: str) -> str:
     """A message, version or annotation serial as Sockudo takes it in a request path, or
     :class:`InvalidEvent` naming ``field``."""
-    serial = events.check_text(value, field)
-    if events.utf8_len(serial) > MAX_SERIAL_BYTES or any(c.isspace() for c in serial):
+    serial = check_text(value, field)
+    if utf8_len(serial) > MAX_SERIAL_BYTES or any(c.isspace() for c in serial):
         raise InvalidEvent(
             f"{field} must be 1..{MAX_SERIAL_BYTES} bytes without whitespace", field=field
         )

@@ -3,7 +3,7 @@
 Pure code. The classes carry the names and fields of ``sockudo-http-python`` 2.2.0 so its call
 forms run unchanged; where the SDK sends something the server ignores or mishandles, the body
 built here is the one the server reads (see the notes on each). Every body is a function of its
-arguments only, serialized by :func:`.events.dump_body`, so a retry sends the same bytes.
+arguments only, serialized by :func:`.bodies.dump_body`, so a retry sends the same bytes.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from .errors import InvalidEvent
-from .events import check_text, encode_data, utf8_len
+from .validation import check_text, encode_data, utf8_len
 
 #: Sockudo's bounds for ``op_id`` (``AI_MESSAGE_ID_MAX_BYTES``).
 MAX_OP_ID_BYTES = 64
