@@ -5,7 +5,7 @@ See docs/test-server.md. In-process: ``TestServer``; as a subprocess: ``TestServ
 (``python -m outbox.testing.server``) driven through ``RemoteTestServer``.
 """
 
-from .app import ServerConfig
+from .config import ServerConfig
 from .http import TestServer
 from .remote import RemoteTestServer, TestServerProcess
 from .state import Delivery

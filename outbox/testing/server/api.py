@@ -14,9 +14,12 @@ import re
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, unquote
+from typing import Any, Protocol
+from urllib.parse import unquote
 
+from .config import ServerConfig
+from .request import parse_json, validate_channel
+from .state import Clock, DeliveryLog
 from .store import (
     DIRECTIONS,
     AnnotationEvent,
@@ -31,9 +34,6 @@ from .store import (
     read_page,
 )
 from .wire import ApiError, Rejection, Response, bad_request, dumps
-
-if TYPE_CHECKING:
-    from .app import SockudoApp
 
 _CHANNEL_ROUTE = re.compile(r"^/apps/[^/]+/channels(?:/([^/]+)(/.*)?)?$")
 _USER_ROUTE = re.compile(r"^/apps/[^/]+/users/([^/]+)/(terminate_connections|force_reconnect)$")
@@ -109,10 +109,20 @@ def _limit(query: Mapping[str, str], cap: int, what: str) -> int:
     return min(limit or cap, cap)
 
 
+class AppState(Protocol):
+    """What the routes below read of their app (:class:`~.app.SockudoApp`), at every request:
+    the HTTP layer swaps ``config`` while the server runs (features and limits)."""
+
+    config: ServerConfig
+    clock: Clock
+    stores: Stores
+    deliveries: DeliveryLog
+
+
 class ChannelApi:
     """The non-publish routes of one app; state lives in ``app.stores``."""
 
-    def __init__(self, app: SockudoApp) -> None:
+    def __init__(self, app: AppState) -> None:
         self.app = app
 
     @property
@@ -164,7 +174,7 @@ class ChannelApi:
             for name in self.stores.occupied_channels():
                 if not name.startswith(prefix):
                     continue
-                self.app.validate_channel(name)
+                validate_channel(name, self.app.config)
                 if info is None:
                     result[name] = {}
                     continue
@@ -191,7 +201,7 @@ class ChannelApi:
         return entry
 
     def channel(self, channel: str, query: dict[str, str], body: bytes, headers: Any) -> Response:
-        self.app.validate_channel(channel)
+        validate_channel(channel, self.app.config)
         info = {t.strip() for t in query.get("info", "").split(",")}
         if "user_count" in info and not channel.startswith("presence-"):
             raise bad_request("user_count is only available for presence channels")
@@ -203,7 +213,7 @@ class ChannelApi:
     def channel_users(
         self, channel: str, query: dict[str, str], body: bytes, headers: Any
     ) -> Response:
-        self.app.validate_channel(channel)
+        validate_channel(channel, self.app.config)
         if not channel.startswith("presence-"):
             raise bad_request("Only presence channels support this endpoint")
         with self.stores.lock:
@@ -228,7 +238,7 @@ class ChannelApi:
             conn = Connection(socket_id, user_id, user_info)
             self.stores.connections[socket_id] = conn
             for channel in channels:
-                self.app.validate_channel(channel)
+                validate_channel(channel, self.app.config)
                 if channel.startswith("presence-") and user_id is None:
                     raise ValueError(f"{channel} is a presence channel: a user_id is required")
                 joined = channel.startswith("presence-") and user_id not in self.stores.members(
@@ -275,7 +285,7 @@ class ChannelApi:
         return config.history or config.app_annotations
 
     def _require_history(self, channel: str) -> None:
-        self.app.validate_channel(channel)
+        validate_channel(channel, self.app.config)
         if not self.history_on(channel):
             raise _feature_disabled(
                 f"Durable history is disabled by policy for channel '{channel}'"
@@ -473,7 +483,7 @@ class ChannelApi:
     def _operator_body(
         self, channel: str, body: bytes, headers: Mapping[str, str], operation: str
     ) -> dict[str, Any]:
-        payload = self.app.parse_json(headers, body)
+        payload = parse_json(headers, body)
         required = ("confirm_channel", "confirm_operation", "reason")
         if not isinstance(payload, dict) or any(
             not isinstance(payload.get(k), str) for k in required
@@ -579,7 +589,7 @@ class ChannelApi:
     # -- presence history ---------------------------------------------------------------------
 
     def _require_presence_history(self, channel: str) -> None:
-        self.app.validate_channel(channel)
+        validate_channel(channel, self.app.config)
         if not channel.startswith("presence-"):
             raise bad_request("Only presence channels support this endpoint")
         if not self.app.config.presence_history:
@@ -672,7 +682,7 @@ class ChannelApi:
     # -- versioned messages -------------------------------------------------------------------
 
     def _require_versioned(self, channel: str) -> None:
-        self.app.validate_channel(channel)
+        validate_channel(channel, self.app.config)
         if not self.app.config.versioned_messages:
             raise _feature_disabled(f"Versioned messages are disabled for channel '{channel}'")
 
@@ -771,7 +781,7 @@ class ChannelApi:
         body: bytes,
         headers: Mapping[str, str],
     ) -> Response:
-        payload = self.app.parse_json(headers, body)
+        payload = parse_json(headers, body)
         request = self._mutation_request(payload, action)
         self._require_versioned(channel)
         if not self.history_on(channel):
@@ -919,7 +929,7 @@ class ChannelApi:
     def annotation_publish(
         self, channel: str, serial: str, query: dict[str, str], body: bytes, headers: Any
     ) -> Response:
-        payload = self.app.parse_json(headers, body)
+        payload = parse_json(headers, body)
         if not isinstance(payload, dict) or not isinstance(payload.get("type"), str):
             raise Rejection(
                 422,
@@ -1044,7 +1054,3 @@ class ChannelApi:
         return _ok(
             {"annotationSerial": delete_serial, "deletedAnnotationSerial": annotation_serial}
         )
-
-
-def parse_query(query: str) -> dict[str, str]:
-    return {k: v for k, v in parse_qsl(query, keep_blank_values=True)}

@@ -16,13 +16,14 @@ import re
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
 from outbox.sockudo.signing import body_md5, hmac_sha256_hex, string_to_sign
 
-from .api import ChannelApi, parse_query
+from .api import ChannelApi
+from .config import ServerConfig
+from .request import parse_json, parse_query, validate_channel
 from .state import PROCESSING, Clock, DeliveryLog, ExpiringCache, Faults, Stats
 from .store import Stores
 from .wire import ApiError, Dropped, Rejection, Response
@@ -32,61 +33,6 @@ from .wire import bad_request as _bad_request
 from .wire import dumps as _dumps
 
 _ROUTE = re.compile(r"^/apps/([^/]+)/(events|batch_events)$")
-_CHANNEL_CHARS = re.compile(r"^[A-Za-z0-9\-_=@,;.:#]*$")
-_TYPE_PREFIXES = (
-    "private-encrypted-cache-",
-    "private-cache-",
-    "presence-cache-",
-    "cache-",
-    "private-encrypted-",
-    "presence-",
-    "private-",
-)
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """One app and its limits. Defaults are a Sockudo app defined by ``SOCKUDO_DEFAULT_APP_*``."""
-
-    app_id: str = "app-id"
-    key: str = "app-key"
-    secret: str = field(default="app-secret", repr=False)
-    max_batch_size: int = 100
-    max_payload_kb: int = 100
-    max_event_name_bytes: int = 100
-    max_channel_name_bytes: int = 100
-    max_channels_per_event: int = 100
-    namespaces: frozenset[str] = frozenset()
-    idempotency: bool = True
-    idempotency_ttl: float = 120.0
-    idempotency_max_key_bytes: int = 128
-    timestamp_window: int = 600
-    #: How long a repeat waits for an in-flight first request before 503 (Sockudo: 6 x 50 ms).
-    inflight_wait: float = 0.3
-    #: How long a same-payload (channel, message_id) repeat waits (Sockudo: 40 x 25 ms).
-    message_id_wait: float = 1.0
-    # Feature switches, all off by default as in Sockudo (each answers 422 feature_disabled).
-    #: ``HISTORY_ENABLED``: durable history, and the history half of mutations and annotations.
-    history: bool = False
-    #: ``VERSIONED_MESSAGES_ENABLED``: message serials in publish answers, get/versions/mutations.
-    versioned_messages: bool = False
-    #: ``PRESENCE_HISTORY_ENABLED``.
-    presence_history: bool = False
-    #: ``ANNOTATIONS_ENABLED`` (global; needs versioned messages, as Sockudo checks at startup).
-    annotations: bool = False
-    #: ``SOCKUDO_DEFAULT_APP_ANNOTATIONS_ENABLED``: the app's policy (off: 403). It also forces
-    #: history on for every channel: without ``history``, every publish then fails with 500.
-    app_annotations: bool = False
-    history_max_page_size: int = 100
-    presence_history_max_page_size: int = 100
-    versioned_max_page_size: int = 100
-    #: ``INSTANCE_PROCESS_ID``: the node part of message, version and annotation serials.
-    node_id: str = "node"
-
-    def __post_init__(self) -> None:
-        if self.annotations and not self.versioned_messages:
-            raise ValueError("annotations need versioned_messages (a Sockudo startup error)")
-
 
 # Field types of PusherApiMessage; a mismatch is a serde error, i.e. a 422 from the Json extractor.
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
@@ -281,7 +227,7 @@ class SockudoApp:
             # Applied (a mutation, an annotation...): a "published" fault loses the answer.
             self._stage("published", endpoint)
             return answer
-        payload = self.parse_json(headers, body)
+        payload = parse_json(headers, body)
         if endpoint == "events":
             return self._events(_check_event_types(payload, ""), headers)
         return self._batch_events(payload, headers)
@@ -339,18 +285,6 @@ class SockudoApp:
         expected = hmac_sha256_hex(self.config.secret, string_to_sign(method, path, lowered))
         if not hmac.compare_digest(expected, signature):
             raise _auth_failed("Invalid API signature")
-
-    @staticmethod
-    def parse_json(headers: Mapping[str, str], body: bytes) -> Any:
-        """axum's ``Json`` extractor: 415 without a JSON content type, 400 on bad syntax."""
-        mime = headers.get("content-type", "").split(";")[0].strip().lower()
-        kind, _, subtype = mime.partition("/")
-        if kind != "application" or not (subtype == "json" or subtype.endswith("+json")):
-            raise Rejection(415, "Expected request with `Content-Type: application/json`")
-        try:
-            return json.loads(body.decode("utf-8"), parse_constant=_no_constants)
-        except (UnicodeDecodeError, ValueError) as error:
-            raise Rejection(400, f"Failed to parse the request body as JSON: {error}") from None
 
     # ----------------------------------------------------------------- idempotency (layer 1)
     def _validate_key(self, key: str) -> None:
@@ -529,7 +463,7 @@ class SockudoApp:
         first_error: ApiError | None = None
         for channel in targets:
             try:
-                self.validate_channel(channel)
+                validate_channel(channel, self.config)
                 receipt = self._publish(channel, event, name, data, key, endpoint)
             except ApiError as error:
                 first_error = first_error or error
@@ -544,28 +478,6 @@ class SockudoApp:
         if first_error is not None:
             raise first_error
         return info_map
-
-    def validate_channel(self, channel: str) -> None:
-        logical = channel
-        for prefix in _TYPE_PREFIXES:
-            if logical.startswith(prefix):
-                logical = logical[len(prefix) :]
-                break
-        base, hash_sign, _users = logical.partition("#")
-        namespace = base.split(":", 1)[0] if ":" in base else None
-        if namespace is not None and namespace not in self.config.namespaces:
-            raise _bad_request(f"Unknown channel namespace '{namespace}'")
-        if len(channel.encode("utf-8")) > self.config.max_channel_name_bytes:
-            raise _bad_request(
-                f"Channel name too long. Max length is {self.config.max_channel_name_bytes}"
-            )
-        if not _CHANNEL_CHARS.match(channel):
-            raise _bad_request(f"Channel name contains invalid characters: '{channel}'")
-        if hash_sign and base:
-            # User-limited channels need a namespace that allows them; not modelled: refused.
-            raise _bad_request(
-                f"Channel '{channel}' uses user-limited syntax but the namespace does not allow it"
-            )
 
     # ----------------------------------------------------------------- publish (layer 2)
     def _publish(
@@ -653,7 +565,3 @@ def _fingerprint(channel: str, event: dict[str, Any], name: str, data: str) -> s
         "extras": event.get("extras"),
     }
     return hashlib.sha256(_dumps(canonical)).hexdigest()
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"invalid number {name}")

@@ -19,8 +19,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs
 
-from .app import Response, ServerConfig, SockudoApp
+from .app import SockudoApp
+from .config import ServerConfig
 from .state import Clock, Delivery, DeliveryLog, Fault, Faults, Stats
+from .wire import Response
 
 
 class _Listener(ThreadingHTTPServer):
