@@ -1,7 +1,7 @@
 """Helpers of the crash-and-fault suite (tests/test_faults.py).
 
 Waits that always end, database snapshots, the server's request log read per key, and the results
-table that the module prints at its end. Worker processes are :class:`outbox.testing.worker.
+table that the module prints at its end. Worker processes are :class:`outbox.testing.worker_process.
 WorkerProcess`: they report their own counts, so nothing here parses a worker's log.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from outbox.testing.worker import WorkerProcess
+from outbox.testing.worker_process import WorkerProcess
 from tests.outbox_rows import EV, counts
 
 REPO = Path(__file__).resolve().parents[1]

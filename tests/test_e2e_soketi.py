@@ -35,7 +35,7 @@ from outbox import enqueue
 from outbox.sockudo import Sockudo
 from outbox.testing.pusher_ws import PusherSubscriber, ReceivedEvent
 from outbox.testing.soketi import SoketiServer
-from outbox.testing.worker import WorkerProcess
+from outbox.testing.worker_process import WorkerProcess
 from tests.outbox_rows import EV
 
 pytestmark = [pytest.mark.soketi]

@@ -25,7 +25,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 
 from outbox.database import create_engine
 from outbox.testing.soketi import SoketiServer, free_port
-from outbox.testing.worker import WorkerProcess
+from outbox.testing.worker_process import WorkerProcess
 from tests.outbox_rows import EV
 from tests.plugins.browser import wait_until
 from tests.plugins.processes import Child, Spawn, child_environment

@@ -32,7 +32,7 @@ from outbox import OutboxEvent, enqueue, enqueue_many, outbox_table
 from outbox.database import create_engine
 from outbox.sockudo.validation import DEFAULT_LIMITS, Limits
 from outbox.testing.server import RemoteTestServer, TestServerProcess
-from outbox.testing.worker import WorkerProcess
+from outbox.testing.worker_process import WorkerProcess
 from tests.faultlib import (
     Results,
     all_rows,

@@ -41,7 +41,7 @@ from outbox.database import create_engine
 from outbox.testing.pusher_ws import PusherSubscriber
 from outbox.testing.server import TestServerProcess
 from outbox.testing.soketi import SoketiServer
-from outbox.testing.worker import WorkerProcess
+from outbox.testing.worker_process import WorkerProcess
 from tests.faultlib import (
     REPO,
     Results,

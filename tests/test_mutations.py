@@ -35,7 +35,7 @@ from outbox.sockudo import Limits, Sockudo
 from outbox.sockudo.errors import InvalidEvent
 from outbox.testing.server import TestServer
 from outbox.testing.server.store import Version
-from outbox.testing.worker import WorkerProcess
+from outbox.testing.worker_process import WorkerProcess
 from outbox.worker import Worker
 from tests.outbox_rows import EV
 from tests.test_worker import fast_settings, run_until

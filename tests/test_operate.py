@@ -40,7 +40,7 @@ from outbox.sockudo.errors import (
     EventRefused,
     request_result,
 )
-from outbox.testing.worker import WorkerProcess
+from outbox.testing.worker_process import WorkerProcess
 from outbox.worker import Worker
 from tests.outbox_rows import EV
 

@@ -28,7 +28,7 @@ from outbox.settings import Settings
 from outbox.sockudo import AsyncSockudo
 from outbox.sockudo.validation import Limits
 from outbox.testing.server import TestServer
-from outbox.testing.worker import WorkerProcess
+from outbox.testing.worker_process import WorkerProcess
 from outbox.worker import Worker
 from tests.outbox_rows import EV, add_published
 

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from outbox import OutboxEvent, enqueue_many, outbox_table
 from outbox.database import create_engine
 from outbox.settings import Settings
-from outbox.testing.worker import WorkerProcess
+from outbox.testing.worker_process import WorkerProcess
 from outbox.worker import Worker
 from tests.outbox_rows import EV, counts
 

@@ -28,7 +28,7 @@ from ..database import create_engine
 from ..enqueue import OutboxEvent, enqueue, enqueue_many
 from ..schema import EVENT_COLUMNS, MYSQL_NAMES, outbox_table, published_table, utc_now
 from ..sockudo import Sockudo
-from ..testing.worker import WorkerProcess
+from ..testing.worker_process import WorkerProcess
 from . import http_clients
 from .cpu import CpuMeter, pids_named
 

@@ -1,6 +1,6 @@
 """Fixture: child processes a test runs as users do (a web app), always stopped.
 
-A worker process is :class:`outbox.testing.worker.WorkerProcess` (it reports its own counts).
+A worker process is :class:`outbox.testing.worker_process.WorkerProcess` (it reports its own counts).
 ``spawn(name, command, env=..., cwd=...)`` starts one with its output in a log file (never a pipe
 nobody reads); after the test every child still running gets SIGTERM, then SIGKILL.
 """
