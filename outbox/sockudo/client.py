@@ -1,11 +1,12 @@
 """``Sockudo`` and ``AsyncSockudo``: two thin shells over one pure request-building core.
 
-Everything but the network call lives in :class:`_Core` and :class:`.operations.Operations`
-(building bodies, sealing encrypted data, signing at send time) and in :mod:`.responses`
-(classifying answers). Each operation is written once, as a method that builds a
-:class:`~.calls.Call`; how a shell runs it is :mod:`.calls`'s, and the shells here add only the
-sending (an ``httpx`` client or an async transport) and their lifetime. There are no retries in
-here: the caller owns its retry policy (the outbox worker does it durably).
+Everything but the network call is pure: :class:`_Core` and :class:`.operations.Operations`
+build requests (checking events with :mod:`.validation`, body bytes from :mod:`.bodies`, sealing
+encrypted data with :mod:`.crypto`) and sign them at send time; :mod:`.responses` classifies
+answers. Each operation is written once, as a method that builds a :class:`~.calls.Call`; how a
+shell runs it is :mod:`.calls`'s, and the shells here add only the sending (an ``httpx`` client
+or an async transport) and their lifetime. There are no retries in here: the caller owns its
+retry policy (the outbox worker does it durably).
 """
 
 from __future__ import annotations
