@@ -297,9 +297,10 @@ async def test_write_timeout_when_the_peer_never_reads(transport: str) -> None:
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_pool_timeout_while_every_connection_is_busy(transport: str) -> None:
-    """An answer trickling in for 2 s holds the only connection (no read waits 0.3 s)."""
-    with raw_peer(trickle(2.0)) as peer:
-        one_connection = limited(transport, 0.3, 1)
+    """An answer trickling in for 3 s holds the only connection (no read waits 1 s: a chunk
+    comes every 50 ms, with room for a loaded machine's scheduling)."""
+    with raw_peer(trickle(3.0)) as peer:
+        one_connection = limited(transport, 1.0, 1)
         sockudo = AsyncSockudo.from_url(peer.url, transport=one_connection)
         try:
             slow = asyncio.create_task(sockudo.trigger("orders", "e", "x"))
