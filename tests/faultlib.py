@@ -1,8 +1,9 @@
 """Helpers of the crash-and-fault suite (tests/test_faults.py).
 
-Waits that always end, database snapshots, the server's request log read per key, and the results
-table that the module prints at its end. Worker processes are :class:`outbox.testing.worker_process.
-WorkerProcess`: they report their own counts, so nothing here parses a worker's log.
+Database snapshots, the server's request log read per key, and the results table that the
+module prints at its end (waiting is tests/helpers/waiting.py). Worker processes are
+:class:`outbox.testing.worker_process.WorkerProcess`: they report their own counts, so nothing
+here parses a worker's log.
 """
 
 from __future__ import annotations
@@ -23,27 +24,6 @@ from outbox.testing.worker_process import WorkerProcess
 from tests.outbox_rows import EV, counts
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-class WaitTimeout(AssertionError):
-    """A wait ran out of time; the message says what was awaited."""
-
-
-def wait_until(
-    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1
-) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        last = predicate()
-        if last:
-            return last
-        if time.monotonic() >= deadline:
-            raise WaitTimeout(
-                f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})"
-            )
-        time.sleep(interval)
 
 
 # -- worker processes ------------------------------------------------------------------------

@@ -41,9 +41,9 @@ from tests.faultlib import (
     retry_after_violations,
     settled,
     spawning,
-    wait_until,
     worker_config,
 )
+from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.faults
 
@@ -221,7 +221,10 @@ def test_kill9_storm(
             mid_storm = server.delivered_count()
             final = spawn(env, "storm-final")
             wait_until(
-                lambda: settled(engine, expected), 240, f"all {expected} rows settled", interval=0.5
+                lambda: settled(engine, expected),
+                f"all {expected} rows settled",
+                timeout=240,
+                interval=0.5,
             )
             exit_code = final.terminate()
             rows, delivered, figures = _audit(engine, server)
@@ -310,9 +313,9 @@ def test_two_workers_one_killed(
             survivor = spawn(env, "survivor")
             victim.wait_until_started(60)
             survivor.wait_until_started(60)
-            wait_until(lambda: server.delivered_count() >= 400, 60, "400 deliveries")
+            wait_until(lambda: server.delivered_count() >= 400, "400 deliveries", timeout=60)
             # The victim has reported acknowledgements of its own (its stats file).
-            wait_until(lambda: victim.stats().get("published", 0) > 0, 30, "victim acks")
+            wait_until(lambda: victim.stats().get("published", 0) > 0, "victim acks", timeout=30)
             leased_at_kill = in_flight(engine)
             victim.kill()
             leased_at_kill |= in_flight(engine)
@@ -326,7 +329,9 @@ def test_two_workers_one_killed(
                 for row_id, lease_info in still.items()
                 if row_id in leased_at_kill and leased_at_kill[row_id][0] == lease_info[0]
             }
-            wait_until(lambda: settled(engine, total), 120, "all rows settled", interval=0.5)
+            wait_until(
+                lambda: settled(engine, total), "all rows settled", timeout=120, interval=0.5
+            )
             exit_code = survivor.terminate()
             rows, delivered, figures = _audit(engine, server)
             server_duplicates = server.duplicates()
@@ -460,7 +465,7 @@ def test_database_connections_killed(
             )
             worker = spawn(env, f"{backend}-worker")
             worker.wait_until_started(60)
-            wait_until(lambda: server.delivered_count() >= 100, 60, "100 deliveries")
+            wait_until(lambda: server.delivered_count() >= 100, "100 deliveries", timeout=60)
             for _ in range(rounds):
                 killed = kill_connections()
                 terminated.append(int(killed))
@@ -469,7 +474,9 @@ def test_database_connections_killed(
                 )
                 time.sleep(1.0)
             delivered_during = server.delivered_count()
-            wait_until(lambda: settled(engine, total), 120, "all rows settled", interval=0.5)
+            wait_until(
+                lambda: settled(engine, total), "all rows settled", timeout=120, interval=0.5
+            )
             assert worker.alive, f"worker exited on its own:\n{worker.log_text()[-3000:]}"
             exit_code = worker.terminate()
             rows, delivered, figures = _audit(engine, server)
@@ -536,7 +543,7 @@ def test_sqlite_write_lock_held(
             )
             worker = spawn(env, "sqlite-worker")
             worker.wait_until_started(60)
-            wait_until(lambda: server.delivered_count() >= 200, 60, "200 deliveries")
+            wait_until(lambda: server.delivered_count() >= 200, "200 deliveries", timeout=60)
             for mode, hold in (("EXCLUSIVE", 4.0), ("IMMEDIATE", 3.0)):
                 with holder.connect() as conn:
                     conn.exec_driver_sql(f"BEGIN {mode}")
@@ -550,7 +557,9 @@ def test_sqlite_write_lock_held(
                 time.sleep(1.0)
             total += 10
             delivered_during = server.delivered_count()
-            wait_until(lambda: settled(engine, total), 120, "all rows settled", interval=0.5)
+            wait_until(
+                lambda: settled(engine, total), "all rows settled", timeout=120, interval=0.5
+            )
             exit_code = worker.terminate()
             deliveries = server.deliveries()
             rows, delivered, figures = _audit(engine, server)
@@ -620,7 +629,9 @@ def test_endpoint_outage_then_503_then_429(
             )
             worker = spawn(env, "outage-worker")
             worker.wait_until_started(60)
-            wait_until(lambda: server.delivered_count() >= 400, 60, "the first 400 delivered")
+            wait_until(
+                lambda: server.delivered_count() >= 400, "the first 400 delivered", timeout=60
+            )
 
             # Phase 1: down for 30 s, while the application keeps writing. The worker's own
             # request count is sampled as it goes (its stats file, rewritten every second).
@@ -648,7 +659,9 @@ def test_endpoint_outage_then_503_then_429(
             server.come_up()
             up_at = time.time()
             assert worker.alive, worker.log_text()[-3000:]
-            wait_until(lambda: server.request_count(status=503) >= 8, 60, "the 503s to be served")
+            wait_until(
+                lambda: server.request_count(status=503) >= 8, "the 503s to be served", timeout=60
+            )
             # Phase 3: two bursts of rate limiting (3 requests/s, Retry-After: 1).
             limited: list[tuple[float, float]] = []
             for burst in range(2):
@@ -661,7 +674,9 @@ def test_endpoint_outage_then_503_then_429(
                 limited.append((begin, time.time()))
                 time.sleep(2.0)
             expected = 400 + producer_rows
-            wait_until(lambda: settled(engine, expected), 180, "all rows settled", interval=0.5)
+            wait_until(
+                lambda: settled(engine, expected), "all rows settled", timeout=180, interval=0.5
+            )
             exit_code = worker.terminate()
             rows, delivered, figures = _audit(engine, server)
             requests = server.requests()
@@ -761,7 +776,7 @@ def test_slow_server_answers_after_timeout(
             )
             worker = spawn(env, "slow-worker")
             worker.wait_until_started(60)
-            wait_until(lambda: settled(engine, total), 90, "all rows settled", interval=0.5)
+            wait_until(lambda: settled(engine, total), "all rows settled", timeout=90, interval=0.5)
             exit_code = worker.terminate()
             rows, delivered, figures = _audit(engine, server)
             server_duplicates = server.duplicates()
@@ -945,7 +960,9 @@ def test_server_refusals_dead_lettered(
             worker.wait_until_started(60)
             # A timeout here is reported below, row by row, with each bad row's state.
             with contextlib.suppress(AssertionError):
-                wait_until(lambda: settled(engine, total), 45, "all rows settled", interval=0.5)
+                wait_until(
+                    lambda: settled(engine, total), "all rows settled", timeout=45, interval=0.5
+                )
             exit_code = worker.terminate()
             rows, delivered, figures = _audit(engine, server)
     finally:

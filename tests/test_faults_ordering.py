@@ -48,9 +48,9 @@ from tests.faultlib import (
     report_summary,
     settled,
     spawning,
-    wait_until,
     worker_config,
 )
+from tests.helpers.waiting import wait_until
 from tests.outbox_rows import EV
 
 pytestmark = pytest.mark.faults
@@ -297,7 +297,10 @@ def _storm(
             worker.wait_until_started(60)
         expected = len(committed.keyed) + len(committed.unkeyed)
         wait_until(
-            lambda: settled(engine, expected), 120, f"all {expected} rows settled", interval=0.3
+            lambda: settled(engine, expected),
+            f"all {expected} rows settled",
+            timeout=120,
+            interval=0.3,
         )
         exit_codes = [worker.terminate() for worker in workers]
     finally:
