@@ -15,7 +15,6 @@ import contextlib
 import math
 import os
 import random
-import threading
 import time
 import uuid
 from collections import Counter
@@ -43,6 +42,7 @@ from tests.faultlib import (
     spawning,
     worker_config,
 )
+from tests.helpers.producers import Producer
 from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.faults
@@ -88,34 +88,16 @@ def _enqueue(engine: sa.Engine, events: list[OutboxEvent], limits: Limits = DEFA
         enqueue_many(conn, events, limits=limits)
 
 
-class Producer(threading.Thread):
-    """Keeps enqueuing small transactions (an application still writing) until stopped."""
+def _live_producer(engine: sa.Engine, per_commit: int) -> Producer:
+    """An application still writing during a storm: ``per_commit`` events a transaction, a
+    transaction every 0.2 s, until stopped (``committed`` transactions made
+    ``committed * per_commit`` events)."""
 
-    def __init__(self, engine: sa.Engine, per_commit: int = 10, pause: float = 0.2) -> None:
-        super().__init__(name="producer", daemon=True)
-        self.engine = engine
-        self.per_commit = per_commit
-        self.pause = pause
-        self.committed = 0
-        self.errors: list[BaseException] = []
-        self._halt = threading.Event()
+    def transaction(number: int) -> None:
+        start = number * per_commit
+        _enqueue(engine, _events(per_commit, "live", "produced", start=start))
 
-    def run(self) -> None:
-        while not self._halt.is_set():
-            try:
-                _enqueue(
-                    self.engine, _events(self.per_commit, "live", "produced", start=self.committed)
-                )
-                self.committed += self.per_commit
-            except Exception as exc:  # reported by the test, never swallowed
-                self.errors.append(exc)
-                return
-            self._halt.wait(self.pause)
-
-    def stop(self) -> None:
-        self._halt.set()
-        if self.is_alive():
-            self.join(timeout=60)
+    return Producer(transaction, pause=0.2)
 
 
 def _audit(
@@ -160,6 +142,8 @@ def _with_app_name(url: str, name: str) -> str:
 
 STORM_UPFRONT = 5000
 STORM_KILLS = 22
+#: Events in each transaction of the producer that keeps writing through the storm.
+STORM_PER_COMMIT = 10
 
 
 @pytest.mark.parametrize("idempotency", [True, False], ids=["idempotency-on", "idempotency-off"])
@@ -186,7 +170,7 @@ def test_kill9_storm(
     started = time.monotonic()
     rng = random.Random(f"{SEED}-{backend}-{idempotency}")
     engine = create_engine(database_url)
-    producer = Producer(engine)
+    producer = _live_producer(engine, per_commit=STORM_PER_COMMIT)
     orphaned: set[int] = set()
     kills = 0
     try:
@@ -217,7 +201,7 @@ def test_kill9_storm(
                 orphaned |= set(in_flight(engine))
             producer.stop()
             assert not producer.errors, f"producer failed: {producer.errors[0]!r}"
-            expected = STORM_UPFRONT + producer.committed
+            expected = STORM_UPFRONT + producer.committed * STORM_PER_COMMIT
             mid_storm = server.delivered_count()
             final = spawn(env, "storm-final")
             wait_until(

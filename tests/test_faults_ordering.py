@@ -50,6 +50,7 @@ from tests.faultlib import (
     spawning,
     worker_config,
 )
+from tests.helpers.producers import Producer
 from tests.helpers.waiting import wait_until
 from tests.outbox_rows import EV
 
@@ -165,56 +166,36 @@ def _commit(
     committed.add(made_keyed, made_unkeyed)
 
 
-#: PostgreSQL's deadlock_detected: the transaction was rolled back whole; an application runs it
-#: again. Our producers take their keys in one order, so they never deadlock each other, and the
+#: A producer transaction PostgreSQL aborted as deadlocked is run again, up to this many times.
+#: Our producers take their keys in one order, so they never deadlock each other, and the
 #: advisory lock of a key is mixed with its table's OID, so producers of another test's table on
 #: the same database share none of their locks short of a 64-bit hash collision (the retry stays
 #: for that).
-DEADLOCK = "40P01"
+DEADLOCK_RETRIES = 4
 
 
-class Producer(threading.Thread):
+def _producer(engine: sa.Engine, committed: Committed, index: int, seed: str) -> Producer:
     """Commits ``TRANSACTIONS`` small transactions on random keys (shared with the other
-    producers), keys taken in one global order so that two producers never deadlock."""
+    producers), keys taken in one global order so that two producers never deadlock.
 
-    def __init__(self, engine: sa.Engine, committed: Committed, index: int, seed: str) -> None:
-        super().__init__(name=f"producer-{index}", daemon=True)
-        self.engine = engine
-        self.committed = committed
-        self.index = index
-        self.rng = random.Random(f"{seed}-producer-{index}")
-        self.errors: list[BaseException] = []
-        #: Transactions PostgreSQL aborted as deadlocked and this producer ran again.
-        self.deadlocks = 0
-        self._halt = threading.Event()
+    Each transaction is drawn from a seed of its own, so that one run again after a deadlock is
+    the same transaction."""
 
-    def run(self) -> None:
-        rng = self.rng
-        for i in range(TRANSACTIONS):
-            if self._halt.is_set():
-                return
-            keys = sorted(rng.sample(KEYS, rng.randint(1, 3)))
-            plan = [(key, rng.choice((1, 1, 2))) for key in keys]
-            unkeyed = rng.choice((0, 1, 1, 2))
-            for attempt in range(1, 6):
-                try:
-                    _commit(self.engine, self.committed, f"p{self.index}-{i}", plan, unkeyed)
-                    break
-                except sa.exc.OperationalError as exc:
-                    if attempt < 5 and getattr(exc.orig, "sqlstate", None) == DEADLOCK:
-                        self.deadlocks += 1
-                        continue
-                    self.errors.append(exc)
-                    return
-                except Exception as exc:  # reported by the test, never swallowed
-                    self.errors.append(exc)
-                    return
-            self._halt.wait(rng.uniform(0.05, 0.3))
+    def transaction(number: int) -> None:
+        rng = random.Random(f"{seed}-producer-{index}-{number}")
+        keys = sorted(rng.sample(KEYS, rng.randint(1, 3)))
+        plan = [(key, rng.choice((1, 1, 2))) for key in keys]
+        unkeyed = rng.choice((0, 1, 1, 2))
+        _commit(engine, committed, f"p{index}-{number}", plan, unkeyed)
 
-    def stop(self) -> None:
-        self._halt.set()
-        if self.is_alive():
-            self.join(timeout=60)
+    pauses = random.Random(f"{seed}-producer-{index}-pauses")
+    return Producer(
+        transaction,
+        transactions=TRANSACTIONS,
+        pause=lambda: pauses.uniform(0.05, 0.3),
+        deadlock_retries=DEADLOCK_RETRIES,
+        name=f"producer-{index}",
+    )
 
 
 # -- the storm ---------------------------------------------------------------------------------
@@ -266,7 +247,7 @@ def _storm(
         poll_interval=0.2,
         **settings,
     )
-    producers = [Producer(engine, committed, i, seed) for i in range(PRODUCERS)]
+    producers = [_producer(engine, committed, i, seed) for i in range(PRODUCERS)]
     kills = 0
     try:
         workers = [spawn(env, f"w{slot}-00") for slot in range(2)]
