@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def worker_config(database_url: str, sockudo_url: str, **settings: object) -> dict[str, object]:
-    """The settings of one worker process (Settings names): passed to ``spawn``."""
+    """The settings of one worker process (Settings names): passed to ``spawn_worker``."""
     return {"database_url": database_url, "sockudo_url": sockudo_url, **settings}
 
 

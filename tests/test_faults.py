@@ -1,10 +1,11 @@
 """Crash and fault injection: the worker as a real process, the server in a process of its own.
 
-Every scenario runs ``python worker.py`` (configured by environment, like production) against the
-Sockudo-faithful test server started by ``TestServerProcess``, so killing a worker never kills the
-server and the server's record of deliveries is the ground truth. Each scenario compares the
-database rows with the server's deliveries by ``message_id`` (the row's idempotency key) and adds
-a line to the table printed at the end of the module (also written as JSON; the path is printed).
+Every scenario runs ``python -m outbox worker`` (configured by environment, like production)
+against the Sockudo-faithful test server started by ``TestServerProcess``, so killing a worker
+never kills the server and the server's record of deliveries is the ground truth. Each scenario
+compares the database rows with the server's deliveries by ``message_id`` (the row's idempotency
+key) and adds a line to the table printed at the end of the module (also written as JSON; the
+path is printed).
 
 Run alone: ``pytest tests/test_faults.py -m faults -s``.
 """
@@ -66,8 +67,9 @@ def fault_results(
 
 
 @pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
-    """Start worker processes; every one still alive at the end of the test is killed."""
+def spawn_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """``spawn_worker(config, name)`` starts a worker process (``python -m outbox worker``);
+    every one still alive at the end of the test is killed. (``spawn`` starts any command.)"""
     with spawning(tmp_path) as start:
         yield start
 
@@ -152,7 +154,7 @@ def test_kill9_storm(
     database_url: str,
     idempotency: bool,
     tmp_path: Path,
-    spawn: Callable[..., WorkerProcess],
+    spawn_worker: Callable[..., WorkerProcess],
     fault_results: Results,
 ) -> None:
     """SIGKILL the worker 22 times at random moments while it drains 5,000 events (plus a live
@@ -192,7 +194,7 @@ def test_kill9_storm(
             )
             producer.start()
             for i in range(STORM_KILLS):
-                worker = spawn(env, f"storm-{i:02d}")
+                worker = spawn_worker(env, f"storm-{i:02d}")
                 worker.wait_until_started(60)
                 time.sleep(rng.uniform(0.05, 0.6))
                 assert worker.alive, f"worker {i} died on its own:\n{worker.log_text()[-3000:]}"
@@ -203,7 +205,7 @@ def test_kill9_storm(
             assert not producer.errors, f"producer failed: {producer.errors[0]!r}"
             expected = STORM_UPFRONT + producer.committed * STORM_PER_COMMIT
             mid_storm = server.delivered_count()
-            final = spawn(env, "storm-final")
+            final = spawn_worker(env, "storm-final")
             wait_until(
                 lambda: settled(engine, expected),
                 f"all {expected} rows settled",
@@ -267,7 +269,7 @@ def test_kill9_storm(
 def test_two_workers_one_killed(
     server_database_url: str,
     tmp_path: Path,
-    spawn: Callable[..., WorkerProcess],
+    spawn_worker: Callable[..., WorkerProcess],
     fault_results: Results,
 ) -> None:
     """Two workers drain one PostgreSQL (or MariaDB) table; one is SIGKILLed mid-drain. Its leased rows stay
@@ -293,8 +295,8 @@ def test_two_workers_one_killed(
                 backoff_max_seconds=2,
                 poll_interval=0.2,
             )
-            victim = spawn(env, "victim")
-            survivor = spawn(env, "survivor")
+            victim = spawn_worker(env, "victim")
+            survivor = spawn_worker(env, "survivor")
             victim.wait_until_started(60)
             survivor.wait_until_started(60)
             wait_until(lambda: server.delivered_count() >= 400, "400 deliveries", timeout=60)
@@ -418,7 +420,7 @@ def test_database_connections_killed(
     database_url: str,
     request: pytest.FixtureRequest,
     tmp_path: Path,
-    spawn: Callable[..., WorkerProcess],
+    spawn_worker: Callable[..., WorkerProcess],
     fault_results: Results,
 ) -> None:
     """Every connection of the worker killed by the server (pg_terminate_backend, MariaDB's
@@ -447,7 +449,7 @@ def test_database_connections_killed(
                 backoff_max_seconds=2,
                 poll_interval=0.2,
             )
-            worker = spawn(env, f"{backend}-worker")
+            worker = spawn_worker(env, f"{backend}-worker")
             worker.wait_until_started(60)
             wait_until(lambda: server.delivered_count() >= 100, "100 deliveries", timeout=60)
             for _ in range(rounds):
@@ -495,7 +497,7 @@ def test_database_connections_killed(
 
 def test_sqlite_write_lock_held(
     tmp_path: Path,
-    spawn: Callable[..., WorkerProcess],
+    spawn_worker: Callable[..., WorkerProcess],
     fault_results: Results,
 ) -> None:
     """Another connection holds SQLite's write lock (BEGIN EXCLUSIVE for 4 s, later BEGIN
@@ -525,7 +527,7 @@ def test_sqlite_write_lock_held(
                 backoff_max_seconds=2,
                 poll_interval=0.2,
             )
-            worker = spawn(env, "sqlite-worker")
+            worker = spawn_worker(env, "sqlite-worker")
             worker.wait_until_started(60)
             wait_until(lambda: server.delivered_count() >= 200, "200 deliveries", timeout=60)
             for mode, hold in (("EXCLUSIVE", 4.0), ("IMMEDIATE", 3.0)):
@@ -582,7 +584,7 @@ def test_sqlite_write_lock_held(
 def test_endpoint_outage_then_503_then_429(
     server_database_url: str,
     tmp_path: Path,
-    spawn: Callable[..., WorkerProcess],
+    spawn_worker: Callable[..., WorkerProcess],
     fault_results: Results,
 ) -> None:
     """The server is down for 30 s, then answers 503 with Retry-After: 2, then rate-limits
@@ -611,7 +613,7 @@ def test_endpoint_outage_then_503_then_429(
                 breaker_threshold=threshold,
                 poll_interval=0.2,
             )
-            worker = spawn(env, "outage-worker")
+            worker = spawn_worker(env, "outage-worker")
             worker.wait_until_started(60)
             wait_until(
                 lambda: server.delivered_count() >= 400, "the first 400 delivered", timeout=60
@@ -729,7 +731,7 @@ def test_endpoint_outage_then_503_then_429(
 
 def test_slow_server_answers_after_timeout(
     tmp_path: Path,
-    spawn: Callable[..., WorkerProcess],
+    spawn_worker: Callable[..., WorkerProcess],
     fault_results: Results,
 ) -> None:
     """The server publishes, then answers after the worker's request timeout (2 s vs 1 s): the
@@ -758,7 +760,7 @@ def test_slow_server_answers_after_timeout(
                 backoff_max_seconds=2,
                 poll_interval=0.2,
             )
-            worker = spawn(env, "slow-worker")
+            worker = spawn_worker(env, "slow-worker")
             worker.wait_until_started(60)
             wait_until(lambda: settled(engine, total), "all rows settled", timeout=90, interval=0.5)
             exit_code = worker.terminate()
@@ -904,7 +906,7 @@ def test_server_refusals_dead_lettered(
     backend: str,
     database_url: str,
     tmp_path: Path,
-    spawn: Callable[..., WorkerProcess],
+    spawn_worker: Callable[..., WorkerProcess],
     fault_results: Results,
 ) -> None:
     """A server with tighter limits than the outbox (1 KB payloads, 20-byte event names, no
@@ -940,7 +942,7 @@ def test_server_refusals_dead_lettered(
                 backoff_max_seconds=2,
                 poll_interval=0.2,
             )
-            worker = spawn(env, "refusals-worker")
+            worker = spawn_worker(env, "refusals-worker")
             worker.wait_until_started(60)
             # A timeout here is reported below, row by row, with each bad row's state.
             with contextlib.suppress(AssertionError):

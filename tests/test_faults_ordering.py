@@ -91,8 +91,9 @@ def ordering_results(request: pytest.FixtureRequest) -> Iterator[Results]:
 
 
 @pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
-    """Start ``python worker.py`` processes; every one still alive at the end is killed."""
+def spawn_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """``spawn_worker(config, name)`` starts a worker process (``python worker.py``, as the image
+    runs it); every one still alive at the end is killed. (``spawn`` starts any command.)"""
     with spawning(tmp_path, command=[sys.executable, "worker.py"], cwd=REPO) as start:
         yield start
 
@@ -225,7 +226,7 @@ def _storm(
     engine: sa.Engine,
     database_url: str,
     sockudo_url: str,
-    spawn: Callable[..., WorkerProcess],
+    spawn_worker: Callable[..., WorkerProcess],
     seed: str,
     **settings: object,
 ) -> Storm:
@@ -250,7 +251,7 @@ def _storm(
     producers = [_producer(engine, committed, i, seed) for i in range(PRODUCERS)]
     kills = 0
     try:
-        workers = [spawn(env, f"w{slot}-00") for slot in range(2)]
+        workers = [spawn_worker(env, f"w{slot}-00") for slot in range(2)]
         for producer in producers:
             producer.start()
         for i in range(KILLS):
@@ -268,7 +269,7 @@ def _storm(
             )
             victim.kill()
             kills += 1
-            workers[slot] = spawn(env, f"w{slot}-{i // 2 + 1:02d}")
+            workers[slot] = spawn_worker(env, f"w{slot}-{i // 2 + 1:02d}")
         for producer in producers:
             producer.join(timeout=120)
         for producer in producers:
@@ -389,7 +390,7 @@ def test_ordered_kill_storm_exactly_once_in_order(
     backend: str,
     database_url: str,
     tmp_path: Path,
-    spawn: Callable[..., WorkerProcess],
+    spawn_worker: Callable[..., WorkerProcess],
     ordering_results: Results,
 ) -> None:
     """22 SIGKILLs over two workers while four producers commit keyed events on 60 shared keys
@@ -406,7 +407,12 @@ def test_ordered_kill_storm_exactly_once_in_order(
             # published heads unacknowledged, so they are sent again after their lease.
             server.add_latency(0.08, stage="published", endpoints=("batch_events",))
             storm = _storm(
-                engine, database_url, server.url, spawn, f"{SEED}-{backend}-server", batch_size=20
+                engine,
+                database_url,
+                server.url,
+                spawn_worker,
+                f"{SEED}-{backend}-server",
+                batch_size=20,
             )
             deliveries = sorted(server.deliveries(), key=lambda d: d.seq)
             server_duplicates = server.duplicates()
@@ -452,7 +458,7 @@ async def test_ordered_kill_storm_soketi_at_least_once_in_order(
     database_url: str,
     soketi: SoketiServer,
     tmp_path: Path,
-    spawn: Callable[..., WorkerProcess],
+    spawn_worker: Callable[..., WorkerProcess],
     ordering_results: Results,
 ) -> None:
     """The same storm against real soketi (no idempotency): a WebSocket subscriber receives every
@@ -471,7 +477,7 @@ async def test_ordered_kill_storm_soketi_at_least_once_in_order(
             engine,
             database_url,
             soketi.url,
-            spawn,
+            spawn_worker,
             f"{SEED}-{backend}-soketi",
             server_batch_limit=soketi.max_batch_size,
             batch_size=20,
