@@ -369,7 +369,7 @@ def _worker_connections(
     """
     tag = f"outbox_fault_{uuid.uuid4().hex[:8]}"
     if backend == "postgresql":
-        admin = request.getfixturevalue("postgres_admin")
+        admin = request.getfixturevalue("postgres_server").engine
 
         def terminate() -> int:
             with admin.begin() as conn:
@@ -386,7 +386,7 @@ def _worker_connections(
 
         yield _with_app_name(url, tag), terminate
         return
-    admin = request.getfixturevalue("mariadb_admin")
+    admin = request.getfixturevalue("mariadb_server").engine
     parsed = make_url(url)
     with admin.begin() as conn:
         conn.execute(sa.text(f"CREATE USER '{tag}'@'%' IDENTIFIED BY '{tag}'"))
