@@ -38,7 +38,5 @@ def wait_until(
         if last:
             return last
         if time.monotonic() >= deadline:
-            raise WaitTimeout(
-                f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})"
-            )
+            raise WaitTimeout(f"timed out after {timeout:g} s waiting for {what} (last: {last!r})")
         time.sleep(interval)
