@@ -1,8 +1,9 @@
 """Helpers of the crash-and-fault suite (tests/test_faults.py).
 
-Waits that always end, database snapshots, the server's request log read per key, and the results
-table that the module prints at its end. Worker processes are :class:`outbox.testing.worker_process.
-WorkerProcess`: they report their own counts, so nothing here parses a worker's log.
+Database snapshots, the server's request log read per key, and the results table that the
+module prints at its end (waiting is tests/helpers/waiting.py). Worker processes are
+:class:`outbox.testing.worker_process.WorkerProcess`: they report their own counts, so nothing
+here parses a worker's log.
 """
 
 from __future__ import annotations
@@ -25,32 +26,11 @@ from tests.outbox_rows import EV, counts
 REPO = Path(__file__).resolve().parents[1]
 
 
-class WaitTimeout(AssertionError):
-    """A wait ran out of time; the message says what was awaited."""
-
-
-def wait_until(
-    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1
-) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        last = predicate()
-        if last:
-            return last
-        if time.monotonic() >= deadline:
-            raise WaitTimeout(
-                f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})"
-            )
-        time.sleep(interval)
-
-
 # -- worker processes ------------------------------------------------------------------------
 
 
 def worker_config(database_url: str, sockudo_url: str, **settings: object) -> dict[str, object]:
-    """The settings of one worker process (Settings names): passed to ``spawn``."""
+    """The settings of one worker process (Settings names): passed to ``spawn_worker``."""
     return {"database_url": database_url, "sockudo_url": sockudo_url, **settings}
 
 

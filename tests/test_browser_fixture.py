@@ -8,13 +8,8 @@ from pathlib import Path
 import pytest
 from selenium.webdriver.common.by import By
 
-from tests.plugins.browser import (
-    BrowserMissing,
-    changed_files,
-    find_browser,
-    tracked_files,
-    wait_until,
-)
+from tests.helpers.waiting import wait_until
+from tests.plugins.browser import BrowserMissing, changed_files, find_browser, tracked_files
 
 
 def test_a_missing_browser_is_named_with_how_to_install_it(tmp_path: Path) -> None:
@@ -57,8 +52,7 @@ def test_the_browser_runs_the_page_script(browser, tmp_path: Path) -> None:
     )
     browser.get(page.as_uri())
     agent = wait_until(
-        browser,
-        lambda b: (text := b.find_element(By.ID, "out").text) != "waiting" and text,
+        lambda: (text := browser.find_element(By.ID, "out").text) != "waiting" and text,
         "the script to run",
     )
     assert "HeadlessChrome" in agent

@@ -26,8 +26,8 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from outbox.database import create_engine
 from outbox.testing.soketi import SoketiServer, free_port
 from outbox.testing.worker_process import WorkerProcess
+from tests.helpers.waiting import wait_until
 from tests.outbox_rows import EV
-from tests.plugins.browser import wait_until
 from tests.plugins.processes import Child, Spawn, child_environment
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,8 +66,7 @@ def shop(
     browser.get(url)
     # pusher-js has subscribed and the page has loaded the orders: from now on it misses nothing.
     wait_until(
-        browser,
-        lambda page: page.find_element(By.TAG_NAME, "body").get_attribute("data-subscribed"),
+        lambda: browser.find_element(By.TAG_NAME, "body").get_attribute("data-subscribed"),
         "the page to subscribe to the orders channel",
     )
     engine = create_engine(database_url)
@@ -127,8 +126,7 @@ def test_committed_changes_appear_live_and_rolled_back_ones_never(shop: Shop) ->
     assert placed.status_code == 201, placed.text
     ada = placed.json()["id"]
     wait_until(
-        shop.browser,
-        lambda page: table(page).get(ada) == ("Ada", "teapot", "placed"),
+        lambda: table(shop.browser).get(ada) == ("Ada", "teapot", "placed"),
         "Ada's order on the page",
     )
 
@@ -146,8 +144,7 @@ def test_committed_changes_appear_live_and_rolled_back_ones_never(shop: Shop) ->
     assert shipped.status_code == 200 and shipped.json()["version"] == 2, shipped.text
     expected_feed = sorted([("order-placed", ada), ("order-placed", grace), ("order-shipped", ada)])
     wait_until(
-        shop.browser,
-        lambda page: set(expected_feed) <= set(feed(page)),
+        lambda: set(expected_feed) <= set(feed(shop.browser)),
         "Grace's order and Ada's shipping on the page",
     )
     assert feed(shop.browser) == expected_feed
@@ -158,7 +155,7 @@ def test_committed_changes_appear_live_and_rolled_back_ones_never(shop: Shop) ->
     page_text = shop.browser.find_element(By.TAG_NAME, "body").text
     assert "Ghost" not in page_text and "phantom" not in page_text
     # Nothing else is on its way: the outbox holds exactly the committed events, all published.
-    rows = wait_until(shop.browser, lambda _: settled(shop.engine, 3), "the worker to ack all")
+    rows = wait_until(lambda: settled(shop.engine, 3), "the worker to ack all")
     assert [(event, status) for event, status, _ in rows] == [
         ("order-placed", "published"),
         ("order-placed", "published"),
@@ -185,7 +182,7 @@ def test_the_page_form_and_ship_button_work_and_show_a_rollback(shop: Shop) -> N
         return element.get_attribute("data-ok"), element.text
 
     submit("Form", "mug", fail=True)
-    wait_until(page, lambda _: result()[0] == "false", "the failed request's answer")
+    wait_until(lambda: result()[0] == "false", "the failed request's answer")
     assert re.match(
         r"500: simulated failure after enqueue: the transaction was rolled back", result()[1]
     )
@@ -193,16 +190,14 @@ def test_the_page_form_and_ship_button_work_and_show_a_rollback(shop: Shop) -> N
     page.find_element(By.NAME, "item").clear()
 
     submit("Form", "mug", fail=False)
-    wait_until(page, lambda _: result()[0] == "true", "the committed request's answer")
-    [order_id] = wait_until(page, lambda _: list(table(page)), "the placed order on the page")
+    wait_until(lambda: result()[0] == "true", "the committed request's answer")
+    [order_id] = wait_until(lambda: list(table(page)), "the placed order on the page")
     assert table(page)[order_id] == ("Form", "mug", "placed")
 
     page.find_element(By.CSS_SELECTOR, f'tr[data-order-id="{order_id}"] button.ship').click()
-    wait_until(
-        page, lambda _: table(page)[order_id][2] == "shipped", "the order shipped on the page"
-    )
+    wait_until(lambda: table(page)[order_id][2] == "shipped", "the order shipped on the page")
     assert feed(page) == [("order-placed", order_id), ("order-shipped", order_id)]
-    rows = wait_until(page, lambda _: settled(shop.engine, 2), "the worker to ack all")
+    rows = wait_until(lambda: settled(shop.engine, 2), "the worker to ack all")
     assert [(event, status) for event, status, _ in rows] == [
         ("order-placed", "published"),
         ("order-shipped", "published"),

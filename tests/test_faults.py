@@ -1,10 +1,11 @@
 """Crash and fault injection: the worker as a real process, the server in a process of its own.
 
-Every scenario runs ``python worker.py`` (configured by environment, like production) against the
-Sockudo-faithful test server started by ``TestServerProcess``, so killing a worker never kills the
-server and the server's record of deliveries is the ground truth. Each scenario compares the
-database rows with the server's deliveries by ``message_id`` (the row's idempotency key) and adds
-a line to the table printed at the end of the module (also written as JSON; the path is printed).
+Every scenario runs ``python -m outbox worker`` (configured by environment, like production)
+against the Sockudo-faithful test server started by ``TestServerProcess``, so killing a worker
+never kills the server and the server's record of deliveries is the ground truth. Each scenario
+compares the database rows with the server's deliveries by ``message_id`` (the row's idempotency
+key) and adds a line to the table printed at the end of the module (also written as JSON; the
+path is printed).
 
 Run alone: ``pytest tests/test_faults.py -m faults -s``.
 """
@@ -15,7 +16,6 @@ import contextlib
 import math
 import os
 import random
-import threading
 import time
 import uuid
 from collections import Counter
@@ -41,9 +41,10 @@ from tests.faultlib import (
     retry_after_violations,
     settled,
     spawning,
-    wait_until,
     worker_config,
 )
+from tests.helpers.producers import Producer
+from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.faults
 
@@ -66,8 +67,9 @@ def fault_results(
 
 
 @pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
-    """Start worker processes; every one still alive at the end of the test is killed."""
+def spawn_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """``spawn_worker(config, name)`` starts a worker process (``python -m outbox worker``);
+    every one still alive at the end of the test is killed. (``spawn`` starts any command.)"""
     with spawning(tmp_path) as start:
         yield start
 
@@ -88,34 +90,16 @@ def _enqueue(engine: sa.Engine, events: list[OutboxEvent], limits: Limits = DEFA
         enqueue_many(conn, events, limits=limits)
 
 
-class Producer(threading.Thread):
-    """Keeps enqueuing small transactions (an application still writing) until stopped."""
+def _live_producer(engine: sa.Engine, per_commit: int) -> Producer:
+    """An application still writing during a storm: ``per_commit`` events a transaction, a
+    transaction every 0.2 s, until stopped (``committed`` transactions made
+    ``committed * per_commit`` events)."""
 
-    def __init__(self, engine: sa.Engine, per_commit: int = 10, pause: float = 0.2) -> None:
-        super().__init__(name="producer", daemon=True)
-        self.engine = engine
-        self.per_commit = per_commit
-        self.pause = pause
-        self.committed = 0
-        self.errors: list[BaseException] = []
-        self._halt = threading.Event()
+    def transaction(number: int) -> None:
+        start = number * per_commit
+        _enqueue(engine, _events(per_commit, "live", "produced", start=start))
 
-    def run(self) -> None:
-        while not self._halt.is_set():
-            try:
-                _enqueue(
-                    self.engine, _events(self.per_commit, "live", "produced", start=self.committed)
-                )
-                self.committed += self.per_commit
-            except Exception as exc:  # reported by the test, never swallowed
-                self.errors.append(exc)
-                return
-            self._halt.wait(self.pause)
-
-    def stop(self) -> None:
-        self._halt.set()
-        if self.is_alive():
-            self.join(timeout=60)
+    return Producer(transaction, pause=0.2)
 
 
 def _audit(
@@ -160,6 +144,8 @@ def _with_app_name(url: str, name: str) -> str:
 
 STORM_UPFRONT = 5000
 STORM_KILLS = 22
+#: Events in each transaction of the producer that keeps writing through the storm.
+STORM_PER_COMMIT = 10
 
 
 @pytest.mark.parametrize("idempotency", [True, False], ids=["idempotency-on", "idempotency-off"])
@@ -168,7 +154,7 @@ def test_kill9_storm(
     database_url: str,
     idempotency: bool,
     tmp_path: Path,
-    spawn: Callable[..., WorkerProcess],
+    spawn_worker: Callable[..., WorkerProcess],
     fault_results: Results,
 ) -> None:
     """SIGKILL the worker 22 times at random moments while it drains 5,000 events (plus a live
@@ -186,7 +172,7 @@ def test_kill9_storm(
     started = time.monotonic()
     rng = random.Random(f"{SEED}-{backend}-{idempotency}")
     engine = create_engine(database_url)
-    producer = Producer(engine)
+    producer = _live_producer(engine, per_commit=STORM_PER_COMMIT)
     orphaned: set[int] = set()
     kills = 0
     try:
@@ -208,7 +194,7 @@ def test_kill9_storm(
             )
             producer.start()
             for i in range(STORM_KILLS):
-                worker = spawn(env, f"storm-{i:02d}")
+                worker = spawn_worker(env, f"storm-{i:02d}")
                 worker.wait_until_started(60)
                 time.sleep(rng.uniform(0.05, 0.6))
                 assert worker.alive, f"worker {i} died on its own:\n{worker.log_text()[-3000:]}"
@@ -217,11 +203,14 @@ def test_kill9_storm(
                 orphaned |= set(in_flight(engine))
             producer.stop()
             assert not producer.errors, f"producer failed: {producer.errors[0]!r}"
-            expected = STORM_UPFRONT + producer.committed
+            expected = STORM_UPFRONT + producer.committed * STORM_PER_COMMIT
             mid_storm = server.delivered_count()
-            final = spawn(env, "storm-final")
+            final = spawn_worker(env, "storm-final")
             wait_until(
-                lambda: settled(engine, expected), 240, f"all {expected} rows settled", interval=0.5
+                lambda: settled(engine, expected),
+                f"all {expected} rows settled",
+                timeout=240,
+                interval=0.5,
             )
             exit_code = final.terminate()
             rows, delivered, figures = _audit(engine, server)
@@ -280,7 +269,7 @@ def test_kill9_storm(
 def test_two_workers_one_killed(
     server_database_url: str,
     tmp_path: Path,
-    spawn: Callable[..., WorkerProcess],
+    spawn_worker: Callable[..., WorkerProcess],
     fault_results: Results,
 ) -> None:
     """Two workers drain one PostgreSQL (or MariaDB) table; one is SIGKILLed mid-drain. Its leased rows stay
@@ -306,13 +295,13 @@ def test_two_workers_one_killed(
                 backoff_max_seconds=2,
                 poll_interval=0.2,
             )
-            victim = spawn(env, "victim")
-            survivor = spawn(env, "survivor")
+            victim = spawn_worker(env, "victim")
+            survivor = spawn_worker(env, "survivor")
             victim.wait_until_started(60)
             survivor.wait_until_started(60)
-            wait_until(lambda: server.delivered_count() >= 400, 60, "400 deliveries")
+            wait_until(lambda: server.delivered_count() >= 400, "400 deliveries", timeout=60)
             # The victim has reported acknowledgements of its own (its stats file).
-            wait_until(lambda: victim.stats().get("published", 0) > 0, 30, "victim acks")
+            wait_until(lambda: victim.stats().get("published", 0) > 0, "victim acks", timeout=30)
             leased_at_kill = in_flight(engine)
             victim.kill()
             leased_at_kill |= in_flight(engine)
@@ -326,7 +315,9 @@ def test_two_workers_one_killed(
                 for row_id, lease_info in still.items()
                 if row_id in leased_at_kill and leased_at_kill[row_id][0] == lease_info[0]
             }
-            wait_until(lambda: settled(engine, total), 120, "all rows settled", interval=0.5)
+            wait_until(
+                lambda: settled(engine, total), "all rows settled", timeout=120, interval=0.5
+            )
             exit_code = survivor.terminate()
             rows, delivered, figures = _audit(engine, server)
             server_duplicates = server.duplicates()
@@ -378,7 +369,7 @@ def _worker_connections(
     """
     tag = f"outbox_fault_{uuid.uuid4().hex[:8]}"
     if backend == "postgresql":
-        admin = request.getfixturevalue("postgres_admin")
+        admin = request.getfixturevalue("postgres_server").engine
 
         def terminate() -> int:
             with admin.begin() as conn:
@@ -395,7 +386,7 @@ def _worker_connections(
 
         yield _with_app_name(url, tag), terminate
         return
-    admin = request.getfixturevalue("mariadb_admin")
+    admin = request.getfixturevalue("mariadb_server").engine
     parsed = make_url(url)
     with admin.begin() as conn:
         conn.execute(sa.text(f"CREATE USER '{tag}'@'%' IDENTIFIED BY '{tag}'"))
@@ -429,7 +420,7 @@ def test_database_connections_killed(
     database_url: str,
     request: pytest.FixtureRequest,
     tmp_path: Path,
-    spawn: Callable[..., WorkerProcess],
+    spawn_worker: Callable[..., WorkerProcess],
     fault_results: Results,
 ) -> None:
     """Every connection of the worker killed by the server (pg_terminate_backend, MariaDB's
@@ -458,9 +449,9 @@ def test_database_connections_killed(
                 backoff_max_seconds=2,
                 poll_interval=0.2,
             )
-            worker = spawn(env, f"{backend}-worker")
+            worker = spawn_worker(env, f"{backend}-worker")
             worker.wait_until_started(60)
-            wait_until(lambda: server.delivered_count() >= 100, 60, "100 deliveries")
+            wait_until(lambda: server.delivered_count() >= 100, "100 deliveries", timeout=60)
             for _ in range(rounds):
                 killed = kill_connections()
                 terminated.append(int(killed))
@@ -469,7 +460,9 @@ def test_database_connections_killed(
                 )
                 time.sleep(1.0)
             delivered_during = server.delivered_count()
-            wait_until(lambda: settled(engine, total), 120, "all rows settled", interval=0.5)
+            wait_until(
+                lambda: settled(engine, total), "all rows settled", timeout=120, interval=0.5
+            )
             assert worker.alive, f"worker exited on its own:\n{worker.log_text()[-3000:]}"
             exit_code = worker.terminate()
             rows, delivered, figures = _audit(engine, server)
@@ -504,7 +497,7 @@ def test_database_connections_killed(
 
 def test_sqlite_write_lock_held(
     tmp_path: Path,
-    spawn: Callable[..., WorkerProcess],
+    spawn_worker: Callable[..., WorkerProcess],
     fault_results: Results,
 ) -> None:
     """Another connection holds SQLite's write lock (BEGIN EXCLUSIVE for 4 s, later BEGIN
@@ -534,9 +527,9 @@ def test_sqlite_write_lock_held(
                 backoff_max_seconds=2,
                 poll_interval=0.2,
             )
-            worker = spawn(env, "sqlite-worker")
+            worker = spawn_worker(env, "sqlite-worker")
             worker.wait_until_started(60)
-            wait_until(lambda: server.delivered_count() >= 200, 60, "200 deliveries")
+            wait_until(lambda: server.delivered_count() >= 200, "200 deliveries", timeout=60)
             for mode, hold in (("EXCLUSIVE", 4.0), ("IMMEDIATE", 3.0)):
                 with holder.connect() as conn:
                     conn.exec_driver_sql(f"BEGIN {mode}")
@@ -550,7 +543,9 @@ def test_sqlite_write_lock_held(
                 time.sleep(1.0)
             total += 10
             delivered_during = server.delivered_count()
-            wait_until(lambda: settled(engine, total), 120, "all rows settled", interval=0.5)
+            wait_until(
+                lambda: settled(engine, total), "all rows settled", timeout=120, interval=0.5
+            )
             exit_code = worker.terminate()
             deliveries = server.deliveries()
             rows, delivered, figures = _audit(engine, server)
@@ -589,7 +584,7 @@ def test_sqlite_write_lock_held(
 def test_endpoint_outage_then_503_then_429(
     server_database_url: str,
     tmp_path: Path,
-    spawn: Callable[..., WorkerProcess],
+    spawn_worker: Callable[..., WorkerProcess],
     fault_results: Results,
 ) -> None:
     """The server is down for 30 s, then answers 503 with Retry-After: 2, then rate-limits
@@ -618,9 +613,11 @@ def test_endpoint_outage_then_503_then_429(
                 breaker_threshold=threshold,
                 poll_interval=0.2,
             )
-            worker = spawn(env, "outage-worker")
+            worker = spawn_worker(env, "outage-worker")
             worker.wait_until_started(60)
-            wait_until(lambda: server.delivered_count() >= 400, 60, "the first 400 delivered")
+            wait_until(
+                lambda: server.delivered_count() >= 400, "the first 400 delivered", timeout=60
+            )
 
             # Phase 1: down for 30 s, while the application keeps writing. The worker's own
             # request count is sampled as it goes (its stats file, rewritten every second).
@@ -648,7 +645,9 @@ def test_endpoint_outage_then_503_then_429(
             server.come_up()
             up_at = time.time()
             assert worker.alive, worker.log_text()[-3000:]
-            wait_until(lambda: server.request_count(status=503) >= 8, 60, "the 503s to be served")
+            wait_until(
+                lambda: server.request_count(status=503) >= 8, "the 503s to be served", timeout=60
+            )
             # Phase 3: two bursts of rate limiting (3 requests/s, Retry-After: 1).
             limited: list[tuple[float, float]] = []
             for burst in range(2):
@@ -661,7 +660,9 @@ def test_endpoint_outage_then_503_then_429(
                 limited.append((begin, time.time()))
                 time.sleep(2.0)
             expected = 400 + producer_rows
-            wait_until(lambda: settled(engine, expected), 180, "all rows settled", interval=0.5)
+            wait_until(
+                lambda: settled(engine, expected), "all rows settled", timeout=180, interval=0.5
+            )
             exit_code = worker.terminate()
             rows, delivered, figures = _audit(engine, server)
             requests = server.requests()
@@ -730,7 +731,7 @@ def test_endpoint_outage_then_503_then_429(
 
 def test_slow_server_answers_after_timeout(
     tmp_path: Path,
-    spawn: Callable[..., WorkerProcess],
+    spawn_worker: Callable[..., WorkerProcess],
     fault_results: Results,
 ) -> None:
     """The server publishes, then answers after the worker's request timeout (2 s vs 1 s): the
@@ -759,9 +760,9 @@ def test_slow_server_answers_after_timeout(
                 backoff_max_seconds=2,
                 poll_interval=0.2,
             )
-            worker = spawn(env, "slow-worker")
+            worker = spawn_worker(env, "slow-worker")
             worker.wait_until_started(60)
-            wait_until(lambda: settled(engine, total), 90, "all rows settled", interval=0.5)
+            wait_until(lambda: settled(engine, total), "all rows settled", timeout=90, interval=0.5)
             exit_code = worker.terminate()
             rows, delivered, figures = _audit(engine, server)
             server_duplicates = server.duplicates()
@@ -905,7 +906,7 @@ def test_server_refusals_dead_lettered(
     backend: str,
     database_url: str,
     tmp_path: Path,
-    spawn: Callable[..., WorkerProcess],
+    spawn_worker: Callable[..., WorkerProcess],
     fault_results: Results,
 ) -> None:
     """A server with tighter limits than the outbox (1 KB payloads, 20-byte event names, no
@@ -941,11 +942,13 @@ def test_server_refusals_dead_lettered(
                 backoff_max_seconds=2,
                 poll_interval=0.2,
             )
-            worker = spawn(env, "refusals-worker")
+            worker = spawn_worker(env, "refusals-worker")
             worker.wait_until_started(60)
             # A timeout here is reported below, row by row, with each bad row's state.
             with contextlib.suppress(AssertionError):
-                wait_until(lambda: settled(engine, total), 45, "all rows settled", interval=0.5)
+                wait_until(
+                    lambda: settled(engine, total), "all rows settled", timeout=45, interval=0.5
+                )
             exit_code = worker.terminate()
             rows, delivered, figures = _audit(engine, server)
     finally:

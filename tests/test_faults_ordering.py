@@ -48,9 +48,10 @@ from tests.faultlib import (
     report_summary,
     settled,
     spawning,
-    wait_until,
     worker_config,
 )
+from tests.helpers.producers import Producer
+from tests.helpers.waiting import wait_until
 from tests.outbox_rows import EV
 
 pytestmark = pytest.mark.faults
@@ -90,8 +91,9 @@ def ordering_results(request: pytest.FixtureRequest) -> Iterator[Results]:
 
 
 @pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
-    """Start ``python worker.py`` processes; every one still alive at the end is killed."""
+def spawn_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """``spawn_worker(config, name)`` starts a worker process (``python worker.py``, as the image
+    runs it); every one still alive at the end is killed. (``spawn`` starts any command.)"""
     with spawning(tmp_path, command=[sys.executable, "worker.py"], cwd=REPO) as start:
         yield start
 
@@ -165,56 +167,36 @@ def _commit(
     committed.add(made_keyed, made_unkeyed)
 
 
-#: PostgreSQL's deadlock_detected: the transaction was rolled back whole; an application runs it
-#: again. Our producers take their keys in one order, so they never deadlock each other, and the
+#: A producer transaction PostgreSQL aborted as deadlocked is run again, up to this many times.
+#: Our producers take their keys in one order, so they never deadlock each other, and the
 #: advisory lock of a key is mixed with its table's OID, so producers of another test's table on
 #: the same database share none of their locks short of a 64-bit hash collision (the retry stays
 #: for that).
-DEADLOCK = "40P01"
+DEADLOCK_RETRIES = 4
 
 
-class Producer(threading.Thread):
+def _producer(engine: sa.Engine, committed: Committed, index: int, seed: str) -> Producer:
     """Commits ``TRANSACTIONS`` small transactions on random keys (shared with the other
-    producers), keys taken in one global order so that two producers never deadlock."""
+    producers), keys taken in one global order so that two producers never deadlock.
 
-    def __init__(self, engine: sa.Engine, committed: Committed, index: int, seed: str) -> None:
-        super().__init__(name=f"producer-{index}", daemon=True)
-        self.engine = engine
-        self.committed = committed
-        self.index = index
-        self.rng = random.Random(f"{seed}-producer-{index}")
-        self.errors: list[BaseException] = []
-        #: Transactions PostgreSQL aborted as deadlocked and this producer ran again.
-        self.deadlocks = 0
-        self._halt = threading.Event()
+    Each transaction is drawn from a seed of its own, so that one run again after a deadlock is
+    the same transaction."""
 
-    def run(self) -> None:
-        rng = self.rng
-        for i in range(TRANSACTIONS):
-            if self._halt.is_set():
-                return
-            keys = sorted(rng.sample(KEYS, rng.randint(1, 3)))
-            plan = [(key, rng.choice((1, 1, 2))) for key in keys]
-            unkeyed = rng.choice((0, 1, 1, 2))
-            for attempt in range(1, 6):
-                try:
-                    _commit(self.engine, self.committed, f"p{self.index}-{i}", plan, unkeyed)
-                    break
-                except sa.exc.OperationalError as exc:
-                    if attempt < 5 and getattr(exc.orig, "sqlstate", None) == DEADLOCK:
-                        self.deadlocks += 1
-                        continue
-                    self.errors.append(exc)
-                    return
-                except Exception as exc:  # reported by the test, never swallowed
-                    self.errors.append(exc)
-                    return
-            self._halt.wait(rng.uniform(0.05, 0.3))
+    def transaction(number: int) -> None:
+        rng = random.Random(f"{seed}-producer-{index}-{number}")
+        keys = sorted(rng.sample(KEYS, rng.randint(1, 3)))
+        plan = [(key, rng.choice((1, 1, 2))) for key in keys]
+        unkeyed = rng.choice((0, 1, 1, 2))
+        _commit(engine, committed, f"p{index}-{number}", plan, unkeyed)
 
-    def stop(self) -> None:
-        self._halt.set()
-        if self.is_alive():
-            self.join(timeout=60)
+    pauses = random.Random(f"{seed}-producer-{index}-pauses")
+    return Producer(
+        transaction,
+        transactions=TRANSACTIONS,
+        pause=lambda: pauses.uniform(0.05, 0.3),
+        deadlock_retries=DEADLOCK_RETRIES,
+        name=f"producer-{index}",
+    )
 
 
 # -- the storm ---------------------------------------------------------------------------------
@@ -244,7 +226,7 @@ def _storm(
     engine: sa.Engine,
     database_url: str,
     sockudo_url: str,
-    spawn: Callable[..., WorkerProcess],
+    spawn_worker: Callable[..., WorkerProcess],
     seed: str,
     **settings: object,
 ) -> Storm:
@@ -266,10 +248,10 @@ def _storm(
         poll_interval=0.2,
         **settings,
     )
-    producers = [Producer(engine, committed, i, seed) for i in range(PRODUCERS)]
+    producers = [_producer(engine, committed, i, seed) for i in range(PRODUCERS)]
     kills = 0
     try:
-        workers = [spawn(env, f"w{slot}-00") for slot in range(2)]
+        workers = [spawn_worker(env, f"w{slot}-00") for slot in range(2)]
         for producer in producers:
             producer.start()
         for i in range(KILLS):
@@ -287,7 +269,7 @@ def _storm(
             )
             victim.kill()
             kills += 1
-            workers[slot] = spawn(env, f"w{slot}-{i // 2 + 1:02d}")
+            workers[slot] = spawn_worker(env, f"w{slot}-{i // 2 + 1:02d}")
         for producer in producers:
             producer.join(timeout=120)
         for producer in producers:
@@ -297,7 +279,10 @@ def _storm(
             worker.wait_until_started(60)
         expected = len(committed.keyed) + len(committed.unkeyed)
         wait_until(
-            lambda: settled(engine, expected), 120, f"all {expected} rows settled", interval=0.3
+            lambda: settled(engine, expected),
+            f"all {expected} rows settled",
+            timeout=120,
+            interval=0.3,
         )
         exit_codes = [worker.terminate() for worker in workers]
     finally:
@@ -405,7 +390,7 @@ def test_ordered_kill_storm_exactly_once_in_order(
     backend: str,
     database_url: str,
     tmp_path: Path,
-    spawn: Callable[..., WorkerProcess],
+    spawn_worker: Callable[..., WorkerProcess],
     ordering_results: Results,
 ) -> None:
     """22 SIGKILLs over two workers while four producers commit keyed events on 60 shared keys
@@ -422,7 +407,12 @@ def test_ordered_kill_storm_exactly_once_in_order(
             # published heads unacknowledged, so they are sent again after their lease.
             server.add_latency(0.08, stage="published", endpoints=("batch_events",))
             storm = _storm(
-                engine, database_url, server.url, spawn, f"{SEED}-{backend}-server", batch_size=20
+                engine,
+                database_url,
+                server.url,
+                spawn_worker,
+                f"{SEED}-{backend}-server",
+                batch_size=20,
             )
             deliveries = sorted(server.deliveries(), key=lambda d: d.seq)
             server_duplicates = server.duplicates()
@@ -468,7 +458,7 @@ async def test_ordered_kill_storm_soketi_at_least_once_in_order(
     database_url: str,
     soketi: SoketiServer,
     tmp_path: Path,
-    spawn: Callable[..., WorkerProcess],
+    spawn_worker: Callable[..., WorkerProcess],
     ordering_results: Results,
 ) -> None:
     """The same storm against real soketi (no idempotency): a WebSocket subscriber receives every
@@ -487,7 +477,7 @@ async def test_ordered_kill_storm_soketi_at_least_once_in_order(
             engine,
             database_url,
             soketi.url,
-            spawn,
+            spawn_worker,
             f"{SEED}-{backend}-soketi",
             server_batch_limit=soketi.max_batch_size,
             batch_size=20,

@@ -42,9 +42,12 @@ from outbox.sockudo.errors import (
 )
 from outbox.testing.worker_process import WorkerProcess
 from outbox.worker import Worker
+from tests.helpers.waiting import wait_until
 from tests.outbox_rows import EV
 
 T = outbox_table()
+#: How long a wait for a worker process may take: wide, since nothing here is timed.
+WAIT = 60.0
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
@@ -75,13 +78,6 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 def ready(port: int) -> tuple[int, dict[str, Any]]:
     response = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10)
     return response.status_code, response.json()
-
-
-def wait_until(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def enqueue_events(engine: sa.Engine, n: int) -> None:
@@ -116,7 +112,7 @@ def test_worker_is_scraped_through_a_drain_and_an_outage(database_url, sockudo_s
     try:
         worker.wait_until_started()
         # Green on an empty queue, and alive.
-        wait_until(lambda: ready(port)[0] == 200, "/readyz green on an empty queue")
+        wait_until(lambda: ready(port)[0] == 200, "/readyz green on an empty queue", timeout=WAIT)
         assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).text == "ok\n"
         before = scrape(port)
         assert value(before, "outbox_events_total", outcome="published") == 0
@@ -136,7 +132,7 @@ def test_worker_is_scraped_through_a_drain_and_an_outage(database_url, sockudo_s
             published_seen.append(value(samples, "outbox_events_total", outcome="published"))
             return published_seen[-1] == 300
 
-        wait_until(drained, "300 published in the metrics")
+        wait_until(drained, "300 published in the metrics", timeout=WAIT)
         assert published_seen == sorted(published_seen)  # a counter only goes up
         after = scrape(port)
         assert value(after, "outbox_rows", state="pending") == 0
@@ -155,13 +151,16 @@ def test_worker_is_scraped_through_a_drain_and_an_outage(database_url, sockudo_s
         sockudo_server.clear_faults()
         sockudo_server.go_down()
         enqueue_events(engine, 20)
-        wait_until(lambda: ready(port)[0] == 503, "/readyz red while the endpoint is down")
+        wait_until(
+            lambda: ready(port)[0] == 503, "/readyz red while the endpoint is down", timeout=WAIT
+        )
         problems = ready(port)[1]["problems"]
         assert any("publishing is paused" in p for p in problems), problems
         first_age = value(scrape(port), "outbox_oldest_pending_age_seconds")
         wait_until(
             lambda: value(scrape(port), "outbox_oldest_pending_age_seconds") > first_age + 1.0,
             "the oldest age to rise during the outage",
+            timeout=WAIT,
         )
         down = scrape(port)
         assert (
@@ -184,15 +183,17 @@ def test_worker_is_scraped_through_a_drain_and_an_outage(database_url, sockudo_s
 
         # Back up: everything goes out, the age falls to nothing, /readyz is green again.
         sockudo_server.come_up()
-        wait_until(lambda: ready(port)[0] == 200, "/readyz green after the outage")
+        wait_until(lambda: ready(port)[0] == 200, "/readyz green after the outage", timeout=WAIT)
         wait_until(
             lambda: value(scrape(port), "outbox_events_total", outcome="published") == 320,
             "the outage's events published",
+            timeout=WAIT,
         )
         # (The gauges may come from a snapshot up to a second old: wait for a fresh one.)
         wait_until(
             lambda: value(scrape(port), "outbox_oldest_pending_age_seconds") == 0,
             "the oldest age to fall after the outage",
+            timeout=WAIT,
         )
         recovered = scrape(port)
         assert value(recovered, "outbox_rows", state="pending") == 0
@@ -228,7 +229,9 @@ def test_refused_credentials_turn_readyz_red_and_json_logs_never_show_the_secret
     )
     try:
         worker.wait_for_log("refused this worker's credentials")
-        wait_until(lambda: ready(port)[0] == 503, "/readyz red on refused credentials")
+        wait_until(
+            lambda: ready(port)[0] == 503, "/readyz red on refused credentials", timeout=WAIT
+        )
         body = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).text
         assert "refused this worker's credentials" in body
         samples = scrape(port)

@@ -26,6 +26,7 @@ from outbox.enqueue import BY_CHANNEL
 from outbox.schema import ORDERING_KEY_MAX, parked_table
 from outbox.testing.server import TestServer
 from outbox.worker import Worker
+from tests.helpers.producers import Producer
 from tests.outbox_rows import FAR_FUTURE
 from tests.test_worker import T, fast_settings, run_until, table_rows
 
@@ -93,26 +94,21 @@ def waits_on_advisory_lock_of(engine: sa.Engine, pid: int, holder: int) -> bool:
     return bool(found)
 
 
-class Producer(threading.Thread):
-    """One producer transaction on its own connection: enqueue one keyed event, then commit."""
+class KeyedEvent:
+    """A producer's one transaction here: on a connection of its own, enqueue one keyed event,
+    then commit. It notes its PostgreSQL backend (to see what that waits on) and when enqueue
+    returned, its transaction still open."""
 
     def __init__(self, engine: sa.Engine, channel: str, event: str, key: str) -> None:
-        super().__init__(daemon=True)
         self.engine, self.channel, self.event, self.key = engine, channel, event, key
         self.pid: int | None = None
-        self.enqueued = threading.Event()  # enqueue() returned (its transaction still open)
-        self.committed = threading.Event()
-        self.error: BaseException | None = None
+        self.enqueued = threading.Event()
 
-    def run(self) -> None:
-        try:
-            with self.engine.begin() as conn:
-                self.pid = backend_pid(conn)
-                enqueue(conn, self.channel, self.event, {"n": 0}, ordering_key=self.key)
-                self.enqueued.set()
-            self.committed.set()
-        except BaseException as exc:  # pragma: no cover - reported by the test
-            self.error = exc
+    def __call__(self, number: int) -> None:
+        with self.engine.begin() as conn:
+            self.pid = backend_pid(conn)
+            enqueue(conn, self.channel, self.event, {"n": 0}, ordering_key=self.key)
+            self.enqueued.set()
 
 
 # -- 1. the reordering race (PostgreSQL) ---------------------------------------------------------
@@ -131,8 +127,10 @@ async def test_a_second_producer_of_a_key_waits_for_the_first_to_commit(
     worker = Worker(fast_settings(database_url, sockudo_server.url), engine=engine)
     task = asyncio.create_task(worker.run())
     first_conn = engine.connect()
-    second = Producer(engine, "orders", "second", "order-42")
-    other = Producer(engine, "payments", "other", "order-7")
+    second_event = KeyedEvent(engine, "orders", "second", "order-42")
+    other_event = KeyedEvent(engine, "payments", "other", "order-7")
+    second = Producer(second_event, transactions=1)
+    other = Producer(other_event, transactions=1)
     try:
         first_tx = first_conn.begin()
         enqueue(first_conn, "orders", "first", {"n": 0}, ordering_key="order-42")
@@ -141,32 +139,35 @@ async def test_a_second_producer_of_a_key_waits_for_the_first_to_commit(
         second.start()
         await wait_for(
             lambda: (
-                second.enqueued.is_set()
+                second_event.enqueued.is_set()
                 or (
-                    second.pid is not None
-                    and waits_on_advisory_lock_of(engine, second.pid, first_pid)
+                    second_event.pid is not None
+                    and waits_on_advisory_lock_of(engine, second_event.pid, first_pid)
                 )
             ),
             "the second producer to wait on the key's lock",
         )
-        assert not second.enqueued.is_set(), "enqueue returned while the first producer was open"
+        assert not second_event.enqueued.is_set(), (
+            "enqueue returned while the first producer was open"
+        )
 
         # Another key: its producer takes no lock producer 1 holds; it commits and is delivered
         # while producer 1 stays open (if it waited, it would wait until the timeout).
         other.start()
-        await wait_for(other.committed.is_set, "the other key's producer to commit")
+        await wait_for(lambda: other.committed == 1, "the other key's producer to commit")
         await wait_for(
             lambda: sockudo_server.delivered_count("payments") == 1, "the other key's event"
         )
 
         # Margin: a whole claim-publish-ack round later, producer 2 still waits on the lock and
         # nothing of key order-42 went out.
-        assert second.pid is not None and waits_on_advisory_lock_of(engine, second.pid, first_pid)
-        assert not second.enqueued.is_set() and not second.committed.is_set()
+        assert second_event.pid is not None
+        assert waits_on_advisory_lock_of(engine, second_event.pid, first_pid)
+        assert not second_event.enqueued.is_set() and second.committed == 0
         assert sockudo_server.deliveries("orders") == []
 
         first_tx.commit()
-        await wait_for(second.committed.is_set, "the second producer to commit")
+        await wait_for(lambda: second.committed == 1, "the second producer to commit")
         await wait_for(lambda: sockudo_server.delivered_count("orders") == 2, "both of order-42")
     finally:
         first_conn.close()
@@ -174,7 +175,7 @@ async def test_a_second_producer_of_a_key_waits_for_the_first_to_commit(
         for producer in (second, other):
             if producer.ident is not None:  # started
                 producer.join(timeout=10)
-    assert second.error is None and other.error is None
+    assert not second.errors and not other.errors
     assert [d.name for d in sockudo_server.deliveries("orders")] == ["first", "second"]
     rows = key_rows(engine, "order-42")
     assert [r.event for r in rows] == ["first", "second"]  # ids in commit order

@@ -39,7 +39,7 @@ from outbox.dialects.postgresql import (
     _wake_params,
 )
 from outbox.schema import WAITING_FOR_KEY
-from tests.plugins.databases import make_migrated_database
+from tests.plugins.databases import make_database
 
 pytestmark = pytest.mark.postgres
 
@@ -52,7 +52,7 @@ def backlog(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[sa.Engine, int]]:
     """A migrated schema holding ``param`` unsent rows, half keyed, never analyzed."""
-    url = make_migrated_database("postgresql", tmp_path_factory.mktemp("plans"), request)
+    url = make_database("postgresql", tmp_path_factory.mktemp("plans"), request, migrated=True)
     engine = create_engine(url)
     n = request.param
     with engine.begin() as conn:

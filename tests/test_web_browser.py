@@ -26,8 +26,9 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from outbox import admin, enqueue
 from outbox.dialects import dialect_for
 from outbox.testing.server import TestServer
+from tests.helpers.waiting import wait_until
 from tests.outbox_rows import T, add, add_dead, add_in_flight, add_published, row, set_row
-from tests.plugins.browser import changed_files, tracked_files, wait_until
+from tests.plugins.browser import changed_files, tracked_files
 from tests.plugins.processes import Child, Spawn, child_environment
 
 pytestmark = pytest.mark.browser
@@ -86,7 +87,7 @@ def test_counts_and_chart_follow_a_draining_worker(
     served = serve_dashboard(database_url, "--refresh", "1")  # the shortest there is
 
     browser.get(served.url)
-    wait_until(browser, lambda page: updates(page) >= 1, "the first live update")
+    wait_until(lambda: updates(browser) >= 1, "the first live update")
     assert counts(browser) == {"pending": "4", "in_flight": "1", "published": "2", "dead": "1"}
     assert chart(browser) == {"published": "2", "retried": "0", "dead": "1", "buckets": "60"}
     assert browser.find_element(By.ID, "oldest-pending").text.endswith(" s")
@@ -98,12 +99,11 @@ def test_counts_and_chart_follow_a_draining_worker(
         server.fail_next(1, status=500, stage="received")
         worker = start_worker(spawn, database_url, server)
         final = {"pending": 0, "in_flight": 1, "published": 5, "dead": 2}
-        wait_until(browser, lambda _: statuses(engine) == final, "the worker to drain the outbox")
+        wait_until(lambda: statuses(engine) == final, "the worker to drain the outbox")
         drained = {"pending": "0", "in_flight": "1", "published": "5", "dead": "2"}
         drawn = {"published": "5", "retried": "3", "dead": "2", "buckets": "60"}
         wait_until(
-            browser,
-            lambda page: counts(page) == drained and chart(page) == drawn,
+            lambda: counts(browser) == drained and chart(browser) == drawn,
             "the page to show the drained outbox",
         )
         # Updated in place: the same document all along, never reloaded.
@@ -136,7 +136,7 @@ def test_no_refresh_the_page_is_handed_makes_it_hammer_the_server(
     window = 2.5
     for odd in ODD_REFRESH_MS:
         browser.get(served.url)
-        wait_until(browser, lambda page: updates(page) >= 1, "the page's first live update")
+        wait_until(lambda: updates(browser) >= 1, "the page's first live update")
         browser.execute_script(
             "performance.setResourceTimingBufferSize(100000);"
             "document.body.dataset.refreshMs = arguments[0];"
@@ -164,14 +164,14 @@ def test_replay_dead_events_from_the_page_and_see_them_published(
     # One event, with a fresh key (the default).
     browser.get(served.url)
     browser.find_element(By.CSS_SELECTOR, f'tbody[data-row-id="{first}"] .replay-one').click()
-    [dry_run] = wait_until(browser, lambda page: page.find_elements(By.ID, "dry-run"), "dry run")
+    [dry_run] = wait_until(lambda: browser.find_elements(By.ID, "dry-run"), "dry run")
     assert dry_run.get_attribute("data-count") == "1"
     assert row(engine, first).status == "dead"  # the dry run changed nothing
     assert browser.find_element(By.CSS_SELECTOR, "input[name=key][value=fresh]").is_selected()
     browser.find_element(By.ID, "confirm-replay").click()
-    [done] = wait_until(browser, lambda page: page.find_elements(By.ID, "replayed"), "the replay")
+    [done] = wait_until(lambda: browser.find_elements(By.ID, "replayed"), "the replay")
     assert done.get_attribute("data-count") == "1"
-    wait_until(browser, lambda _: row(engine, first).status == "published", "it to be published")
+    wait_until(lambda: row(engine, first).status == "published", "it to be published")
     browser.find_element(By.LINK_TEXT, f"follow row {first}").click()
     record = browser.find_element(By.CSS_SELECTOR, f'article.record[data-row-id="{first}"]')
     assert record.get_attribute("data-status") == "published"
@@ -183,15 +183,14 @@ def test_replay_dead_events_from_the_page_and_see_them_published(
     browser.get(served.url)
     browser.find_element(By.ID, "tick-all").click()
     browser.find_element(By.ID, "replay-ticked").click()
-    [dry_run] = wait_until(browser, lambda page: page.find_elements(By.ID, "dry-run"), "dry run")
+    [dry_run] = wait_until(lambda: browser.find_elements(By.ID, "dry-run"), "dry run")
     assert dry_run.get_attribute("data-count") == "2"
     browser.find_element(By.CSS_SELECTOR, "input[name=key][value=keep]").click()
     browser.find_element(By.ID, "confirm-replay").click()
-    [done] = wait_until(browser, lambda page: page.find_elements(By.ID, "replayed"), "the replay")
+    [done] = wait_until(lambda: browser.find_elements(By.ID, "replayed"), "the replay")
     assert done.get_attribute("data-count") == "2"
     wait_until(
-        browser,
-        lambda _: all(row(engine, i).status == "published" for i in ticked),
+        lambda: all(row(engine, i).status == "published" for i in ticked),
         "the ticked events to be published",
     )
     assert sorted(d.idempotency_key for d in sockudo_server.deliveries("audit")) == sorted(
@@ -235,14 +234,14 @@ def test_event_text_that_is_markup_is_shown_as_text_and_never_runs(
     assert_inert(browser, svgs=1)  # the chart alone
 
     browser.find_element(By.ID, "search-q").send_keys("orders\n")
-    wait_until(browser, lambda page: page.find_elements(By.CSS_SELECTOR, "article.record"), "hits")
+    wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, "article.record"), "hits")
     published = browser.find_element(By.CSS_SELECTOR, 'article.record[data-status="published"]')
     assert image in published.text and vector in published.text and script in published.text
     assert_inert(browser, svgs=0)
 
     browser.get(served.url)
     browser.find_element(By.CSS_SELECTOR, f'tbody[data-row-id="{dead}"] .replay-one').click()
-    wait_until(browser, lambda page: page.find_elements(By.ID, "dry-run"), "the dry run")
+    wait_until(lambda: browser.find_elements(By.ID, "dry-run"), "the dry run")
     sample = browser.find_element(By.CSS_SELECTOR, f'tr[data-row-id="{dead}"]')
     assert image in sample.text and vector in sample.text
     assert_inert(browser, svgs=0)
@@ -258,16 +257,16 @@ def test_a_browser_logs_in_with_the_token(database_url, engine, browser, serve_d
     assert browser.current_url == f"{served.url}/login"
     browser.find_element(By.ID, "token").send_keys(token + "-wrong")
     browser.find_element(By.ID, "login").click()
-    wait_until(browser, lambda page: page.find_elements(By.ID, "login-refused"), "the refusal")
+    wait_until(lambda: browser.find_elements(By.ID, "login-refused"), "the refusal")
     browser.find_element(By.ID, "token").send_keys(token)
     browser.find_element(By.ID, "login").click()
-    wait_until(browser, lambda page: page.find_elements(By.ID, "count-dead"), "the dashboard")
+    wait_until(lambda: browser.find_elements(By.ID, "count-dead"), "the dashboard")
     assert counts(browser)["dead"] == "1"
-    wait_until(browser, lambda page: updates(page) >= 1, "a live update with the session cookie")
+    wait_until(lambda: updates(browser) >= 1, "a live update with the session cookie")
     # HttpOnly: the page's scripts cannot read the session.
     assert browser.execute_script("return document.cookie") == ""
     browser.find_element(By.CSS_SELECTOR, "form.logout button").click()
-    wait_until(browser, lambda page: page.find_elements(By.ID, "token"), "the login form again")
+    wait_until(lambda: browser.find_elements(By.ID, "token"), "the login form again")
 
 
 # -- the operator's lists and actions (#21) -------------------------------------------------------
@@ -295,7 +294,7 @@ def test_list_pending_delete_a_dead_event_and_skip_a_parked_key_from_the_page(
     # The pending count leads to the pending rows, oldest first, with what each waits for.
     browser.get(served.url)
     browser.find_element(By.ID, "card-pending").click()
-    heading = wait_until(browser, lambda page: page.find_elements(By.ID, "queue-heading"), "list")
+    heading = wait_until(lambda: browser.find_elements(By.ID, "queue-heading"), "list")
     assert heading[0].get_attribute("data-count") == "5"
     listed = browser.find_elements(By.CSS_SELECTOR, "#queue tbody tr")
     assert [int(r.get_attribute("data-row-id")) for r in listed] == [*waiting, head + 1, head + 2]
@@ -305,21 +304,21 @@ def test_list_pending_delete_a_dead_event_and_skip_a_parked_key_from_the_page(
     # A dead event deleted, after its dry run.
     browser.get(served.url)
     browser.find_element(By.CSS_SELECTOR, f'tbody[data-row-id="{doomed}"] .delete-one').click()
-    [dry_run] = wait_until(browser, lambda page: page.find_elements(By.ID, "dry-run"), "dry run")
+    [dry_run] = wait_until(lambda: browser.find_elements(By.ID, "dry-run"), "dry run")
     assert dry_run.get_attribute("data-count") == "1"
     assert row(engine, doomed).status == "dead"  # the dry run changed nothing
     browser.find_element(By.ID, "confirm-delete").click()
-    [done] = wait_until(browser, lambda page: page.find_elements(By.ID, "deleted"), "deletion")
+    [done] = wait_until(lambda: browser.find_elements(By.ID, "deleted"), "deletion")
     assert done.get_attribute("data-count") == "1"
     assert statuses(engine)["dead"] == 2  # the other audit event and the parked head
 
     # The parked key goes on without its head, after a preview.
     browser.get(served.url)
     browser.find_element(By.CSS_SELECTOR, "#parked-keys .skip-key").click()
-    [preview] = wait_until(browser, lambda page: page.find_elements(By.ID, "skip-preview"), "it")
+    [preview] = wait_until(lambda: browser.find_elements(By.ID, "skip-preview"), "it")
     assert preview.get_attribute("data-waiting") == "2" and "order-7" in preview.text
     browser.find_element(By.ID, "confirm-skip").click()
-    [skipped] = wait_until(browser, lambda page: page.find_elements(By.ID, "skipped"), "the skip")
+    [skipped] = wait_until(lambda: browser.find_elements(By.ID, "skipped"), "the skip")
     assert skipped.get_attribute("data-count") == "1"
     browser.get(served.url)
     assert not browser.find_elements(By.ID, "parked-keys")
@@ -327,16 +326,16 @@ def test_list_pending_delete_a_dead_event_and_skip_a_parked_key_from_the_page(
 
     # A search's dead row replayed from the results.
     browser.find_element(By.ID, "search-q").send_keys("audit\n")
-    wait_until(browser, lambda page: page.find_elements(By.CSS_SELECTOR, "tr.result"), "hits")
+    wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, "tr.result"), "hits")
     browser.find_element(By.ID, "tick-all").click()
     browser.find_element(By.ID, "replay-ticked").click()
-    [dry_run] = wait_until(browser, lambda page: page.find_elements(By.ID, "dry-run"), "dry run")
+    [dry_run] = wait_until(lambda: browser.find_elements(By.ID, "dry-run"), "dry run")
     assert dry_run.get_attribute("data-count") == "1"
     browser.find_element(By.ID, "confirm-replay").click()
-    wait_until(browser, lambda page: page.find_elements(By.ID, "replayed"), "the replay")
+    wait_until(lambda: browser.find_elements(By.ID, "replayed"), "the replay")
     assert row(engine, kept).status == "pending"
     browser.find_element(By.LINK_TEXT, "back to the search").click()
-    wait_until(browser, lambda page: page.find_elements(By.CSS_SELECTOR, "tr.result"), "hits")
+    wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, "tr.result"), "hits")
     assert [
         r.get_attribute("data-status") for r in browser.find_elements(By.CSS_SELECTOR, "tr.result")
     ] == ["pending"]

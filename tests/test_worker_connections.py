@@ -29,7 +29,7 @@ from outbox.dialects.postgresql import _refusal
 from outbox.settings import ENVIRONMENT
 from outbox.testing.server import TestServer
 from outbox.worker import Worker
-from tests.plugins.databases import POSTGRES_URL, make_migrated_database
+from tests.plugins.databases import POSTGRES_URL, make_database
 from tests.test_worker import fast_settings, table_rows
 
 #: Runs in the full tier (see tests/plugins/tiers.py).
@@ -80,8 +80,8 @@ def sessions(app: str, query_prefix: str) -> int:
 @pytest.fixture
 def schemas(tmp_path: Path, request: pytest.FixtureRequest) -> tuple[str, str]:
     """Two migrated schemas, as test URLs: A with 3 rows on channel "a", B with 3 on "b"."""
-    a = make_migrated_database("postgresql", tmp_path, request)
-    b = make_migrated_database("postgresql", tmp_path, request)
+    a = make_database("postgresql", tmp_path, request, migrated=True)
+    b = make_database("postgresql", tmp_path, request, migrated=True)
     put_rows(a, "a", 3)
     put_rows(b, "b", 3)
     return a, b

@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ from outbox.database import create_engine
 from outbox.settings import Settings
 from outbox.testing.worker_process import WorkerProcess
 from outbox.worker import Worker
+from tests.helpers.waiting import wait_until
 from tests.outbox_rows import EV, counts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,13 +59,6 @@ def rows(engine: sa.Engine) -> list[Any]:
         return list(conn.execute(sa.select(EV).order_by(EV.c.id)))
 
 
-def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def enqueue_events(engine: sa.Engine, n: int) -> None:
     with engine.begin() as conn:
         enqueue_many(conn, [OutboxEvent("orders", "created", {"n": i}) for i in range(n)])
@@ -91,7 +83,7 @@ def test_two_worker_processes_drain_disjoint_rows(server_database_url, sockudo_s
         for w in workers:
             w.wait_for_log("worker started")
         enqueue_events(engine, n)  # one commit: NOTIFY (or the next poll) wakes both workers
-        wait_until(lambda: statuses(engine).get("published", 0) == n, 60, "all published")
+        wait_until(lambda: statuses(engine).get("published", 0) == n, "all published", timeout=60)
         assert [w.terminate() for w in workers] == [0, 0]
     finally:
         for w in workers:
@@ -119,8 +111,10 @@ def test_sigterm_drains_in_flight_batches_then_exits_0(database_url, sockudo_ser
     settings = worker_settings(database_url, sockudo_server.url, batch_size=20, in_flight=2)
     worker = start(PYTHON_WORKER, tmp_path, "worker", **settings)
     try:
-        wait_until(lambda: sockudo_server.delivered_count() > 0, 20, "a first delivery")
-        wait_until(lambda: statuses(engine).get("in_flight", 0) > 0, 20, "a batch in flight")
+        wait_until(lambda: sockudo_server.delivered_count() > 0, "a first delivery", timeout=20)
+        wait_until(
+            lambda: statuses(engine).get("in_flight", 0) > 0, "a batch in flight", timeout=20
+        )
         assert worker.terminate() == 0, worker.log_text()
     finally:
         worker.close()
@@ -160,7 +154,9 @@ def test_second_signal_exits_at_once(database_url, sockudo_server, tmp_path):
     settings = worker_settings(database_url, sockudo_server.url, batch_size=20)
     worker = start(PYTHON_WORKER, tmp_path, "worker", **settings)
     try:
-        wait_until(lambda: statuses(engine).get("in_flight", 0) > 0, 20, "a batch in flight")
+        wait_until(
+            lambda: statuses(engine).get("in_flight", 0) > 0, "a batch in flight", timeout=20
+        )
         worker.signal(signal.SIGTERM)
         worker.wait_for_log("finishing in-flight batches")
         worker.signal(signal.SIGTERM)

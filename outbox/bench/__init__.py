@@ -21,23 +21,15 @@ import platform
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
-from sqlalchemy.engine import make_url
-
-from .. import migrate
-from ..database import create_engine
+from ..testing.databases import DEFAULT_SERVER_URLS, DatabaseServer, scratch_database
 from . import scenarios
 from .report import evaluate_targets, render_table
 from .scenarios import Measurement
 from .servers import SERVERS, server
-
-DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
-DEFAULT_MARIADB_URL = "mariadb://root@127.0.0.1:3306/test"
 
 #: name -> (events, baseline events, single-commit transactions, latency rate, latency seconds, history rows)
 SIZES = {
@@ -109,12 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", default="sqlite,postgresql,mariadb")
     p.add_argument(
         "--postgres-url",
-        default=os.environ.get("OUTBOX_BENCH_POSTGRES_URL", DEFAULT_POSTGRES_URL),
+        default=os.environ.get("OUTBOX_BENCH_POSTGRES_URL", DEFAULT_SERVER_URLS["postgresql"]),
         help="a PostgreSQL database to create a scratch schema in",
     )
     p.add_argument(
         "--mariadb-url",
-        default=os.environ.get("OUTBOX_BENCH_MARIADB_URL", DEFAULT_MARIADB_URL),
+        default=os.environ.get("OUTBOX_BENCH_MARIADB_URL", DEFAULT_SERVER_URLS["mariadb"]),
         help="a MariaDB or MySQL server (mariadb:// or mysql://) to create a scratch database on",
     )
     p.add_argument(
@@ -422,45 +414,18 @@ def database(backend: str, servers: dict[str, str], workdir: Path) -> Iterator[s
     """A fresh, migrated database for one scenario; removed afterwards (``servers``: the URL of
     each database server by backend name)."""
     if backend == "sqlite":
-        path = workdir / f"bench-{uuid.uuid4().hex[:8]}.db"
-        url = f"sqlite:///{path}"
-        _migrate(url)
-        try:
+        with scratch_database(backend, workdir, prefix="bench", migrated=True) as url:
             yield url
-        finally:
-            for suffix in ("", "-wal", "-shm"):
-                Path(f"{path}{suffix}").unlink(missing_ok=True)
         return
     if backend not in servers:
         raise SystemExit(f"unknown backend {backend!r}: use sqlite, postgresql and/or mariadb")
-    name = f"bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(servers[backend])
-    if backend == "postgresql":
-        # A schema of its own, selected by search_path (the workers get the same URL).
-        create, drop = f'CREATE SCHEMA "{name}"', f'DROP SCHEMA IF EXISTS "{name}" CASCADE'
-        url = make_url(servers[backend]).update_query_dict({"options": f"-csearch_path={name}"})
-    else:
-        # MariaDB's schemas are databases: one of its own, named in the URL.
-        create, drop = f"CREATE DATABASE `{name}`", f"DROP DATABASE IF EXISTS `{name}`"
-        url = make_url(servers[backend]).set(database=name)
-    with admin.begin() as conn:
-        conn.execute(sa.text(create))
-    rendered = url.render_as_string(hide_password=False)
-    try:
-        _migrate(rendered)
-        yield rendered
-    finally:
-        with admin.begin() as conn:
-            conn.execute(sa.text(drop))
-        admin.dispose()
-
-
-def _migrate(url: str) -> None:
-    engine = create_engine(url)
-    try:
-        migrate.upgrade(engine)
-    finally:
-        engine.dispose()
+    # An engine on the server for this scenario alone, disposed with its database: no connection
+    # of ours stays open on the server through the scenarios after it.
+    with (
+        contextlib.closing(DatabaseServer(backend, servers[backend])) as server,
+        scratch_database(backend, workdir, server, prefix="bench", migrated=True) as url,
+    ):
+        yield url
 
 
 __all__ = ["main"]

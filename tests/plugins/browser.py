@@ -4,11 +4,12 @@ Nothing is downloaded: both are the apt packages (``apt-get install chromium chr
 which .ci/run does), and because Selenium is given the driver's path it never starts Selenium
 Manager to look for one. A missing browser FAILS the test that asked for it, never skips it.
 
-Tests take ``browser`` (a Selenium ``WebDriver`` on a fresh profile, quit afterwards) and wait with
-:func:`wait_until`. When a test fails, the browser's console and the page's text are printed with
-the test's report. A test that changed a file of the repository (one git tracks, such as the
-README's screenshots in docs/) fails: tests write only to temporary folders, and the screenshots
-are made by their own command, ``python -m outbox.web.screenshots docs/``.
+Tests take ``browser`` (a Selenium ``WebDriver`` on a fresh profile, quit afterwards) and wait for
+the page as for anything else, with ``tests.helpers.waiting.wait_until``. When a test fails, the
+browser's console and the page's text are printed with the test's report. A test that changed a
+file of the repository (one git tracks, such as the README's screenshots in docs/) fails: tests
+write only to temporary folders, and the screenshots are made by their own command,
+``python -m outbox.web.screenshots docs/``.
 """
 
 from __future__ import annotations
@@ -16,19 +17,17 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import TimeoutException, WebDriverException
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.remote.webdriver import WebDriver
-from selenium.webdriver.support.wait import WebDriverWait
 
-T = TypeVar("T")
+from tests.helpers.waiting import WAIT_SECONDS
 
 #: The repository whose tracked files a browser test must leave alone.
 REPO = Path(__file__).resolve().parents[2]
@@ -49,8 +48,6 @@ CHROMIUM_FLAGS = (
     "--disable-dev-shm-usage",
     "--window-size=1280,900",
 )
-#: How long a wait may take before the test fails (never reached when things work).
-WAIT_SECONDS = 30.0
 
 _REPORT = pytest.StashKey[dict[str, pytest.TestReport]]()
 
@@ -108,19 +105,6 @@ def changed_files(
     )
 
 
-def wait_until(
-    driver: WebDriver,
-    condition: Callable[[WebDriver], T],
-    what: str,
-    timeout: float = WAIT_SECONDS,
-) -> T:
-    """Poll ``condition`` until it returns something truthy; fail naming ``what`` otherwise."""
-    try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.05).until(condition)
-    except TimeoutException:
-        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}") from None
-
-
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     report = yield
@@ -156,7 +140,7 @@ def browser(
         failure = ""
     if failure:
         pytest.fail(failure, pytrace=False)
-    driver.set_page_load_timeout(WAIT_SECONDS)
+    driver.set_page_load_timeout(WAIT_SECONDS)  # a page load is a wait like any other
     before = tracked_files(REPO)
     try:
         yield driver

@@ -37,9 +37,9 @@ DATABASES = {"postgres": "OUTBOX_TEST_POSTGRES_URL", "mariadb": "OUTBOX_TEST_MAR
 BACKEND_MARKERS = {"postgresql": "postgres", "mariadb": "mariadb"}
 #: Fixtures that reach a service, a registry or the browser.
 FIXTURE_MARKERS = {
-    "postgres_admin": "postgres",
+    "postgres_server": "postgres",
     "postgres_url": "postgres",
-    "mariadb_admin": "mariadb",
+    "mariadb_server": "mariadb",
     "mariadb_url": "mariadb",
     "soketi_install": "soketi",
     "browser": "browser",
