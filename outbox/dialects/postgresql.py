@@ -177,22 +177,36 @@ def _statements(hot: str, published: str, dead: str, parked: str) -> dict[str, s
             FROM done
         """,
         # After an ack or a burial: the next row of each key whose head left becomes due.
+        # Both find their rows first (the head of each key by the ordering index, as the claim's
+        # head test does; the mutations of each message by the target index) and update them by
+        # id. Written as joins, the planner could read the rows waiting for their key instead,
+        # all at one time in the due index: tens of thousands walked per ack after an overload
+        # (3 ms an event), with no statistics or with them (tests/test_plans.py). For the same
+        # reason the waiting test is IS NOT DISTINCT FROM (the same here: the column is never
+        # NULL), which no index answers: "=" let the planner AND the due index's entries at that
+        # time into the lookup by id.
         "promote": f"""
             UPDATE {hot} AS o SET next_attempt_at = {_NOW}
-            FROM unnest(%(keys)s::text[]) AS k(name), LATERAL (
-                SELECT h.id FROM {hot} AS h WHERE h.ordering_key = k.name ORDER BY h.id LIMIT 1
-            ) AS head
-            WHERE o.id = head.id AND o.next_attempt_at = %(waiting)s
-              AND NOT EXISTS (SELECT 1 FROM {parked} AS p WHERE p.ordering_key = k.name)
+            WHERE o.id = ANY(ARRAY(
+                    SELECT (SELECT h.id FROM {hot} AS h
+                            WHERE h.ordering_key >= k.name AND h.ordering_key <= k.name
+                            ORDER BY h.ordering_key, h.id LIMIT 1)
+                    FROM unnest(%(keys)s::text[]) AS k(name)))
+              AND o.next_attempt_at IS NOT DISTINCT FROM %(waiting)s
+              AND NOT EXISTS (SELECT 1 FROM {parked} AS p WHERE p.ordering_key = o.ordering_key)
         """,
         # After an ack or a burial: the mutations waiting for a message that left become due,
         # each where it heads its key (see Dialect.wake_mutations). Found by the hot table's
         # index of mutation rows, empty but for them: a probe per message, nothing per backlog.
         "wake": f"""
             UPDATE {hot} AS o SET next_attempt_at = {_NOW}
-            FROM unnest(%(event_ids)s::uuid[], %(channels)s::text[]) AS g(event_id, channel)
-            WHERE o.target_event_id = g.event_id AND o.channel = g.channel
-              AND o.next_attempt_at = %(waiting)s
+            WHERE o.id = ANY(ARRAY(
+                    SELECT t.id
+                    FROM unnest(%(event_ids)s::uuid[], %(channels)s::text[])
+                        AS g(event_id, channel)
+                    JOIN {hot} AS t ON t.target_event_id = g.event_id AND t.channel = g.channel
+                    WHERE t.target_event_id IS NOT NULL))
+              AND o.next_attempt_at IS NOT DISTINCT FROM %(waiting)s
               AND NOT EXISTS (SELECT 1 FROM {hot} AS h
                               WHERE h.ordering_key = o.ordering_key AND h.id < o.id)
               AND NOT EXISTS (SELECT 1 FROM {parked} AS p WHERE p.ordering_key = o.ordering_key)
