@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,8 +18,8 @@ import pytest
 pytestmark = [pytest.mark.postgres, pytest.mark.mariadb]
 
 
-def test_the_bench_drains_through_the_test_server(tmp_path: Path) -> None:
-    report = tmp_path / "bench.json"
+def run_bench(report: Path, *args: str, timeout: float = 300) -> dict[str, Any]:
+    """``python -m outbox.bench --smoke --server test-server ARGS --json REPORT``: its JSON."""
     done = subprocess.run(
         [
             sys.executable,
@@ -27,19 +28,21 @@ def test_the_bench_drains_through_the_test_server(tmp_path: Path) -> None:
             "--smoke",
             "--server",
             "test-server",
-            "--scenarios",
-            "drain",
-            "--events",
-            "3000",
+            *args,
             "--json",
             str(report),
         ],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(report.read_text())["results"]
+    return dict(json.loads(report.read_text()))
+
+
+def test_the_bench_drains_through_the_test_server(tmp_path: Path) -> None:
+    written = run_bench(tmp_path / "bench.json", "--scenarios", "drain", "--events", "3000")
+    results = written["results"]
     drains = [r for r in results if r["scenario"].startswith("outbox drain")]
     assert {r["backend"] for r in drains} == {"sqlite", "postgresql", "mariadb"}
     assert all(r["events"] > 0 and r["events_per_s"] > 0 for r in drains)
@@ -53,37 +56,23 @@ def test_the_bench_drains_through_the_test_server(tmp_path: Path) -> None:
         at = results.index(r)
         assert results[at - 1]["scenario"] == "outbox drain, 1 worker(s)"
         assert results[at - 1]["backend"] == r["backend"]
-    targets = [t["target"] for t in json.loads(report.read_text())["targets"]]
+    targets = [t["target"] for t in written["targets"]]
     assert sum("ordered drain (1,000 keys) within 2x" in t for t in targets) == 2
 
 
 def test_the_bench_prices_the_metrics_and_times_the_gauges(tmp_path: Path) -> None:
-    report = tmp_path / "bench.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "outbox.bench",
-            "--smoke",
-            "--server",
-            "test-server",
-            "--backends",
-            "sqlite",
-            "--scenarios",
-            "metrics,gauges",
-            "--events",
-            "3000",
-            "--gauge-history",
-            "2000",
-            "--json",
-            str(report),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    written = run_bench(
+        tmp_path / "bench.json",
+        "--backends",
+        "sqlite",
+        "--scenarios",
+        "metrics,gauges",
+        "--events",
+        "3000",
+        "--gauge-history",
+        "2000",
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = {r["scenario"]: r for r in json.loads(report.read_text())["results"]}
+    results = {r["scenario"]: r for r in written["results"]}
     off = results["metrics off: outbox drain, 1 worker"]
     on = results["metrics on, scraped every second: outbox drain, 1 worker"]
     assert off["events_per_s"] > 0 and on["events_per_s"] > 0
@@ -92,7 +81,7 @@ def test_the_bench_prices_the_metrics_and_times_the_gauges(tmp_path: Path) -> No
     assert gauges["published_rows"] == 2000 and gauges["unsent_rows"] == 1000
     assert gauges["read_median_ms"] > 0
     assert "full status read (outbox status), 2,000 published rows" in results
-    targets = [t["target"] for t in json.loads(report.read_text())["targets"]]
+    targets = [t["target"] for t in written["targets"]]
     assert any("within 5% of off" in t for t in targets)
 
 
@@ -100,28 +89,14 @@ def test_the_bench_drains_a_backlog_and_catches_up_after_an_overload(tmp_path: P
     """Issue 22's scenarios: a backlog met at once (unkeyed, then half keyed where the backend
     takes keys), and producers above the drain rate, then stopped; each is judged against the
     other in the targets. MariaDB refuses ordering keys: its runs are unkeyed only."""
-    report = tmp_path / "bench.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "outbox.bench",
-            "--smoke",
-            "--server",
-            "test-server",
-            "--backends",
-            "sqlite,postgresql,mariadb",
-            "--scenarios",
-            "baseline,catch-up,overload",
-            "--json",
-            str(report),
-        ],
-        capture_output=True,
-        text=True,
+    written = run_bench(
+        tmp_path / "bench.json",
+        "--backends",
+        "sqlite,postgresql,mariadb",
+        "--scenarios",
+        "baseline,catch-up,overload",
         timeout=600,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    written = json.loads(report.read_text())
     results = written["results"]
     for backend in ("sqlite", "postgresql", "mariadb"):
         keys = backend != "mariadb"
