@@ -44,13 +44,11 @@ def current_traceparent() -> str | None:
 class PublishSpans:
     """One span per publish request, linked to the rows' enqueue spans."""
 
-    def __init__(self, server_address: str, server_port: int) -> None:
+    def __init__(self, server_address: str, server_port: int, version: str) -> None:
         from opentelemetry import trace
 
-        from . import __version__
-
         self._trace = trace
-        self._tracer = trace.get_tracer("outbox", __version__)
+        self._tracer = trace.get_tracer("outbox", version)
         self._server = {"server.address": server_address, "server.port": server_port}
 
     @contextlib.contextmanager
@@ -99,10 +97,13 @@ def _span_context(traceparent: str | None) -> Any:
     return span_context if span_context.is_valid else None
 
 
-def publish_spans(server_address: str, server_port: int) -> PublishSpans | None:
-    """Spans for the worker's requests if the OpenTelemetry API is installed, else None."""
+def publish_spans(server_address: str, server_port: int, version: str) -> PublishSpans | None:
+    """Spans for the worker's requests if the OpenTelemetry API is installed, else None.
+
+    ``version`` is the package's, for the tracer: given by the worker, because the package
+    itself imports this module (through enqueue, for the trace context of new rows)."""
     try:
         import opentelemetry.trace  # noqa: F401
     except ImportError:
         return None
-    return PublishSpans(server_address, server_port)
+    return PublishSpans(server_address, server_port, version)

@@ -26,7 +26,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from . import admin
+from . import __version__, admin
 from .connections import in_transaction
 from .database import create_engine, display_url, short_error
 from .delivery import Deliverer, Outcome
@@ -288,7 +288,7 @@ class Worker:
             stopping=self._stopping.is_set,
             paused=lambda: self.breaker.is_open,
             on_request=self.metrics.request,
-            spans=publish_spans(config.host, config.port),
+            spans=publish_spans(config.host, config.port, __version__),
         )
 
     def _supervise(self, name: str, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
