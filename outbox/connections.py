@@ -1,7 +1,7 @@
 """What runs on a database connection: psycopg connections made as an engine makes its own, and
 short transactions off the event loop.
 
-Below the per-database modules (:mod:`outbox.dialects`), which use these, and beside
+Below the per-database modules (:mod:`outbox.drivers`), which use these, and beside
 :mod:`outbox.database`, which makes the engines from URLs.
 """
 

@@ -5,7 +5,7 @@ A bare ``postgresql://`` (or ``postgres://``) URL gets the driver this package d
 (psycopg 3); a bare ``mysql://`` or ``mariadb://`` URL gets PyMySQL (aiomysql for asyncio), from
 the ``mysql`` extra. SQLite connections get WAL and a busy timeout, so a worker waits for another
 writer instead of failing at once. Options a database's statements rely on (MariaDB's isolation
-level) come from its dialect module, which says why.
+level) come from its driver module, which says why.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def normalize_url(url: str | URL, *, asyncio: bool = False) -> URL:
     backend = parsed.get_backend_name()
     if backend in ("mysql", "mariadb"):
         # SQLAlchemy names the dialect after the URL's scheme ("mariadb" also checks, on connect,
-        # that the server is MariaDB); both are served by outbox.dialects.mysql.
+        # that the server is MariaDB); both are served by outbox.drivers.mysql.
         if parsed.drivername == backend:
             parsed = parsed.set(drivername=f"{backend}+{'aiomysql' if asyncio else 'pymysql'}")
     elif backend in ("postgresql", "postgres"):
@@ -78,20 +78,20 @@ def create_engine(url: str | URL, **kwargs: Any) -> sa.Engine:
         # No pre-ping: it costs a round trip per transaction, and the worker already retries a
         # statement that meets a dropped connection (SQLAlchemy then replaces the connection).
         kwargs.setdefault("pool_pre_ping", False)
-        from .dialects import dialect_class
+        from .drivers import driver_class
 
-        dialect = dialect_class(parsed.get_dialect().name)
-        for option, value in dialect.engine_options.items():
+        driver = driver_class(parsed.get_dialect().name)
+        for option, value in driver.engine_options.items():
             kwargs.setdefault(option, value)
         engine = sa.create_engine(parsed, **kwargs)
-        if dialect.session_setup is not None:
-            setup = dialect.session_setup
+        if driver.session_setup is not None:
+            setup = driver.session_setup
             sa.event.listen(engine, "connect", lambda dbapi, _record: _run_setup(dbapi, setup))
         return engine
 
 
 def _run_setup(dbapi_connection: Any, statement: str) -> None:
-    """Run a dialect's session setup on a new connection of an engine of ours."""
+    """Run a driver's session setup on a new connection of an engine of ours."""
     cursor = dbapi_connection.cursor()
     try:
         cursor.execute(statement)

@@ -23,8 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .dialects import Ack, ClaimedRow, Failure
-from .dialects.base import FoundSerial, Target, UnknownSerial
+from .drivers import Ack, ClaimedRow, Failure, FoundSerial, Target, UnknownSerial
 from .schema import SERIAL_MAX, Operation
 from .sockudo import AsyncSockudo, PreparedRequest
 from .sockudo.bodies import batch_body, dump_body, event_item

@@ -14,9 +14,8 @@ from collections.abc import Callable
 
 import sqlalchemy as sa
 
-from .connections import in_transaction
 from .database import short_error
-from .dialects import Dialect
+from .drivers import Driver
 
 log = logging.getLogger("outbox.worker")
 
@@ -31,18 +30,14 @@ class Maintenance:
 
     def __init__(
         self,
-        engine: sa.Engine,
-        dialect: Dialect,
-        table: sa.Table,
+        driver: Driver,
         *,
         lease_seconds: float,
         retention_seconds: float,
         on_reclaimed: Callable[[int], None] = lambda rows: None,
         on_due: Callable[[], None] = lambda: None,
     ) -> None:
-        self.engine = engine
-        self.dialect = dialect
-        self.table = table
+        self.driver = driver
         self.retention_seconds = retention_seconds
         self.reclaim_interval = max(0.5, min(lease_seconds / 4, 15.0))
         self._on_reclaimed = on_reclaimed
@@ -62,14 +57,10 @@ class Maintenance:
         """Return rows whose lease expired to pending (a killed worker's); returns how many.
 
         Also makes due the mutations whose message went out while their producer was committing
-        (:meth:`~outbox.dialects.base.Dialect.wake_stranded_mutations`)."""
+        (:meth:`~outbox.drivers.base.Driver.mutations_wake_stranded`)."""
         try:
-            reclaimed = await in_transaction(
-                self.engine, lambda conn: self.dialect.reclaim_expired(conn, self.table)
-            )
-            woken = await in_transaction(
-                self.engine, lambda conn: self.dialect.wake_stranded_mutations(conn, self.table)
-            )
+            reclaimed = await self.driver.events_reclaim_expired()
+            woken = await self.driver.mutations_wake_stranded()
         except sa.exc.DBAPIError as exc:
             log.warning("could not reclaim expired leases: %s", short_error(exc))
             return 0
@@ -91,12 +82,7 @@ class Maintenance:
         deleted = 0
         while not stopping():
             try:
-                page = await in_transaction(
-                    self.engine,
-                    lambda conn: self.dialect.delete_published_before(
-                        conn, self.table, cutoff, TRIM_PAGE
-                    ),
-                )
+                page = await self.driver.published_delete_before(cutoff, TRIM_PAGE)
             except sa.exc.DBAPIError as exc:
                 log.warning("retention skipped: %s", short_error(exc))
                 break

@@ -21,7 +21,7 @@ from .sockudo.errors import request_result
 
 if TYPE_CHECKING:
     from .admin import StatusReport
-    from .dialects import ClaimedRow
+    from .drivers import ClaimedRow
     from .plan import Plan
 
 #: Commit-to-acknowledgement latency buckets (seconds): sub-second detail where a healthy
@@ -191,7 +191,7 @@ class PrometheusRecorder(Recorder):
         self._ack_seconds.observe(seconds)
         self._published.inc(acked)
         self._retried.inc(plan.retried)
-        self._dead.inc(len(plan.dead))
+        self._dead.inc(len(plan.buried))
         if acked < len(plan.published):
             self.leases.labels(self.table, "lost").inc(len(plan.published) - acked)
         for seconds_to_ack in ack_latencies(plan, rows, dt.datetime.now(dt.UTC)):

@@ -34,8 +34,7 @@ from .delivery import (
     Outcome,
     failure_of,
 )
-from .dialects import ClaimedRow, Failure
-from .dialects.hotpath import Recording
+from .drivers import ClaimedRow, Failure, Recording
 from .retry import RetryPolicy
 from .sockudo.errors import EndpointUnavailable, PublishFailed
 
@@ -56,8 +55,8 @@ class Note:
 
 @dataclass
 class Plan(Recording):
-    """The writes that record one claim's outcome (a :class:`Recording`, which the worker's hot
-    path writes as it stands) and the lines worth logging about it."""
+    """The writes that record one claim's outcome (a :class:`Recording`, which the worker's
+    driver writes as it stands) and the lines worth logging about it."""
 
     notes: list[Note] = field(default_factory=list)
 
@@ -84,8 +83,8 @@ def plan_outcome(
     plan_failures(plan, outcome, policy, endpoint_serving, now, unsendable_retry)
     if park_dead_heads:
         keyed = {row.id for row in outcome.rows_with_keys()}
-        plan.park = [f.id for f in plan.dead if f.id in keyed]
-    gone = {a.id for a in plan.published} | {f.id for f in plan.dead}
+        plan.park = [f.id for f in plan.buried if f.id in keyed]
+    gone = {a.id for a in plan.published} | {f.id for f in plan.buried}
     plan.heads_gone = keys_of(claimed, gone)
     plan.messages_gone = messages_of(claimed, gone)
     return plan
@@ -123,7 +122,7 @@ def plan_failures(
                 (row.event_id, row.id, row.channel, row.idempotency_key, exc),
             )
         )
-        plan.dead.append(failure_of(row, exc, charged=True))
+        plan.buried.append(failure_of(row, exc, charged=True))
     failed = [(row, exc, False) for row, exc in outcome.retry]
     failed += [(row, exc, True) for row, exc in outcome.retry_refund]
     for row, exc, refund in failed:
@@ -149,7 +148,7 @@ def plan_failures(
                 Failure(row.id, None, NO_MASTER_KEY, NO_MASTER_KEY_MESSAGE, delay=unsendable_retry)
             )
     for row in outcome.unsent:
-        (plan.give_back_carried if row.id in outcome.carried else plan.give_back).append(row.id)
+        (plan.give_back if row.id in outcome.carried else plan.give_back_refund).append(row.id)
 
 
 def _plan_endpoint_failure(
@@ -173,7 +172,7 @@ def _plan_endpoint_failure(
                     (row.event_id, row.id, row.idempotency_key, reason, exc),
                 )
             )
-            plan.dead.append(failure_of(row, exc, prefix=f"{reason}; last error: ", charged=True))
+            plan.buried.append(failure_of(row, exc, prefix=f"{reason}; last error: ", charged=True))
             return
     retry_after = exc.retry_after if isinstance(exc, EndpointUnavailable) else None
     delay = policy.delay(row.attempts, retry_after)

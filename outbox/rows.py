@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
 
-from .dialects import dialect_for
+from .drivers import driver_for
 from .tracing import current_traceparent
 
 SyncTarget = Session | sa.Connection
@@ -53,7 +53,7 @@ def write_rows(
             "expected a SQLAlchemy Session, Connection, AsyncSession or AsyncConnection, "
             f"got {type(target).__name__}"
         )
-    # The database's own way to write many rows at once (see Dialect.insert_many), on the
+    # The database's own way to write many rows at once (see Driver.events_insert), on the
     # connection of the caller's transaction. On PostgreSQL a trigger on the table (migration
     # 0002) wakes the workers when the caller commits.
     add_trace_context(rows)
@@ -75,13 +75,12 @@ def _prepare_and_insert(
 
 def insert_rows(conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
     """Insert built rows on the caller's connection, serializing the producers of their keys."""
-    dialect = dialect_for(conn)
+    driver = driver_for(conn, table)
     keys = [row["ordering_key"] for row in rows if row.get("ordering_key") is not None]
     if keys:
-        held = dialect.lock_ordering_keys(conn, table, keys)
-        dialect.insert_keyed(conn, table, rows, held)
+        driver.events_insert_keyed(conn, rows, driver.keys_lock(conn, keys))
     else:
-        dialect.insert_many(conn, table, rows)
+        driver.events_insert(conn, rows)
 
 
 async def _run_async(

@@ -25,7 +25,7 @@ ERROR_CODE_MAX = 64
 #: Sockudo's serials embed the node id (``INSTANCE_PROCESS_ID``): a Kubernetes pod name makes
 #: them longer than 64 characters. 255 holds every serial Sockudo accepts in a request (at most
 #: 128 bytes) with room to spare; the acknowledgement id equals the message serial when
-#: versioned messages are on. Nothing longer is stored cut (see ``outbox.dialects.Ack``).
+#: versioned messages are on. Nothing longer is stored cut (see ``outbox.drivers.Ack``).
 ACK_ID_MAX = 255
 SERIAL_MAX = 255
 TRACEPARENT_MAX = 55

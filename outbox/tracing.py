@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from .sockudo.errors import request_result
 
 if TYPE_CHECKING:
-    from .dialects import ClaimedRow
+    from .drivers import ClaimedRow
 
 #: The W3C header the context travels in (and the column that keeps it).
 TRACEPARENT = "traceparent"

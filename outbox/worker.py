@@ -1,9 +1,9 @@
 """The worker loop: claim -> publish -> ack, with several batches in flight.
 
-The three hot statements (claim, lease renewal, recording) go through the database's hot path
-(:mod:`.dialects.hotpath`): on PostgreSQL psycopg's asyncio connections on the event loop, elsewhere
-short transactions on a thread; upkeep (reclaim, retention, gauges) runs on a thread. HTTP runs on
-the event loop. No transaction is open while a request is in flight: a claim commits before the
+Every database operation goes through the table's driver (:mod:`.drivers`): on PostgreSQL
+the claim, the lease renewal and the recording run on psycopg's asyncio connections on the event
+loop, elsewhere as short transactions on a thread; upkeep (reclaim, retention, gauges) runs on a
+thread. HTTP runs on the event loop. No transaction is open while a request is in flight: a claim commits before the
 publish starts, and the outcome is written in a new transaction after it ends.
 
 The worker keeps the claim loop, the claims in flight and the recording of their outcomes. What an
@@ -30,7 +30,7 @@ from . import __version__, admin
 from .connections import in_transaction
 from .database import create_engine, display_url, short_error
 from .delivery import Deliverer, Outcome
-from .dialects import ClaimedRow, Dialect, dialect_for
+from .drivers import ClaimedRow, Driver, driver_for
 from .health import HealthServer, Readiness, readiness
 from .maintenance import Maintenance
 from .metrics import Recorder
@@ -97,8 +97,7 @@ class Worker:
         self.settings = settings
         self.engine = engine or create_engine(settings.database_url)
         self.table = outbox_table(settings.table_name)
-        self.dialect: Dialect = dialect_for(self.engine)
-        self.hot_path = self.dialect.hot_path(self.engine, self.table)
+        self.driver: Driver = driver_for(self.engine, self.table)
         self.policy = RetryPolicy(
             min_delay=settings.backoff_min_seconds,
             max_delay=settings.backoff_max_seconds,
@@ -107,9 +106,7 @@ class Worker:
         )
         self.breaker = EndpointBreaker(self.policy, threshold=settings.breaker_threshold)
         self.maintenance = Maintenance(
-            self.engine,
-            self.dialect,
-            self.table,
+            self.driver,
             lease_seconds=settings.lease_seconds,
             retention_seconds=settings.retention_seconds,
             on_reclaimed=self._reclaimed,
@@ -203,7 +200,7 @@ class Worker:
     # -- the loop -----------------------------------------------------------------------------
 
     async def run(self, *, once: bool = False) -> None:
-        if not await self._start_hot_path():
+        if not await self._start_driver():
             return
         config = self.settings.sockudo_config()
         client = self._client or self.new_client()
@@ -219,8 +216,8 @@ class Worker:
             )
             await self.health.start()
         side_tasks = [self._supervise("maintenance", self.maintenance.run(self._stopping.is_set))]
-        if self.dialect.notifies:
-            listen = self.dialect.listen(self.engine, self.table, self.wake)
+        if self.driver.notifies:
+            listen = self.driver.listen(self.wake)
             side_tasks.append(self._supervise("LISTEN", listen))
         # A killed run leaves rows leased: take back the expired leases before the first claim,
         # so a cron-style --once run (the usual next run after a crash) publishes them too.
@@ -245,7 +242,7 @@ class Worker:
                 await self.health.close()
             if self._client is None:
                 await client.aclose()
-            await self.hot_path.aclose()
+            await self.driver.aclose()
             log.info(
                 "worker stopped: %d published, %d retried, %d dead",
                 self.stats.published,
@@ -255,14 +252,14 @@ class Worker:
         if self._side_failure is not None:
             raise SideTaskFailed(str(self._side_failure)) from self._side_failure
 
-    async def _start_hot_path(self) -> bool:
+    async def _start_driver(self) -> bool:
         """Before anything is held open: an engine the worker's own connections cannot follow
         (PostgreSQL) stops the worker here, with one line saying why (``UnfollowableEngine``).
         A database not reachable yet is waited for, as the claim loop would. False if the
         worker was stopped meanwhile."""
         while not self.stopping:
             try:
-                await self.hot_path.start()
+                await self.driver.start()
             except sa.exc.DBAPIError as exc:
                 await self._database_trouble("start", exc)
                 continue
@@ -332,7 +329,7 @@ class Worker:
             self._wake.clear()
             claim_started = time.perf_counter()
             try:
-                rows = await self.hot_path.claim(limit, self.settings.lease_seconds, token)
+                rows = await self.driver.events_claim(limit, self.settings.lease_seconds, token)
                 self._database_errors_in_a_row = 0
             except sa.exc.DBAPIError as exc:
                 slots.release()
@@ -415,7 +412,7 @@ class Worker:
             except sa.exc.DBAPIError as exc:
                 # Nothing was sent: the rows go back as they came, due at once.
                 await self._database_trouble("finding mutation targets", exc)
-                await self._record(token, Plan(give_back=[row.id for row in rows]), rows)
+                await self._record(token, Plan(give_back_refund=[row.id for row in rows]), rows)
                 return
             outcome = await deliverer.deliver(rows, targets)
         finally:
@@ -446,7 +443,7 @@ class Worker:
             len(rows),
             len(plan.published),
             plan.retried,
-            len(plan.dead),
+            len(plan.buried),
             len(outcome.unsent),
             outcome.requests - outcome.sent_alone,
             "" if outcome.requests - outcome.sent_alone == 1 else "s",
@@ -462,18 +459,14 @@ class Worker:
         waiting = [r for r in rows if r.target_event_id is not None and r.target_serial is None]
         if not waiting:
             return None
-        return await in_transaction(
-            self.engine, lambda conn: self.dialect.resolve_targets(conn, self.table, waiting)
-        )
+        return await self.driver.targets_resolve(waiting)
 
     async def _remember_serials(self, outcome: Outcome) -> None:
         """Store the serials a mutation found in history with its message's log row, so the
         next mutation of that message finds it there. Only saves lookups: a failure is logged."""
         found = outcome.found_serials
         try:
-            await in_transaction(
-                self.engine, lambda conn: self.dialect.remember_serials(conn, self.table, found)
-            )
+            await self.driver.targets_remember(found)
         except sa.exc.DBAPIError as exc:
             log.warning("could not store a serial found in history: %s", short_error(exc))
 
@@ -482,7 +475,7 @@ class Worker:
         while True:
             await asyncio.sleep(lease / 3)
             try:
-                await self.hot_path.extend_lease(token, lease, ids)
+                await self.driver.events_extend_lease(token, lease, ids)
             except sa.exc.DBAPIError as exc:
                 log.warning("could not renew a lease (%s); it may expire", short_error(exc))
 
@@ -518,7 +511,7 @@ class Worker:
             try:
                 # Rows whose lease expired and were taken over are not acked (token guard):
                 # ``acked`` counts only the rows this ack really moved.
-                acked = await self.hot_path.record(token, plan)
+                acked = await self.driver.events_record(token, plan)
                 self._database_errors_in_a_row = 0
                 self._last_progress = time.monotonic()
                 if plan.heads_gone or plan.messages_gone:
@@ -545,7 +538,7 @@ class Worker:
             )
         self.stats.published += acked
         self.stats.retried += plan.retried
-        self.stats.dead += len(plan.dead)
+        self.stats.dead += len(plan.buried)
 
     # -- database helpers ---------------------------------------------------------------------
 

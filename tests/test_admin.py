@@ -310,8 +310,8 @@ def test_delete_dead_deletes_what_the_selection_matches_in_pages(engine):
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"], indirect=True)  # MariaDB: no keys
 def test_deleting_a_parked_head_lets_its_key_go_on(engine):
-    from outbox.dialects import dialect_for
     from outbox.schema import parked_table
+    from tests.helpers.drivers import park_in
 
     with engine.begin() as conn:
         for n in range(3):
@@ -319,7 +319,7 @@ def test_deleting_a_parked_head_lets_its_key_go_on(engine):
         head, second, third = conn.execute(sa.select(T.c.id).order_by(T.c.id)).scalars()
     set_row(engine, head, status="dead", last_error_code="payload_too_large")
     with engine.begin() as conn:
-        dialect_for(conn).park_keys(conn, T, [head])
+        park_in(conn, T, [head])
     with engine.connect() as conn:
         assert admin.parked_heads_among(conn, T, ReplayFilter(ids=[head])) == 1
         assert admin.parked_key(conn, T, "k") is not None

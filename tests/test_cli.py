@@ -1239,7 +1239,7 @@ def test_delete_dead_that_matches_nothing_exits_6_and_says_where_the_events_are(
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"], indirect=True)  # MariaDB: no keys
 def test_deleting_a_parked_head_says_its_key_goes_on(env, engine, capsys):
-    from outbox.dialects import dialect_for
+    from tests.helpers.drivers import park_in
 
     with engine.begin() as conn:
         for n in range(2):
@@ -1247,7 +1247,7 @@ def test_deleting_a_parked_head_says_its_key_goes_on(env, engine, capsys):
         head = conn.execute(sa.select(sa.func.min(T.c.id))).scalar_one()
     set_row(engine, head, status="dead", last_error_code="payload_too_large")
     with engine.begin() as conn:
-        dialect_for(conn).park_keys(conn, T, [head])
+        park_in(conn, T, [head])
     code, out, _ = cli(capsys, "delete-dead", "--dry-run", str(head))
     assert out.splitlines()[-1] == (
         "1 of them is the dead head of a parked ordering key: deleting it lets its key go on "

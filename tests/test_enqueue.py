@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from outbox import InvalidEvent, OutboxEvent, derive_channel_key, enqueue, enqueue_many
 from outbox import outbox_table as _outbox_table
 from outbox.database import normalize_url
-from outbox.dialects.postgresql import COPY_FROM_ROWS
+from outbox.drivers.postgresql import COPY_FROM_ROWS
 from outbox.sockudo import crypto
 from outbox.sockudo.validation import Limits
 from tests.outbox_rows import EV

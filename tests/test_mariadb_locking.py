@@ -2,7 +2,7 @@
 
 InnoDB's default isolation (REPEATABLE READ) takes gap locks that would make an application's
 INSERT wait for a worker's claim; the worker's connections run at READ COMMITTED instead (see
-outbox/dialects/mysql.py). These tests hold transactions open at the worst moment, on a real
+outbox/drivers/mysql.py). These tests hold transactions open at the worst moment, on a real
 MariaDB, and show who waits: the first one also shows the trap itself, at REPEATABLE READ.
 """
 
@@ -21,7 +21,7 @@ import sqlalchemy as sa
 
 from outbox import OutboxEvent, enqueue, enqueue_many, outbox_table
 from outbox.database import create_engine, normalize_url
-from outbox.dialects import Ack, Failure, dialect_for
+from outbox.drivers import Ack, Failure, driver_for
 from tests.outbox_rows import EV
 
 #: Runs in the full tier (see tests/plugins/tiers.py).
@@ -101,10 +101,10 @@ def test_a_producer_never_waits_for_a_claim_in_progress(mariadb_url, app_engine,
     options = {} if isolation == "worker default" else {"isolation_level": isolation}
     worker_engine = create_engine(mariadb_url, **options)
     _add(worker_engine, 5)
-    dialect = dialect_for(worker_engine)
+    driver = driver_for(worker_engine, T)
     try:
         with worker_engine.connect() as conn, conn.begin():
-            claimed = dialect.claim_batch(conn, T, 10, 60.0, uuid.uuid4())
+            claimed = driver.claim(conn, 10, 60.0, uuid.uuid4())
             assert len(claimed) == 5  # the whole pending range: the scan reached its end
 
             def produce() -> uuid.UUID:
@@ -125,10 +125,10 @@ def test_a_claim_passes_over_a_producers_uncommitted_rows(worker_engine, app_eng
     """An application transaction is still open with rows in it: a claim neither waits for them
     nor sees them; it takes the committed rows and returns at once."""
     _add(worker_engine, 3)
-    dialect = dialect_for(worker_engine)
+    driver = driver_for(worker_engine, T)
     with app_engine.connect() as app, app.begin():
         enqueue_many(app, [OutboxEvent("c", "uncommitted", "{}") for _ in range(3)])
-        outcome = _in_thread(lambda: _claim(worker_engine, dialect, 10))
+        outcome = _in_thread(lambda: _claim(worker_engine, driver, 10))
     assert not isinstance(outcome, BaseException), outcome
     assert [r.event for r in outcome] == ["e"] * 3
 
@@ -138,18 +138,18 @@ def test_reclaim_passes_over_a_row_a_late_worker_is_recording(worker_engine):
     (row locked) when another worker's upkeep runs: the reclaim does not wait for the lock and
     does not take the row; the ack then lands (it still holds the token)."""
     _add(worker_engine, 2)
-    dialect = dialect_for(worker_engine)
+    driver = driver_for(worker_engine, T)
     token = uuid.uuid4()
     with worker_engine.begin() as conn:
-        claimed = dialect.claim_batch(conn, T, 10, 60.0, token)
+        claimed = driver.claim(conn, 10, 60.0, token)
         conn.execute(sa.update(T).values(lease_expires_at=sa.text("UTC_TIMESTAMP(6)")))
     late, other = (r.id for r in claimed)
     with worker_engine.connect() as recorder, recorder.begin():
-        assert dialect.ack_published(recorder, T, token, [Ack(late)]) == 1  # holds the row lock
+        assert driver.publish(recorder, token, [Ack(late)]) == 1  # holds the row lock
 
         def reclaim() -> int:
             with worker_engine.begin() as conn:
-                return dialect.reclaim_expired(conn, T)
+                return driver.reclaim_expired(conn)
 
         assert _in_thread(reclaim) == 1  # only the other row: no wait, no take-over
     with worker_engine.connect() as conn:
@@ -157,9 +157,9 @@ def test_reclaim_passes_over_a_row_a_late_worker_is_recording(worker_engine):
     assert statuses == {late: "published", other: "pending"}
 
 
-def _claim(engine: sa.Engine, dialect: Any, limit: int) -> list[Any]:
+def _claim(engine: sa.Engine, driver: Any, limit: int) -> list[Any]:
     with engine.begin() as conn:
-        return dialect.claim_batch(conn, T, limit, 60.0, uuid.uuid4())
+        return driver.claim(conn, limit, 60.0, uuid.uuid4())
 
 
 # -- many producers, many workers, the upkeep: all at once ----------------------------------------
@@ -174,7 +174,7 @@ def test_producers_workers_and_upkeep_at_once_never_deadlock(mariadb_url):
     table. No statement meets a deadlock or a lock wait timeout; every row is acked exactly once,
     by the worker that held it."""
     engine = create_engine(mariadb_url, pool_size=WORKERS + PRODUCERS + 2)
-    dialect = dialect_for(engine)
+    driver = driver_for(engine, T)
     errors: list[BaseException] = []
     acked: list[int] = []
     acked_lock = threading.Lock()
@@ -208,37 +208,37 @@ def test_producers_workers_and_upkeep_at_once_never_deadlock(mariadb_url):
         while not finished.is_set():
             token = uuid.uuid4()
             with engine.begin() as conn:
-                rows = dialect.claim_batch(conn, T, BATCH, 60.0, token)
+                rows = driver.claim(conn, BATCH, 60.0, token)
             if not rows:
                 if produced_all.is_set() and _remaining(engine) == 0:
                     finished.set()
                 time.sleep(0.01)
                 continue
             with engine.begin() as conn:
-                assert dialect.extend_lease(conn, T, token, 60.0, [r.id for r in rows]) == len(rows)
+                assert driver.extend_lease(conn, token, 60.0, [r.id for r in rows]) == len(rows)
             ids = [r.id for r in rows]
             rng.shuffle(ids)  # outcomes in any order: the statements must not care
             cut = max(1, len(ids) * 3 // 4)  # at least one: a lone row must move on too
             publish, retry = ids[:cut], ids[cut:]
-            give_back, retry = retry[:1], retry[1:]
+            give_back_refund, retry = retry[:1], retry[1:]
             with engine.begin() as conn:
-                assert dialect.ack_published(conn, T, token, [Ack(i) for i in publish]) == len(
-                    publish
-                )
+                assert driver.publish(conn, token, [Ack(i) for i in publish]) == len(publish)
                 failures = [Failure(i, 503, "backpressure", "busy") for i in retry]
-                assert dialect.reschedule(conn, T, token, failures, refund=True) == len(retry)
-                assert dialect.release(conn, T, token, give_back) == len(give_back)
+                assert driver.retry(conn, token, failures, refund=True) == len(retry)
+                assert driver.give_back(conn, token, give_back_refund, refund=True) == len(
+                    give_back_refund
+                )
             with acked_lock:
                 acked.extend(publish)
 
     def upkeep() -> None:
         while not finished.is_set():
             with engine.begin() as conn:
-                dialect.reclaim_expired(conn, T)
+                driver.reclaim_expired(conn)
             with engine.begin() as conn:
                 cutoff = conn.execute(sa.text("SELECT UTC_TIMESTAMP(6)")).scalar_one()
             with engine.begin() as conn:
-                dialect.delete_published_before(conn, T, cutoff.replace(tzinfo=dt.UTC), 50)
+                driver.delete_published_before(conn, cutoff.replace(tzinfo=dt.UTC), 50)
             time.sleep(0.01)
 
     producers = [

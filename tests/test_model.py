@@ -178,29 +178,21 @@ class KilledBeforeRecord(Exception):
 
 
 class Killable:
-    """A worker's hot path whose next ``record`` can be made to die (the process killed)."""
+    """A worker's driver whose next ``events_record`` can be made to die (the process killed);
+    every other operation is the driver's own."""
 
     def __init__(self, real: Any) -> None:
         self.real = real
         self.kill_next_record = False
 
-    async def start(self) -> None:
-        await self.real.start()
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
 
-    async def claim(self, *args: Any) -> Any:
-        return await self.real.claim(*args)
-
-    async def extend_lease(self, *args: Any) -> Any:
-        return await self.real.extend_lease(*args)
-
-    async def record(self, *args: Any) -> Any:
+    async def events_record(self, *args: Any) -> Any:
         if self.kill_next_record:
             self.kill_next_record = False
             raise KilledBeforeRecord
-        return await self.real.record(*args)
-
-    async def aclose(self) -> None:
-        await self.real.aclose()
+        return await self.real.events_record(*args)
 
 
 # -- the machine ----------------------------------------------------------------------------------
@@ -247,7 +239,7 @@ class OutboxMachine(RuleBasedStateMachine):
         )
         for _ in range(2):
             worker = Worker(settings_, engine=self.engine)
-            worker.hot_path = Killable(worker.hot_path)
+            worker.driver = Killable(worker.driver)
             worker.breaker = EndpointBreaker(worker.policy, threshold=3, clock=self.clock)
             client = worker.new_client()
             self.workers.append(worker)
@@ -261,7 +253,7 @@ class OutboxMachine(RuleBasedStateMachine):
                 self._check_drained(self._read())
         finally:
             for worker, client in zip(self.workers, self.clients, strict=True):
-                self.ctx.run(worker.hot_path.aclose())
+                self.ctx.run(worker.driver.aclose())
                 self.ctx.run(client.aclose())
             self.server.clear_faults()
 
@@ -339,7 +331,7 @@ class OutboxMachine(RuleBasedStateMachine):
     def claim(self, worker: int, limit: int, outcome: str | None, index: int) -> None:
         """A worker leases what is due; with an ``outcome``, it publishes it at once."""
         token = uuid.uuid4()
-        rows = self.ctx.run(self.workers[worker].hot_path.claim(limit, LEASE, token))
+        rows = self.ctx.run(self.workers[worker].driver.events_claim(limit, LEASE, token))
         if not rows:
             return
         claim = Claim(worker, token, rows)
@@ -374,7 +366,7 @@ class OutboxMachine(RuleBasedStateMachine):
         if outcome in ("refused", "item_refused"):
             for identity in claim.identities():
                 self.rows[identity].refusable = True
-        worker.hot_path.kill_next_record = outcome == "killed"
+        worker.driver.kill_next_record = outcome == "killed"
         deliverer = self.deliverers[claim.worker]
         try:
             self.ctx.run(worker.deliver_claim(deliverer, claim.token, claim.rows))
@@ -382,7 +374,7 @@ class OutboxMachine(RuleBasedStateMachine):
             claim.stale = True  # its rows stay leased by a dead worker until the lease expires
             self.claims.append(claim)
         finally:
-            worker.hot_path.kill_next_record = False
+            worker.driver.kill_next_record = False
             server.clear_faults()
 
     @rule(
@@ -435,10 +427,8 @@ class OutboxMachine(RuleBasedStateMachine):
                 admin.skip_parked(conn, T, None)
         elif what == "trim":
             world = self._read()
-            with self.engine.begin() as conn:
-                self.workers[0].dialect.delete_published_before(
-                    conn, T, dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1), 10_000
-                )
+            cutoff = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
+            self.ctx.run(self.workers[0].driver.published_delete_before(cutoff, 10_000))
             for identity, table in world.where.items():
                 if table == "published":
                     self.rows[identity].trimmed = True
@@ -582,7 +572,7 @@ class OutboxMachine(RuleBasedStateMachine):
             before = len(self._read().hot())
             for number, worker in enumerate(self.workers):
                 token = uuid.uuid4()
-                rows = self.ctx.run(worker.hot_path.claim(100, LEASE, token))
+                rows = self.ctx.run(worker.driver.events_claim(100, LEASE, token))
                 if rows:
                     self._check_claim(Claim(number, token, rows), self._read())
                     self.ctx.run(worker.deliver_claim(self.deliverers[number], token, rows))

@@ -18,11 +18,12 @@ import sqlalchemy as sa
 
 from outbox import OutboxEvent, admin, enqueue, enqueue_many, mutations
 from outbox.cli import main
-from outbox.dialects import Ack, Failure, dialect_for
-from outbox.dialects.hotpath import Recording, write_recording
+from outbox.drivers import Ack, Failure, Recording, driver_for, portable
+from outbox.drivers.postgresql import _promote_params, _publish_params
 from outbox.metrics import _StateCollector
 from outbox.schema import WAITING_FOR_KEY, parked_table
 from outbox.settings import ENVIRONMENT
+from tests.helpers.drivers import call, park_in, run_step
 from tests.outbox_rows import EV, T, set_row
 
 #: MariaDB refuses ordering keys (tested in test_ordering.py).
@@ -56,8 +57,8 @@ def keyed(engine: sa.Engine, key: str, n: int) -> list[int]:
 
 def claim(engine: sa.Engine, limit: int = 10) -> list[int]:
     """What a worker's claim takes now (row ids); the lease is given back at once."""
+    rows = call(engine, T, "events_claim", limit, 60, uuid.uuid4())
     with engine.begin() as conn:
-        rows = dialect_for(conn).claim_batch(conn, T, limit, 60, uuid.uuid4())
         conn.execute(
             sa.update(T)
             .where(T.c.id.in_([r.id for r in rows]))
@@ -78,7 +79,7 @@ def bury_and_park(engine: sa.Engine, row_id: int) -> int:
         last_error_at=NOW,
     )
     with engine.begin() as conn:
-        return dialect_for(conn).park_keys(conn, T, [row_id])
+        return park_in(conn, T, [row_id])
 
 
 def parked(engine: sa.Engine) -> dict[str, int]:
@@ -142,7 +143,7 @@ def test_parking_keeps_the_first_head_and_ignores_rows_that_did_not_die(engine):
     unkeyed dead row parks nothing. A parked key stays parked by its first head."""
     a = keyed(engine, "k", 3)
     with engine.begin() as conn:
-        assert dialect_for(conn).park_keys(conn, T, [a[0]]) == 0  # still in the hot table
+        assert park_in(conn, T, [a[0]]) == 0  # still in the hot table
     with engine.begin() as conn:
         loose = enqueue(conn, "orders", "loose", {})
         loose_id = conn.execute(sa.select(T.c.id).where(T.c.event_id == loose)).scalar_one()
@@ -179,16 +180,14 @@ def test_replaying_the_dead_head_puts_it_back_in_front_of_its_key(engine, capsys
 def lease_all(engine: sa.Engine) -> tuple[uuid.UUID, list[int]]:
     """What a worker's claim takes now, kept leased (row ids) under the returned token."""
     token = uuid.uuid4()
-    with engine.begin() as conn:
-        rows = dialect_for(conn).claim_batch(conn, T, 10, 60, token)
+    rows = call(engine, T, "events_claim", 10, 60, token)
     return token, [r.id for r in rows]
 
 
 def ack(engine: sa.Engine, token: uuid.UUID, row_id: int, key: str) -> None:
     """The worker records ``row_id`` published (its key's next row becomes due)."""
-    with engine.begin() as conn:
-        recording = Recording(published=[Ack(row_id)], heads_gone=[key])
-        assert write_recording(dialect_for(conn), conn, T, token, recording) == 1
+    recording = Recording(published=[Ack(row_id)], heads_gone=[key])
+    assert call(engine, T, "events_record", token, recording) == 1
 
 
 def event_ids(engine: sa.Engine, ids: list[int]) -> list[uuid.UUID]:
@@ -211,7 +210,7 @@ def test_a_replayed_event_joins_the_back_of_its_key(engine, capsys, how):
     else:
         set_row(engine, a, status="published", published_at=NOW)
         with engine.begin() as conn:
-            dialect_for(conn).promote_heads(conn, T, ["k"])
+            portable.keys_promote(conn, T, ["k"])
         replay = ["replay", "--published", str(a)]
     (first_event,) = event_ids(engine, [a])
     token, leased = lease_all(engine)
@@ -245,11 +244,10 @@ def test_mutations_waiting_for_their_message_wait_out_of_the_claims_way(engine):
     # Two of the messages go out, one goes dead: exactly their mutations become due.
     recording = Recording(
         published=[Ack(leased[0]), Ack(leased[1])],
-        dead=[Failure(leased[2], 413, "payload_too_large", "too large")],
+        buried=[Failure(leased[2], 413, "payload_too_large", "too large")],
         messages_gone=[(messages[0], "orders"), (messages[1], "orders"), (messages[2], "orders")],
     )
-    with engine.begin() as conn:
-        write_recording(dialect_for(conn), conn, T, token, recording)
+    call(engine, T, "events_record", token, recording)
     due = [
         u
         for u, at in zip(waiting, next_attempts(engine, waiting), strict=True)
@@ -291,8 +289,7 @@ def test_a_mutation_waits_for_its_message_and_status_counts_it(engine, capsys):
     assert next_attempts(engine, [ids[update]]) == [WAITING_FOR_KEY]
     set_row(engine, ids[created], status="published", message_serial="s-1")
     assert claim(engine) == []
-    with engine.begin() as conn:
-        assert dialect_for(conn).wake_stranded_mutations(conn, T) == 1
+    assert call(engine, T, "mutations_wake_stranded") == 1
     assert claim(engine) == [ids[update]]
     with engine.connect() as conn:
         assert admin.snapshot(conn, T).waiting_mutations == 0
@@ -332,19 +329,21 @@ async def test_the_ack_of_a_head_makes_the_next_row_of_its_key_due(engine):
     """The recording that takes a head out (published, or dead and the key not parked) makes
     the next row due, in the same transaction; a stale worker's ack makes nothing due."""
     a = keyed(engine, "k", 3)
-    hot = dialect_for(engine).hot_path(engine, T)
+    hot = driver_for(engine, T)
     try:
-        stale = await hot.record(uuid.uuid4(), Recording(published=[Ack(a[0])], heads_gone=["k"]))
+        stale = await hot.events_record(
+            uuid.uuid4(), Recording(published=[Ack(a[0])], heads_gone=["k"])
+        )
         assert stale == 0 and next_attempts(engine, [a[1]]) == [WAITING_FOR_KEY]
         token = uuid.uuid4()
-        assert [r.id for r in await hot.claim(10, 60, token)] == [a[0]]
-        await hot.record(token, Recording(published=[Ack(a[0])], heads_gone=["k"]))
+        assert [r.id for r in await hot.events_claim(10, 60, token)] == [a[0]]
+        await hot.events_record(token, Recording(published=[Ack(a[0])], heads_gone=["k"]))
         following, last = next_attempts(engine, [a[1], a[2]])
         assert following < WAITING_FOR_KEY and last == WAITING_FOR_KEY
         token = uuid.uuid4()
-        assert [r.id for r in await hot.claim(10, 60, token)] == [a[1]]
+        assert [r.id for r in await hot.events_claim(10, 60, token)] == [a[1]]
         failure = Failure(a[1], 413, "payload_too_large", "too large", charged=True)
-        await hot.record(token, Recording(dead=[failure], park=[a[1]], heads_gone=["k"]))
+        await hot.events_record(token, Recording(buried=[failure], park=[a[1]], heads_gone=["k"]))
         assert next_attempts(engine, [a[2]]) == [WAITING_FOR_KEY]  # parked: it waits
     finally:
         await hot.aclose()
@@ -358,22 +357,15 @@ def test_an_ack_waits_for_a_producer_of_its_key_so_the_new_row_is_not_stranded(e
     behind a head that is gone."""
     (head,) = keyed(engine, "k", 1)
     token = uuid.uuid4()
-    with engine.begin() as conn:
-        assert [r.id for r in dialect_for(conn).claim_batch(conn, T, 10, 60, token)] == [head]
+    assert [r.id for r in call(engine, T, "events_claim", 10, 60, token)] == [head]
     producer = engine.connect()
     transaction = producer.begin()
     event_id = enqueue(producer, "orders", "step", {"n": 1}, ordering_key="k")
     acked = threading.Event()
 
     def ack() -> None:
-        with engine.begin() as conn:
-            write_recording(
-                dialect_for(conn),
-                conn,
-                T,
-                token,
-                Recording(published=[Ack(head)], heads_gone=["k"]),
-            )
+        recording = Recording(published=[Ack(head)], heads_gone=["k"])
+        call(engine, T, "events_record", token, recording)
         acked.set()
 
     worker = threading.Thread(target=ack)
@@ -398,12 +390,14 @@ def test_a_producer_never_waits_for_an_ack_in_progress(engine):
     its row goes in due, so it is claimed as soon as the head is gone, in order."""
     (head,) = keyed(engine, "k", 1)
     token = uuid.uuid4()
-    with engine.begin() as conn:
-        assert [r.id for r in dialect_for(conn).claim_batch(conn, T, 10, 60, token)] == [head]
+    assert [r.id for r in call(engine, T, "events_claim", 10, 60, token)] == [head]
+    driver = driver_for(engine, T)
     with engine.connect() as worker:
         transaction = worker.begin()
-        recording = Recording(published=[Ack(head)], heads_gone=["k"])
-        assert write_recording(dialect_for(worker), worker, T, token, recording) == 1
+        # The recording's steps, held open after the head is deleted.
+        run_step(worker, driver, "lock_leaving", {"ids": [head], "token": token})
+        assert run_step(worker, driver, "publish", _publish_params(token, [Ack(head)])) == 1
+        run_step(worker, driver, "promote", _promote_params(["k"]))
         done = threading.Event()
 
         def produce() -> None:

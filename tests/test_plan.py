@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from outbox.delivery import Outcome
-from outbox.dialects import Ack, ClaimedRow
+from outbox.drivers import Ack, ClaimedRow
 from outbox.plan import NO_MASTER_KEY_MESSAGE, endpoint_verdict, plan_outcome
 from outbox.retry import EndpointBreaker, RetryPolicy
 from outbox.sockudo.errors import ClientMisconfigured, EndpointUnavailable, EventRefused
@@ -62,7 +62,7 @@ def server_error(status: int = 500, code: str = "internal_error", **kw: Any) -> 
 
 def test_a_refusal_is_dead_at_once_and_charged():
     p = plan(Outcome(refused=[(row(), EventRefused("too big", status=413, code="x"))]))
-    assert [(f.id, f.status, f.charged) for f in p.dead] == [(1, 413, True)]
+    assert [(f.id, f.status, f.charged) for f in p.buried] == [(1, 413, True)]
     assert not p.retry and not p.retry_refund
 
 
@@ -89,8 +89,8 @@ def test_endpoint_trouble_while_serving_is_charged_and_ends_the_budget():
         Outcome(retry=[(row(failures=0), server_error()), (row(2, failures=2), server_error())])
     )
     assert [(f.id, f.charged) for f in p.retry] == [(1, True)]
-    assert [f.id for f in p.dead] == [2]
-    assert "gave up after 3 attempts" in p.dead[0].message
+    assert [f.id for f in p.buried] == [2]
+    assert "gave up after 3 attempts" in p.buried[0].message
 
 
 @pytest.mark.parametrize(
@@ -105,12 +105,12 @@ def test_endpoint_trouble_while_serving_is_charged_and_ends_the_budget():
 def test_answers_that_are_never_the_events_fault_are_free(error):
     p = plan(Outcome(retry=[(row(failures=2, age=99999), error)]))
     assert [(f.id, f.charged) for f in p.retry] == [(1, False)]
-    assert not p.dead  # neither the budget nor the age limit ends it
+    assert not p.buried  # neither the budget nor the age limit ends it
 
 
 def test_nothing_is_charged_while_the_endpoint_is_not_serving():
     p = plan(Outcome(retry=[(row(failures=2, age=99999), server_error())]), serving=False)
-    assert [(f.id, f.charged) for f in p.retry] == [(1, False)] and not p.dead
+    assert [(f.id, f.charged) for f in p.retry] == [(1, False)] and not p.buried
 
 
 def test_the_age_limit_counts_from_the_queue_time_and_only_for_charged_failures():
@@ -118,7 +118,7 @@ def test_the_age_limit_counts_from_the_queue_time_and_only_for_charged_failures(
     old = row(2, age=3601.0)
     p = plan(Outcome(retry=[(young, server_error()), (old, server_error())]))
     assert [f.id for f in p.retry] == [1]
-    assert [f.id for f in p.dead] == [2] and "max age" in p.dead[0].message
+    assert [f.id for f in p.buried] == [2] and "max age" in p.buried[0].message
 
 
 def test_a_refund_keeps_the_row_batchable_and_is_free():
@@ -156,7 +156,7 @@ def test_a_row_without_a_master_key_waits_alone_with_a_true_reason(caplog):
 
 def test_rows_not_sent_at_shutdown_go_back_with_or_without_a_refund():
     p = plan(Outcome(unsent=[row(1), row(2)], carried={2}))
-    assert (p.give_back, p.give_back_carried) == ([1], [2])
+    assert (p.give_back_refund, p.give_back) == ([1], [2])
 
 
 # -- the endpoint verdict and the breaker, on an injected clock --------------------------------------
@@ -248,7 +248,7 @@ def test_a_keyed_row_that_goes_dead_parks_its_key_unless_the_policy_skips():
         retry=[(spent, server_error()), (retrying, EndpointUnavailable("slow", status=None))],
     )
     parked = plan(outcome)
-    assert {f.id for f in parked.dead} == {1, 2, 4}
+    assert {f.id for f in parked.buried} == {1, 2, 4}
     assert sorted(parked.park) == [1, 2]
     skipped = plan_outcome(
         outcome,
@@ -258,7 +258,7 @@ def test_a_keyed_row_that_goes_dead_parks_its_key_unless_the_policy_skips():
         unsendable_retry=30.0,
         park_dead_heads=False,
     )
-    assert {f.id for f in skipped.dead} == {1, 2, 4} and skipped.park == []
+    assert {f.id for f in skipped.buried} == {1, 2, 4} and skipped.park == []
 
 
 def test_the_plan_names_the_keys_and_messages_its_rows_take_out_of_the_table():
@@ -282,4 +282,4 @@ def test_the_plan_names_the_keys_and_messages_its_rows_take_out_of_the_table():
     )
     assert planned.heads_gone == ["a", "b", "e"]
     assert planned.messages_gone == [(event_id_of(1), "c"), (event_id_of(2), "c")]
-    assert planned.give_back == [4] and [f.id for f in planned.retry] == [3]
+    assert planned.give_back_refund == [4] and [f.id for f in planned.retry] == [3]

@@ -30,12 +30,12 @@ from psycopg import sql
 
 from outbox import outbox_table
 from outbox.database import create_engine
-from outbox.dialects import Ack, Failure
-from outbox.dialects.postgresql import (
-    PostgresHotPath,
-    _ack_params,
+from outbox.drivers import Ack, Failure
+from outbox.drivers.postgresql import (
+    PostgresDriver,
     _failure_params,
     _promote_params,
+    _publish_params,
     _wake_params,
 )
 from outbox.schema import WAITING_FOR_KEY
@@ -106,19 +106,19 @@ def statement_params(engine: sa.Engine) -> dict[str, dict[str, Any]]:
     keys = sorted({r.ordering_key for r in sample if r.ordering_key})
     return {
         "claim": {"limit": 100, "token": token, "lease": 60.0},
-        "extend": {"ids": ids, "token": token, "lease": 60.0},
+        "extend_lease": {"ids": ids, "token": token, "lease": 60.0},
         "lock_leaving": {"ids": ids, "token": token},
-        "ack": _ack_params(token, [Ack(i, "a", "s", "1") for i in ids]),
-        "reschedule": _failure_params(token, failures, False),
+        "publish": _publish_params(token, [Ack(i, "a", "s", "1") for i in ids]),
+        "retry": _failure_params(token, failures, False),
         "bury": _failure_params(token, failures, False),
         "promote": _promote_params(keys),
         "wake": _wake_params([(r.event_id, "orders") for r in sample]),
         "park": {"ids": ids},
-        "release": {"ids": ids, "token": token, "refund": 1},
+        "give_back": {"ids": ids, "token": token, "refund": 1},
     }
 
 
-def explain(hot: PostgresHotPath, name: str, params: dict[str, Any], generic: bool) -> Any:
+def explain(hot: PostgresDriver, name: str, params: dict[str, Any], generic: bool) -> Any:
     """The JSON plan of one hot statement on a connection of the hot path's own; ``generic``:
     its prepared form's generic plan (``plan_cache_mode = force_generic_plan``)."""
 
@@ -167,7 +167,7 @@ def test_every_hot_statement_is_planned_by_index_and_never_compiled(
     backlog: tuple[sa.Engine, int], statistics: str, generic: bool
 ) -> None:
     engine, n = backlog
-    hot = PostgresHotPath(engine, T)
+    hot = PostgresDriver(engine, T)
     params = statement_params(engine)
     problems = []
     for name, values in params.items():
@@ -209,7 +209,7 @@ def test_the_worker_turns_jit_off_for_its_own_sessions(postgres_url: str) -> Non
     plan's estimate must never decide whether the claim is compiled."""
     engine = create_engine(postgres_url)
     try:
-        hot = PostgresHotPath(engine, T)
+        hot = PostgresDriver(engine, T)
 
         async def setting() -> str:
             pg = await hot.connect()

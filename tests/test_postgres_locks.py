@@ -19,9 +19,10 @@ import sqlalchemy as sa
 
 from outbox import enqueue, outbox_table
 from outbox.database import create_engine
-from outbox.dialects import Ack, Failure, dialect_for
-from outbox.dialects.hotpath import Recording, write_recording
+from outbox.drivers import Ack, Failure, Recording, driver_for
+from outbox.drivers.postgresql import _publish_params
 from outbox.worker import Worker
+from tests.helpers.drivers import run_step
 from tests.outbox_rows import T
 from tests.plugins.databases import POSTGRES_URL
 from tests.test_ordering import stop, waits_on_advisory_lock_of
@@ -132,9 +133,8 @@ async def test_producers_reaching_one_table_by_two_search_paths_share_its_key_lo
 
 @on_postgres
 @pytest.mark.parametrize("outcome", ["published", "dead"])
-@pytest.mark.parametrize("writer", ["hot path", "sync twin"])
 async def test_a_producer_repeating_a_key_under_a_recording_fails_at_once_never_deadlocks(
-    engine, writer, outcome
+    engine, outcome
 ):
     """The deadlock of issue #20 item 7, staged. A worker claimed row S (idempotency key "dup")
     and row R, the newest row of ordering key K (S has the smaller id). A producer enqueues on K:
@@ -148,7 +148,7 @@ async def test_a_producer_repeating_a_key_under_a_recording_fails_at_once_never_
     takes out before it deletes anything: while it waits for the producer, S is still a live
     row, so the producer's insert fails at once with IntegrityError (the documented answer to a
     key whose row is still waiting to be sent), and the recording goes through when the producer
-    rolls back. The worker's hot path and the synchronous statements behave the same."""
+    rolls back."""
     with engine.begin() as conn:
         s = row_of(conn, enqueue(conn, "orders", "first", {"n": 0}, idempotency_key="dup"))
         r = row_of(conn, enqueue(conn, "orders", "keyed", {"n": 1}, ordering_key="K"))
@@ -157,28 +157,18 @@ async def test_a_producer_repeating_a_key_under_a_recording_fails_at_once_never_
         recording = Recording(published=[Ack(s), Ack(r)], heads_gone=["K"])
     else:
         refused = [Failure(i, 413, "payload_too_large", "too large", charged=True) for i in (s, r)]
-        recording = Recording(dead=refused, park=[r], heads_gone=["K"])
-    dialect = dialect_for(engine)
-    hot = dialect.hot_path(engine, T)
-
-    def write_synchronously() -> None:
-        with engine.begin() as conn:
-            write_recording(dialect, conn, T, token, recording)
-
+        recording = Recording(buried=refused, park=[r], heads_gone=["K"])
+    driver = driver_for(engine, T)
     producer = engine.connect()
     try:
         token = uuid.uuid4()
-        assert [row.id for row in await hot.claim(10, 60, token)] == [s, r]
+        assert [row.id for row in await driver.events_claim(10, 60, token)] == [s, r]
         transaction = producer.begin()
         bounded(producer)
         producer_pid = backend_pid(producer)
         enqueue(producer, "orders", "behind", {"n": 2}, ordering_key="K")  # holds R
 
-        written = (
-            hot.record(token, recording)
-            if writer == "hot path"
-            else asyncio.to_thread(write_synchronously)
-        )
+        written = driver.events_record(token, recording)
         recorded = asyncio.create_task(asyncio.wait_for(written, 30))
         await until(lambda: bool(blocked_by(engine, producer_pid)), "the recording to wait for R")
 
@@ -191,7 +181,7 @@ async def test_a_producer_repeating_a_key_under_a_recording_fails_at_once_never_
         await recorded
     finally:
         producer.close()
-        await hot.aclose()
+        await driver.aclose()
     assert [(row.id, row.status) for row in table_rows(engine)] == [(s, outcome), (r, outcome)]
 
 
@@ -204,12 +194,12 @@ async def test_a_producer_repeating_the_key_of_a_row_being_acked_waits_for_that_
     table) and the producer commits."""
     with engine.begin() as conn:
         s = row_of(conn, enqueue(conn, "orders", "first", {"n": 0}, idempotency_key="dup"))
-    hot = dialect_for(engine).hot_path(engine, T)
+    driver = driver_for(engine, T)
     token = uuid.uuid4()
     try:
-        assert [row.id for row in await hot.claim(10, 60, token)] == [s]
+        assert [row.id for row in await driver.events_claim(10, 60, token)] == [s]
     finally:
-        await hot.aclose()
+        await driver.aclose()
     producer_pids: list[int] = []
 
     def repeat_the_key() -> uuid.UUID:
@@ -222,8 +212,7 @@ async def test_a_producer_repeating_the_key_of_a_row_being_acked_waits_for_that_
         transaction = worker.begin()
         bounded(worker)
         worker_pid = backend_pid(worker)
-        recording = Recording(published=[Ack(s)])
-        assert write_recording(dialect_for(worker), worker, T, token, recording) == 1
+        run_step(worker, driver, "publish", _publish_params(token, [Ack(s)]))
         producer = asyncio.create_task(asyncio.wait_for(asyncio.to_thread(repeat_the_key), 30))
         await until(
             lambda: producer_pids != [] and blocked_by(engine, worker_pid) == producer_pids,
@@ -251,7 +240,8 @@ def test_a_recording_locks_only_the_keyed_rows_it_holds_the_lease_of(engine):
         for row, token in ((keyed, ours), (unkeyed, ours), (taken_over, theirs)):
             conn.execute(sa.update(T).where(T.c.id == row).values(lease_token=token))
     with engine.connect() as worker, engine.connect() as probe, worker.begin():
-        dialect_for(worker).lock_leaving_rows(worker, T, ours, [keyed, unkeyed, taken_over])
+        leaving = {"ids": [keyed, unkeyed, taken_over], "token": ours}
+        run_step(worker, driver_for(engine, T), "lock_leaving", leaving)
         locked = []
         for row in (keyed, unkeyed, taken_over):
             with probe.begin():

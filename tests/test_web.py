@@ -23,10 +23,10 @@ import sqlalchemy as sa
 from outbox import enqueue
 from outbox.cli import main
 from outbox.database import normalize_url
-from outbox.dialects import dialect_for
 from outbox.settings import ENVIRONMENT
 from outbox.testing.soketi import free_port
 from outbox.web.views import database_label
+from tests.helpers.drivers import park_in
 from tests.outbox_rows import EV, T, add, add_dead, add_in_flight, row, set_row
 from tests.plugins.dashboard import OUTBOX, csrf_token
 
@@ -484,7 +484,7 @@ def test_the_dashboard_lists_parked_keys_with_their_dead_heads(
         head = conn.execute(sa.select(sa.func.min(T.c.id))).scalar_one()
     set_row(engine, head, status="dead", last_error_code="payload_too_large")
     with engine.begin() as conn:
-        dialect_for(conn).park_keys(conn, T, [head])
+        park_in(conn, T, [head])
     served = serve_dashboard(database_url)
     with served.client() as client:
         page = client.get("/")
@@ -786,7 +786,7 @@ def test_hostile_names_are_escaped_on_every_new_page(database_url, engine, serve
         head = conn.execute(sa.select(sa.func.min(T.c.id))).scalar_one()
     set_row(engine, head, status="dead", channel=markup, event=markup, last_error_message=markup)
     with engine.begin() as conn:
-        dialect_for(conn).park_keys(conn, T, [head])
+        park_in(conn, T, [head])
     leased = add_in_flight(engine)
     set_row(engine, leased, channel=markup, event=markup)
     served = serve_dashboard(database_url, "--write")
@@ -824,7 +824,7 @@ def test_skip_a_parked_key_from_the_page_after_a_preview(database_url, engine, s
         head = conn.execute(sa.select(sa.func.min(T.c.id))).scalar_one()
     set_row(engine, head, status="dead", last_error_code="payload_too_large")
     with engine.begin() as conn:
-        dialect_for(conn).park_keys(conn, T, [head])
+        park_in(conn, T, [head])
     served = serve_dashboard(database_url, "--write")
     with served.client() as client:
         page = client.get("/")

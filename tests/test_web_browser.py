@@ -24,8 +24,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 
 from outbox import admin, enqueue
-from outbox.dialects import dialect_for
 from outbox.testing.server import TestServer
+from tests.helpers.drivers import park_in
 from tests.helpers.waiting import wait_until
 from tests.outbox_rows import T, add, add_dead, add_in_flight, add_published, row, set_row
 from tests.plugins.browser import changed_files, tracked_files
@@ -288,7 +288,7 @@ def test_list_pending_delete_a_dead_event_and_skip_a_parked_key_from_the_page(
         head = conn.execute(sa.select(sa.func.max(T.c.id))).scalar_one() - 2
     set_row(engine, head, status="dead", last_error_code="payload_too_large")
     with engine.begin() as conn:
-        dialect_for(conn).park_keys(conn, T, [head])
+        park_in(conn, T, [head])
     served = serve_dashboard(database_url, "--write")
 
     # The pending count leads to the pending rows, oldest first, with what each waits for.

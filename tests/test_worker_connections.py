@@ -25,7 +25,7 @@ from outbox import enqueue
 from outbox.cli import main
 from outbox.connections import UnfollowableEngine, libpq_conninfo
 from outbox.database import create_engine, normalize_url
-from outbox.dialects.postgresql import _refusal
+from outbox.drivers.postgresql import _refusal
 from outbox.settings import ENVIRONMENT
 from outbox.testing.server import TestServer
 from outbox.worker import Worker

@@ -54,7 +54,7 @@ async def test_the_database_backoff_resets_after_a_success(
     pause is the short one again: errors long past do not keep slowing the worker down."""
     enqueue_n(engine, 1)
     worker = Worker(fast_settings(database_url, sockudo_server.url), engine=engine)
-    real_claim = worker.hot_path.claim
+    real_claim = worker.driver.events_claim
     script = ["fail"] * 5 + ["real"] + ["fail"] + ["real"] * 1000
 
     async def claim(*args):  # type: ignore[no-untyped-def]
@@ -63,7 +63,7 @@ async def test_the_database_backoff_resets_after_a_success(
             raise sa.exc.OperationalError("SELECT", {}, Exception("connection lost"))
         return await real_claim(*args)
 
-    monkeypatch.setattr(worker.hot_path, "claim", claim)
+    monkeypatch.setattr(worker.driver, "events_claim", claim)
     caplog.set_level(logging.WARNING, logger="outbox.worker")
     task = asyncio.create_task(worker.run())
     try:

@@ -10,7 +10,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from ..dialects import dialect_for
+from ..drivers import portable
 from ..schema import (
     dead_table,
     parked_table,
@@ -71,7 +71,12 @@ def skip_parked(conn: sa.Connection, table: sa.Table, keys: Sequence[str] | None
 
     The heads stay dead (replay them later if wanted: they then go after what is queued).
     """
-    return dialect_for(conn).unpark(conn, table, keys)
+    parked = parked_table(table)
+    if keys is None:
+        keys = list(conn.execute(sa.select(parked.c.ordering_key)).scalars())
+    skipped = conn.execute(sa.delete(parked).where(parked.c.ordering_key.in_(list(keys)))).rowcount
+    portable.keys_promote(conn, table, keys)  # each key's next row is due now
+    return skipped
 
 
 def parked_key(conn: sa.Connection, table: sa.Table, ordering_key: str) -> ParkedKey | None:
@@ -149,4 +154,12 @@ def release_leases(conn: sa.Connection, table: sa.Table, *, expired_only: bool =
     released too: only for a worker known to be gone, since a live one would send its rows
     again (the server's idempotency window absorbs that, a late ack of theirs changes nothing).
     """
-    return dialect_for(conn).release_leases(conn, table, expired_only)
+    where = [table.c.lease_expires_at.is_not(None)]
+    if expired_only:
+        where.append(table.c.lease_expires_at <= utc_now())
+    stmt = (
+        sa.update(table)
+        .where(*where)
+        .values(next_attempt_at=utc_now(), lease_token=None, lease_expires_at=None)
+    )
+    return conn.execute(stmt).rowcount

@@ -11,13 +11,14 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from ..dialects import dialect_for
 from ..schema import (
     Status,
     dead_table,
     parked_table,
 )
 from .events import events, jsonable
+from .keys import skip_parked
+from .requeue import requeue
 from .selection import ReplayFilter, select_matching
 
 #: How a replayed event is identified to the server (see :func:`replay`).
@@ -155,7 +156,7 @@ def _replay_ids(
     conn: sa.Connection, table: sa.Table, selection: ReplayFilter, key: str, ids: list[int]
 ) -> int:
     new_keys = None if key == KEY_KEEP else [str(uuid.uuid4()) for _ in ids]
-    return dialect_for(conn).replay(conn, table, ids, selection.statuses, new_keys)
+    return requeue(conn, table, ids, selection.statuses, new_keys)
 
 
 def parked_heads_among(conn: sa.Connection, table: sa.Table, selection: ReplayFilter) -> int:
@@ -219,7 +220,7 @@ def _delete_pages(
             ).scalars()
             keys = list(heads)
             if keys:
-                dialect_for(conn).unpark(conn, table, keys)
+                skip_parked(conn, table, keys)
             deleted = conn.execute(sa.delete(dead).where(dead.c.id.in_(ids))).rowcount
         yield deleted
         after_id = ids[-1]

@@ -1,7 +1,7 @@
-"""MariaDB (>= 10.6) and MySQL (>= 8.0.13) statements: ``SKIP LOCKED`` claims, ``JSON_TABLE``
+"""MariaDB's (>= 10.6) and MySQL's (>= 8.0.13) driver: ``SKIP LOCKED`` claims, ``JSON_TABLE``
 batch updates, and polling (there is no LISTEN/NOTIFY).
 
-**Isolation: READ COMMITTED on the worker's connections** (:attr:`MySQLDialect.engine_options`,
+**Isolation: READ COMMITTED on the worker's connections** (:attr:`MySQLDriver.engine_options`,
 applied by :func:`outbox.database.create_engine` once per connection). InnoDB's default,
 REPEATABLE READ, makes every locking read and every searched UPDATE/DELETE take *next-key locks*:
 the rows it scanned plus the gaps before them. A claim that reaches the end of the pending rows
@@ -55,20 +55,11 @@ from typing import Any, ClassVar
 import sqlalchemy as sa
 
 from ..schema import EVENT_COLUMNS, UTCDateTime, dead_table, published_table
-from .base import (
-    CUTOFF,
-    TOKEN,
-    Ack,
-    ClaimedRow,
-    Dialect,
-    Failure,
-    claim_columns,
-    moved_columns,
-    quoted,
-)
+from .sql import CUTOFF, LEASE_CLEARED, TOKEN, claim_columns, index_name, moved_columns, quoted
+from .threaded import ThreadedDriver
+from .values import Ack, ClaimedRow, Failure
 
 NOW = "UTC_TIMESTAMP(6)"
-_CLEARED = {"lease_token": "NULL", "lease_expires_at": "NULL"}
 
 
 def _listed(t: str) -> str:
@@ -98,7 +89,7 @@ def _microseconds(seconds: float) -> int:
     return round(float(seconds) * 1_000_000)
 
 
-#: The failures of a batch as rows, joined by id (see :meth:`MySQLDialect.reschedule`).
+#: The failures of a batch as rows, joined by id (see :meth:`MySQLDriver.retry`).
 _FAILURES = """JSON_TABLE(:payload, '$[*]' COLUMNS (
                    id BIGINT PATH '$[0]',
                    delay_us BIGINT PATH '$[1]',
@@ -116,46 +107,42 @@ _ACKS = """JSON_TABLE(:payload, '$[*]' COLUMNS (
                history_serial VARCHAR(255) PATH '$[3]')) AS f"""
 
 
-class MySQLDialect(Dialect):
+class MySQLDriver(ThreadedDriver):
+    """Every statement of the claim, its lease, its outcome and the upkeep written for InnoDB's
+    locking (the rules above). Ordering keys and mutations are refused at enqueue (the default
+    :meth:`~.base.Driver.keys_lock`), so nothing here parks, promotes or wakes."""
+
     name = "mysql"
     engine_options: ClassVar[Mapping[str, Any]] = {"isolation_level": "READ COMMITTED"}
 
-    # -- mutations: refused at enqueue here (see Dialect.lock_ordering_keys) -------------------
+    # -- mutations: refused at enqueue here ----------------------------------------------------
 
-    def wake_mutations(
-        self, conn: sa.Connection, table: sa.Table, messages: Sequence[tuple[uuid.UUID, str]]
-    ) -> int:
+    def wake(self, conn: sa.Connection, messages: Sequence[tuple[uuid.UUID, str]]) -> int:
         """Nothing waits for a message here: MariaDB and MySQL refuse mutations at enqueue."""
         return 0
 
-    def wake_stranded_mutations(self, conn: sa.Connection, table: sa.Table) -> int:
+    async def mutations_wake_stranded(self) -> int:
         """Nothing waits for a message here: MariaDB and MySQL refuse mutations at enqueue."""
         return 0
 
     # -- the claim: a locking read, then one UPDATE of the rows it locked ---------------------
 
-    def claim_batch(
-        self,
-        conn: sa.Connection,
-        table: sa.Table,
-        limit: int,
-        lease_seconds: float,
-        token: uuid.UUID,
+    def claim(
+        self, conn: sa.Connection, limit: int, lease_seconds: float, token: uuid.UUID
     ) -> list[ClaimedRow]:
-        due = self._lock_due(conn, table, limit)
+        due = self._lock_due(conn, limit)
         if due:
-            self._lease(conn, table, [r.id for r in due], lease_seconds, token)
+            self._lease(conn, [r.id for r in due], lease_seconds, token)
         # The UPDATE counted the attempt; the rows read before it did not see it.
         return [dataclasses.replace(r, attempts=r.attempts + 1) for r in due]
 
-    def _lock_due(self, conn: sa.Connection, table: sa.Table, limit: int) -> list[ClaimedRow]:
+    def _lock_due(self, conn: sa.Connection, limit: int) -> list[ClaimedRow]:
         # SKIP LOCKED: concurrent workers take disjoint batches without waiting for each other,
         # and a producer's uncommitted row (locked by its INSERT) is passed over, never waited
         # for. The scan reads the due index in order and stops at LIMIT; READ COMMITTED keeps
         # only the rows returned locked (record locks, no gaps, nothing for producers to wait
         # on). A due row still holding a token holds an expired one: it is taken over.
-        t = quoted(conn, table)
-        due_index = conn.dialect.identifier_preparer.quote(f"ix_{table.name}_due")
+        t, due_index = quoted(conn, self.table), index_name(conn, self.table, "due")
         stmt = sa.text(
             f"""
             SELECT {claim_columns()}, lease_token IS NOT NULL AS taken_over
@@ -176,16 +163,11 @@ class MySQLDialect(Dialect):
         return sorted(claimed, key=lambda r: r.id)
 
     def _lease(
-        self,
-        conn: sa.Connection,
-        table: sa.Table,
-        ids: list[int],
-        lease_seconds: float,
-        token: uuid.UUID,
+        self, conn: sa.Connection, ids: list[int], lease_seconds: float, token: uuid.UUID
     ) -> None:
         # By primary key, on rows this transaction holds locked since _lock_due: nothing to
         # re-check and nothing else to lock.
-        t = quoted(conn, table)
+        t = quoted(conn, self.table)
         stmt = sa.text(
             f"""
             UPDATE {_listed(t)}
@@ -198,17 +180,12 @@ class MySQLDialect(Dialect):
         conn.execute(stmt, params)
 
     def extend_lease(
-        self,
-        conn: sa.Connection,
-        table: sa.Table,
-        token: uuid.UUID,
-        lease_seconds: float,
-        ids: Sequence[int],
+        self, conn: sa.Connection, token: uuid.UUID, lease_seconds: float, ids: Sequence[int]
     ) -> int:
         # By primary key, in id order like every statement here that may wait for a row lock;
         # the token guard is re-checked on the locked row (a lease taken over meanwhile stays
         # with its new holder).
-        t = quoted(conn, table)
+        t = quoted(conn, self.table)
         stmt = sa.text(
             f"""
             UPDATE {_listed(t)}
@@ -221,11 +198,7 @@ class MySQLDialect(Dialect):
 
     # -- the outcome of a claim: the batch as a JSON array, rows by primary key ---------------
 
-    def ack_published(
-        self, conn: sa.Connection, table: sa.Table, token: uuid.UUID, acks: Sequence[Ack]
-    ) -> int:
-        if not acks:
-            return 0
+    def publish(self, conn: sa.Connection, token: uuid.UUID, acks: Sequence[Ack]) -> int:
         payload = json.dumps(
             [
                 [a.id, a.acknowledgement_id, a.message_serial, a.history_serial]
@@ -233,26 +206,19 @@ class MySQLDialect(Dialect):
             ]
         )
         overrides = {
-            **_CLEARED,
+            **LEASE_CLEARED,
             "published_at": NOW,
             "acknowledgement_id": "f.ack",
             "message_serial": "f.message_serial",
             "history_serial": "f.history_serial",
         }
-        return self._move(conn, table, published_table(table), token, _ACKS, payload, overrides)
+        return self._move(conn, published_table(self.table), token, _ACKS, payload, overrides)
 
-    def reschedule(
-        self,
-        conn: sa.Connection,
-        table: sa.Table,
-        token: uuid.UUID,
-        failures: Sequence[Failure],
-        refund: bool = False,
+    def retry(
+        self, conn: sa.Connection, token: uuid.UUID, failures: Sequence[Failure], refund: bool
     ) -> int:
-        if not failures:
-            return 0
         # JSON rows first, in id order; outbox rows by primary key, under the token guard.
-        t = quoted(conn, table)
+        t = quoted(conn, self.table)
         stmt = sa.text(
             f"""
             UPDATE {_FAILURES}
@@ -272,13 +238,9 @@ class MySQLDialect(Dialect):
         params = {"refund": int(refund), "payload": _failures(failures), "token": token}
         return conn.execute(stmt, params).rowcount
 
-    def mark_dead(
-        self, conn: sa.Connection, table: sa.Table, token: uuid.UUID, failures: Sequence[Failure]
-    ) -> int:
-        if not failures:
-            return 0
+    def bury(self, conn: sa.Connection, token: uuid.UUID, failures: Sequence[Failure]) -> int:
         overrides = {
-            **_CLEARED,
+            **LEASE_CLEARED,
             "failures": "o.failures + f.charge",
             "last_error_status": "f.status",
             "last_error_code": "f.code",
@@ -286,13 +248,12 @@ class MySQLDialect(Dialect):
             "last_error_at": NOW,
         }
         return self._move(
-            conn, table, dead_table(table), token, _FAILURES, _failures(failures), overrides
+            conn, dead_table(self.table), token, _FAILURES, _failures(failures), overrides
         )
 
     def _move(
         self,
         conn: sa.Connection,
-        table: sa.Table,
         target: sa.Table,
         token: uuid.UUID,
         rows: str,
@@ -300,7 +261,7 @@ class MySQLDialect(Dialect):
         overrides: Mapping[str, str],
     ) -> int:
         """Move the rows ``payload`` names, still leased under ``token``, into ``target``."""
-        t, into = quoted(conn, table), quoted(conn, target)
+        t, into = quoted(conn, self.table), quoted(conn, target)
         ids = [row[0] for row in json.loads(payload)]
         # Lock first, by primary key in id order: the INSERT ... SELECT below reads its source
         # without locks (READ COMMITTED), so the rows must be ours before they are copied.
@@ -325,18 +286,11 @@ class MySQLDialect(Dialect):
         conn.execute(delete, {"ids": _ids(held), "token": token})
         return moved
 
-    def release(
-        self,
-        conn: sa.Connection,
-        table: sa.Table,
-        token: uuid.UUID,
-        ids: Sequence[int],
-        refund: bool = True,
+    def give_back(
+        self, conn: sa.Connection, token: uuid.UUID, ids: Sequence[int], refund: bool
     ) -> int:
-        if not ids:
-            return 0
         # One UPDATE by primary key, under the token guard.
-        t = quoted(conn, table)
+        t = quoted(conn, self.table)
         stmt = sa.text(
             f"""
             UPDATE {_listed(t)}
@@ -350,13 +304,16 @@ class MySQLDialect(Dialect):
 
     # -- upkeep ---------------------------------------------------------------------------------
 
-    def reclaim_expired(self, conn: sa.Connection, table: sa.Table) -> int:
+    async def events_reclaim_expired(self) -> int:
+        return await self.transaction(self.reclaim_expired)
+
+    def reclaim_expired(self, conn: sa.Connection) -> int:
         # SKIP LOCKED rather than a searched UPDATE: a row locked right now is being acked or
         # rescheduled by a late worker, so it is not ours to clear (the next round looks again
         # if it is still expired). Never waiting, the reclaim can never be one side of a
         # deadlock (rule 1); READ COMMITTED keeps only the matching rows locked. Then one UPDATE
         # by primary key of the rows it holds.
-        t = quoted(conn, table)
+        t = quoted(conn, self.table)
         find = sa.text(f"SELECT id FROM {t} WHERE lease_expires_at <= {NOW} FOR UPDATE SKIP LOCKED")
         expired = list(conn.execute(find).scalars())
         if not expired:
@@ -364,16 +321,19 @@ class MySQLDialect(Dialect):
         stmt = sa.text(f"UPDATE {_listed(t)} SET o.lease_token = NULL, o.lease_expires_at = NULL")
         return conn.execute(stmt, {"ids": _ids(expired)}).rowcount
 
-    def delete_published_before(
-        self, conn: sa.Connection, table: sa.Table, cutoff: dt.datetime, limit: int
-    ) -> int:
+    async def published_delete_before(self, cutoff: dt.datetime, limit: int) -> int:
+        return await self.transaction(
+            lambda conn: self.delete_published_before(conn, cutoff, limit)
+        )
+
+    def delete_published_before(self, conn: sa.Connection, cutoff: dt.datetime, limit: int) -> int:
         # SKIP LOCKED, not a searched DELETE: a DELETE that waits for a row (one replay is
         # moving back to the outbox) while holding the rows it already took could close a
         # circle with that transaction. A row locked right now is left for a later page; one
         # that replay moved out is gone by then. The log is in id order, oldest first, and the
-        # scan stops after a page. (MySQL refuses LIMIT inside an IN subquery, so the base
+        # scan stops after a page. (MySQL refuses LIMIT inside an IN subquery, so the portable
         # statement cannot be used.)
-        log = quoted(conn, published_table(table))
+        log = quoted(conn, published_table(self.table))
         page = sa.text(
             f"""
             SELECT id FROM {log} WHERE published_at < :cutoff

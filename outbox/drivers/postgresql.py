@@ -1,8 +1,11 @@
-"""PostgreSQL statements: ``SKIP LOCKED`` claims, array-driven batch statements, LISTEN/NOTIFY.
+"""PostgreSQL's driver: ``SKIP LOCKED`` claims, array-driven batch statements, LISTEN/NOTIFY.
 
-The hot statements go to psycopg directly, as prepared statements on the connection SQLAlchemy's
-pool lent for the transaction: per row they cost a tuple, not a result-processing pass (measured:
-SQLAlchemy's ``text()`` on the hot path cost a third of the worker's time). Times come from
+The worker's hot statements (claim, lease renewal, recording) run on psycopg asyncio connections
+of the driver's own, prepared once per connection, with no thread hand-off and no SQLAlchemy
+transaction around them: per row they cost a tuple, not a result-processing pass (measured:
+SQLAlchemy on the hot path cost a third of the worker's CPU). Producers' statements run on the
+caller's connection (advisory locks per key, COPY for large batches); the upkeep is the portable
+statements on a thread. Times come from
 ``statement_timestamp()`` (the database clock, shared by every worker), so leases and backoff do
 not depend on the clocks of the hosts running workers.
 
@@ -20,28 +23,18 @@ import contextlib
 import hashlib
 import logging
 import uuid
-from collections.abc import Mapping, Sequence
-from functools import cache
+from collections.abc import Sequence
+from functools import cache, cached_property
 from typing import Any
 
 import sqlalchemy as sa
 
 from .. import schema
 from ..connections import UnfollowableEngine, engine_conninfo
-from ..schema import WAITING_FOR_KEY, dead_table, parked_table, published_table
-from .base import (
-    CLAIM_COLUMNS,
-    EVENT_COLUMNS,
-    Ack,
-    ClaimedRow,
-    Dialect,
-    Failure,
-    OnNotify,
-    claimable_in_order,
-    moved_columns,
-    quoted,
-)
-from .hotpath import Recording
+from ..schema import EVENT_COLUMNS, WAITING_FOR_KEY, dead_table, parked_table, published_table
+from .base import Driver
+from .sql import LEASE_CLEARED, claim_columns, claimable_in_order, moved_columns, quoted
+from .values import Ack, ClaimedRow, Failure, OnNotify, Recording
 
 log = logging.getLogger("outbox.worker")
 
@@ -66,9 +59,9 @@ def notify_channel(table: sa.Table) -> str:
 
 @cache
 def _statements(hot: str, published: str, dead: str, parked: str) -> dict[str, str]:
-    """The hot statements of one table, as psycopg SQL (prepared once per connection)."""
+    """The hot statements of one table, as psycopg SQL (prepared once per connection), named
+    as the steps of a recording (:class:`~.values.Recording`) name them."""
     lease = f"{_NOW} + make_interval(secs => %(lease)s)"
-    cleared = {"lease_token": "NULL", "lease_expires_at": "NULL"}
     errors = """unnest(%(ids)s::bigint[], %(delays)s::float8[], %(statuses)s::integer[],
                        %(codes)s::text[], %(messages)s::text[], %(charges)s::integer[])
                 AS f(id, delay, status, code, message, charge)"""
@@ -93,9 +86,9 @@ def _statements(hot: str, published: str, dead: str, parked: str) -> dict[str, s
             SET lease_token = %(token)s, lease_expires_at = {lease}, attempts = o.attempts + 1
             FROM due
             WHERE o.id = due.id AND o.id = ANY(ARRAY(SELECT id FROM due))
-            RETURNING {", ".join("o." + c for c in CLAIM_COLUMNS)}, due.taken_over
+            RETURNING {claim_columns("o.")}, due.taken_over
         """,
-        "extend": f"""
+        "extend_lease": f"""
             UPDATE {hot} SET lease_expires_at = {lease}
             WHERE id = ANY(%(ids)s::bigint[]) AND lease_token = %(token)s
         """,
@@ -115,7 +108,7 @@ def _statements(hot: str, published: str, dead: str, parked: str) -> dict[str, s
         """,
         # The token guard makes a stale worker's ack (its lease expired and was re-taken)
         # change nothing: the DELETE finds no row, so nothing reaches the log either.
-        "ack": f"""
+        "publish": f"""
             WITH a AS (
                 SELECT * FROM unnest(%(ids)s::bigint[], %(acks)s::text[],
                                      %(message_serials)s::text[], %(history_serials)s::text[])
@@ -130,7 +123,7 @@ def _statements(hot: str, published: str, dead: str, parked: str) -> dict[str, s
             SELECT {
             moved_columns(
                 {
-                    **cleared,
+                    **LEASE_CLEARED,
                     "published_at": _NOW,
                     "acknowledgement_id": "a_ack",
                     "message_serial": "a_message_serial",
@@ -140,7 +133,7 @@ def _statements(hot: str, published: str, dead: str, parked: str) -> dict[str, s
         }
             FROM done
         """,
-        "reschedule": f"""
+        "retry": f"""
             UPDATE {hot} AS o
             SET next_attempt_at = {_NOW} + make_interval(secs => f.delay),
                 attempts = o.attempts - %(refund)s,
@@ -165,7 +158,7 @@ def _statements(hot: str, published: str, dead: str, parked: str) -> dict[str, s
             SELECT {
             moved_columns(
                 {
-                    **cleared,
+                    **LEASE_CLEARED,
                     "failures": "failures + f_charge",
                     "last_error_status": "f_status",
                     "last_error_code": "f_code",
@@ -196,7 +189,7 @@ def _statements(hot: str, published: str, dead: str, parked: str) -> dict[str, s
               AND NOT EXISTS (SELECT 1 FROM {parked} AS p WHERE p.ordering_key = o.ordering_key)
         """,
         # After an ack or a burial: the mutations waiting for a message that left become due,
-        # each where it heads its key (see Dialect.wake_mutations). Found by the hot table's
+        # each where it heads its key (see portable.mutations_wake). Found by the hot table's
         # index of mutation rows, empty but for them: a probe per message, nothing per backlog.
         "wake": f"""
             UPDATE {hot} AS o SET next_attempt_at = {_NOW}
@@ -218,7 +211,7 @@ def _statements(hot: str, published: str, dead: str, parked: str) -> dict[str, s
             WHERE id = ANY(%(ids)s::bigint[]) AND ordering_key IS NOT NULL
             ON CONFLICT (ordering_key) DO NOTHING
         """,
-        "release": f"""
+        "give_back": f"""
             UPDATE {hot}
             SET attempts = attempts - %(refund)s, next_attempt_at = {_NOW},
                 lease_token = NULL, lease_expires_at = NULL
@@ -227,17 +220,41 @@ def _statements(hot: str, published: str, dead: str, parked: str) -> dict[str, s
     }
 
 
-class PostgresDialect(Dialect):
+class PostgresDriver(Driver):
+    """PostgreSQL's operations on one outbox table.
+
+    The worker's claim, renewal and recording run on psycopg asyncio connections of the
+    driver's own, opened on demand, one per concurrent call, and kept for reuse; a broken one is
+    dropped and the next call opens another. They run in autocommit: a claim or a renewal is one
+    statement and commits at once (synchronously: a claim lost in a crash after its batch went
+    out would let the row be batched again), a recording is one explicit transaction.
+
+    Each connection is made as the engine makes its own, with the parameters of one of the
+    engine's connections (:func:`~outbox.connections.engine_conninfo`); :meth:`start` checks that
+    they see what the engine's connections see.
+    """
+
     name = "postgresql"
     notifies = True
     session_setup = WORKER_SESSION
 
-    def hot_path(self, engine: sa.Engine, table: sa.Table) -> PostgresHotPath:
-        return PostgresHotPath(engine, table)
+    def __init__(self, engine: sa.Engine, table: sa.Table) -> None:
+        super().__init__(engine, table)
+        self._idle: list[Any] = []
 
-    def lock_ordering_keys(
-        self, conn: sa.Connection, table: sa.Table, keys: Sequence[str]
-    ) -> set[str]:
+    @cached_property
+    def _names(self) -> list[str]:
+        """The outbox's four tables as the statements name them (quoted, schema-qualified)."""
+        return [quoted(self.engine, t) for t in _tables(self.table)]
+
+    @cached_property
+    def statements(self) -> dict[str, str]:
+        # psycopg reads % as a placeholder: a table name holding one must be escaped.
+        return _statements(*(name.replace("%", "%%") for name in self._names))
+
+    # -- in the caller's transaction ----------------------------------------------------------
+
+    def keys_lock(self, conn: sa.Connection, keys: Sequence[str]) -> set[str]:
         """One transaction-scoped advisory lock per key (a 64-bit hash of the key mixed with the
         table's OID), taken in a fixed order: a second producer of the key waits for the first
         to end, so ids of one key are handed out in commit order. A hash collision only
@@ -259,7 +276,7 @@ class PostgresDialect(Dialect):
         hashes = sorted({_key_hash(key) for key in keys})
         if not hashes:
             return set()
-        hot = quoted(conn, table)
+        hot = quoted(conn, self.table)
         # Mixed with the table itself, its OID, found from its name as the INSERT will find it:
         # producers reaching one table by any search_path, or through a schema-qualified Table,
         # share a key's lock; two outboxes of one database never do. (Not the schema first in
@@ -285,19 +302,19 @@ class PostgresDialect(Dialect):
         held = conn.execute(newest.bindparams(names), {"names": sorted(set(keys))}).scalars()
         return set(held)
 
-    def insert_many(self, conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
+    def events_insert(self, conn: sa.Connection, rows: list[dict[str, Any]]) -> None:
         """COPY for many rows, on the caller's connection and in its transaction.
 
         COPY fires the table's NOTIFY trigger like an INSERT, and a unique violation is raised as
         SQLAlchemy's ``IntegrityError``, as the INSERT would raise it.
         """
         if len(rows) < COPY_FROM_ROWS:
-            super().insert_many(conn, table, rows)
+            super().events_insert(conn, rows)
             return
         import psycopg
         from psycopg import sql
 
-        names = list(rows[0])
+        table, names = self.table, list(rows[0])
         target = sql.Identifier(*([table.schema] if table.schema else []), table.name)
         copy_sql = sql.SQL("COPY {} ({}) FROM STDIN").format(
             target, sql.SQL(", ").join(sql.Identifier(n) for n in names)
@@ -306,169 +323,18 @@ class PostgresDialect(Dialect):
         if not conn.in_transaction():
             conn.begin()  # so that the caller's commit() commits the copied rows
         pooled = conn.connection.dbapi_connection
-        driver = conn.connection.driver_connection
+        pg = conn.connection.driver_connection
         try:
-            if isinstance(driver, psycopg.Connection):
-                _copy(driver, copy_sql, values)
+            if isinstance(pg, psycopg.Connection):
+                _copy(pg, copy_sql, values)
             else:  # psycopg's AsyncConnection, under SQLAlchemy's asyncio adaptation
                 pooled.run_async(lambda pg: _copy_async(pg, copy_sql, values))  # type: ignore[union-attr]
         except psycopg.Error as exc:
             raise sa.exc.DBAPIError.instance(
-                str(copy_sql.as_string(driver)), None, exc, psycopg.Error
+                str(copy_sql.as_string(pg)), None, exc, psycopg.Error
             ) from exc
 
-    def _run(
-        self, conn: sa.Connection, table: sa.Table, name: str, params: Mapping[str, Any]
-    ) -> Any:
-        """Execute one hot statement on the driver's connection; returns its psycopg cursor."""
-        # psycopg reads % as a placeholder: a table name holding one must be escaped.
-        names = (quoted(conn, t).replace("%", "%%") for t in _tables(table))
-        sql = _statements(*names)[name]
-        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-        cursor.execute(sql, params, prepare=True)
-        return cursor
-
-    def claim_batch(
-        self,
-        conn: sa.Connection,
-        table: sa.Table,
-        limit: int,
-        lease_seconds: float,
-        token: uuid.UUID,
-    ) -> list[ClaimedRow]:
-        params = {"limit": limit, "token": token, "lease": float(lease_seconds)}
-        with self._run(conn, table, "claim", params) as cursor:
-            rows = [ClaimedRow(*values) for values in cursor.fetchall()]
-        return sorted(rows, key=lambda r: r.id)
-
-    def extend_lease(
-        self,
-        conn: sa.Connection,
-        table: sa.Table,
-        token: uuid.UUID,
-        lease_seconds: float,
-        ids: Sequence[int],
-    ) -> int:
-        params = {"ids": list(ids), "token": token, "lease": float(lease_seconds)}
-        with self._run(conn, table, "extend", params) as cursor:
-            return int(cursor.rowcount)
-
-    def lock_leaving_rows(
-        self, conn: sa.Connection, table: sa.Table, token: uuid.UUID, ids: Sequence[int]
-    ) -> None:
-        if ids:
-            self._run(conn, table, "lock_leaving", {"ids": list(ids), "token": token}).close()
-
-    def ack_published(
-        self, conn: sa.Connection, table: sa.Table, token: uuid.UUID, acks: Sequence[Ack]
-    ) -> int:
-        if not acks:
-            return 0
-        with self._run(conn, table, "ack", _ack_params(token, acks)) as cursor:
-            return int(cursor.rowcount)
-
-    def reschedule(
-        self,
-        conn: sa.Connection,
-        table: sa.Table,
-        token: uuid.UUID,
-        failures: Sequence[Failure],
-        refund: bool = False,
-    ) -> int:
-        if not failures:
-            return 0
-        with self._run(conn, table, "reschedule", _failure_params(token, failures, refund)) as c:
-            return int(c.rowcount)
-
-    def mark_dead(
-        self, conn: sa.Connection, table: sa.Table, token: uuid.UUID, failures: Sequence[Failure]
-    ) -> int:
-        if not failures:
-            return 0
-        with self._run(conn, table, "bury", _failure_params(token, failures, False)) as c:
-            return int(c.rowcount)
-
-    def promote_heads(self, conn: sa.Connection, table: sa.Table, keys: Sequence[str]) -> int:
-        if not keys:
-            return 0
-        with self._run(conn, table, "promote", _promote_params(keys)) as cursor:
-            return int(cursor.rowcount)
-
-    def park_keys(self, conn: sa.Connection, table: sa.Table, ids: Sequence[int]) -> int:
-        if not ids:
-            return 0
-        with self._run(conn, table, "park", {"ids": list(ids)}) as cursor:
-            return int(cursor.rowcount)
-
-    def wake_mutations(
-        self, conn: sa.Connection, table: sa.Table, messages: Sequence[tuple[uuid.UUID, str]]
-    ) -> int:
-        if not messages:
-            return 0
-        with self._run(conn, table, "wake", _wake_params(messages)) as cursor:
-            return int(cursor.rowcount)
-
-    def release(
-        self,
-        conn: sa.Connection,
-        table: sa.Table,
-        token: uuid.UUID,
-        ids: Sequence[int],
-        refund: bool = True,
-    ) -> int:
-        if not ids:
-            return 0
-        params = {"ids": list(ids), "token": token, "refund": int(refund)}
-        with self._run(conn, table, "release", params) as cursor:
-            return int(cursor.rowcount)
-
-    async def listen(self, engine: sa.Engine, table: sa.Table, on_notify: OnNotify) -> None:
-        """LISTEN on the table's channel with an asyncio psycopg connection of its own.
-
-        A lost connection is re-opened after a pause; the worker polls meanwhile, so a gap only
-        costs latency, never an event. Each (re)connection calls ``on_notify`` once for whatever
-        was committed while nobody listened. Connections are made as the engine makes its own
-        (:func:`~outbox.connections.engine_conninfo`).
-        """
-        import psycopg
-        from psycopg import sql
-
-        listen = sql.SQL("LISTEN {}").format(sql.Identifier(notify_channel(table)))
-        while True:
-            try:
-                conninfo = await asyncio.to_thread(engine_conninfo, engine)
-                async with await psycopg.AsyncConnection.connect(
-                    conninfo, autocommit=True, connect_timeout=5
-                ) as pg:
-                    await pg.execute(listen)
-                    on_notify()
-                    async for _notification in pg.notifies():
-                        on_notify()
-            except (psycopg.Error, sa.exc.DBAPIError) as exc:
-                log.debug("LISTEN connection lost (%s); polling until it is back", exc)
-                await asyncio.sleep(LISTEN_RETRY)
-
-
-class PostgresHotPath:
-    """The worker's claim, renewal and recording on psycopg asyncio connections of its own.
-
-    The same statements as :class:`PostgresDialect`, prepared once per connection, with no thread
-    hand-off and no SQLAlchemy transaction around them. Connections are opened on demand, one per
-    concurrent call, and kept for reuse; a broken one is dropped and the next call opens another.
-    Connections run in autocommit: a claim or a renewal is one statement and commits at once
-    (synchronously: a claim lost in a crash after its batch went out would let the row be batched
-    again), a recording is one explicit transaction.
-
-    Each connection is made as the engine makes its own, with the parameters of one of the
-    engine's connections (:func:`~outbox.connections.engine_conninfo`); :meth:`start` checks that
-    they see what the engine's connections see.
-    """
-
-    def __init__(self, engine: sa.Engine, table: sa.Table) -> None:
-        self._engine = engine
-        self._names = [quoted(engine, t) for t in _tables(table)]
-        self.statements = _statements(*(name.replace("%", "%%") for name in self._names))
-        self._idle: list[Any] = []
+    # -- the worker's: the claim, its lease, its outcome on psycopg's asyncio connections ------
 
     async def start(self) -> None:
         """Refuse (:class:`~outbox.connections.UnfollowableEngine`) an engine whose connections
@@ -492,13 +358,13 @@ class PostgresHotPath:
             raise UnfollowableEngine(refusal)
 
     def _seen_by_engine(self) -> tuple[str | None, ...]:
-        with self._engine.connect() as conn:
+        with self.engine.connect() as conn:
             return _seen(conn.exec_driver_sql(_SEEN, (self._names,)).one())
 
     async def connect(self) -> Any:
         import psycopg
 
-        conninfo = await asyncio.to_thread(engine_conninfo, self._engine)
+        conninfo = await asyncio.to_thread(engine_conninfo, self.engine)
         pg = await psycopg.AsyncConnection.connect(conninfo, autocommit=True, connect_timeout=10)
         try:
             await pg.execute(WORKER_SESSION)
@@ -507,28 +373,31 @@ class PostgresHotPath:
             raise
         return pg
 
-    async def claim(self, limit: int, lease_seconds: float, token: uuid.UUID) -> list[ClaimedRow]:
+    async def events_claim(
+        self, limit: int, lease_seconds: float, token: uuid.UUID
+    ) -> list[ClaimedRow]:
         params = {"limit": limit, "token": token, "lease": float(lease_seconds)}
         rows = await self._execute([("claim", params)], fetch=True)
         return sorted((ClaimedRow(*values) for values in rows), key=lambda r: r.id)
 
-    async def extend_lease(self, token: uuid.UUID, lease_seconds: float, ids: Sequence[int]) -> int:
+    async def events_extend_lease(
+        self, token: uuid.UUID, lease_seconds: float, ids: Sequence[int]
+    ) -> int:
         params = {"ids": list(ids), "token": token, "lease": float(lease_seconds)}
-        return await self._execute([("extend", params)])
+        return await self._execute([("extend_lease", params)])
 
-    async def record(self, token: uuid.UUID, recording: Recording) -> int:
+    async def events_record(self, token: uuid.UUID, recording: Recording) -> int:
         r = recording
         steps: list[tuple[str, dict[str, Any]]] = []
-        leaving = [a.id for a in r.published] + [f.id for f in r.dead]
-        if r.heads_gone and leaving:  # keyed rows leave (see "lock_leaving")
-            steps.append(("lock_leaving", {"ids": leaving, "token": token}))
-        ack = len(steps)
+        if r.heads_gone and r.leaving:  # keyed rows leave (see "lock_leaving")
+            steps.append(("lock_leaving", {"ids": r.leaving, "token": token}))
+        published = len(steps)
         if r.published:
-            steps.append(("ack", _ack_params(token, r.published)))
+            steps.append(("publish", _publish_params(token, r.published)))
         for name, failures, refund in (
-            ("reschedule", r.retry, False),
-            ("reschedule", r.retry_refund, True),
-            ("bury", r.dead, False),
+            ("retry", r.retry, False),
+            ("retry", r.retry_refund, True),
+            ("bury", r.buried, False),
         ):
             if failures:
                 steps.append((name, _failure_params(token, failures, refund)))
@@ -538,12 +407,13 @@ class PostgresHotPath:
             steps.append(("promote", _promote_params(r.heads_gone)))
         if r.messages_gone:
             steps.append(("wake", _wake_params(r.messages_gone)))
-        for ids, refund in ((r.give_back, True), (r.give_back_carried, False)):
+        for ids, refund in ((r.give_back, False), (r.give_back_refund, True)):
             if ids:
-                steps.append(("release", {"ids": list(ids), "token": token, "refund": int(refund)}))
+                params = {"ids": list(ids), "token": token, "refund": int(refund)}
+                steps.append(("give_back", params))
         if not steps:
             return 0
-        acked = await self._execute(steps, transaction=True, counted=ack)
+        acked = await self._execute(steps, transaction=True, counted=published)
         return acked if r.published else 0
 
     async def aclose(self) -> None:
@@ -587,6 +457,32 @@ class PostgresHotPath:
             raise
         self._idle.append(pg)
         return result
+
+    async def listen(self, on_notify: OnNotify) -> None:
+        """LISTEN on the table's channel with an asyncio psycopg connection of its own.
+
+        A lost connection is re-opened after a pause; the worker polls meanwhile, so a gap only
+        costs latency, never an event. Each (re)connection calls ``on_notify`` once for whatever
+        was committed while nobody listened. Connections are made as the engine makes its own
+        (:func:`~outbox.connections.engine_conninfo`).
+        """
+        import psycopg
+        from psycopg import sql
+
+        listen = sql.SQL("LISTEN {}").format(sql.Identifier(notify_channel(self.table)))
+        while True:
+            try:
+                conninfo = await asyncio.to_thread(engine_conninfo, self.engine)
+                async with await psycopg.AsyncConnection.connect(
+                    conninfo, autocommit=True, connect_timeout=5
+                ) as pg:
+                    await pg.execute(listen)
+                    on_notify()
+                    async for _notification in pg.notifies():
+                        on_notify()
+            except (psycopg.Error, sa.exc.DBAPIError) as exc:
+                log.debug("LISTEN connection lost (%s); polling until it is back", exc)
+                await asyncio.sleep(LISTEN_RETRY)
 
 
 #: What a connection sees: its database, its user, and which table each name (the outbox's four,
@@ -664,7 +560,7 @@ def _key_hash(key: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
-def _ack_params(token: uuid.UUID, acks: Sequence[Ack]) -> dict[str, Any]:
+def _publish_params(token: uuid.UUID, acks: Sequence[Ack]) -> dict[str, Any]:
     return {
         "ids": [a.id for a in acks],
         "acks": [a.acknowledgement_id for a in acks],

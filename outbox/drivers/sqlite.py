@@ -1,4 +1,4 @@
-"""SQLite statements: one ``UPDATE ... RETURNING`` claim, JSON-driven batch statements.
+"""SQLite's driver: one ``UPDATE ... RETURNING`` claim, JSON-driven batch statements.
 
 SQLite has a single writer: a write transaction excludes every other, so the claim needs no
 ``SKIP LOCKED`` to keep two workers off the same rows, and moving rows to the published log or the
@@ -18,21 +18,26 @@ from collections.abc import Mapping, Sequence
 
 import sqlalchemy as sa
 
-from ..schema import WAITING_FOR_KEY, UTCDateTime, dead_table, parked_table, published_table
-from .base import (
+from ..schema import (
     EVENT_COLUMNS,
+    WAITING_FOR_KEY,
+    UTCDateTime,
+    dead_table,
+    parked_table,
+    published_table,
+)
+from .sql import (
+    LEASE_CLEARED,
     TOKEN,
-    Ack,
-    ClaimedRow,
-    Dialect,
-    Failure,
-    OnNotify,
     claim_columns,
     claimable_in_order,
     claimed_rows,
+    index_name,
     moved_columns,
     quoted,
 )
+from .threaded import ThreadedDriver
+from .values import Ack, ClaimedRow, Failure, OnNotify
 
 log = logging.getLogger("outbox.worker")
 
@@ -45,30 +50,28 @@ def _now_plus(seconds_sql: str) -> str:
     return f"strftime('%Y-%m-%d %H:%M:%f000', 'now', printf('%+.6f seconds', {seconds_sql}))"
 
 
-_CLEARED = {"lease_token": "NULL", "lease_expires_at": "NULL"}
+class SQLiteDriver(ThreadedDriver):
+    """Statements written for SQLite where the portable ones would not do: the claim and the
+    steps of a recording, the mutations' wake (by their index), and the watch that replaces
+    notifications. Parking and promotion are the portable statements."""
 
-
-class SQLiteDialect(Dialect):
     name = "sqlite"
+    notifies = True
 
-    def lock_ordering_keys(self, conn: sa.Connection, table: sa.Table, keys: Sequence[str]) -> None:
+    def keys_lock(self, conn: sa.Connection, keys: Sequence[str]) -> None:
         """Nothing to lock: SQLite's single writer holds its lock from a transaction's first
         write to its commit, so ids are handed out in commit order already, and an insert that
         asks the table whether a key has rows cannot race a worker's ack (None: ask it)."""
         return None
 
-    def claim_batch(
-        self,
-        conn: sa.Connection,
-        table: sa.Table,
-        limit: int,
-        lease_seconds: float,
-        token: uuid.UUID,
+    def claim(
+        self, conn: sa.Connection, limit: int, lease_seconds: float, token: uuid.UUID
     ) -> list[ClaimedRow]:
-        t = quoted(conn, table)
+        table = self.table
+        t = quoted(conn, self.table)
         # INDEXED BY pins the due index, which yields due rows already in order: one batch read
         # per claim however long the backlog (without statistics SQLite may sort them all).
-        due_index = conn.dialect.identifier_preparer.quote(f"ix_{table.name}_due")
+        due_index = index_name(conn, table, "due")
         in_order = claimable_in_order(t, t, quoted(conn, parked_table(table)))
         claimable = (
             f"next_attempt_at <= {_NOW} AND (lease_expires_at IS NULL OR lease_expires_at <= {_NOW})"
@@ -111,14 +114,9 @@ class SQLiteDialect(Dialect):
         return claimed_rows(conn.execute(stmt, params), taken_over)
 
     def extend_lease(
-        self,
-        conn: sa.Connection,
-        table: sa.Table,
-        token: uuid.UUID,
-        lease_seconds: float,
-        ids: Sequence[int],
+        self, conn: sa.Connection, token: uuid.UUID, lease_seconds: float, ids: Sequence[int]
     ) -> int:
-        t = quoted(conn, table)
+        t = quoted(conn, self.table)
         stmt = sa.text(
             f"""
             UPDATE {t}
@@ -129,36 +127,25 @@ class SQLiteDialect(Dialect):
         params = {"ids": json.dumps(list(ids)), "token": token, "lease": float(lease_seconds)}
         return conn.execute(stmt, params).rowcount
 
-    def ack_published(
-        self, conn: sa.Connection, table: sa.Table, token: uuid.UUID, acks: Sequence[Ack]
-    ) -> int:
-        if not acks:
-            return 0
+    def publish(self, conn: sa.Connection, token: uuid.UUID, acks: Sequence[Ack]) -> int:
         # The batch travels as one JSON array parameter joined with json_each: one statement
         # whatever the batch size. The token guard ignores a stale worker's ack.
         payload = json.dumps(
             [[a.id, a.acknowledgement_id, a.message_serial, a.history_serial] for a in acks]
         )
         overrides = {
-            **_CLEARED,
+            **LEASE_CLEARED,
             "published_at": _NOW,
             "acknowledgement_id": "json_extract(a.value, '$[1]')",
             "message_serial": "json_extract(a.value, '$[2]')",
             "history_serial": "json_extract(a.value, '$[3]')",
         }
-        return self._move(conn, table, published_table(table), token, payload, overrides)
+        return self._move(conn, published_table(self.table), token, payload, overrides)
 
-    def reschedule(
-        self,
-        conn: sa.Connection,
-        table: sa.Table,
-        token: uuid.UUID,
-        failures: Sequence[Failure],
-        refund: bool = False,
+    def retry(
+        self, conn: sa.Connection, token: uuid.UUID, failures: Sequence[Failure], refund: bool
     ) -> int:
-        if not failures:
-            return 0
-        t = quoted(conn, table)
+        t = quoted(conn, self.table)
         # NOT INDEXED: rows are found by primary key, not by walking an index and re-reading
         # the JSON for every row (6 ms -> 1.6 ms for 100 rows).
         stmt = sa.text(
@@ -180,32 +167,27 @@ class SQLiteDialect(Dialect):
         params = {"refund": int(refund), "payload": _failures(failures), "token": token}
         return conn.execute(stmt, params).rowcount
 
-    def mark_dead(
-        self, conn: sa.Connection, table: sa.Table, token: uuid.UUID, failures: Sequence[Failure]
-    ) -> int:
-        if not failures:
-            return 0
+    def bury(self, conn: sa.Connection, token: uuid.UUID, failures: Sequence[Failure]) -> int:
         overrides = {
-            **_CLEARED,
+            **LEASE_CLEARED,
             "failures": "o.failures + json_extract(a.value, '$[5]')",
             "last_error_status": "json_extract(a.value, '$[2]')",
             "last_error_code": "json_extract(a.value, '$[3]')",
             "last_error_message": "json_extract(a.value, '$[4]')",
             "last_error_at": _NOW,
         }
-        return self._move(conn, table, dead_table(table), token, _failures(failures), overrides)
+        return self._move(conn, dead_table(self.table), token, _failures(failures), overrides)
 
     def _move(
         self,
         conn: sa.Connection,
-        table: sa.Table,
         target: sa.Table,
         token: uuid.UUID,
         payload: str,
         overrides: Mapping[str, str],
     ) -> int:
         """Copy the leased rows ``payload`` names into ``target``, then delete them here."""
-        t, into = quoted(conn, table), quoted(conn, target)
+        t, into = quoted(conn, self.table), quoted(conn, target)
         copy = sa.text(
             f"""
             INSERT INTO {into} ({", ".join(EVENT_COLUMNS)})
@@ -225,14 +207,11 @@ class SQLiteDialect(Dialect):
         conn.execute(delete, {"payload": payload, "token": token})
         return moved
 
-    def wake_mutations(
-        self, conn: sa.Connection, table: sa.Table, messages: Sequence[tuple[uuid.UUID, str]]
-    ) -> int:
-        if not messages:
-            return 0
+    def wake(self, conn: sa.Connection, messages: Sequence[tuple[uuid.UUID, str]]) -> int:
         # INDEXED BY the index of mutation rows: without statistics SQLite would walk every
         # waiting row of the due index instead (those behind their keys included).
-        t, target = quoted(conn, table), _index(conn, table, "target")
+        table = self.table
+        t, target = quoted(conn, table), index_name(conn, table, "target")
         stmt = sa.text(
             f"""
             UPDATE {t} INDEXED BY {target} SET next_attempt_at = {_NOW}
@@ -246,8 +225,13 @@ class SQLiteDialect(Dialect):
         payload = json.dumps([[event_id.hex, channel] for event_id, channel in set(messages)])
         return conn.execute(stmt, {"messages": payload, "waiting": _WAITING}).rowcount
 
-    def wake_stranded_mutations(self, conn: sa.Connection, table: sa.Table) -> int:
-        t, target = quoted(conn, table), _index(conn, table, "target")
+    async def mutations_wake_stranded(self) -> int:
+        return await self.transaction(self._wake_stranded)
+
+    def _wake_stranded(self, conn: sa.Connection) -> int:
+        # By the index of mutation rows, as in wake.
+        table = self.table
+        t, target = quoted(conn, table), index_name(conn, table, "target")
         stmt = sa.text(
             f"""
             UPDATE {t} INDEXED BY {target} SET next_attempt_at = {_NOW}
@@ -259,17 +243,10 @@ class SQLiteDialect(Dialect):
         )
         return conn.execute(stmt, {"waiting": _WAITING}).rowcount
 
-    def release(
-        self,
-        conn: sa.Connection,
-        table: sa.Table,
-        token: uuid.UUID,
-        ids: Sequence[int],
-        refund: bool = True,
+    def give_back(
+        self, conn: sa.Connection, token: uuid.UUID, ids: Sequence[int], refund: bool
     ) -> int:
-        if not ids:
-            return 0
-        t = quoted(conn, table)
+        t = quoted(conn, self.table)
         stmt = sa.text(
             f"""
             UPDATE {t}
@@ -281,9 +258,7 @@ class SQLiteDialect(Dialect):
         params = {"ids": json.dumps(list(ids)), "token": token, "refund": int(refund)}
         return conn.execute(stmt, params).rowcount
 
-    notifies = True
-
-    async def listen(self, engine: sa.Engine, table: sa.Table, on_notify: OnNotify) -> None:
+    async def listen(self, on_notify: OnNotify) -> None:
         """Wake the worker when another connection commits to the database file.
 
         ``PRAGMA data_version`` changes whenever another connection commits and costs a few
@@ -292,7 +267,7 @@ class SQLiteDialect(Dialect):
         once when the watch begins, for what was committed before. A database without a
         file (``:memory:``) has no other connection to watch; the worker then only polls.
         """
-        database = engine.url.database
+        database = self.engine.url.database
         if not database or database == ":memory:" or database.startswith("file::memory:"):
             await asyncio.Event().wait()
         # No busy timeout: a reading that meets a lock is skipped, never waited for on the loop.
@@ -319,10 +294,6 @@ class SQLiteDialect(Dialect):
 
 #: ``WAITING_FOR_KEY`` as SQLite stores it (UTCDateTime's text form).
 _WAITING = WAITING_FOR_KEY.strftime("%Y-%m-%d %H:%M:%S.%f")
-
-
-def _index(conn: sa.Connection, table: sa.Table, suffix: str) -> str:
-    return conn.dialect.identifier_preparer.quote(f"ix_{table.name}_{suffix}")
 
 
 def _waiting_head(t: str, parked: str) -> str:
