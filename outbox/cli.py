@@ -622,14 +622,7 @@ def _print_deletion(
         return
     verb = "would delete" if dry_run else f"deleted {deleted} of"
     print(f"{verb} {matched} dead event(s)")
-    for row in sample:
-        print(
-            f"  row {row['id']} {row['channel']} {row['event']} "
-            f"[{row['last_error_status'] or ''} {row['last_error_code'] or ''}] "
-            f"{row['last_error_message'] or ''}"
-        )
-    if matched > len(sample):
-        print(f"  ... and {matched - len(sample)} more")
+    _print_first([_sample_line(row, with_status=False) for row in sample], matched)
     if parked_heads:
         one = parked_heads == 1
         if dry_run:
@@ -664,18 +657,17 @@ def cmd_leases(args: argparse.Namespace) -> int:
         print(json.dumps({"leased": total, "expired": expired, "leases": leases}, indent=2))
         return EXIT_OK
     print(f"{total} leased row(s), {expired} expired")
+    lines = []
     for lease in listed:
         # Against the database's clock, which set the lease: this host's may differ.
         left = (lease.lease_expires_at - now).total_seconds()
         when = (
             f"EXPIRED {_duration(-left)} ago" if lease.expired else f"expires in {_duration(left)}"
         )
-        print(
-            f"  row {lease.id} {lease.channel} {lease.event} (attempts {lease.attempts}) "
-            f"lease {when}"
+        lines.append(
+            f"row {lease.id} {lease.channel} {lease.event} (attempts {lease.attempts}) lease {when}"
         )
-    if total > len(listed):
-        print(f"  ... and {total - len(listed)} more")
+    _print_first(lines, total)
     if expired:
         print("release them with: outbox leases --release-expired")
     return EXIT_OK
@@ -696,15 +688,15 @@ def cmd_keys(args: argparse.Namespace) -> int:
         print(json.dumps({"parked": total, "keys": keys}, indent=2))
         return EXIT_OK
     print(f"{total} parked key(s)")
+    lines = []
     for key in listed:
         reason = " ".join(x for x in (key.last_error_code, key.last_error_message) if x)
-        print(
-            f"  {key.ordering_key!r}: {key.waiting} waiting behind dead row {key.head_id} "
+        lines.append(
+            f"{key.ordering_key!r}: {key.waiting} waiting behind dead row {key.head_id} "
             f"({key.channel} {key.event}), parked {_duration((now - key.parked_at).total_seconds())}"
             f" ago: {reason}"
         )
-    if total > len(listed):
-        print(f"  ... and {total - len(listed)} more")
+    _print_first(lines, total)
     if total:
         print("replay a head with: outbox replay ID   or let its key go on: outbox keys --skip KEY")
     return EXIT_OK
@@ -989,14 +981,27 @@ def _print_replay(
         return
     verb = "would replay" if dry_run else f"replayed {replayed} of"
     print(f"{verb} {matched} event(s)")
-    for row in sample:
-        print(
-            f"  row {row['id']} {row['channel']} {row['event']} {row['status']} "
-            f"[{row['last_error_status'] or ''} {row['last_error_code'] or ''}] "
-            f"{row['last_error_message'] or ''}"
-        )
-    if matched > len(sample):
-        print(f"  ... and {matched - len(sample)} more")
+    _print_first([_sample_line(row, with_status=True) for row in sample], matched)
+
+
+def _sample_line(row: dict[str, Any], *, with_status: bool) -> str:
+    """A row of a replay's or a deletion's sample: which event, and its last error (a deletion
+    leaves out the status, which is always dead there)."""
+    status = f" {row['status']}" if with_status else ""
+    return (
+        f"row {row['id']} {row['channel']} {row['event']}{status} "
+        f"[{row['last_error_status'] or ''} {row['last_error_code'] or ''}] "
+        f"{row['last_error_message'] or ''}"
+    )
+
+
+def _print_first(lines: Sequence[str], total: int) -> None:
+    """The first ``lines`` of a list of ``total`` items, indented, then how many were left out:
+    every listing the commands print is cut at its limit the same way."""
+    for line in lines:
+        print(f"  {line}")
+    if total > len(lines):
+        print(f"  ... and {total - len(lines)} more")
 
 
 class PoolErrorsInOneLine(logging.Filter):
