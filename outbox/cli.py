@@ -186,52 +186,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=cmd_status)
 
-    p = commands.add_parser(
+    p = _add_ids_command(
+        commands,
         "replay",
         help="put dead (or published) events back in line",
         description=REPLAY_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "ids",
-        nargs="*",
-        help="row ids, event ids or idempotency keys (as the worker's log shows them)",
     )
     p.add_argument("--published", action="store_true", help="replay published events instead")
-    p.add_argument("--channel")
-    p.add_argument("--event", help="event name")
-    p.add_argument(
-        "--error-code", type=_error_code, help="last error code or HTTP status, e.g. 413"
-    )
-    p.add_argument("--since", type=_timestamp, help="created at or after (ISO 8601)")
-    p.add_argument("--until", type=_timestamp, help="created before (ISO 8601)")
-    p.add_argument("--limit", type=_positive_int, help="replay at most this many (oldest first)")
-    p.add_argument("--all", action="store_true", help="allow a replay without any filter")
+    _add_selection_filters(p, verb="replay", action="a replay")
     p.add_argument("--keep-key", action="store_true", help="keep each event's idempotency key")
     p.add_argument("--dry-run", action="store_true", help="show the count and a sample only")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_replay)
 
-    p = commands.add_parser(
+    p = _add_ids_command(
+        commands,
         "delete-dead",
         help="delete dead events for good (after a dry run)",
         description=DELETE_DEAD_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "ids",
-        nargs="*",
-        help="row ids, event ids or idempotency keys (as the worker's log shows them)",
-    )
-    p.add_argument("--channel")
-    p.add_argument("--event", help="event name")
-    p.add_argument(
-        "--error-code", type=_error_code, help="last error code or HTTP status, e.g. 413"
-    )
-    p.add_argument("--since", type=_timestamp, help="created at or after (ISO 8601)")
-    p.add_argument("--until", type=_timestamp, help="created before (ISO 8601)")
-    p.add_argument("--limit", type=_positive_int, help="delete at most this many (oldest first)")
-    p.add_argument("--all", action="store_true", help="allow a deletion without any filter")
+    _add_selection_filters(p, verb="delete", action="a deletion")
     p.add_argument("--dry-run", action="store_true", help="show the count and a sample only")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_delete_dead)
@@ -370,6 +344,43 @@ def _add_global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> N
     )
 
 
+def _add_ids_command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    *,
+    help: str,
+    description: str,
+) -> argparse.ArgumentParser:
+    """A command that names events as ``replay`` and ``delete-dead`` do: by the ids the worker's
+    log shows, its long help kept as written (it is laid out by hand)."""
+    p: argparse.ArgumentParser = commands.add_parser(
+        name,
+        help=help,
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "ids",
+        nargs="*",
+        help="row ids, event ids or idempotency keys (as the worker's log shows them)",
+    )
+    return p
+
+
+def _add_selection_filters(p: argparse.ArgumentParser, *, verb: str, action: str) -> None:
+    """The filter options ``replay`` and ``delete-dead`` share (read by
+    :func:`_selection_from_args`): one list, so the two commands cannot drift apart."""
+    p.add_argument("--channel")
+    p.add_argument("--event", help="event name")
+    p.add_argument(
+        "--error-code", type=_error_code, help="last error code or HTTP status, e.g. 413"
+    )
+    p.add_argument("--since", type=_timestamp, help="created at or after (ISO 8601)")
+    p.add_argument("--until", type=_timestamp, help="created before (ISO 8601)")
+    p.add_argument("--limit", type=_positive_int, help=f"{verb} at most this many (oldest first)")
+    p.add_argument("--all", action="store_true", help=f"allow {action} without any filter")
+
+
 # -- commands -------------------------------------------------------------------------------
 
 
@@ -481,28 +492,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    row_ids, event_ids, keys = _split_ids(args.ids)
-    selection = admin.ReplayFilter(
-        statuses=(Status.PUBLISHED.value,) if args.published else (Status.DEAD.value,),
-        ids=row_ids,
-        event_ids=event_ids,
-        keys=keys,
-        channel=args.channel,
-        event=args.event,
-        error_code=args.error_code,
-        since=args.since,
-        until=args.until,
-        limit=args.limit,
+    selection = _selection_from_args(
+        args,
+        Status.PUBLISHED.value if args.published else Status.DEAD.value,
+        refusal="refusing to replay every event without a filter: add ids or --channel/--event/"
+        "--error-code/--since/--until/--limit, or --all (try --dry-run first)",
     )
-    filtered = any(
-        (args.ids, args.channel, args.event, args.error_code, args.since, args.until, args.limit)
-    )
-    if not filtered and not args.all and not args.dry_run:
-        raise CommandError(
-            "refusing to replay every event without a filter: add ids or --channel/--event/"
-            "--error-code/--since/--until/--limit, or --all (try --dry-run first)",
-            EXIT_USAGE,
-        )
     key = admin.KEY_KEEP if args.keep_key else admin.KEY_FRESH
     with _outbox(args) as (_settings, engine, table):
         with engine.connect() as conn:
@@ -517,23 +512,51 @@ def cmd_replay(args: argparse.Namespace) -> int:
             raise CommandError(_nothing_to_replay(args.published, elsewhere), EXIT_NO_MATCH)
         replayed = 0
         if not args.dry_run:
-            # A page per transaction: flat memory and short locks, however many rows match.
-            # More than a page shows its progress on stderr as it goes.
-            progress = Progress("replayed", matched) if matched > admin.REPLAY_PAGE else None
-            for page in admin.replay_in_pages(engine, table, selection, key=key):
-                replayed += page
-                if progress is not None:
-                    progress.update(replayed)
-            if progress is not None:
-                progress.done()
+            replayed = _count_pages(
+                "replayed", matched, admin.replay_in_pages(engine, table, selection, key=key)
+            )
     _print_replay(matched, sample, args.json, dry_run=args.dry_run, replayed=replayed, key=key)
     return EXIT_OK
 
 
 def cmd_delete_dead(args: argparse.Namespace) -> int:
+    selection = _selection_from_args(
+        args,
+        Status.DEAD.value,
+        refusal="refusing to delete every dead event without a filter: add ids or --channel/"
+        "--event/--error-code/--since/--until/--limit, or --all (try --dry-run first)",
+    )
+    with _outbox(args) as (_settings, engine, table):
+        with engine.connect() as conn:
+            matched = admin.count_for_replay(conn, table, selection)
+            sample = admin.select_for_replay(conn, table, selection, limit=_SAMPLE)
+            heads = admin.parked_heads_among(conn, table, selection) if matched else 0
+            elsewhere = {} if matched else admin.count_elsewhere(conn, table, selection)
+        if not matched:
+            if args.json:
+                _print_deletion(0, [], 0, as_json=True, dry_run=args.dry_run)
+            raise CommandError(_nothing_to_delete(elsewhere), EXIT_NO_MATCH)
+        deleted = 0
+        if not args.dry_run:
+            deleted = _count_pages(
+                "deleted", matched, admin.delete_dead_in_pages(engine, table, selection)
+            )
+    _print_deletion(
+        matched, sample, heads, as_json=args.json, dry_run=args.dry_run, deleted=deleted
+    )
+    return EXIT_OK
+
+
+def _selection_from_args(
+    args: argparse.Namespace, status: str, *, refusal: str
+) -> admin.ReplayFilter:
+    """The rows in ``status`` that ``replay`` or ``delete-dead`` names by its ids and filter
+    options (the two take the same ones). Without any of them the command refuses with
+    ``refusal``, unless ``--all`` or ``--dry-run`` says every row is meant: acting on a whole
+    state is never what a forgotten option should do."""
     row_ids, event_ids, keys = _split_ids(args.ids)
     selection = admin.ReplayFilter(
-        statuses=(Status.DEAD.value,),
+        statuses=(status,),
         ids=row_ids,
         event_ids=event_ids,
         keys=keys,
@@ -548,35 +571,23 @@ def cmd_delete_dead(args: argparse.Namespace) -> int:
         (args.ids, args.channel, args.event, args.error_code, args.since, args.until, args.limit)
     )
     if not filtered and not args.all and not args.dry_run:
-        raise CommandError(
-            "refusing to delete every dead event without a filter: add ids or --channel/"
-            "--event/--error-code/--since/--until/--limit, or --all (try --dry-run first)",
-            EXIT_USAGE,
-        )
-    with _outbox(args) as (_settings, engine, table):
-        with engine.connect() as conn:
-            matched = admin.count_for_replay(conn, table, selection)
-            sample = admin.select_for_replay(conn, table, selection, limit=_SAMPLE)
-            heads = admin.parked_heads_among(conn, table, selection) if matched else 0
-            elsewhere = {} if matched else admin.count_elsewhere(conn, table, selection)
-        if not matched:
-            if args.json:
-                _print_deletion(0, [], 0, as_json=True, dry_run=args.dry_run)
-            raise CommandError(_nothing_to_delete(elsewhere), EXIT_NO_MATCH)
-        deleted = 0
-        if not args.dry_run:
-            # As replay: a page per transaction, flat memory, progress past one page.
-            progress = Progress("deleted", matched) if matched > admin.REPLAY_PAGE else None
-            for page in admin.delete_dead_in_pages(engine, table, selection):
-                deleted += page
-                if progress is not None:
-                    progress.update(deleted)
-            if progress is not None:
-                progress.done()
-    _print_deletion(
-        matched, sample, heads, as_json=args.json, dry_run=args.dry_run, deleted=deleted
-    )
-    return EXIT_OK
+        raise CommandError(refusal, EXIT_USAGE)
+    return selection
+
+
+def _count_pages(verb: str, matched: int, pages: Iterator[int]) -> int:
+    """Sum the counts of ``pages``, each committed in its own transaction by admin (flat memory
+    and short locks however many rows match); more than a page of ``matched`` rows shows its
+    progress on stderr as it goes, as ``verb`` (``replayed``, ``deleted``)."""
+    done = 0
+    progress = Progress(verb, matched) if matched > admin.REPLAY_PAGE else None
+    for page in pages:
+        done += page
+        if progress is not None:
+            progress.update(done)
+    if progress is not None:
+        progress.done()
+    return done
 
 
 def _nothing_to_delete(elsewhere: dict[str, int]) -> str:
@@ -611,14 +622,7 @@ def _print_deletion(
         return
     verb = "would delete" if dry_run else f"deleted {deleted} of"
     print(f"{verb} {matched} dead event(s)")
-    for row in sample:
-        print(
-            f"  row {row['id']} {row['channel']} {row['event']} "
-            f"[{row['last_error_status'] or ''} {row['last_error_code'] or ''}] "
-            f"{row['last_error_message'] or ''}"
-        )
-    if matched > len(sample):
-        print(f"  ... and {matched - len(sample)} more")
+    _print_first([_sample_line(row, with_status=False) for row in sample], matched)
     if parked_heads:
         one = parked_heads == 1
         if dry_run:
@@ -653,18 +657,17 @@ def cmd_leases(args: argparse.Namespace) -> int:
         print(json.dumps({"leased": total, "expired": expired, "leases": leases}, indent=2))
         return EXIT_OK
     print(f"{total} leased row(s), {expired} expired")
+    lines = []
     for lease in listed:
         # Against the database's clock, which set the lease: this host's may differ.
         left = (lease.lease_expires_at - now).total_seconds()
         when = (
             f"EXPIRED {_duration(-left)} ago" if lease.expired else f"expires in {_duration(left)}"
         )
-        print(
-            f"  row {lease.id} {lease.channel} {lease.event} (attempts {lease.attempts}) "
-            f"lease {when}"
+        lines.append(
+            f"row {lease.id} {lease.channel} {lease.event} (attempts {lease.attempts}) lease {when}"
         )
-    if total > len(listed):
-        print(f"  ... and {total - len(listed)} more")
+    _print_first(lines, total)
     if expired:
         print("release them with: outbox leases --release-expired")
     return EXIT_OK
@@ -685,15 +688,15 @@ def cmd_keys(args: argparse.Namespace) -> int:
         print(json.dumps({"parked": total, "keys": keys}, indent=2))
         return EXIT_OK
     print(f"{total} parked key(s)")
+    lines = []
     for key in listed:
         reason = " ".join(x for x in (key.last_error_code, key.last_error_message) if x)
-        print(
-            f"  {key.ordering_key!r}: {key.waiting} waiting behind dead row {key.head_id} "
+        lines.append(
+            f"{key.ordering_key!r}: {key.waiting} waiting behind dead row {key.head_id} "
             f"({key.channel} {key.event}), parked {_duration((now - key.parked_at).total_seconds())}"
             f" ago: {reason}"
         )
-    if total > len(listed):
-        print(f"  ... and {total - len(listed)} more")
+    _print_first(lines, total)
     if total:
         print("replay a head with: outbox replay ID   or let its key go on: outbox keys --skip KEY")
     return EXIT_OK
@@ -866,17 +869,7 @@ def _nothing_to_replay(published: bool, elsewhere: dict[str, int]) -> str:
 def _duration(seconds: float) -> str:
     """A time span as people read it: ``0 s``, ``42 s``, ``3 min 5 s``, ``2 h 14 min``,
     ``3 d 4 h`` (two units at most; a negative span, from clocks that differ, reads as 0 s)."""
-    whole = max(0, int(seconds))
-    if whole < 60:
-        return f"{whole} s"
-    minutes, secs = divmod(whole, 60)
-    if minutes < 60:
-        return f"{minutes} min {secs} s"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 48:
-        return f"{hours} h {minutes} min"
-    days, hours = divmod(hours, 24)
-    return f"{days} d {hours} h"
+    return status_view.span_text(max(0, int(seconds)))
 
 
 def _json_problem(text: str) -> str | None:
@@ -988,14 +981,27 @@ def _print_replay(
         return
     verb = "would replay" if dry_run else f"replayed {replayed} of"
     print(f"{verb} {matched} event(s)")
-    for row in sample:
-        print(
-            f"  row {row['id']} {row['channel']} {row['event']} {row['status']} "
-            f"[{row['last_error_status'] or ''} {row['last_error_code'] or ''}] "
-            f"{row['last_error_message'] or ''}"
-        )
-    if matched > len(sample):
-        print(f"  ... and {matched - len(sample)} more")
+    _print_first([_sample_line(row, with_status=True) for row in sample], matched)
+
+
+def _sample_line(row: dict[str, Any], *, with_status: bool) -> str:
+    """A row of a replay's or a deletion's sample: which event, and its last error (a deletion
+    leaves out the status, which is always dead there)."""
+    status = f" {row['status']}" if with_status else ""
+    return (
+        f"row {row['id']} {row['channel']} {row['event']}{status} "
+        f"[{row['last_error_status'] or ''} {row['last_error_code'] or ''}] "
+        f"{row['last_error_message'] or ''}"
+    )
+
+
+def _print_first(lines: Sequence[str], total: int) -> None:
+    """The first ``lines`` of a list of ``total`` items, indented, then how many were left out:
+    every listing the commands print is cut at its limit the same way."""
+    for line in lines:
+        print(f"  {line}")
+    if total > len(lines):
+        print(f"  ... and {total - len(lines)} more")
 
 
 class PoolErrorsInOneLine(logging.Filter):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .settings import SettingsError
@@ -210,20 +211,16 @@ class PrometheusRecorder(Recorder):
         return prom.generate_latest(self.registry), prom.CONTENT_TYPE_LATEST
 
 
+# eq=False: the registry keys its collectors by identity, as before this was a dataclass.
+@dataclass(frozen=True, eq=False)
 class _StateCollector:
-    """Gauges read when scraped: the queue (from the worker's last snapshot) and the breaker."""
+    """Gauges read when scraped: the queue (from the worker's last snapshot) and the breaker.
+    Its fields are :class:`PrometheusRecorder`'s sources, as the recorder was given them."""
 
-    def __init__(
-        self,
-        table: str,
-        queue: Callable[[], StatusReport | None],
-        breaker: Callable[[], int],
-        in_flight: Callable[[], int],
-    ) -> None:
-        self.table = table
-        self.queue = queue
-        self.breaker = breaker
-        self.in_flight = in_flight
+    table: str
+    queue: Callable[[], StatusReport | None]
+    breaker: Callable[[], int]
+    in_flight: Callable[[], int]
 
     def describe(self) -> Iterable[Any]:
         return []

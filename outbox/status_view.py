@@ -43,6 +43,22 @@ def age_text(seconds: float | None) -> str:
     return f"{seconds / 86400:.1f} d"
 
 
+def span_text(whole: int) -> str:
+    """A span of whole seconds as people read it, two units at most: ``42 s``, ``3 min 5 s``,
+    ``2 h 14 min``, ``3 d 4 h``. Shared by the command line and the dashboard so that both
+    say an age the same way (each decides itself what a missing or negative span reads as)."""
+    if whole < 60:
+        return f"{whole} s"
+    minutes, secs = divmod(whole, 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {minutes} min"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h"
+
+
 def render(report: StatusReport) -> str:
     """The text view: per state its count and the age of its oldest row (its lag), the oldest
     unsent event, the last minute's throughput, and the last errors of unsent rows."""

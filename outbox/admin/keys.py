@@ -41,29 +41,34 @@ def parked_keys(
     conn: sa.Connection, table: sa.Table, limit: int = 100
 ) -> tuple[int, list[ParkedKey]]:
     """(how many keys are parked, the ``limit`` parked longest) with their heads' reasons."""
-    hot, dead, parked = table, dead_table(table), parked_table(table)
+    parked = parked_table(table)
     total = conn.execute(sa.select(sa.func.count()).select_from(parked)).scalar_one()
+    rows = conn.execute(
+        _select_parked_keys(table).order_by(parked.c.parked_at, parked.c.ordering_key).limit(limit)
+    )
+    return int(total), [ParkedKey(**r._mapping) for r in rows]
+
+
+def _select_parked_keys(table: sa.Table) -> sa.Select[Any]:
+    """Parked keys as :class:`ParkedKey` columns: their head's reason (from the dead table, None
+    once the head left it) and how many rows wait behind each. One query for the list and for a
+    single key, so that both read the same fields the same way."""
+    hot, dead, parked = table, dead_table(table), parked_table(table)
     waiting = (
         sa.select(sa.func.count())
         .where(hot.c.ordering_key == parked.c.ordering_key)
         .scalar_subquery()
     )
-    rows = conn.execute(
-        sa.select(
-            parked.c.ordering_key,
-            parked.c.row_id.label("head_id"),
-            parked.c.parked_at,
-            waiting.label("waiting"),
-            dead.c.channel,
-            dead.c.event,
-            dead.c.last_error_code,
-            dead.c.last_error_message,
-        )
-        .select_from(parked.outerjoin(dead, dead.c.id == parked.c.row_id))
-        .order_by(parked.c.parked_at, parked.c.ordering_key)
-        .limit(limit)
-    )
-    return int(total), [ParkedKey(**r._mapping) for r in rows]
+    return sa.select(
+        parked.c.ordering_key,
+        parked.c.row_id.label("head_id"),
+        parked.c.parked_at,
+        waiting.label("waiting"),
+        dead.c.channel,
+        dead.c.event,
+        dead.c.last_error_code,
+        dead.c.last_error_message,
+    ).select_from(parked.outerjoin(dead, dead.c.id == parked.c.row_id))
 
 
 def skip_parked(conn: sa.Connection, table: sa.Table, keys: Sequence[str] | None) -> int:
@@ -81,25 +86,9 @@ def skip_parked(conn: sa.Connection, table: sa.Table, keys: Sequence[str] | None
 
 def parked_key(conn: sa.Connection, table: sa.Table, ordering_key: str) -> ParkedKey | None:
     """The parked key ``ordering_key`` with its head's reason, or None if it is not parked."""
-    hot, dead, parked = table, dead_table(table), parked_table(table)
-    waiting = (
-        sa.select(sa.func.count())
-        .where(hot.c.ordering_key == parked.c.ordering_key)
-        .scalar_subquery()
-    )
+    parked = parked_table(table)
     found = conn.execute(
-        sa.select(
-            parked.c.ordering_key,
-            parked.c.row_id.label("head_id"),
-            parked.c.parked_at,
-            waiting.label("waiting"),
-            dead.c.channel,
-            dead.c.event,
-            dead.c.last_error_code,
-            dead.c.last_error_message,
-        )
-        .select_from(parked.outerjoin(dead, dead.c.id == parked.c.row_id))
-        .where(parked.c.ordering_key == ordering_key)
+        _select_parked_keys(table).where(parked.c.ordering_key == ordering_key)
     ).first()
     return None if found is None else ParkedKey(**found._mapping)
 

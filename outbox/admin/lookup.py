@@ -90,18 +90,8 @@ def find_events(
 ) -> list[EventRecord]:
     """The rows whose event id, idempotency key, channel or row id is exactly ``text``, newest
     first, at most ``limit``: an event's whole life (all its channels' rows), or a channel's."""
-    text = text.strip()
-    if not text or "\x00" in text:
-        # Nothing stored holds a NUL (enqueue refuses it), and PostgreSQL refuses it in any text.
-        return []
-    t = events(table)
-    matches = [t.c.idempotency_key == text, t.c.channel == text]
-    with contextlib.suppress(ValueError):
-        matches.append(t.c.event_id == uuid.UUID(text))
-    if text.isascii() and text.isdigit() and int(text) <= MAX_ROW_ID:
-        matches.append(t.c.id == int(text))
-    query = sa.select(*_record_columns(t)).where(sa.or_(*matches)).order_by(t.c.id.desc())
-    return _records(conn, query.limit(limit))
+    # The first page of a search: one reading of ``text`` for both.
+    return search_events(conn, table, text, limit)
 
 
 def search_events(
@@ -116,6 +106,7 @@ def search_events(
     last row's id."""
     text = text.strip()
     if not text or "\x00" in text:
+        # Nothing stored holds a NUL (enqueue refuses it), and PostgreSQL refuses it in any text.
         return []
     t = events(table)
     matches = [t.c.idempotency_key == text, t.c.channel == text]

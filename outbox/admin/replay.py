@@ -128,6 +128,25 @@ def _replay_pages(
     key: str,
     page: int,
 ) -> Iterator[int]:
+    return _act_in_pages(
+        transaction,
+        table,
+        selection,
+        page,
+        lambda conn, ids: _replay_ids(conn, table, selection, key, ids),
+    )
+
+
+def _act_in_pages(
+    transaction: Callable[[], contextlib.AbstractContextManager[sa.Connection]],
+    table: sa.Table,
+    selection: ReplayFilter,
+    page: int,
+    act: Callable[[sa.Connection, list[int]], int],
+) -> Iterator[int]:
+    """Walk the rows ``selection`` matches (at most its ``limit``), oldest first, a page of ids
+    at a time: ``act`` on each page in a transaction of its own, yielding its count. Replay and
+    deletion page alike (by id, so rows they move or remove never shift the next page)."""
     after_id = 0
     remaining = selection.limit
     while remaining is None or remaining > 0:
@@ -136,7 +155,7 @@ def _replay_pages(
             ids = _page_ids(conn, table, selection, size, after_id)
             if not ids:
                 return
-            changed = _replay_ids(conn, table, selection, key, ids)
+            changed = act(conn, ids)
         yield changed
         after_id = ids[-1]
         if remaining is not None:
@@ -207,24 +226,14 @@ def _delete_pages(
 ) -> Iterator[int]:
     _only_dead(selection)
     dead, parked = dead_table(table), parked_table(table)
-    after_id = 0
-    remaining = selection.limit
-    while remaining is None or remaining > 0:
-        size = page if remaining is None else min(page, remaining)
-        with transaction() as conn:
-            ids = _page_ids(conn, table, selection, size, after_id)
-            if not ids:
-                return
-            heads = conn.execute(
-                sa.select(parked.c.ordering_key).where(parked.c.row_id.in_(ids))
-            ).scalars()
-            keys = list(heads)
-            if keys:
-                skip_parked(conn, table, keys)
-            deleted = conn.execute(sa.delete(dead).where(dead.c.id.in_(ids))).rowcount
-        yield deleted
-        after_id = ids[-1]
-        if remaining is not None:
-            remaining -= len(ids)
-        if len(ids) < size:
-            return
+
+    def delete_page(conn: sa.Connection, ids: list[int]) -> int:
+        heads = conn.execute(
+            sa.select(parked.c.ordering_key).where(parked.c.row_id.in_(ids))
+        ).scalars()
+        keys = list(heads)
+        if keys:
+            skip_parked(conn, table, keys)
+        return int(conn.execute(sa.delete(dead).where(dead.c.id.in_(ids))).rowcount)
+
+    yield from _act_in_pages(transaction, table, selection, page, delete_page)

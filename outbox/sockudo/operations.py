@@ -94,6 +94,14 @@ class Operations:
         serial = check_serial(message_serial, "message_serial")
         return self._channel_path(channel, f"/messages/{quote_path_segment(serial)}{suffix}")
 
+    def _annotation_path(self, channel: str, message_serial: str, annotation_serial: str) -> str:
+        """One annotation's path: deleting it, from the client or from an outbox row that
+        stored the serial, must name it the same way (checked, then quoted)."""
+        serial = check_serial(annotation_serial, "annotation_serial")
+        return self._message_path(
+            channel, message_serial, f"/annotations/{quote_path_segment(serial)}"
+        )
+
     @staticmethod
     def _get(path: str, query: Mapping[str, str] | None = None) -> PreparedRequest:
         return PreparedRequest("GET", path, None, dict(query or {}))
@@ -421,8 +429,7 @@ class Operations:
         socket_id: str | None = None,
     ) -> Call[AnnotationDeleted]:
         """Delete one annotation. A repeat answers 200 and writes nothing."""
-        serial = quote_path_segment(check_serial(annotation_serial, "annotation_serial"))
-        path = self._message_path(channel, message_serial, f"/annotations/{serial}")
+        path = self._annotation_path(channel, message_serial, annotation_serial)
         query = {} if socket_id is None else {"socket_id": socket_id}
         return Call(
             PreparedRequest("DELETE", path, None, query), _typed(AnnotationDeleted.from_json)
@@ -436,8 +443,7 @@ class Operations:
         """The request of an outbox mutation row: ``stored`` is its exact body (``op_id``
         included), or for ``unannotate`` the serial of the annotation to delete."""
         if operation == "unannotate":
-            serial = quote_path_segment(check_serial(stored, "annotation_serial"))
-            path = self._message_path(channel, message_serial, f"/annotations/{serial}")
+            path = self._annotation_path(channel, message_serial, stored)
             return PreparedRequest("DELETE", path, None)
         suffix = "/annotations" if operation == "annotate" else f"/{operation}"
         if suffix not in _STORED_SUFFIXES:

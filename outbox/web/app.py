@@ -54,6 +54,8 @@ OPEN_PATHS = ("/login", "/healthz")
 #: Largest form body accepted (a page of ticked ids is a few kilobytes).
 MAX_FORM_BYTES = 64 * 1024
 T = TypeVar("T")
+#: What a form asks to be done to dead events: a replay or a deletion.
+Picked = TypeVar("Picked", views.ReplayRequest, views.DeleteRequest)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -395,16 +397,8 @@ async def event_page(dash: Dashboard, request: Request) -> Response:
 
 async def replay_preview(dash: Dashboard, request: Request) -> Response:
     """The dry run: how many events the replay would move, and a sample; then the choice."""
-    _require_write(dash)
-    form = await checked_form(dash, request)
-    ask = _replay_request(form)
-    selection = ask.selection()
-
-    def read(conn: sa.Connection, table: sa.Table) -> tuple[int, list[admin.EventRecord]]:
-        matched = admin.count_for_replay(conn, table, selection)
-        return matched, admin.dead_events(conn, table, selection, views.SAMPLE)
-
-    matched, sample = await dash.read(read)
+    form, ask = await _dead_events_form(dash, request, views.ReplayRequest)
+    matched, sample = await dash.read(_preview_sample, ask.selection())
     return dash.page(
         request,
         "preview.html",
@@ -416,11 +410,7 @@ async def replay_preview(dash: Dashboard, request: Request) -> Response:
 
 
 async def replay(dash: Dashboard, request: Request) -> Response:
-    _require_write(dash)
-    form = await checked_form(dash, request)
-    ask = _replay_request(form)
-    if ask.expected is None:
-        raise HTTPException(400, "preview the replay first: its count is part of the request")
+    form, ask = await _previewed_dead_events_form(dash, request, views.ReplayRequest, "replay")
     selection = ask.selection()
 
     def run() -> int:
@@ -440,26 +430,50 @@ async def replay(dash: Dashboard, request: Request) -> Response:
     )
 
 
-def _replay_request(form: views.Form) -> views.ReplayRequest:
+def _preview_sample(
+    conn: sa.Connection, table: sa.Table, selection: admin.ReplayFilter
+) -> tuple[int, list[admin.EventRecord]]:
+    """What the preview of a replay and of a deletion both show: how many dead rows it would
+    touch, counted as the write will count them, and the first of them."""
+    matched = admin.count_for_replay(conn, table, selection)
+    return matched, admin.dead_events(conn, table, selection, views.SAMPLE)
+
+
+async def _dead_events_form(
+    dash: Dashboard, request: Request, kind: type[Picked]
+) -> tuple[views.Form, Picked]:
+    """The checked form of a write on dead events and what it asks for (a replay or a
+    deletion: they pick their rows alike). A form that cannot be used answers 400."""
+    _require_write(dash)
+    form = await checked_form(dash, request)
     try:
-        ask = views.ReplayRequest.from_form(form)
+        ask = kind.from_form(form)
         ask.selection()  # a bad time in the filter is the operator's to fix
     except views.FormError as exc:
         raise HTTPException(400, str(exc)) from None
-    return ask
+    return form, ask
+
+
+async def _previewed_dead_events_form(
+    dash: Dashboard, request: Request, kind: type[Picked], action: str
+) -> tuple[views.Form, Picked]:
+    """As :func:`_dead_events_form`, for the confirmation: it must carry the count its preview
+    showed (``action`` names it in the 400 otherwise), so that no more rows than the operator
+    saw are touched."""
+    form, ask = await _dead_events_form(dash, request, kind)
+    if ask.expected is None:
+        raise HTTPException(400, f"preview the {action} first: its count is part of the request")
+    return form, ask
 
 
 async def delete_preview(dash: Dashboard, request: Request) -> Response:
     """The dry run of a deletion: how many dead events it would delete, a sample, and how many
     of them parked keys wait behind; then the confirmation."""
-    _require_write(dash)
-    form = await checked_form(dash, request)
-    ask = _delete_request(form)
+    form, ask = await _dead_events_form(dash, request, views.DeleteRequest)
     selection = ask.selection()
 
     def read(conn: sa.Connection, table: sa.Table) -> tuple[int, list[admin.EventRecord], int]:
-        matched = admin.count_for_replay(conn, table, selection)
-        sample = admin.dead_events(conn, table, selection, views.SAMPLE)
+        matched, sample = _preview_sample(conn, table, selection)
         return matched, sample, admin.parked_heads_among(conn, table, selection)
 
     matched, sample, heads = await dash.read(read)
@@ -475,11 +489,7 @@ async def delete_preview(dash: Dashboard, request: Request) -> Response:
 
 
 async def delete(dash: Dashboard, request: Request) -> Response:
-    _require_write(dash)
-    form = await checked_form(dash, request)
-    ask = _delete_request(form)
-    if ask.expected is None:
-        raise HTTPException(400, "preview the deletion first: its count is part of the request")
+    form, ask = await _previewed_dead_events_form(dash, request, views.DeleteRequest, "deletion")
     selection = ask.selection()
 
     def run() -> int:
@@ -494,15 +504,6 @@ async def delete(dash: Dashboard, request: Request) -> Response:
         ask.expected,
     )
     return dash.page(request, "deleted.html", ask=ask, deleted=deleted, back=views.first(form, "q"))
-
-
-def _delete_request(form: views.Form) -> views.DeleteRequest:
-    try:
-        ask = views.DeleteRequest.from_form(form)
-        ask.selection()
-    except views.FormError as exc:
-        raise HTTPException(400, str(exc)) from None
-    return ask
 
 
 async def skip_preview(dash: Dashboard, request: Request) -> Response:

@@ -39,9 +39,11 @@ from ..schema import EVENT_COLUMNS, dead_table, outbox_table, published_table
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
-#: Headless, silent (no first-run UI, no background requests), and a window the README's
-#: images are made for.
-CHROMIUM_FLAGS = (
+#: Headless, as root in a container, and silent: no first-run UI, no background requests (the
+#: machine reaches only package registries), no QUIC, no component updates or sync. The browser
+#: tests (tests/plugins/browser.py) start chromium with these too: one list, so the screenshots
+#: and the tests run the same browser.
+HEADLESS_CHROMIUM_FLAGS = (
     "--headless",
     "--no-sandbox",
     "--disable-gpu",
@@ -50,9 +52,11 @@ CHROMIUM_FLAGS = (
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
+    # /dev/shm is small in containers; a browser that runs out of it crashes.
     "--disable-dev-shm-usage",
-    "--hide-scrollbars",
 )
+#: No scrollbars in the README's images.
+CHROMIUM_FLAGS = (*HEADLESS_CHROMIUM_FLAGS, "--hide-scrollbars")
 WINDOW = (1280, 1000)
 #: What the page calls the database: the relative URL ``outbox web`` is started with.
 DATABASE_URL = "sqlite:///outbox.db"

@@ -10,7 +10,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from .. import admin
+from .. import admin, status_view
 from ..admin import EventRecord, QueuedEvent, ReplayFilter, StatusReport, ThroughputBucket
 from ..schema import ORDERING_KEY_MAX
 
@@ -243,17 +243,7 @@ def age(seconds: float | None) -> str:
     """``none``, ``42 s``, ``3 min 5 s``, ``2 h 14 min``, ``3 d 4 h``."""
     if seconds is None:
         return "none"
-    whole = int(seconds)
-    if whole < 60:
-        return f"{whole} s"
-    minutes, secs = divmod(whole, 60)
-    if minutes < 60:
-        return f"{minutes} min {secs} s"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 48:
-        return f"{hours} h {minutes} min"
-    days, hours = divmod(hours, 24)
-    return f"{days} d {hours} h"
+    return status_view.span_text(int(seconds))
 
 
 def error_text(record: EventRecord | QueuedEvent) -> str:

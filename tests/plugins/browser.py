@@ -27,27 +27,14 @@ from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.remote.webdriver import WebDriver
 
+from outbox.web.screenshots import CHROMEDRIVER, CHROMIUM, HEADLESS_CHROMIUM_FLAGS
 from tests.helpers.waiting import WAIT_SECONDS
 
 #: The repository whose tracked files a browser test must leave alone.
 REPO = Path(__file__).resolve().parents[2]
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
-#: Headless, as root in a container, and silent: no first-run UI, no background requests (the
-#: machine reaches only package registries), no QUIC, no component updates or sync.
-CHROMIUM_FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    # /dev/shm is small in containers; a browser that runs out of it crashes.
-    "--disable-dev-shm-usage",
-    "--window-size=1280,900",
-)
+#: The screenshot command's headless flags (why each: outbox/web/screenshots.py), and a window
+#: the dashboard's layout is tested at.
+CHROMIUM_FLAGS = (*HEADLESS_CHROMIUM_FLAGS, "--window-size=1280,900")
 
 _REPORT = pytest.StashKey[dict[str, pytest.TestReport]]()
 

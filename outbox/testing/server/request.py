@@ -11,19 +11,12 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qsl
 
+from outbox.sockudo.validation import CHANNEL_TYPE_PREFIXES
+
 from .config import ServerConfig
 from .wire import Rejection, bad_request
 
 _CHANNEL_CHARS = re.compile(r"^[A-Za-z0-9\-_=@,;.:#]*$")
-_TYPE_PREFIXES = (
-    "private-encrypted-cache-",
-    "private-cache-",
-    "presence-cache-",
-    "cache-",
-    "private-encrypted-",
-    "presence-",
-    "private-",
-)
 
 
 def parse_query(query: str) -> dict[str, str]:
@@ -50,7 +43,8 @@ def _no_constants(name: str) -> Any:
 def validate_channel(channel: str, config: ServerConfig) -> None:
     """``validate_channel_name``: a channel name as the app's configuration allows it."""
     logical = channel
-    for prefix in _TYPE_PREFIXES:
+    # Sockudo's channel types, the client's list: a new type is added in one place.
+    for prefix in CHANNEL_TYPE_PREFIXES:
         if logical.startswith(prefix):
             logical = logical[len(prefix) :]
             break
