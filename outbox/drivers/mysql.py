@@ -55,7 +55,15 @@ from typing import Any, ClassVar
 import sqlalchemy as sa
 
 from ..schema import EVENT_COLUMNS, UTCDateTime, dead_table, published_table
-from .sql import CUTOFF, LEASE_CLEARED, TOKEN, claim_columns, index_name, moved_columns, quoted
+from .sql import (
+    CUTOFF,
+    TOKEN,
+    buried_columns,
+    claim_columns,
+    index_name,
+    published_columns,
+    quoted,
+)
 from .threaded import ThreadedDriver
 from .values import Ack, ClaimedRow, Failure
 
@@ -205,14 +213,8 @@ class MySQLDriver(ThreadedDriver):
                 for a in sorted(acks, key=lambda a: a.id)
             ]
         )
-        overrides = {
-            **LEASE_CLEARED,
-            "published_at": NOW,
-            "acknowledgement_id": "f.ack",
-            "message_serial": "f.message_serial",
-            "history_serial": "f.history_serial",
-        }
-        return self._move(conn, published_table(self.table), token, _ACKS, payload, overrides)
+        columns = published_columns(NOW, "f.ack", "f.message_serial", "f.history_serial")
+        return self._move(conn, published_table(self.table), token, _ACKS, payload, columns)
 
     def retry(
         self, conn: sa.Connection, token: uuid.UUID, failures: Sequence[Failure], refund: bool
@@ -239,16 +241,9 @@ class MySQLDriver(ThreadedDriver):
         return conn.execute(stmt, params).rowcount
 
     def bury(self, conn: sa.Connection, token: uuid.UUID, failures: Sequence[Failure]) -> int:
-        overrides = {
-            **LEASE_CLEARED,
-            "failures": "o.failures + f.charge",
-            "last_error_status": "f.status",
-            "last_error_code": "f.code",
-            "last_error_message": "f.message",
-            "last_error_at": NOW,
-        }
+        columns = buried_columns(NOW, "f.charge", "f.status", "f.code", "f.message")
         return self._move(
-            conn, dead_table(self.table), token, _FAILURES, _failures(failures), overrides
+            conn, dead_table(self.table), token, _FAILURES, _failures(failures), columns
         )
 
     def _move(
@@ -258,9 +253,11 @@ class MySQLDriver(ThreadedDriver):
         token: uuid.UUID,
         rows: str,
         payload: str,
-        overrides: Mapping[str, str],
+        columns: str,
     ) -> int:
-        """Move the rows ``payload`` names, still leased under ``token``, into ``target``."""
+        """Move the rows ``payload`` names, still leased under ``token``, into ``target``
+        (``columns``: the SELECT list of :func:`~.sql.published_columns` or
+        :func:`~.sql.buried_columns`)."""
         t, into = quoted(conn, self.table), quoted(conn, target)
         ids = [row[0] for row in json.loads(payload)]
         # Lock first, by primary key in id order: the INSERT ... SELECT below reads its source
@@ -274,7 +271,7 @@ class MySQLDriver(ThreadedDriver):
         copy = sa.text(
             f"""
             INSERT INTO {into} ({", ".join(EVENT_COLUMNS)})
-            SELECT {moved_columns(overrides, "o.")}
+            SELECT {columns}
             FROM {rows} STRAIGHT_JOIN {t} AS o FORCE INDEX (PRIMARY) ON o.id = f.id
             WHERE o.lease_token = :token
             """

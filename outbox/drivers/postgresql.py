@@ -33,7 +33,7 @@ from .. import schema
 from ..connections import UnfollowableEngine, engine_conninfo
 from ..schema import EVENT_COLUMNS, WAITING_FOR_KEY, dead_table, parked_table, published_table
 from .base import Driver
-from .sql import LEASE_CLEARED, claim_columns, claimable_in_order, moved_columns, quoted
+from .sql import buried_columns, claim_columns, claimable_in_order, published_columns, quoted
 from .values import Ack, ClaimedRow, Failure, OnNotify, Recording
 
 log = logging.getLogger("outbox.worker")
@@ -120,18 +120,8 @@ def _statements(hot: str, published: str, dead: str, parked: str) -> dict[str, s
                           a.history_serial AS a_history_serial
             )
             INSERT INTO {published} ({", ".join(EVENT_COLUMNS)})
-            SELECT {
-            moved_columns(
-                {
-                    **LEASE_CLEARED,
-                    "published_at": _NOW,
-                    "acknowledgement_id": "a_ack",
-                    "message_serial": "a_message_serial",
-                    "history_serial": "a_history_serial",
-                },
-            )
-        }
-            FROM done
+            SELECT {published_columns(_NOW, "o.a_ack", "o.a_message_serial", "o.a_history_serial")}
+            FROM done AS o
         """,
         "retry": f"""
             UPDATE {hot} AS o
@@ -155,19 +145,8 @@ def _statements(hot: str, published: str, dead: str, parked: str) -> dict[str, s
                           f.charge AS f_charge
             )
             INSERT INTO {dead} ({", ".join(EVENT_COLUMNS)})
-            SELECT {
-            moved_columns(
-                {
-                    **LEASE_CLEARED,
-                    "failures": "failures + f_charge",
-                    "last_error_status": "f_status",
-                    "last_error_code": "f_code",
-                    "last_error_message": "f_message",
-                    "last_error_at": _NOW,
-                },
-            )
-        }
-            FROM done
+            SELECT {buried_columns(_NOW, "o.f_charge", "o.f_status", "o.f_code", "o.f_message")}
+            FROM done AS o
         """,
         # After an ack or a burial: the next row of each key whose head left becomes due.
         # Both find their rows first (the head of each key by the ordering index, as the claim's

@@ -53,6 +53,33 @@ def moved_columns(overrides: Mapping[str, str], prefix: str = "") -> str:
 LEASE_CLEARED = {"lease_token": "NULL", "lease_expires_at": "NULL"}
 
 
+def published_columns(now: str, ack: str, message_serial: str, history_serial: str) -> str:
+    """The SELECT list of a row moved to the published log (``"o."``-qualified): what the
+    server acknowledged and when, each given as the driver's SQL for it."""
+    published = {
+        **LEASE_CLEARED,
+        "published_at": now,
+        "acknowledgement_id": ack,
+        "message_serial": message_serial,
+        "history_serial": history_serial,
+    }
+    return moved_columns(published, "o.")
+
+
+def buried_columns(now: str, charge: str, status: str, code: str, message: str) -> str:
+    """The SELECT list of a row moved to the dead table (``"o."``-qualified): the failure that
+    buried it, charged or not, each given as the driver's SQL for it."""
+    buried = {
+        **LEASE_CLEARED,
+        "failures": f"o.failures + {charge}",
+        "last_error_status": status,
+        "last_error_code": code,
+        "last_error_message": message,
+        "last_error_at": now,
+    }
+    return moved_columns(buried, "o.")
+
+
 def claimable_in_order(row: str, hot: str, parked: str) -> str:
     """SQL: whether the hot row aliased ``row`` may go now as far as order is concerned.
 

@@ -14,7 +14,7 @@ import json
 import logging
 import sqlite3
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import sqlalchemy as sa
 
@@ -27,13 +27,13 @@ from ..schema import (
     published_table,
 )
 from .sql import (
-    LEASE_CLEARED,
     TOKEN,
+    buried_columns,
     claim_columns,
     claimable_in_order,
     claimed_rows,
     index_name,
-    moved_columns,
+    published_columns,
     quoted,
 )
 from .threaded import ThreadedDriver
@@ -133,14 +133,8 @@ class SQLiteDriver(ThreadedDriver):
         payload = json.dumps(
             [[a.id, a.acknowledgement_id, a.message_serial, a.history_serial] for a in acks]
         )
-        overrides = {
-            **LEASE_CLEARED,
-            "published_at": _NOW,
-            "acknowledgement_id": "json_extract(a.value, '$[1]')",
-            "message_serial": "json_extract(a.value, '$[2]')",
-            "history_serial": "json_extract(a.value, '$[3]')",
-        }
-        return self._move(conn, published_table(self.table), token, payload, overrides)
+        columns = published_columns(_NOW, *(_field(i) for i in (1, 2, 3)))
+        return self._move(conn, published_table(self.table), token, payload, columns)
 
     def retry(
         self, conn: sa.Connection, token: uuid.UUID, failures: Sequence[Failure], refund: bool
@@ -168,15 +162,8 @@ class SQLiteDriver(ThreadedDriver):
         return conn.execute(stmt, params).rowcount
 
     def bury(self, conn: sa.Connection, token: uuid.UUID, failures: Sequence[Failure]) -> int:
-        overrides = {
-            **LEASE_CLEARED,
-            "failures": "o.failures + json_extract(a.value, '$[5]')",
-            "last_error_status": "json_extract(a.value, '$[2]')",
-            "last_error_code": "json_extract(a.value, '$[3]')",
-            "last_error_message": "json_extract(a.value, '$[4]')",
-            "last_error_at": _NOW,
-        }
-        return self._move(conn, dead_table(self.table), token, _failures(failures), overrides)
+        columns = buried_columns(_NOW, *(_field(i) for i in (5, 2, 3, 4)))
+        return self._move(conn, dead_table(self.table), token, _failures(failures), columns)
 
     def _move(
         self,
@@ -184,14 +171,16 @@ class SQLiteDriver(ThreadedDriver):
         target: sa.Table,
         token: uuid.UUID,
         payload: str,
-        overrides: Mapping[str, str],
+        columns: str,
     ) -> int:
-        """Copy the leased rows ``payload`` names into ``target``, then delete them here."""
+        """Copy the leased rows ``payload`` names into ``target`` (``columns``: the SELECT list
+        of :func:`~.sql.published_columns` or :func:`~.sql.buried_columns`), then delete them
+        here."""
         t, into = quoted(conn, self.table), quoted(conn, target)
         copy = sa.text(
             f"""
             INSERT INTO {into} ({", ".join(EVENT_COLUMNS)})
-            SELECT {moved_columns(overrides, "o.")}
+            SELECT {columns}
             FROM json_each(:payload) AS a JOIN {t} AS o ON o.id = json_extract(a.value, '$[0]')
             WHERE o.lease_token = :token
             """
@@ -303,6 +292,11 @@ def _waiting_head(t: str, parked: str) -> str:
                               WHERE h.ordering_key = {t}.ordering_key AND h.id < {t}.id)
               AND NOT EXISTS (SELECT 1 FROM {parked} AS p
                               WHERE p.ordering_key = {t}.ordering_key)"""
+
+
+def _field(index: int) -> str:
+    """SQL: field ``index`` of the JSON array ``a.value`` (one row of a batch's payload)."""
+    return f"json_extract(a.value, '$[{index}]')"
 
 
 def _data_version(connection: sqlite3.Connection) -> int:
