@@ -62,7 +62,6 @@ from outbox import BY_CHANNEL, admin, enqueue, outbox_table
 from outbox.database import create_engine
 from outbox.delivery import Deliverer
 from outbox.mutations import append_message, update_message
-from outbox.retry import EndpointBreaker
 from outbox.schema import WAITING_FOR_KEY, dead_table, parked_table, published_table
 from outbox.sockudo import AsyncSockudo
 from outbox.testing.server import TestServer
@@ -246,9 +245,8 @@ class OutboxMachine(RuleBasedStateMachine):
             alone_concurrency=1,
         )
         for _ in range(2):
-            worker = Worker(settings_, engine=self.engine)
+            worker = Worker(settings_, engine=self.engine, clock=self.clock)
             worker.hot_path = Killable(worker.hot_path)
-            worker.breaker = EndpointBreaker(worker.policy, threshold=3, clock=self.clock)
             client = worker.new_client()
             self.workers.append(worker)
             self.clients.append(client)
