@@ -6,18 +6,18 @@ short transactions on a thread; upkeep (reclaim, retention, gauges) runs on a th
 the event loop. No transaction is open while a request is in flight: a claim commits before the
 publish starts, and the outcome is written in a new transaction after it ends.
 
-The worker keeps the claim loop, the claims in flight and the recording of their outcomes. What an
-outcome means is decided in :mod:`.plan`; how rows are sent, in :mod:`.delivery`; leases and
-retention, in :mod:`.maintenance`; what an operator sees (counts, metrics, ``/readyz``, the pauses
-when the endpoint fails), in :mod:`.observer`. Side tasks (maintenance, LISTEN) are supervised: if
-one dies, the worker stops and :meth:`Worker.run` raises :class:`SideTaskFailed`.
+The worker keeps the claim loop and the claims in flight. What happens to one claim (publish,
+record the outcome) is in :mod:`.claims`; what an outcome means, in :mod:`.plan`; how rows are
+sent, in :mod:`.delivery`; leases and retention, in :mod:`.maintenance`; what an operator sees
+(counts, metrics, ``/readyz``, the pauses when the endpoint fails), in :mod:`.observer`. Side
+tasks (maintenance, LISTEN) are supervised: if one dies, the worker stops and :meth:`Worker.run`
+raises :class:`SideTaskFailed`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import logging
 import time
 import uuid
@@ -27,13 +27,12 @@ from typing import Any
 import sqlalchemy as sa
 
 from . import __version__
-from .connections import in_transaction
+from .claims import ClaimDelivery
 from .database import create_engine, display_url, short_error
-from .delivery import Deliverer, Outcome
-from .dialects import ClaimedRow, Dialect, dialect_for
+from .delivery import Deliverer
+from .dialects import Dialect, dialect_for
 from .maintenance import Maintenance
 from .observer import WorkerObserver, WorkerStats
-from .plan import Plan, plan_outcome
 from .retry import EndpointBreaker, RetryPolicy
 from .schema import outbox_table
 from .settings import Settings
@@ -43,8 +42,6 @@ from .tracing import publish_spans
 
 log = logging.getLogger("outbox.worker")
 
-#: How many times a finished publish tries to record its outcome before leaving it to the lease.
-RECORD_TRIES = 5
 #: The longest pause after database errors in a row (seconds).
 MAX_DATABASE_PAUSE = 30.0
 
@@ -100,6 +97,18 @@ class Worker:
         self._side_failure: BaseException | None = None
         self.observer = WorkerObserver(
             settings, self.engine, self.table, self.breaker, in_flight=lambda: len(self._tasks)
+        )
+        self.claims = ClaimDelivery(
+            settings,
+            self.engine,
+            self.dialect,
+            self.table,
+            self.hot_path,
+            policy=self.policy,
+            breaker=self.breaker,
+            observer=self.observer,
+            database_trouble=self._database_trouble,
+            wake=self.wake,
         )
         #: What this worker did since it started (``outbox worker`` prints it when it stops).
         self.stats: WorkerStats = self.observer.stats
@@ -257,7 +266,7 @@ class Worker:
                     return
                 await self._idle(once)
                 continue
-            task = asyncio.create_task(self._deliver(deliverer, token, rows))
+            task = asyncio.create_task(self.claims.deliver_in_task(deliverer, token, rows))
             self._tasks.add(task)
             task.add_done_callback(lambda t: (self._tasks.discard(t), slots.release()))
             if probing:
@@ -288,118 +297,6 @@ class Worker:
             )
             for task in pending:
                 task.cancel()
-
-    # -- one claimed batch --------------------------------------------------------------------
-
-    async def _deliver(
-        self, deliverer: Deliverer, token: uuid.UUID, rows: list[ClaimedRow]
-    ) -> None:
-        try:
-            await self.deliver_claim(deliverer, token, rows)
-        except Exception:
-            # A bug must not kill the worker silently; the rows stay leased, and return to the
-            # queue when the lease expires (then sent alone, so nothing is lost or skipped).
-            log.exception(
-                "unexpected error while publishing a batch of %d; its rows return after the lease",
-                len(rows),
-            )
-
-    async def deliver_claim(
-        self, deliverer: Deliverer, token: uuid.UUID, rows: list[ClaimedRow]
-    ) -> None:
-        """Publish one claim's rows through ``deliverer`` and record the outcome under the
-        claim's ``token``: what the claim loop runs for every claim (tests drive it directly)."""
-        started = time.perf_counter()
-        # Rows sent alone go a few at a time: a claim can take longer than one request, so its
-        # lease is renewed while it is being published (a killed worker stops renewing).
-        renewal = asyncio.create_task(self._keep_leased(token, [row.id for row in rows]))
-        try:
-            try:
-                targets = await self._resolve_targets(rows)
-            except sa.exc.DBAPIError as exc:
-                # Nothing was sent: the rows go back as they came, due at once.
-                await self._database_trouble("finding mutation targets", exc)
-                await self._record(token, Plan(give_back=[row.id for row in rows]), rows)
-                return
-            outcome = await deliverer.deliver(rows, targets)
-        finally:
-            renewal.cancel()
-        if outcome.found_serials:
-            await self._remember_serials(outcome)
-        # Whether the endpoint was serving before this outcome decides what is charged.
-        endpoint_serving = self.breaker.serving and not self.breaker.tripped
-        self.observer.endpoint_answered(outcome)
-        plan = plan_outcome(
-            outcome,
-            rows,
-            policy=self.policy,
-            endpoint_serving=endpoint_serving,
-            now=dt.datetime.now(dt.UTC),
-            unsendable_retry=self.settings.misconfigured_retry_seconds,
-            park_dead_heads=self.settings.dead_head == "park",
-        )
-        for note in plan.notes:
-            log.log(note.level, note.message, *note.args)
-        await self._record(token, plan, rows)
-        self.observer.claim_finished(rows, outcome, plan, time.perf_counter() - started)
-
-    async def _resolve_targets(self, rows: list[ClaimedRow]) -> dict[int, Any] | None:
-        """The message serial of each mutation row that names its message by an outbox event
-        (or why there is none); the claim let it through only once that event left the queue."""
-        waiting = [r for r in rows if r.target_event_id is not None and r.target_serial is None]
-        if not waiting:
-            return None
-        return await in_transaction(
-            self.engine, lambda conn: self.dialect.resolve_targets(conn, self.table, waiting)
-        )
-
-    async def _remember_serials(self, outcome: Outcome) -> None:
-        """Store the serials a mutation found in history with its message's log row, so the
-        next mutation of that message finds it there. Only saves lookups: a failure is logged."""
-        found = outcome.found_serials
-        try:
-            await in_transaction(
-                self.engine, lambda conn: self.dialect.remember_serials(conn, self.table, found)
-            )
-        except sa.exc.DBAPIError as exc:
-            log.warning("could not store a serial found in history: %s", short_error(exc))
-
-    async def _keep_leased(self, token: uuid.UUID, ids: list[int]) -> None:
-        lease = self.settings.lease_seconds
-        while True:
-            await asyncio.sleep(lease / 3)
-            try:
-                await self.hot_path.extend_lease(token, lease, ids)
-            except sa.exc.DBAPIError as exc:
-                log.warning("could not renew a lease (%s); it may expire", short_error(exc))
-
-    async def _record(self, token: uuid.UUID, plan: Plan, rows: list[ClaimedRow]) -> None:
-        """Write the plan in one short transaction, retrying while the database is away."""
-        for attempt in range(1, RECORD_TRIES + 1):
-            started = time.perf_counter()
-            try:
-                # Rows whose lease expired and were taken over are not acked (token guard):
-                # ``acked`` counts only the rows this ack really moved.
-                acked = await self.hot_path.record(token, plan)
-            except sa.exc.DBAPIError as exc:
-                if attempt == RECORD_TRIES:
-                    log.error(
-                        "could not record a batch outcome (%s); its rows stay leased and will be "
-                        "published again alone after the lease expires",
-                        short_error(exc),
-                    )
-                    return
-                await self._database_trouble("record", exc)
-                continue
-            if plan.heads_gone or plan.messages_gone:
-                # The next event of each key that lost its head, and the mutations waiting for
-                # a message that went out, may have just become due: claim now, not at the next
-                # poll (no notification says so; only inserts notify).
-                self._wake.set()
-            self.observer.recorded(plan, rows, acked, time.perf_counter() - started)
-            return
-
-    # -- database helpers ---------------------------------------------------------------------
 
     async def _database_trouble(self, what: str, exc: BaseException) -> None:
         """Count a failed statement and wait before the next try, longer for each failure in a

@@ -177,29 +177,19 @@ class KilledBeforeRecord(Exception):
 
 
 class Killable:
-    """A worker's hot path whose next ``record`` can be made to die (the process killed)."""
+    """Makes a worker's hot path's next ``record`` die (the process killed). Patched on the hot
+    path itself, which the worker's claim loop and its claims' recording share."""
 
-    def __init__(self, real: Any) -> None:
-        self.real = real
+    def __init__(self, hot_path: Any) -> None:
         self.kill_next_record = False
-
-    async def start(self) -> None:
-        await self.real.start()
-
-    async def claim(self, *args: Any) -> Any:
-        return await self.real.claim(*args)
-
-    async def extend_lease(self, *args: Any) -> Any:
-        return await self.real.extend_lease(*args)
+        self._record = hot_path.record
+        hot_path.record = self.record
 
     async def record(self, *args: Any) -> Any:
         if self.kill_next_record:
             self.kill_next_record = False
             raise KilledBeforeRecord
-        return await self.real.record(*args)
-
-    async def aclose(self) -> None:
-        await self.real.aclose()
+        return await self._record(*args)
 
 
 # -- the machine ----------------------------------------------------------------------------------
@@ -218,6 +208,7 @@ class OutboxMachine(RuleBasedStateMachine):
         self.publish_events: list[Identity] = []
         self.server_forgot = False
         self.workers: list[Worker] = []
+        self.killables: list[Killable] = []
         self.deliverers: list[Deliverer] = []
         self.clients: list[AsyncSockudo] = []
         self.clock = ModelClock()
@@ -246,7 +237,7 @@ class OutboxMachine(RuleBasedStateMachine):
         )
         for _ in range(2):
             worker = Worker(settings_, engine=self.engine, clock=self.clock)
-            worker.hot_path = Killable(worker.hot_path)
+            self.killables.append(Killable(worker.hot_path))
             client = worker.new_client()
             self.workers.append(worker)
             self.clients.append(client)
@@ -372,15 +363,16 @@ class OutboxMachine(RuleBasedStateMachine):
         if outcome in ("refused", "item_refused"):
             for identity in claim.identities():
                 self.rows[identity].refusable = True
-        worker.hot_path.kill_next_record = outcome == "killed"
+        killable = self.killables[claim.worker]
+        killable.kill_next_record = outcome == "killed"
         deliverer = self.deliverers[claim.worker]
         try:
-            self.ctx.run(worker.deliver_claim(deliverer, claim.token, claim.rows))
+            self.ctx.run(worker.claims.deliver(deliverer, claim.token, claim.rows))
         except KilledBeforeRecord:
             claim.stale = True  # its rows stay leased by a dead worker until the lease expires
             self.claims.append(claim)
         finally:
-            worker.hot_path.kill_next_record = False
+            killable.kill_next_record = False
             server.clear_faults()
 
     @rule(
@@ -583,7 +575,7 @@ class OutboxMachine(RuleBasedStateMachine):
                 rows = self.ctx.run(worker.hot_path.claim(100, LEASE, token))
                 if rows:
                     self._check_claim(Claim(number, token, rows), self._read())
-                    self.ctx.run(worker.deliver_claim(self.deliverers[number], token, rows))
+                    self.ctx.run(worker.claims.deliver(self.deliverers[number], token, rows))
             after = len(self._read().hot())
             if not after or (after >= before and stalled):
                 return
