@@ -1,40 +1,38 @@
 """The worker loop: claim -> publish -> ack, with several batches in flight.
 
-Every database operation goes through the table's driver (:mod:`.drivers`): on PostgreSQL
-the claim, the lease renewal and the recording run on psycopg's asyncio connections on the event
-loop, elsewhere as short transactions on a thread; upkeep (reclaim, retention, gauges) runs on a
-thread. HTTP runs on the event loop. No transaction is open while a request is in flight: a claim commits before the
+Every database operation goes through the table's driver (:mod:`.drivers`): on PostgreSQL the
+claim, the lease renewal and the recording run on psycopg's asyncio connections on the event loop,
+elsewhere as short transactions on a thread; upkeep (reclaim, retention, gauges) runs on a thread.
+HTTP runs on the event loop. No transaction is open while a request is in flight: a claim commits before the
 publish starts, and the outcome is written in a new transaction after it ends.
 
-The worker keeps the claim loop, the claims in flight and the recording of their outcomes. What an
-outcome means is decided in :mod:`.plan`; how rows are sent, in :mod:`.delivery`; leases and
-retention, in :mod:`.maintenance`. Side tasks (maintenance, LISTEN) are supervised: if one dies,
-the worker stops and :meth:`Worker.run` raises :class:`SideTaskFailed`.
+The worker keeps the claim loop and the claims in flight. What happens to one claim (publish,
+record the outcome) is in :mod:`.claims`; what an outcome means, in :mod:`.plan`; how rows are
+sent, in :mod:`.delivery`; leases and retention, in :mod:`.maintenance`; what an operator sees
+(counts, metrics, ``/readyz``, the pauses when the endpoint fails), in :mod:`.observer`. Side
+tasks (maintenance, LISTEN) are supervised: if one dies, the worker stops and :meth:`Worker.run`
+raises :class:`SideTaskFailed`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import logging
 import time
 import uuid
-from collections.abc import Coroutine
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import sqlalchemy as sa
 
-from . import __version__, admin
-from .connections import in_transaction
+from . import __version__
+from .claims import ClaimDelivery
 from .database import create_engine, display_url, short_error
-from .delivery import Deliverer, Outcome
-from .drivers import ClaimedRow, Driver, driver_for
-from .health import HealthServer, Readiness, readiness
+from .delivery import Deliverer
+from .drivers import Driver, driver_for
 from .maintenance import Maintenance
-from .metrics import Recorder
-from .plan import EndpointVerdict, Plan, endpoint_verdict, plan_outcome
+from .observer import WorkerObserver, WorkerStats
 from .retry import EndpointBreaker, RetryPolicy
 from .schema import outbox_table
 from .settings import Settings
@@ -44,35 +42,8 @@ from .tracing import publish_spans
 
 log = logging.getLogger("outbox.worker")
 
-#: How many times a finished publish tries to record its outcome before leaving it to the lease.
-RECORD_TRIES = 5
 #: The longest pause after database errors in a row (seconds).
 MAX_DATABASE_PAUSE = 30.0
-#: A scrape reuses a queue snapshot younger than this (seconds): scrapers at once cost one read.
-QUEUE_SNAPSHOT_REUSE = 1.0
-#: Longest wait for the queue snapshot of a scrape; without it the gauges are left out.
-QUEUE_SNAPSHOT_TIMEOUT = 5.0
-#: /readyz turns red when the claim loop made no progress for this long (at least).
-READY_WINDOW_MIN = 15.0
-
-
-@dataclass
-class WorkerStats:
-    """What this worker did since it started (rows, except ``requests``)."""
-
-    claimed: int = 0
-    published: int = 0
-    retried: int = 0
-    dead: int = 0
-    requests: int = 0
-    database_errors: int = 0
-    #: Times publishing paused (the breaker opened, or the server refused the credentials).
-    pauses: int = 0
-    #: Rows taken over from expired leases (a killed worker's), by a claim or by upkeep.
-    reclaimed: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
 
 
 class SideTaskFailed(RuntimeError):
@@ -93,7 +64,9 @@ class Worker:
         *,
         engine: sa.Engine | None = None,
         client: AsyncSockudo | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``clock`` times the breaker's pauses (``tests/test_model.py`` steps it)."""
         self.settings = settings
         self.engine = engine or create_engine(settings.database_url)
         self.table = outbox_table(settings.table_name)
@@ -104,7 +77,9 @@ class Worker:
             max_attempts=settings.max_attempts,
             max_age=settings.max_age_seconds,
         )
-        self.breaker = EndpointBreaker(self.policy, threshold=settings.breaker_threshold)
+        self.breaker = EndpointBreaker(
+            self.policy, threshold=settings.breaker_threshold, clock=clock
+        )
         self.maintenance = Maintenance(
             self.driver,
             lease_seconds=settings.lease_seconds,
@@ -113,27 +88,24 @@ class Worker:
             on_due=self.wake,
         )
         self._client = client
-        self.stats = WorkerStats()
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._database_errors_in_a_row = 0
         self._side_failure: BaseException | None = None
-        #: When the claim loop last completed a claim or recorded an outcome (monotonic).
-        self._last_progress: float | None = None
-        self._queue: admin.StatusReport | None = None
-        self._queue_read_at = -QUEUE_SNAPSHOT_REUSE
-        self.metrics: Recorder = Recorder()
-        if settings.metrics_port is not None:
-            from .metrics import PrometheusRecorder
-
-            self.metrics = PrometheusRecorder(
-                settings.table_name,
-                queue=lambda: self._queue,
-                breaker=self._breaker_state,
-                in_flight=lambda: len(self._tasks),
-            )
-        self.health: HealthServer | None = None
+        self.observer = WorkerObserver(
+            settings, self.engine, self.table, self.breaker, in_flight=lambda: len(self._tasks)
+        )
+        self.claims = ClaimDelivery(
+            settings,
+            self.driver,
+            policy=self.policy,
+            breaker=self.breaker,
+            observer=self.observer,
+            database_trouble=self._database_trouble,
+            wake=self.wake,
+        )
+        #: What this worker did since it started (``outbox worker`` prints it when it stops).
+        self.stats: WorkerStats = self.observer.stats
         #: Why a ``once`` run ended with the endpoint failing (down, or refusing the
         #: credentials), leaving what was due for the next run; None when it did not.
         self.unavailable_reason: str | None = None
@@ -150,48 +122,8 @@ class Worker:
         self._wake.set()
 
     def _reclaimed(self, rows: int) -> None:
-        self.stats.reclaimed += rows
-        self.metrics.reclaimed(rows)
+        self.observer.reclaimed(rows)
         self.wake()
-
-    # -- what it tells an operator ------------------------------------------------------------
-
-    def readiness(self) -> Readiness:
-        """Whether this worker is doing its job (``/readyz``), and if not, why."""
-        s = self.settings
-        since = None if self._last_progress is None else time.monotonic() - self._last_progress
-        return readiness(
-            since_progress=since,
-            window=max(READY_WINDOW_MIN, 3 * s.poll_interval, 2 * s.request_timeout),
-            database_errors_in_a_row=self._database_errors_in_a_row,
-            paused_because=self.breaker.reason if self.breaker.tripped else None,
-        )
-
-    def _breaker_state(self) -> int:
-        if self.breaker.is_open:
-            return 1
-        return 2 if self.breaker.tripped else 0
-
-    async def _metrics_page(self) -> tuple[bytes, str]:
-        await self._read_queue()
-        return self.metrics.exposition()
-
-    async def _read_queue(self) -> None:
-        """Refresh the queue gauges (the unsent states), at most once per QUEUE_SNAPSHOT_REUSE."""
-        if time.monotonic() - self._queue_read_at < QUEUE_SNAPSHOT_REUSE:
-            return
-        try:
-            self._queue = await asyncio.wait_for(
-                in_transaction(
-                    self.engine, lambda conn: admin.snapshot(conn, self.table, published=False)
-                ),
-                QUEUE_SNAPSHOT_TIMEOUT,
-            )
-        except (sa.exc.DBAPIError, TimeoutError) as exc:
-            if self._queue is not None:  # once per failure, not once per scrape
-                log.warning("could not read the queue gauges: %s", short_error(exc))
-            self._queue = None
-        self._queue_read_at = time.monotonic()
 
     @property
     def stopping(self) -> bool:
@@ -206,15 +138,8 @@ class Worker:
         client = self._client or self.new_client()
         deliverer = self.deliverer(client)
         slots = asyncio.Semaphore(self.settings.in_flight)
-        if self.settings.metrics_port is not None:
-            # First: a port that cannot be opened stops the worker before it claims anything.
-            self.health = HealthServer(
-                self.settings.metrics_host,
-                self.settings.metrics_port,
-                ready=self.readiness,
-                metrics=self._metrics_page,
-            )
-            await self.health.start()
+        # First: a metrics port that cannot be opened stops the worker before it claims anything.
+        await self.observer.serve()
         side_tasks = [self._supervise("maintenance", self.maintenance.run(self._stopping.is_set))]
         if self.driver.notifies:
             listen = self.driver.listen(self.wake)
@@ -238,17 +163,11 @@ class Worker:
             for task in side_tasks:
                 task.cancel()
             await asyncio.gather(*side_tasks, return_exceptions=True)
-            if self.health is not None:
-                await self.health.close()
+            await self.observer.close()
             if self._client is None:
                 await client.aclose()
             await self.driver.aclose()
-            log.info(
-                "worker stopped: %d published, %d retried, %d dead",
-                self.stats.published,
-                self.stats.retried,
-                self.stats.dead,
-            )
+            self.observer.stopped()
         if self._side_failure is not None:
             raise SideTaskFailed(str(self._side_failure)) from self._side_failure
 
@@ -263,7 +182,7 @@ class Worker:
             except sa.exc.DBAPIError as exc:
                 await self._database_trouble("start", exc)
                 continue
-            self._database_errors_in_a_row = 0
+            self.observer.database_answered()
             return True
         return False
 
@@ -284,7 +203,7 @@ class Worker:
             alone_concurrency=self.settings.alone_concurrency,
             stopping=self._stopping.is_set,
             paused=lambda: self.breaker.is_open,
-            on_request=self.metrics.request,
+            on_request=self.observer.metrics.request,
             spans=publish_spans(config.host, config.port, __version__),
         )
 
@@ -330,27 +249,18 @@ class Worker:
             claim_started = time.perf_counter()
             try:
                 rows = await self.driver.events_claim(limit, self.settings.lease_seconds, token)
-                self._database_errors_in_a_row = 0
             except sa.exc.DBAPIError as exc:
                 slots.release()
                 await self._database_trouble("claim", exc)
                 continue
-            self.metrics.claimed(len(rows), time.perf_counter() - claim_started)
-            self._last_progress = time.monotonic()
+            self.observer.claimed(rows, time.perf_counter() - claim_started)
             if not rows:
                 slots.release()
                 if once and not self._tasks:
                     return
                 await self._idle(once)
                 continue
-            self.stats.claimed += len(rows)
-            taken_over = sum(row.taken_over for row in rows)
-            if taken_over:
-                # A killed or stalled worker's lease expired: its rows go out again, alone.
-                log.warning("took over %d row(s) whose lease expired", taken_over)
-                self.stats.reclaimed += taken_over
-                self.metrics.reclaimed(taken_over)
-            task = asyncio.create_task(self._deliver(deliverer, token, rows))
+            task = asyncio.create_task(self.claims.deliver_in_task(deliverer, token, rows))
             self._tasks.add(task)
             task.add_done_callback(lambda t: (self._tasks.discard(t), slots.release()))
             if probing:
@@ -382,170 +292,10 @@ class Worker:
             for task in pending:
                 task.cancel()
 
-    # -- one claimed batch --------------------------------------------------------------------
-
-    async def _deliver(
-        self, deliverer: Deliverer, token: uuid.UUID, rows: list[ClaimedRow]
-    ) -> None:
-        try:
-            await self.deliver_claim(deliverer, token, rows)
-        except Exception:
-            # A bug must not kill the worker silently; the rows stay leased, and return to the
-            # queue when the lease expires (then sent alone, so nothing is lost or skipped).
-            log.exception(
-                "unexpected error while publishing a batch of %d; its rows return after the lease",
-                len(rows),
-            )
-
-    async def deliver_claim(
-        self, deliverer: Deliverer, token: uuid.UUID, rows: list[ClaimedRow]
-    ) -> None:
-        """Publish one claim's rows through ``deliverer`` and record the outcome under the
-        claim's ``token``: what the claim loop runs for every claim (tests drive it directly)."""
-        started = time.perf_counter()
-        # Rows sent alone go a few at a time: a claim can take longer than one request, so its
-        # lease is renewed while it is being published (a killed worker stops renewing).
-        renewal = asyncio.create_task(self._keep_leased(token, [row.id for row in rows]))
-        try:
-            try:
-                targets = await self._resolve_targets(rows)
-            except sa.exc.DBAPIError as exc:
-                # Nothing was sent: the rows go back as they came, due at once.
-                await self._database_trouble("finding mutation targets", exc)
-                await self._record(token, Plan(give_back_refund=[row.id for row in rows]), rows)
-                return
-            outcome = await deliverer.deliver(rows, targets)
-        finally:
-            renewal.cancel()
-        if outcome.found_serials:
-            await self._remember_serials(outcome)
-        self.stats.requests += outcome.requests
-        # Whether the endpoint was serving before this outcome decides what is charged.
-        endpoint_serving = self.breaker.serving and not self.breaker.tripped
-        self._judge_endpoint(endpoint_verdict(outcome))
-        plan = plan_outcome(
-            outcome,
-            rows,
-            policy=self.policy,
-            endpoint_serving=endpoint_serving,
-            now=dt.datetime.now(dt.UTC),
-            unsendable_retry=self.settings.misconfigured_retry_seconds,
-            park_dead_heads=self.settings.dead_head == "park",
-        )
-        for note in plan.notes:
-            log.log(note.level, note.message, *note.args)
-        await self._record(token, plan, rows)
-        # Rows, then requests: a row refused in its batch request is sent again alone, so one
-        # row may be in both counts of requests (53 rows: 1 batch request of 53, 53 alone).
-        log.info(
-            "batch of %d: %d published, %d to retry, %d dead, %d given back; "
-            "%d batch request%s (%d rows), %d request%s alone; in %.1f ms",
-            len(rows),
-            len(plan.published),
-            plan.retried,
-            len(plan.buried),
-            len(outcome.unsent),
-            outcome.requests - outcome.sent_alone,
-            "" if outcome.requests - outcome.sent_alone == 1 else "s",
-            outcome.sent_as_batch,
-            outcome.sent_alone,
-            "" if outcome.sent_alone == 1 else "s",
-            (time.perf_counter() - started) * 1000,
-        )
-
-    async def _resolve_targets(self, rows: list[ClaimedRow]) -> dict[int, Any] | None:
-        """The message serial of each mutation row that names its message by an outbox event
-        (or why there is none); the claim let it through only once that event left the queue."""
-        waiting = [r for r in rows if r.target_event_id is not None and r.target_serial is None]
-        if not waiting:
-            return None
-        return await self.driver.targets_resolve(waiting)
-
-    async def _remember_serials(self, outcome: Outcome) -> None:
-        """Store the serials a mutation found in history with its message's log row, so the
-        next mutation of that message finds it there. Only saves lookups: a failure is logged."""
-        found = outcome.found_serials
-        try:
-            await self.driver.targets_remember(found)
-        except sa.exc.DBAPIError as exc:
-            log.warning("could not store a serial found in history: %s", short_error(exc))
-
-    async def _keep_leased(self, token: uuid.UUID, ids: list[int]) -> None:
-        lease = self.settings.lease_seconds
-        while True:
-            await asyncio.sleep(lease / 3)
-            try:
-                await self.driver.events_extend_lease(token, lease, ids)
-            except sa.exc.DBAPIError as exc:
-                log.warning("could not renew a lease (%s); it may expire", short_error(exc))
-
-    def _judge_endpoint(self, verdict: EndpointVerdict) -> None:
-        if verdict.misconfigured is not None:
-            wait = self.settings.misconfigured_retry_seconds
-            reason = (
-                f"the server refused this worker's credentials ({verdict.misconfigured}); check "
-                f"SOCKUDO_URL ({self.settings.masked_sockudo_url}): app id, key, secret and this "
-                "host's clock"
-            )
-            log.error("%s. Rows stay pending; retrying in %g s", reason, wait)
-            self.breaker.pause_for(wait, reason)
-            self.stats.pauses += 1
-            self.metrics.paused("misconfigured")
-            return
-        was_tripped = self.breaker.tripped
-        # The reason says what failed, for the log, /readyz and a --once run's exit.
-        failures = [(f"endpoint unavailable: {exc}", exc.retry_after) for exc in verdict.failures]
-        pause = self.breaker.observe(failures, verdict.served)
-        if pause is not None:
-            self.stats.pauses += 1
-            self.metrics.paused("endpoint")
-            log.warning("%s: pausing publishing for %.1f s", self.breaker.reason, pause)
-        elif was_tripped and not self.breaker.tripped:
-            log.info("endpoint is back: resuming publishing")
-
-    async def _record(self, token: uuid.UUID, plan: Plan, rows: list[ClaimedRow]) -> None:
-        """Write the plan in one short transaction, retrying while the database is away."""
-        acked = 0
-        for attempt in range(1, RECORD_TRIES + 1):
-            started = time.perf_counter()
-            try:
-                # Rows whose lease expired and were taken over are not acked (token guard):
-                # ``acked`` counts only the rows this ack really moved.
-                acked = await self.driver.events_record(token, plan)
-                self._database_errors_in_a_row = 0
-                self._last_progress = time.monotonic()
-                if plan.heads_gone or plan.messages_gone:
-                    # The next event of each key that lost its head, and the mutations waiting
-                    # for a message that went out, may have just become due: claim now, not at
-                    # the next poll (no notification says so; only inserts notify).
-                    self._wake.set()
-                self.metrics.recorded(plan, rows, acked, time.perf_counter() - started)
-                break
-            except sa.exc.DBAPIError as exc:
-                if attempt == RECORD_TRIES:
-                    log.error(
-                        "could not record a batch outcome (%s); its rows stay leased and will be "
-                        "published again alone after the lease expires",
-                        short_error(exc),
-                    )
-                    return
-                await self._database_trouble("record", exc)
-        if acked < len(plan.published):
-            log.warning(
-                "%d published row(s) were no longer leased by this worker (lease expired); "
-                "their new holder records them",
-                len(plan.published) - acked,
-            )
-        self.stats.published += acked
-        self.stats.retried += plan.retried
-        self.stats.dead += len(plan.buried)
-
-    # -- database helpers ---------------------------------------------------------------------
-
     async def _database_trouble(self, what: str, exc: BaseException) -> None:
-        self.stats.database_errors += 1
-        self._database_errors_in_a_row += 1
-        pause = database_pause(self._database_errors_in_a_row, self.settings.poll_interval)
+        """Count a failed statement and wait before the next try, longer for each failure in a
+        row (cut short when the worker stops)."""
+        pause = database_pause(self.observer.database_failed(), self.settings.poll_interval)
         log.warning(
             "database error during %s (%s); retrying in %.1f s", what, short_error(exc), pause
         )

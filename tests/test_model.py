@@ -62,7 +62,6 @@ from outbox import BY_CHANNEL, admin, enqueue, outbox_table
 from outbox.database import create_engine
 from outbox.delivery import Deliverer
 from outbox.mutations import append_message, update_message
-from outbox.retry import EndpointBreaker
 from outbox.schema import WAITING_FOR_KEY, dead_table, parked_table, published_table
 from outbox.sockudo import AsyncSockudo
 from outbox.testing.server import TestServer
@@ -178,21 +177,19 @@ class KilledBeforeRecord(Exception):
 
 
 class Killable:
-    """A worker's driver whose next ``events_record`` can be made to die (the process killed);
-    every other operation is the driver's own."""
+    """Makes a worker's driver's next ``events_record`` die (the process killed). Patched on the
+    driver itself, which the worker's claim loop and its claims' recording share."""
 
-    def __init__(self, real: Any) -> None:
-        self.real = real
+    def __init__(self, driver: Any) -> None:
         self.kill_next_record = False
+        self._record = driver.events_record
+        driver.events_record = self.record
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.real, name)
-
-    async def events_record(self, *args: Any) -> Any:
+    async def record(self, *args: Any) -> Any:
         if self.kill_next_record:
             self.kill_next_record = False
             raise KilledBeforeRecord
-        return await self.real.events_record(*args)
+        return await self._record(*args)
 
 
 # -- the machine ----------------------------------------------------------------------------------
@@ -211,6 +208,7 @@ class OutboxMachine(RuleBasedStateMachine):
         self.publish_events: list[Identity] = []
         self.server_forgot = False
         self.workers: list[Worker] = []
+        self.killables: list[Killable] = []
         self.deliverers: list[Deliverer] = []
         self.clients: list[AsyncSockudo] = []
         self.clock = ModelClock()
@@ -238,9 +236,8 @@ class OutboxMachine(RuleBasedStateMachine):
             alone_concurrency=1,
         )
         for _ in range(2):
-            worker = Worker(settings_, engine=self.engine)
-            worker.driver = Killable(worker.driver)
-            worker.breaker = EndpointBreaker(worker.policy, threshold=3, clock=self.clock)
+            worker = Worker(settings_, engine=self.engine, clock=self.clock)
+            self.killables.append(Killable(worker.driver))
             client = worker.new_client()
             self.workers.append(worker)
             self.clients.append(client)
@@ -366,15 +363,16 @@ class OutboxMachine(RuleBasedStateMachine):
         if outcome in ("refused", "item_refused"):
             for identity in claim.identities():
                 self.rows[identity].refusable = True
-        worker.driver.kill_next_record = outcome == "killed"
+        killable = self.killables[claim.worker]
+        killable.kill_next_record = outcome == "killed"
         deliverer = self.deliverers[claim.worker]
         try:
-            self.ctx.run(worker.deliver_claim(deliverer, claim.token, claim.rows))
+            self.ctx.run(worker.claims.deliver(deliverer, claim.token, claim.rows))
         except KilledBeforeRecord:
             claim.stale = True  # its rows stay leased by a dead worker until the lease expires
             self.claims.append(claim)
         finally:
-            worker.driver.kill_next_record = False
+            killable.kill_next_record = False
             server.clear_faults()
 
     @rule(
@@ -575,7 +573,7 @@ class OutboxMachine(RuleBasedStateMachine):
                 rows = self.ctx.run(worker.driver.events_claim(100, LEASE, token))
                 if rows:
                     self._check_claim(Claim(number, token, rows), self._read())
-                    self.ctx.run(worker.deliver_claim(self.deliverers[number], token, rows))
+                    self.ctx.run(worker.claims.deliver(self.deliverers[number], token, rows))
             after = len(self._read().hot())
             if not after or (after >= before and stalled):
                 return

@@ -278,8 +278,7 @@ def test_readyz_is_red_while_the_database_fails_and_green_after(tmp_path, sockud
     async def scenario() -> None:
         run = asyncio.create_task(worker.run())
         try:
-            await _until(lambda: worker.health is not None and worker.health.port != 0)
-            port = worker.health.port  # type: ignore[union-attr]
+            port = await _health_port(worker)
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
 
                 async def status() -> int:
@@ -313,6 +312,12 @@ async def _until(check: Callable[[], bool], timeout: float = 30.0) -> None:
         await asyncio.sleep(0.02)
 
 
+async def _health_port(worker: Worker) -> int:
+    """The port the worker's health server opened (its settings ask for any free one: 0)."""
+    await _until(lambda: (h := worker.observer.health) is not None and h.port != 0)
+    return worker.observer.health.port  # type: ignore[union-attr]
+
+
 async def _until_async(read: Callable[[], Any], expected: object, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while (got := await read()) != expected:
@@ -328,14 +333,14 @@ def test_health_server_answers_only_its_three_paths(tmp_path, sockudo_server):
     async def scenario() -> None:
         run = asyncio.create_task(worker.run())
         try:
-            await _until(lambda: worker.health is not None and worker.health.port != 0)
-            base = f"http://127.0.0.1:{worker.health.port}"  # type: ignore[union-attr]
+            port = await _health_port(worker)
+            base = f"http://127.0.0.1:{port}"
             async with httpx.AsyncClient(base_url=base) as http:
                 assert (await http.get("/nope")).status_code == 404
                 assert (await http.post("/metrics")).status_code == 405
                 assert (await http.get("/healthz?x=1")).text == "ok\n"
             # A client that never finishes its request is dropped, and the server goes on.
-            _, writer = await asyncio.open_connection("127.0.0.1", worker.health.port)  # type: ignore[union-attr]
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(b"GET /healthz HTTP/1.1\r\n")
             async with httpx.AsyncClient(base_url=base) as http:
                 assert (await http.get("/healthz")).status_code == 200

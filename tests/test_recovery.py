@@ -21,6 +21,7 @@ from outbox import admin, enqueue
 from outbox.cli import main as cli_main
 from outbox.testing.server import TestServer
 from outbox.worker import Worker
+from tests.helpers.drivers import call
 from tests.outbox_rows import EV, move_where
 from tests.test_worker import (
     T,
@@ -39,9 +40,9 @@ LONG_AGO = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 def leave_leased(engine: sa.Engine, worker: Worker, n: int) -> uuid.UUID:
     """Claim ``n`` rows as a worker that is then killed: the rows stay leased, lease expired."""
     token = uuid.uuid4()
+    claimed = call(engine, T, "events_claim", n, 60.0, token)
+    assert len(claimed) == n
     with engine.begin() as conn:
-        claimed = worker.dialect.claim_batch(conn, T, n, 60.0, token)
-        assert len(claimed) == n
         conn.execute(sa.update(T).values(lease_expires_at=LONG_AGO))
     return token
 
@@ -70,13 +71,10 @@ async def test_once_takes_back_leases_a_killed_worker_left(engine, database_url,
 def test_leases_command_lists_and_releases_stuck_leases(engine, database_url, capsys, monkeypatch):
     monkeypatch.setenv("OUTBOX_DATABASE_URL", database_url)
     enqueue_n(engine, 3)
-    settings = fast_settings(database_url, "http://k:s@127.0.0.1:9/apps/1")
-    worker = Worker(settings, engine=engine)
-    with engine.begin() as conn:
-        live = worker.dialect.claim_batch(conn, T, 1, 3600.0, uuid.uuid4())
+    live = call(engine, T, "events_claim", 1, 3600.0, uuid.uuid4())
     leave_leased_ids = {r.id for r in table_rows(engine) if r.status == "pending"}
+    call(engine, T, "events_claim", 2, 60.0, uuid.uuid4())
     with engine.begin() as conn:
-        worker.dialect.claim_batch(conn, T, 2, 60.0, uuid.uuid4())
         conn.execute(
             sa.update(T).where(T.c.id.in_(leave_leased_ids)).values(lease_expires_at=LONG_AGO)
         )

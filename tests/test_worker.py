@@ -270,7 +270,7 @@ async def test_lease_expiring_mid_publish(engine, database_url):
         with engine.begin() as conn:
             past = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
             conn.execute(sa.update(T).values(lease_expires_at=past))
-            assert a.dialect.reclaim_expired(conn, T) == 1
+        assert await a.driver.events_reclaim_expired() == 1
         b = Worker(settings, engine=engine)
         await b.run(once=True)
         (row,) = table_rows(engine)
