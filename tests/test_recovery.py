@@ -37,10 +37,14 @@ from tests.test_worker import (
 LONG_AGO = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 
 
-def leave_leased(engine: sa.Engine, worker: Worker, n: int) -> uuid.UUID:
-    """Claim ``n`` rows as a worker that is then killed: the rows stay leased, lease expired."""
+async def leave_leased(engine: sa.Engine, worker: Worker, n: int) -> uuid.UUID:
+    """Claim ``n`` rows with ``worker``'s driver, as a worker that is then killed: the rows stay
+    leased, lease expired."""
     token = uuid.uuid4()
-    claimed = call(engine, T, "events_claim", n, 60.0, token)
+    try:
+        claimed = await worker.driver.events_claim(n, 60.0, token)
+    finally:
+        await worker.driver.aclose()
     assert len(claimed) == n
     with engine.begin() as conn:
         conn.execute(sa.update(T).values(lease_expires_at=LONG_AGO))
@@ -55,7 +59,7 @@ async def test_once_takes_back_leases_a_killed_worker_left(engine, database_url,
     killed run had leased, not exit because nothing is pending."""
     keys = enqueue_n(engine, 3)
     settings = fast_settings(database_url, sockudo_server.url)
-    leave_leased(engine, Worker(settings, engine=engine), 3)
+    await leave_leased(engine, Worker(settings, engine=engine), 3)
     # Still leased by the killed run, but expired: claimable, so it reads as pending.
     assert by_status(engine) == {"pending": 3}
     assert all(r.lease_token is not None for r in table_rows(engine))
