@@ -53,7 +53,7 @@ class ClaimedRow:
 
     @classmethod
     def from_mapping(cls, row: Mapping[str, Any], taken_over: bool = False) -> ClaimedRow:
-        """Build from a SQLAlchemy result row by column name. (PostgreSQL's hot path builds
+        """Build from a SQLAlchemy result row by column name. (PostgreSQL's driver builds
         by position from its RETURNING, which lists :data:`CLAIM_COLUMNS` in this order.)"""
         return cls(**{name: row[name] for name in CLAIM_COLUMNS}, taken_over=taken_over)
 
