@@ -29,9 +29,19 @@ REPO = Path(__file__).resolve().parents[1]
 # -- worker processes ------------------------------------------------------------------------
 
 
+#: A worker under a fault campaign comes back quickly (short backoff, short polling), so a
+#: campaign's seconds go to its faults rather than to waiting. A scenario's own settings win.
+QUICK_RECOVERY: dict[str, object] = {
+    "backoff_min_seconds": 0.2,
+    "backoff_max_seconds": 2,
+    "poll_interval": 0.2,
+}
+
+
 def worker_config(database_url: str, sockudo_url: str, **settings: object) -> dict[str, object]:
-    """The settings of one worker process (Settings names): passed to ``spawn_worker``."""
-    return {"database_url": database_url, "sockudo_url": sockudo_url, **settings}
+    """The settings of one worker process (Settings names), :data:`QUICK_RECOVERY` unless
+    ``settings`` say otherwise: passed to ``spawn_worker``."""
+    return {"database_url": database_url, "sockudo_url": sockudo_url, **QUICK_RECOVERY, **settings}
 
 
 # -- database --------------------------------------------------------------------------------

@@ -132,3 +132,14 @@ def row(engine: sa.Engine, row_id: int) -> Any:
     """A row wherever it is, with its ``status``."""
     with engine.connect() as conn:
         return conn.execute(sa.select(EV).where(EV.c.id == row_id)).one()
+
+
+def keyed(engine: sa.Engine, key: str, n: int) -> list[int]:
+    """``n`` events of one ordering key, each in its own transaction; their row ids in commit
+    order."""
+    ids = []
+    for i in range(n):
+        with engine.begin() as conn:
+            event_id = enqueue(conn, "orders", "step", {"key": key, "n": i}, ordering_key=key)
+            ids.append(conn.execute(sa.select(T.c.id).where(T.c.event_id == event_id)).scalar_one())
+    return ids

@@ -37,7 +37,7 @@ from outbox.schema import WAITING_FOR_KEY, Status, parked_table, published_table
 from outbox.sockudo.errors import EventRefused
 
 from .helpers.drivers import call, run_step
-from .outbox_rows import EV, set_row, set_row_in
+from .outbox_rows import EV, keyed, set_row, set_row_in
 
 T = outbox_table()
 PARKED = parked_table(T)
@@ -61,16 +61,6 @@ def add(engine: sa.Engine, n: int, **values: Any) -> list[int]:
         ids = list(conn.execute(sa.select(T.c.id).order_by(T.c.id)).scalars())[-n:]
         for row_id in ids if values else ():
             set_row_in(conn, row_id, **values)
-    return ids
-
-
-def keyed(engine: sa.Engine, key: str, n: int) -> list[int]:
-    """``n`` events of one key, each in its own transaction; their row ids in commit order."""
-    ids = []
-    for i in range(n):
-        with engine.begin() as conn:
-            event_id = enqueue(conn, "c", "step", {"key": key, "n": i}, ordering_key=key)
-            ids.append(conn.execute(sa.select(T.c.id).where(T.c.event_id == event_id)).scalar_one())
     return ids
 
 
@@ -328,12 +318,18 @@ def test_extend_lease_moves_only_this_tokens_expiry(engine):
     assert after[b.id].lease_expires_at == before[b.id].lease_expires_at
 
 
-def test_reclaim_takes_back_only_expired_leases_and_keeps_their_attempts(engine):
+def expired_and_live(engine: sa.Engine) -> tuple[Any, Any]:
+    """Two claimed rows: one whose lease expired (a killed worker's), one whose lease holds."""
     add(engine, 2)
     _t1, (expired,) = claim(engine, limit=1)
     _t2, (live,) = claim(engine, limit=1)
     with engine.begin() as conn:
         conn.execute(sa.update(T).where(T.c.id == expired.id).values(lease_expires_at=PAST))
+    return expired, live
+
+
+def test_reclaim_takes_back_only_expired_leases_and_keeps_their_attempts(engine):
+    expired, live = expired_and_live(engine)
     assert call(engine, T, "events_reclaim_expired") == 1
     after = rows(engine)
     assert (after[expired.id].status, after[expired.id].attempts) == (Status.PENDING, 1)
@@ -629,11 +625,8 @@ def test_replay_starts_a_new_delivery(engine, new_keys):
 
 
 def test_release_leases_releases_expired_or_all(engine):
-    add(engine, 2)
-    _t1, (expired,) = claim(engine, limit=1)
-    _t2, (live,) = claim(engine, limit=1)
+    _expired, live = expired_and_live(engine)
     with engine.begin() as conn:
-        conn.execute(sa.update(T).where(T.c.id == expired.id).values(lease_expires_at=PAST))
         assert admin.release_leases(conn, T, expired_only=True) == 1
     assert rows(engine)[live.id].status == Status.IN_FLIGHT
     with engine.begin() as conn:

@@ -188,9 +188,6 @@ def test_kill9_storm(
                 request_timeout=1,
                 batch_size=20,
                 in_flight=2,
-                backoff_min_seconds=0.2,
-                backoff_max_seconds=2,
-                poll_interval=0.2,
             )
             producer.start()
             for i in range(STORM_KILLS):
@@ -291,9 +288,6 @@ def test_two_workers_one_killed(
                 request_timeout=2,
                 batch_size=20,
                 in_flight=4,
-                backoff_min_seconds=0.2,
-                backoff_max_seconds=2,
-                poll_interval=0.2,
             )
             victim = spawn_worker(env, "victim")
             survivor = spawn_worker(env, "survivor")
@@ -445,9 +439,6 @@ def test_database_connections_killed(
                 request_timeout=2,
                 batch_size=10,
                 in_flight=2,
-                backoff_min_seconds=0.2,
-                backoff_max_seconds=2,
-                poll_interval=0.2,
             )
             worker = spawn_worker(env, f"{backend}-worker")
             worker.wait_until_started(60)
@@ -523,9 +514,6 @@ def test_sqlite_write_lock_held(
                 request_timeout=request_timeout,
                 batch_size=10,
                 in_flight=2,
-                backoff_min_seconds=0.2,
-                backoff_max_seconds=2,
-                poll_interval=0.2,
             )
             worker = spawn_worker(env, "sqlite-worker")
             worker.wait_until_started(60)
@@ -611,7 +599,6 @@ def test_endpoint_outage_then_503_then_429(
                 backoff_min_seconds=backoff_min,
                 backoff_max_seconds=backoff_max,
                 breaker_threshold=threshold,
-                poll_interval=0.2,
             )
             worker = spawn_worker(env, "outage-worker")
             worker.wait_until_started(60)
@@ -756,9 +743,6 @@ def test_slow_server_answers_after_timeout(
                 request_timeout=1,
                 batch_size=50,
                 in_flight=4,
-                backoff_min_seconds=0.2,
-                backoff_max_seconds=2,
-                poll_interval=0.2,
             )
             worker = spawn_worker(env, "slow-worker")
             worker.wait_until_started(60)
@@ -938,9 +922,6 @@ def test_server_refusals_dead_lettered(
                 request_timeout=2,
                 batch_size=20,
                 in_flight=4,
-                backoff_min_seconds=0.2,
-                backoff_max_seconds=2,
-                poll_interval=0.2,
             )
             worker = spawn_worker(env, "refusals-worker")
             worker.wait_until_started(60)

@@ -243,9 +243,6 @@ def _storm(
         lease_seconds=2,
         request_timeout=1,
         in_flight=2,
-        backoff_min_seconds=0.2,
-        backoff_max_seconds=2,
-        poll_interval=0.2,
         **settings,
     )
     producers = [_producer(engine, committed, i, seed) for i in range(PRODUCERS)]

@@ -632,19 +632,25 @@ async def test_any_table_name_migrates_and_wakes_workers_on_commit(
         engine.dispose()
 
 
+def insert_raw_row(engine: sa.Engine) -> None:
+    """One row ``k-1`` written as an older schema's producer wrote it: the columns every version
+    has, in SQL (the model of today's table would name columns the old one lacks)."""
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO outbox_events (event_id, idempotency_key, channel, event, data) "
+                "VALUES (:e, 'k-1', 'orders', 'created', '{}')"
+            ),
+            {"e": uuid.uuid4().hex if engine.dialect.name == "sqlite" else str(uuid.uuid4())},
+        )
+
+
 def test_0005_adds_an_empty_traceparent_and_keeps_the_rows(empty_database_url):
     """Rows written before 0005 get no trace context; a downgrade drops the column only."""
     engine = create_engine(empty_database_url)
     try:
         migrate.upgrade(engine, "0004")
-        with engine.begin() as conn:
-            conn.execute(
-                sa.text(
-                    "INSERT INTO outbox_events (event_id, idempotency_key, channel, event, data) "
-                    "VALUES (:e, 'k-1', 'orders', 'created', '{}')"
-                ),
-                {"e": uuid.uuid4().hex if engine.dialect.name == "sqlite" else str(uuid.uuid4())},
-            )
+        insert_raw_row(engine)
         migrate.upgrade(engine, "0005")
         assert migrate.current_revision(engine) == "0005"
         with engine.connect() as conn:
@@ -671,14 +677,7 @@ def test_0006_adds_ordering_and_mutation_columns_and_keeps_the_rows(empty_databa
     engine = create_engine(empty_database_url)
     try:
         migrate.upgrade(engine, "0005")
-        with engine.begin() as conn:
-            conn.execute(
-                sa.text(
-                    "INSERT INTO outbox_events (event_id, idempotency_key, channel, event, data) "
-                    "VALUES (:e, 'k-1', 'orders', 'created', '{}')"
-                ),
-                {"e": uuid.uuid4().hex if engine.dialect.name == "sqlite" else str(uuid.uuid4())},
-            )
+        insert_raw_row(engine)
         migrate.upgrade(engine, "0006")
         assert migrate.current_revision(engine) == "0006"
         with engine.connect() as conn:

@@ -100,10 +100,29 @@ class Installed:
     workdir: Path
 
 
+def checkout_copy(into: Path) -> Path:
+    """The checkout's files (those git tracks, or would: new files count, ignored ones do not)
+    copied to ``into``. The build writes its egg-info and build directories there, not into the
+    checkout: two test processes each build this module's dist at once, and in one directory
+    their builds overwrote each other's files list (a missing file failed one of them)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    for name in filter(None, listed.split("\0")):
+        source = REPO / name
+        if source.is_file():  # a tracked file deleted in the work tree is not copied
+            (into / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, into / name)
+    return into
+
+
 @pytest.fixture(scope="module")
 def dist(tmp_path_factory: pytest.TempPathFactory) -> Dist:
     out = tmp_path_factory.mktemp("dist")
-    build(REPO, out)
+    build(checkout_copy(tmp_path_factory.mktemp("checkout")), out)
     wheels, sdists = sorted(out.glob("*.whl")), sorted(out.glob("*.tar.gz"))
     assert len(wheels) == 1 and len(sdists) == 1, (
         f"expected one wheel and one sdist: {wheels + sdists}"

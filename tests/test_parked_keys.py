@@ -24,7 +24,7 @@ from outbox.metrics import _StateCollector
 from outbox.schema import WAITING_FOR_KEY, parked_table
 from outbox.settings import ENVIRONMENT
 from tests.helpers.drivers import call, park_in, run_step
-from tests.outbox_rows import EV, T, set_row
+from tests.outbox_rows import EV, T, keyed, set_row
 
 #: MariaDB refuses ordering keys (tested in test_ordering.py).
 on_both = pytest.mark.parametrize("backend", ["sqlite", "postgresql"], indirect=True)
@@ -43,16 +43,6 @@ def environment(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
 def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
     code = main(list(args))
     return code, capsys.readouterr().out
-
-
-def keyed(engine: sa.Engine, key: str, n: int) -> list[int]:
-    """``n`` events of one key, each in its own transaction; their row ids in commit order."""
-    ids = []
-    for i in range(n):
-        with engine.begin() as conn:
-            event_id = enqueue(conn, "orders", "step", {"key": key, "n": i}, ordering_key=key)
-            ids.append(conn.execute(sa.select(T.c.id).where(T.c.event_id == event_id)).scalar_one())
-    return ids
 
 
 def claim(engine: sa.Engine, limit: int = 10) -> list[int]:
