@@ -145,17 +145,17 @@ class SQLiteDriver(ThreadedDriver):
         stmt = sa.text(
             f"""
             UPDATE {t} NOT INDEXED
-            SET next_attempt_at = {_now_plus("json_extract(a.value, '$[1]')")},
+            SET next_attempt_at = {_now_plus(_field(1))},
                 attempts = attempts - :refund,
-                failures = failures + json_extract(a.value, '$[5]'),
+                failures = failures + {_field(5)},
                 lease_token = NULL,
                 lease_expires_at = NULL,
-                last_error_status = json_extract(a.value, '$[2]'),
-                last_error_code = json_extract(a.value, '$[3]'),
-                last_error_message = json_extract(a.value, '$[4]'),
+                last_error_status = {_field(2)},
+                last_error_code = {_field(3)},
+                last_error_message = {_field(4)},
                 last_error_at = {_NOW}
             FROM json_each(:payload) AS a
-            WHERE {t}.id = json_extract(a.value, '$[0]') AND {t}.lease_token = :token
+            WHERE {t}.id = {_field(0)} AND {t}.lease_token = :token
             """
         ).bindparams(TOKEN)
         params = {"refund": int(refund), "payload": _failures(failures), "token": token}
@@ -197,6 +197,24 @@ class SQLiteDriver(ThreadedDriver):
         return moved
 
     def wake(self, conn: sa.Connection, messages: Sequence[tuple[uuid.UUID, str]]) -> int:
+        in_messages = """(target_event_id, channel) IN (
+                  SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]')
+                  FROM json_each(:messages))"""
+        payload = json.dumps([[event_id.hex, channel] for event_id, channel in set(messages)])
+        return self._wake_mutations(conn, in_messages, {"messages": payload})
+
+    async def mutations_wake_stranded(self) -> int:
+        return await self.transaction(self._wake_stranded)
+
+    def _wake_stranded(self, conn: sa.Connection) -> int:
+        t = quoted(conn, self.table)
+        message_gone = f"""NOT EXISTS (SELECT 1 FROM {t} AS m
+                              WHERE m.event_id = {t}.target_event_id AND m.channel = {t}.channel)"""
+        return self._wake_mutations(conn, message_gone, {})
+
+    def _wake_mutations(self, conn: sa.Connection, which: str, params: dict[str, str]) -> int:
+        """Make due the waiting mutation rows that ``which`` (SQL) picks, each where it heads
+        its key and its key is not parked."""
         # INDEXED BY the index of mutation rows: without statistics SQLite would walk every
         # waiting row of the due index instead (those behind their keys included).
         table = self.table
@@ -205,32 +223,11 @@ class SQLiteDriver(ThreadedDriver):
             f"""
             UPDATE {t} INDEXED BY {target} SET next_attempt_at = {_NOW}
             WHERE target_event_id IS NOT NULL
-              AND (target_event_id, channel) IN (
-                  SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]')
-                  FROM json_each(:messages))
+              AND {which}
               AND {_waiting_head(t, quoted(conn, parked_table(table)))}
             """
         )
-        payload = json.dumps([[event_id.hex, channel] for event_id, channel in set(messages)])
-        return conn.execute(stmt, {"messages": payload, "waiting": _WAITING}).rowcount
-
-    async def mutations_wake_stranded(self) -> int:
-        return await self.transaction(self._wake_stranded)
-
-    def _wake_stranded(self, conn: sa.Connection) -> int:
-        # By the index of mutation rows, as in wake.
-        table = self.table
-        t, target = quoted(conn, table), index_name(conn, table, "target")
-        stmt = sa.text(
-            f"""
-            UPDATE {t} INDEXED BY {target} SET next_attempt_at = {_NOW}
-            WHERE target_event_id IS NOT NULL
-              AND NOT EXISTS (SELECT 1 FROM {t} AS m
-                              WHERE m.event_id = {t}.target_event_id AND m.channel = {t}.channel)
-              AND {_waiting_head(t, quoted(conn, parked_table(table)))}
-            """
-        )
-        return conn.execute(stmt, {"waiting": _WAITING}).rowcount
+        return conn.execute(stmt, {**params, "waiting": _WAITING}).rowcount
 
     def give_back(
         self, conn: sa.Connection, token: uuid.UUID, ids: Sequence[int], refund: bool
